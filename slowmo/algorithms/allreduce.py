@@ -1,0 +1,14 @@
+"""AllReduce (DP-SGD / AR-SGD, AR-Adam with Adam): the gradient mean over all ranks before every step."""
+
+from __future__ import annotations
+
+from .base import Algorithm, average_, gradients
+
+
+class AllReduce(Algorithm):
+    """g <- (1/m) sum_i g^i before every base step, so every rank takes the same step (data-parallel SGD).
+
+    With ``procs_per_node`` the mean is still over all ranks (the node split changes nothing here)."""
+
+    def before_step(self, step: int) -> None:
+        average_(self.comm, gradients(self.params))

@@ -1,0 +1,150 @@
+"""Stochastic Gradient Push (SGP) and its overlapped variant (OSGP), Assran et al. 2019.
+
+Push-sum: every rank holds numerator x and weight w (w = 1 at the start and after every exact average); the
+model holds the de-biased z = x / w, on which gradients are taken and the base optimizer steps. After the base
+step at inner step k, with P(k) the graph's column-stochastic mixing matrix:
+
+    x^i <- sum_j P(k)[i, j] x^j,    w^i <- sum_j P(k)[i, j] w^j,    z^i = x^i / w^i
+
+Uniform weights: a rank keeps 1/(d+1) of (z w, w) and sends 1/(d+1) to each of its d out-peers (d = 1 on the
+directed exponential graph: keep 1/2, send 1/2). One message is the flat vector [x, w]: |theta| + 1 values.
+Sums over ranks of x and of w are preserved, so the average is never lost.
+
+OSGP sends without blocking and mixes each message one step late (staleness 1): at step k a rank adds what its
+in-peers sent at step k-1, while the message of step k travels during step k+1's forward and backward passes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..comm import Communicator
+from ..comm.base import Completed
+from ..graphs import DirectedExponential, GossipGraph
+from .base import Algorithm, flatten, unflatten_
+
+
+class SGP(Algorithm):
+    """Push-sum gossip with one blocking round per inner step.
+
+    Args:
+        comm: the world communicator.
+        graph: the gossip topology over the ranks (over the nodes with ``procs_per_node`` > 1);
+            default :class:`~slowmo.graphs.DirectedExponential`.
+        procs_per_node: ranks per node (see :class:`~slowmo.algorithms.base.Algorithm`).
+    """
+
+    def __init__(self, comm: Communicator, graph: GossipGraph | None = None, procs_per_node: int = 1) -> None:
+        super().__init__(comm, procs_per_node)
+        n = self.cross.world_size
+        if n < 2:
+            raise ValueError(f"{type(self).__name__} gossips between {'nodes' if procs_per_node > 1 else 'ranks'} "
+                             f"and needs at least 2, got {n}; use LocalSGD or AllReduce on a single "
+                             f"{'node' if procs_per_node > 1 else 'rank'}")
+        self.graph = graph if graph is not None else DirectedExponential(n)
+        if self.graph.world_size != n:
+            raise ValueError(f"the gossip graph has {self.graph.world_size} ranks but gossip runs over {n}; "
+                             f"build it with world_size={n}")
+        self.weight: torch.Tensor = torch.ones(1)
+
+    def bind(self, params: list[torch.Tensor], buffers: list[torch.Tensor]) -> None:
+        super().bind(params, buffers)
+        self.weight = torch.ones(1, dtype=params[0].dtype, device=params[0].device)
+
+    # ----------------------------------------------------------------------------------- push-sum pieces
+    def _numerator(self) -> torch.Tensor:
+        """[x, w] = [z * w, w] as one flat buffer of |theta| + 1 values."""
+        return torch.cat([flatten(self.params).mul_(self.weight), self.weight])
+
+    def _post(self, message: torch.Tensor, step: int) -> tuple[list, list]:
+        """Send ``message`` to this step's out-peers and post receives from its in-peers (sorted by rank)."""
+        rank = self.cross.rank
+        sends = [self.cross.isend(message, dst) for dst in self.graph.out_peers(rank, step)]
+        recvs = []
+        for src in self.graph.in_peers(rank, step):
+            buf = torch.empty_like(message)
+            recvs.append((buf, self.cross.irecv(buf, src)))
+        return sends, recvs
+
+    def _set_model(self, numerator: torch.Tensor) -> None:
+        """w = the last value; z = x / w into the model."""
+        self.weight = numerator[-1:].clone()
+        unflatten_(numerator[:-1].div_(self.weight), self.params)
+
+    @staticmethod
+    def _absorb(numerator: torch.Tensor, sends: list, recvs: list) -> None:
+        for buf, work in recvs:
+            work.wait()
+            numerator.add_(buf)
+        for work in sends:
+            work.wait()
+
+    # ----------------------------------------------------------------------------------- one inner step
+    def after_step(self, step: int, outer: bool) -> None:
+        numerator = self._numerator().mul_(self.graph.keep_weight(self.cross.rank, step))
+        sends, recvs = self._post(numerator, step)
+        for work in sends:  # the kept share is the message itself: it must not change before the sends end
+            work.wait()
+        self._absorb(numerator, [], recvs)
+        self._set_model(numerator)
+
+    def reset_weights(self) -> None:
+        self.weight.fill_(1.0)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"weight": self.weight.clone()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.weight = state["weight"].to(dtype=self.weight.dtype, device=self.weight.device).clone()
+
+
+class OSGP(SGP):
+    """Overlapped SGP: non-blocking sends, each message mixed one step late (bounded staleness 1).
+
+    At inner step k: x = z w; keep 1/(d+1) of [x, w]; start sending 1/(d+1) to the out-peers of step k and
+    receiving from the in-peers of step k; then wait for the messages of step k-1 (already on their way during
+    this step's computation) and add them; z = x / w. Before an exact average (and in :meth:`state_dict`) the
+    last messages are waited for, so no mass is lost and nothing is left in flight in a checkpoint.
+    """
+
+    def __init__(self, comm: Communicator, graph: GossipGraph | None = None, procs_per_node: int = 1) -> None:
+        super().__init__(comm, graph, procs_per_node)
+        self._in_flight: tuple[torch.Tensor | None, list, list] | None = None
+
+    def after_step(self, step: int, outer: bool) -> None:
+        numerator = self._numerator().mul_(self.graph.keep_weight(self.cross.rank, step))
+        message = numerator.clone()  # sent while `numerator` absorbs last step's messages
+        sends, recvs = self._post(message, step)
+        if self._in_flight is not None:
+            _, old_sends, old_recvs = self._in_flight
+            self._absorb(numerator, old_sends, old_recvs)
+        self._set_model(numerator)
+        self._in_flight = (message, sends, recvs)
+
+    def flush(self) -> None:
+        if self._in_flight is not None:
+            _, sends, recvs = self._in_flight
+            numerator = self._numerator()
+            self._absorb(numerator, sends, recvs)
+            self._set_model(numerator)
+            self._in_flight = None
+
+    def state_dict(self) -> dict[str, Any]:
+        received = []
+        if self._in_flight is not None:
+            message, sends, recvs = self._in_flight
+            for work in sends:
+                work.wait()
+            for buf, work in recvs:
+                work.wait()
+                received.append(buf.clone())
+            self._in_flight = (message, [], [(buf, Completed()) for buf in received])
+        return {"weight": self.weight.clone(), "in_flight": received}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        received = [buf.to(dtype=self.weight.dtype, device=self.weight.device).clone()
+                    for buf in state.get("in_flight", [])]
+        self._in_flight = (None, [], [(buf, Completed()) for buf in received]) if received else None

@@ -1,0 +1,9 @@
+"""Communicators: one interface (:class:`Communicator`), a real backend and an in-process simulator."""
+
+from .base import CommError, Communicator, Single, ring_all_reduce_bytes
+from .simulated import Simulated
+from .spawn import free_port, spawn
+from .torch_distributed import TorchDistributed
+
+__all__ = ["CommError", "Communicator", "Simulated", "Single", "TorchDistributed", "free_port",
+           "ring_all_reduce_bytes", "spawn"]

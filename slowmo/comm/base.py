@@ -1,0 +1,221 @@
+"""The communicator interface that every algorithm talks to, with the byte accounting shared by all backends.
+
+Algorithms never import ``torch.distributed``: they call the methods below, and each backend implements the
+underscore-prefixed primitives. All buffers are flat (1-D, contiguous) tensors.
+
+Bytes are counted per rank and per operation kind, as the bytes *this rank sends* under the
+bandwidth-optimal algorithm for each collective (n = group size, B = the buffer's size in bytes):
+
+    all_reduce      2 (n-1)/n * B          (ring: reduce-scatter then all-gather)
+    reduce_scatter    (n-1)/n * B_in
+    all_gather        (n-1)/n * B_out
+    broadcast       B on every rank but the last of the chain that starts at the root (n-1 sends in all)
+    send / isend    B                      (point to point: exactly what goes on the wire)
+
+Both backends count the same way, so a number measured in the simulator is the number a real run sends.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections import Counter
+from typing import Literal, Protocol
+
+import torch
+
+ReduceOp = Literal["sum", "mean"]
+
+
+class CommError(RuntimeError):
+    """A peer did not answer in time or failed: raised on every rank that waits for it."""
+
+
+class Work(Protocol):
+    """Handle of a non-blocking operation."""
+
+    def wait(self) -> None: ...
+
+
+class Completed:
+    """A Work that has already completed."""
+
+    def wait(self) -> None:
+        return None
+
+
+def ring_all_reduce_bytes(nbytes: int, n: int) -> int:
+    """Bytes one rank sends in a ring all-reduce of ``nbytes`` over ``n`` ranks: 2 (n-1)/n * nbytes."""
+    return 2 * (n - 1) * nbytes // n
+
+
+class Communicator(ABC):
+    """One rank's view of a group of ``world_size`` ranks.
+
+    Attributes:
+        rank: this rank's index in the group, 0..world_size-1.
+        world_size: number of ranks in the group.
+        label: prefix of this group's operation kinds in :meth:`stats` ("" for the world group).
+    """
+
+    rank: int
+    world_size: int
+
+    def __init__(self, rank: int, world_size: int, label: str = "", counter: Counter | None = None) -> None:
+        self.rank = rank
+        self.world_size = world_size
+        self.label = label
+        self._bytes: Counter = counter if counter is not None else Counter()
+
+    # ----------------------------------------------------------------------------------- collectives
+    def all_reduce(self, tensor: torch.Tensor, op: ReduceOp = "sum") -> torch.Tensor:
+        """In place: every rank gets the sum (or mean) over ranks. Returns ``tensor``."""
+        self._count("all_reduce", ring_all_reduce_bytes(_nbytes(tensor), self.world_size))
+        if self.world_size > 1:
+            self._all_reduce(tensor)
+        if op == "mean":
+            tensor.div_(self.world_size)
+        return tensor
+
+    def reduce_scatter(self, output: torch.Tensor, input: torch.Tensor) -> torch.Tensor:
+        """``output`` (length L) gets slice ``rank`` of the sum over ranks of ``input`` (length n*L)."""
+        if input.numel() != output.numel() * self.world_size:
+            raise ValueError(
+                f"reduce_scatter: input has {input.numel()} elements, expected world_size * output = "
+                f"{self.world_size} * {output.numel()}; pad the input to a multiple of world_size"
+            )
+        self._count("reduce_scatter", (self.world_size - 1) * _nbytes(input) // self.world_size)
+        if self.world_size > 1:
+            self._reduce_scatter(output, input)
+        else:
+            output.copy_(input)
+        return output
+
+    def all_gather(self, output: torch.Tensor, input: torch.Tensor) -> torch.Tensor:
+        """``output`` (length n*L) gets the concatenation in rank order of every rank's ``input`` (length L)."""
+        if output.numel() != input.numel() * self.world_size:
+            raise ValueError(
+                f"all_gather: output has {output.numel()} elements, expected world_size * input = "
+                f"{self.world_size} * {input.numel()}"
+            )
+        self._count("all_gather", (self.world_size - 1) * _nbytes(output) // self.world_size)
+        if self.world_size > 1:
+            self._all_gather(output, input)
+        else:
+            output.copy_(input)
+        return output
+
+    def broadcast(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
+        """In place: every rank gets rank ``src``'s ``tensor``."""
+        last_of_chain = (src - 1) % self.world_size
+        self._count("broadcast", 0 if self.rank == last_of_chain else _nbytes(tensor))
+        if self.world_size > 1:
+            self._broadcast(tensor, src)
+        return tensor
+
+    def barrier(self) -> None:
+        """Wait until every rank of the group has reached this point."""
+        if self.world_size > 1:
+            self._barrier()
+
+    # ----------------------------------------------------------------------------------- point to point
+    def isend(self, tensor: torch.Tensor, dst: int) -> Work:
+        """Start sending ``tensor`` to rank ``dst``; the tensor must stay unchanged until ``wait()``."""
+        self._check_peer(dst)
+        self._count("send", _nbytes(tensor))
+        return self._isend(tensor, dst)
+
+    def irecv(self, tensor: torch.Tensor, src: int) -> Work:
+        """Start receiving into ``tensor`` from rank ``src``; its content is valid after ``wait()``."""
+        self._check_peer(src)
+        return self._irecv(tensor, src)
+
+    def send(self, tensor: torch.Tensor, dst: int) -> None:
+        self.isend(tensor, dst).wait()
+
+    def recv(self, tensor: torch.Tensor, src: int) -> None:
+        self.irecv(tensor, src).wait()
+
+    # ----------------------------------------------------------------------------------- groups
+    def split_nodes(self, procs_per_node: int) -> tuple["Communicator", "Communicator"]:
+        """Split the world into nodes of ``procs_per_node`` consecutive ranks.
+
+        Returns ``(node, cross)``: ``node`` groups the ranks of this rank's node; ``cross`` groups the
+        ranks holding the same local index on every node (the group the base algorithm runs on, as the
+        paper's DGX-1 setup: all-reduce inside a node, gossip or Local SGD between nodes).
+        """
+        if procs_per_node < 1 or self.world_size % procs_per_node:
+            raise ValueError(
+                f"world size {self.world_size} is not divisible by procs_per_node={procs_per_node}; "
+                "launch a whole number of nodes or set procs_per_node to the processes on each node"
+            )
+        nodes = self.world_size // procs_per_node
+        node_groups = [[node * procs_per_node + j for j in range(procs_per_node)] for node in range(nodes)]
+        cross_groups = [[node * procs_per_node + j for node in range(nodes)] for j in range(procs_per_node)]
+        return self._new_group(node_groups, "node/"), self._new_group(cross_groups, "cross/")
+
+    # ----------------------------------------------------------------------------------- accounting
+    def stats(self) -> dict[str, int]:
+        """Bytes this rank has sent, per operation kind (sub-groups prefixed ``node/``, ``cross/``), and ``total``."""
+        out = dict(sorted(self._bytes.items()))
+        out["total"] = sum(self._bytes.values())
+        return out
+
+    def reset_stats(self) -> None:
+        self._bytes.clear()
+
+    def _count(self, kind: str, nbytes: int) -> None:
+        self._bytes[self.label + kind] += nbytes
+
+    def _check_peer(self, peer: int) -> None:
+        if not 0 <= peer < self.world_size or peer == self.rank:
+            raise ValueError(f"rank {self.rank}: invalid peer {peer} for a group of {self.world_size} ranks")
+
+    # ----------------------------------------------------------------------------------- backend primitives
+    @abstractmethod
+    def _all_reduce(self, tensor: torch.Tensor) -> None: ...
+
+    @abstractmethod
+    def _reduce_scatter(self, output: torch.Tensor, input: torch.Tensor) -> None: ...
+
+    @abstractmethod
+    def _all_gather(self, output: torch.Tensor, input: torch.Tensor) -> None: ...
+
+    @abstractmethod
+    def _broadcast(self, tensor: torch.Tensor, src: int) -> None: ...
+
+    @abstractmethod
+    def _barrier(self) -> None: ...
+
+    @abstractmethod
+    def _isend(self, tensor: torch.Tensor, dst: int) -> Work: ...
+
+    @abstractmethod
+    def _irecv(self, tensor: torch.Tensor, src: int) -> Work: ...
+
+    @abstractmethod
+    def _new_group(self, partition: list[list[int]], label: str) -> "Communicator":
+        """Every rank calls this with the same partition of the world; returns this rank's group."""
+
+
+class Single(Communicator):
+    """A world of one rank (e.g. Lookahead): collectives are identities, there are no peers."""
+
+    def __init__(self) -> None:
+        super().__init__(0, 1)
+
+    def _all_reduce(self, tensor: torch.Tensor) -> None:  # pragma: no cover - world_size 1 never calls
+        pass
+
+    _reduce_scatter = _all_gather = _broadcast = _barrier = _all_reduce  # type: ignore[assignment]
+
+    def _isend(self, tensor: torch.Tensor, dst: int) -> Work:  # pragma: no cover - _check_peer rejects
+        raise ValueError("a single-rank communicator has no peers")
+
+    _irecv = _isend  # type: ignore[assignment]
+
+    def _new_group(self, partition: list[list[int]], label: str) -> Communicator:
+        return self
+
+
+def _nbytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()

@@ -1,0 +1,95 @@
+"""``spawn(fn, world_size, backend)``: run ``fn(comm, *args)`` on every rank and collect the results in rank order.
+
+``backend="simulated"`` runs the ranks as threads of this process (:mod:`slowmo.comm.simulated`);
+``"gloo"`` and ``"nccl"`` start real processes that rendezvous on 127.0.0.1 at a free port. With real processes,
+``fn`` must be importable (defined at module level) and its results picklable.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import socket
+import time
+import traceback
+from typing import Any, Callable
+
+import torch
+import torch.multiprocessing as mp
+
+from .simulated import run_simulated
+
+BACKENDS = ("simulated", "gloo", "nccl")
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def spawn(fn: Callable[..., Any], world_size: int = 4, backend: str = "simulated", args: tuple = (),
+          timeout: float = 300.0) -> list[Any]:
+    """Run ``fn(comm, *args)`` on ``world_size`` ranks; return the list of per-rank results (rank order).
+
+    ``timeout`` bounds every wait for a peer (seconds): a rank that dies or hangs makes the others fail with a
+    :class:`~slowmo.comm.CommError` instead of hanging. An exception on any rank is re-raised here.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    if backend == "simulated":
+        return run_simulated(fn, world_size, args, timeout)
+    ctx = mp.get_context("spawn")
+    queue = ctx.SimpleQueue()
+    port = free_port()
+    procs = [ctx.Process(target=_process_main, args=(fn, rank, world_size, backend, port, args, timeout, queue),
+                         daemon=False) for rank in range(world_size)]
+    for proc in procs:
+        proc.start()
+    results: list[Any] = [None] * world_size
+    failures: list[str] = []
+    reported: set[int] = set()
+    while len(reported) < world_size:
+        if queue.empty():
+            dead = [r for r, p in enumerate(procs) if r not in reported and p.exitcode is not None]
+            if dead and queue.empty():  # died without a word (killed, or failed while starting)
+                for r in dead:
+                    reported.add(r)
+                    failures.append(f"rank {r}: process exited with code {procs[r].exitcode} before reporting")
+            time.sleep(0.01)
+            continue
+        rank, ok, value = queue.get()
+        reported.add(rank)
+        if ok:
+            results[rank] = pickle.loads(value)
+        else:
+            failures.append(value)
+    for proc in procs:
+        proc.join()
+    if failures:
+        root = next((f for f in failures if "CommError" not in f.splitlines()[-1]), failures[0])
+        raise RuntimeError(f"{len(failures)} of {world_size} ranks failed; first cause:\n{root}")
+    return results
+
+
+def _process_main(fn, rank, world_size, backend, port, args, timeout, queue) -> None:
+    from ..launch import DistEnv, init_distributed  # import inside the child: keeps spawn importable early
+
+    import torch.distributed as dist
+
+    env = DistEnv(rank, world_size, rank, world_size, "127.0.0.1", port, "spawn")
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    try:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+        comm = init_distributed(backend, timeout, env)
+        result = fn(comm, *args)
+        queue.put((rank, True, pickle.dumps(result)))  # plain bytes: no shared memory to outlive us
+    except BaseException:  # noqa: BLE001 - reported to the parent with the traceback
+        queue.put((rank, False, f"rank {rank}:\n{traceback.format_exc()}"))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

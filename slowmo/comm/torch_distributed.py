@@ -1,0 +1,86 @@
+"""The real backend: ``torch.distributed`` (gloo on CPU, NCCL on GPU).
+
+Every blocking call has a deadline: collectives use the process group's timeout, and point-to-point waits use
+this communicator's ``timeout``, so a dead or stuck peer gives a :class:`CommError` naming it instead of a hang.
+"""
+
+from __future__ import annotations
+
+import datetime
+
+import torch
+import torch.distributed as dist
+
+from .base import CommError, Communicator, Work
+
+
+class TorchDistributed(Communicator):
+    """A communicator over a ``torch.distributed`` process group (the default group unless ``group`` is given).
+
+    Args:
+        group: the process group; None for the world.
+        timeout: seconds a point-to-point receive may wait before raising (collectives use the group's).
+    """
+
+    def __init__(self, group: dist.ProcessGroup | None = None, timeout: float = 300.0, label: str = "",
+                 counter=None) -> None:
+        if not dist.is_initialized():
+            raise RuntimeError("TorchDistributed needs an initialised process group: call "
+                               "slowmo.launch.init_distributed() (or torch.distributed.init_process_group) first")
+        super().__init__(dist.get_rank(group), dist.get_world_size(group), label, counter)
+        self.group = group
+        self.timeout = timeout
+        self._global = dist.get_process_group_ranks(group) if group is not None else list(range(self.world_size))
+
+    def _all_reduce(self, tensor: torch.Tensor) -> None:
+        self._guard(lambda: dist.all_reduce(tensor, group=self.group), "all_reduce")
+
+    def _reduce_scatter(self, output: torch.Tensor, input: torch.Tensor) -> None:
+        self._guard(lambda: dist.reduce_scatter_tensor(output, input, group=self.group), "reduce_scatter")
+
+    def _all_gather(self, output: torch.Tensor, input: torch.Tensor) -> None:
+        self._guard(lambda: dist.all_gather_into_tensor(output, input, group=self.group), "all_gather")
+
+    def _broadcast(self, tensor: torch.Tensor, src: int) -> None:
+        self._guard(lambda: dist.broadcast(tensor, src=self._global[src], group=self.group), "broadcast")
+
+    def _barrier(self) -> None:
+        self._guard(lambda: dist.barrier(group=self.group), "barrier")
+
+    def _isend(self, tensor: torch.Tensor, dst: int) -> Work:
+        work = dist.isend(tensor, dst=self._global[dst], group=self.group)
+        return _Timed(work, self, f"send to rank {self._global[dst]}")
+
+    def _irecv(self, tensor: torch.Tensor, src: int) -> Work:
+        work = dist.irecv(tensor, src=self._global[src], group=self.group)
+        return _Timed(work, self, f"recv from rank {self._global[src]}")
+
+    def _new_group(self, partition: list[list[int]], label: str) -> Communicator:
+        mine = None
+        for group_ranks in partition:  # every rank creates every group, in the same order
+            group = dist.new_group([self._global[r] for r in group_ranks])
+            if self.rank in group_ranks:
+                mine = group
+        return TorchDistributed(mine, self.timeout, self.label + label, self._bytes)
+
+    def _guard(self, call, what: str) -> None:
+        try:
+            call()
+        except RuntimeError as error:
+            raise CommError(f"rank {dist.get_rank()}: {what} failed (a peer died or timed out): "
+                            f"{str(error).splitlines()[0]}") from error
+
+
+class _Timed:
+    """Wraps a torch Work so that ``wait()`` gives up after the communicator's timeout."""
+
+    def __init__(self, work, comm: TorchDistributed, what: str) -> None:
+        self._work, self._comm, self._what = work, comm, what
+
+    def wait(self) -> None:
+        try:
+            self._work.wait(datetime.timedelta(seconds=self._comm.timeout))
+        except RuntimeError as error:
+            raise CommError(f"rank {dist.get_rank()}: {self._what} did not complete within "
+                            f"{self._comm.timeout:g}s (the peer died or is stuck): "
+                            f"{str(error).splitlines()[0]}") from error

@@ -1,0 +1,153 @@
+"""The inner loop: a base optimizer driven by a base algorithm, as one ``torch.optim.Optimizer``.
+
+``DistributedOptimizer`` is what runs when SlowMo is off (AR-SGD, plain Local SGD, SGP, OSGP); :class:`SlowMo`
+adds the outer step on top. Both hook into the optimizer, so a user's training loop is unchanged:
+``loss.backward(); opt.step(); opt.zero_grad()``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+from .algorithms.base import Algorithm, average_, flatten, unflatten_
+
+STATE_FORMAT = "slowmo/1"
+
+
+def _parameters(params: Iterable[torch.Tensor] | Iterable[dict]) -> list[torch.Tensor]:
+    out: list[torch.Tensor] = []
+    for item in params:
+        out.extend(item["params"] if isinstance(item, dict) else [item])
+    return out
+
+
+class DistributedOptimizer(torch.optim.Optimizer):
+    """One call to :meth:`step` is one inner step: the algorithm's pre-step communication (e.g. the gradient
+    mean), the base optimizer's step, then the algorithm's post-step communication (e.g. gossip).
+
+    Args:
+        params: the model (an ``nn.Module``, whose floating-point buffers such as BatchNorm statistics are then
+            averaged with the parameters) or its parameters, in the same order on every rank.
+        base_optimizer: any ``torch.optim.Optimizer`` over exactly these parameters. Its param groups are shared
+            with this optimizer, so an lr scheduler may be attached to either.
+        algorithm: the base algorithm (:class:`~slowmo.AllReduce`, :class:`~slowmo.LocalSGD`, ...).
+
+    On the first step, rank 0's parameters and buffers are broadcast so that every rank starts from the same
+    x_{0,0} (as DDP does).
+    """
+
+    def __init__(self, params: nn.Module | Iterable[torch.Tensor] | Iterable[dict],
+                 base_optimizer: torch.optim.Optimizer, algorithm: Algorithm) -> None:
+        if isinstance(params, nn.Module):
+            buffers = [b for b in params.buffers() if b.is_floating_point()]
+            params = list(params.parameters())
+        else:
+            buffers, params = [], _parameters(params)
+        _check_parameters(params, base_optimizer)
+        super().__init__(base_optimizer.param_groups, base_optimizer.defaults)  # shares the group dicts
+        self.base_optimizer = base_optimizer
+        self.algorithm = algorithm
+        self.comm = algorithm.comm
+        self._params, self._buffers = params, buffers
+        algorithm.bind(params, buffers)
+        self._step = 0
+        self._started = False
+
+    @property
+    def inner_step(self) -> int:
+        """Number of inner steps taken so far."""
+        return self._step
+
+    # ----------------------------------------------------------------------------------- stepping
+    @torch.no_grad()
+    def step(self, closure=None):  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if not self._started:
+            self._start()
+        self.algorithm.before_step(self._step)
+        self.base_optimizer.step()
+        outer = self._ends_outer_iteration()
+        self.algorithm.after_step(self._step, outer)
+        self._step += 1
+        if outer:
+            self._outer_step()
+        return loss
+
+    def _start(self) -> None:
+        flat = flatten(self._params + self._buffers)
+        self.comm.broadcast(flat, src=0)
+        unflatten_(flat, self._params + self._buffers)
+        self._started = True
+
+    def _ends_outer_iteration(self) -> bool:
+        return False
+
+    def _outer_step(self) -> None:
+        raise NotImplementedError
+
+    # ----------------------------------------------------------------------------------- the averaged model
+    @torch.no_grad()
+    def averaged_parameters(self) -> list[torch.Tensor]:
+        """Copies of the parameters and floating-point buffers averaged over all ranks (model order), leaving the
+        training state untouched: the model to evaluate."""
+        tensors = [t.detach().clone() for t in self._params + self._buffers]
+        average_(self.comm, tensors)
+        return tensors
+
+    @torch.no_grad()
+    def synchronize(self) -> None:
+        """Exact average in place: complete in-flight gossip, average parameters and buffers, reset push-sum
+        weights (e.g. at the end of training, before saving the final model)."""
+        self.algorithm.flush()
+        average_(self.comm, self._params + self._buffers)
+        self.algorithm.reset_weights()
+
+    # ----------------------------------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
+        """Everything needed to resume bit-exactly: base optimizer, algorithm state (push-sum weight, in-flight
+        messages), inner step counter (which also fixes the gossip graph's step)."""
+        return {"format": STATE_FORMAT, "optimizer": type(self).__name__,
+                "algorithm": type(self.algorithm).__name__, "step": self._step, "started": self._started,
+                "base": self.base_optimizer.state_dict(), "algorithm_state": self.algorithm.state_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
+        if not isinstance(state_dict, dict) or state_dict.get("format") != STATE_FORMAT:
+            raise ValueError(f"not a slowmo optimizer state (expected format {STATE_FORMAT!r}); "
+                             "load a state saved by slowmo's state_dict() of this version")
+        for key, mine in (("optimizer", type(self).__name__), ("algorithm", type(self.algorithm).__name__)):
+            if state_dict[key] != mine:
+                raise ValueError(f"the checkpoint was saved by {key} {state_dict[key]} but this run uses {mine}; "
+                                 "resume with the same configuration or start a new run directory")
+        self.base_optimizer.load_state_dict(state_dict["base"])
+        self.algorithm.load_state_dict(state_dict["algorithm_state"])
+        self._step = state_dict["step"]
+        self._started = state_dict["started"]
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({type(self.algorithm).__name__}, base={type(self.base_optimizer).__name__})"
+
+
+def _check_parameters(params: list[torch.Tensor], base_optimizer: torch.optim.Optimizer) -> None:
+    if not params:
+        raise ValueError("the model has no parameters to optimize")
+    for index, p in enumerate(params):
+        if not p.is_floating_point():
+            raise ValueError(f"parameter {index} (shape {tuple(p.shape)}) has dtype {p.dtype}; only floating-point "
+                             "parameters can be averaged and updated: register it as a buffer or make it float")
+    dtypes = {p.dtype for p in params}
+    devices = {p.device for p in params}
+    if len(dtypes) > 1 or len(devices) > 1:
+        raise ValueError(f"parameters mix dtypes {sorted(map(str, dtypes))} or devices {sorted(map(str, devices))}; "
+                         "keep the model in one dtype on one device (use autocast for mixed precision)")
+    mine = {id(p) for p in params}
+    theirs = {id(p) for g in base_optimizer.param_groups for p in g["params"]}
+    if mine != theirs:
+        raise ValueError(f"the base optimizer's parameters are not the model's ({len(mine - theirs)} of the model's "
+                         f"missing from it, {len(theirs - mine)} of its own not in the model); build it over "
+                         "model.parameters()")

@@ -1,0 +1,99 @@
+"""Where this process sits in the job: rank, world size, local rank and rendezvous address.
+
+Read from torchrun (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``) or from SLURM's
+``srun`` (``SLURM_PROCID``, ``SLURM_STEP_NUM_TASKS``, ``SLURM_LOCALID``, the step's node list), so a job needs
+no hand-set environment; with neither, the process is a single rank.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import re
+import subprocess
+from dataclasses import dataclass
+from typing import Mapping
+
+import torch
+import torch.distributed as dist
+
+from .comm.torch_distributed import TorchDistributed
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    master_addr: str
+    master_port: int
+    source: str  # "torchrun" | "slurm" | "single"
+
+
+def detect(environ: Mapping[str, str] | None = None) -> DistEnv:
+    """Rank, world and rendezvous of this process, from torchrun's or SLURM's environment variables."""
+    env = os.environ if environ is None else environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return DistEnv(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)),
+                       int(env.get("LOCAL_WORLD_SIZE", 1)), env.get("MASTER_ADDR", "127.0.0.1"),
+                       int(env.get("MASTER_PORT", 29500)), "torchrun")
+    if "SLURM_PROCID" in env and "SLURM_STEP_NUM_TASKS" in env:
+        nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST", "127.0.0.1")
+        port = env.get("MASTER_PORT") or str(15000 + int(env.get("SLURM_JOB_ID", "0")) % 20000)
+        return DistEnv(int(env["SLURM_PROCID"]), int(env["SLURM_STEP_NUM_TASKS"]),
+                       int(env.get("SLURM_LOCALID", 0)), _first_count(env.get("SLURM_STEP_TASKS_PER_NODE", "1")),
+                       env.get("MASTER_ADDR") or first_host(nodelist), int(port), "slurm")
+    return DistEnv(0, 1, 0, 1, "127.0.0.1", 29500, "single")
+
+
+def first_host(nodelist: str) -> str:
+    """First host name of a SLURM node list such as ``gpu[003-010,012],cpu1`` (``scontrol`` when available)."""
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                             timeout=10, check=True).stdout.split()
+        if out:
+            return out[0]
+    except (OSError, subprocess.SubprocessError):
+        pass
+    head = re.split(r",(?![^\[]*\])", nodelist)[0]
+    match = re.fullmatch(r"(.*)\[([^\]-,]+).*\]", head)
+    return match.group(1) + match.group(2) if match else head
+
+
+def _first_count(tasks_per_node: str) -> int:
+    """``SLURM_STEP_TASKS_PER_NODE`` looks like ``8(x4)`` or ``2,1``: the count on the first node."""
+    return int(re.match(r"\d+", tasks_per_node).group(0))
+
+
+def init_distributed(backend: str = "gloo", timeout_s: float = 300.0, env: DistEnv | None = None) -> TorchDistributed:
+    """Create the world process group from the environment and return its communicator.
+
+    ``backend`` is "gloo" (CPU tensors) or "nccl" (one GPU per process, chosen by the local rank).
+    """
+    env = env or detect()
+    if backend == "nccl":
+        if not torch.cuda.is_available():
+            raise ValueError("dist.backend=nccl needs CUDA GPUs, and none is visible; use dist.backend=gloo on CPU")
+        if env.local_rank >= torch.cuda.device_count():
+            raise ValueError(f"local rank {env.local_rank} has no GPU: this node shows {torch.cuda.device_count()}; "
+                             "start at most one process per GPU (procs per node <= GPUs per node)")
+        torch.cuda.set_device(env.local_rank)
+    elif backend != "gloo":
+        raise ValueError(f"unknown torch.distributed backend {backend!r}; use gloo (CPU) or nccl (GPU)")
+    try:
+        dist.init_process_group(backend, init_method=f"tcp://{env.master_addr}:{env.master_port}",
+                                rank=env.rank, world_size=env.world_size,
+                                timeout=datetime.timedelta(seconds=timeout_s))
+    except (RuntimeError, ValueError) as error:
+        first = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise RuntimeError(f"rank {env.rank}: cannot join the process group at {env.master_addr}:{env.master_port} "
+                           f"({first}); is the port in use or the master unreachable? set MASTER_PORT to a free "
+                           "port") from error
+    return TorchDistributed(timeout=timeout_s)
+
+
+def device_for(backend: str, env: DistEnv | None = None) -> torch.device:
+    """The device this rank computes on: its local GPU under NCCL, else the CPU."""
+    env = env or detect()
+    return torch.device("cuda", env.local_rank) if backend == "nccl" else torch.device("cpu")
