@@ -83,6 +83,7 @@ class Communicator(ABC):
                 f"reduce_scatter: input has {input.numel()} elements, expected world_size * output = "
                 f"{self.world_size} * {output.numel()}; pad the input to a multiple of world_size"
             )
+        _same_dtype("reduce_scatter", output, input)
         self._count("reduce_scatter", (self.world_size - 1) * _nbytes(input) // self.world_size)
         if self.world_size > 1:
             self._reduce_scatter(output, input)
@@ -97,6 +98,7 @@ class Communicator(ABC):
                 f"all_gather: output has {output.numel()} elements, expected world_size * input = "
                 f"{self.world_size} * {input.numel()}"
             )
+        _same_dtype("all_gather", output, input)
         self._count("all_gather", (self.world_size - 1) * _nbytes(output) // self.world_size)
         if self.world_size > 1:
             self._all_gather(output, input)
@@ -219,3 +221,8 @@ class Single(Communicator):
 
 def _nbytes(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size()
+
+
+def _same_dtype(op: str, output: torch.Tensor, input: torch.Tensor) -> None:
+    if output.dtype != input.dtype:
+        raise ValueError(f"{op}: output is {output.dtype} but input is {input.dtype}; use one dtype for both")

@@ -58,7 +58,7 @@ def spawn(fn: Callable[..., Any], world_size: int = 4, backend: str = "simulated
             if dead and queue.empty():  # died without a word (killed, or failed while starting)
                 for r in dead:
                     reported.add(r)
-                    failures.append(f"rank {r}: process exited with code {procs[r].exitcode} before reporting")
+                    failures.append(f"rank {r}:\nprocess exited with code {procs[r].exitcode} before reporting")
             time.sleep(0.01)
             continue
         rank, ok, value = queue.get()
@@ -70,8 +70,12 @@ def spawn(fn: Callable[..., Any], world_size: int = 4, backend: str = "simulated
     for proc in procs:
         proc.join()
     if failures:
-        root = next((f for f in failures if "CommError" not in f.splitlines()[-1]), failures[0])
-        raise RuntimeError(f"{len(failures)} of {world_size} ranks failed; first cause:\n{root}")
+        failures.sort()
+        summary = "\n".join(f.strip().splitlines()[0] + " " + f.strip().splitlines()[-1] for f in failures)
+        tracebacks = [f for f in failures if "Traceback" in f]
+        root = next((f for f in tracebacks if "CommError" not in f.strip().splitlines()[-1]),
+                    tracebacks[0] if tracebacks else "")
+        raise RuntimeError(f"{len(failures)} of {world_size} ranks failed:\n{summary}\nfirst cause:\n{root}")
     return results
 
 

@@ -81,6 +81,6 @@ class _Timed:
         try:
             self._work.wait(datetime.timedelta(seconds=self._comm.timeout))
         except RuntimeError as error:
-            raise CommError(f"rank {dist.get_rank()}: {self._what} did not complete within "
-                            f"{self._comm.timeout:g}s (the peer died or is stuck): "
+            raise CommError(f"rank {dist.get_rank()}: {self._what} failed (the peer died, or sent nothing "
+                            f"within {self._comm.timeout:g}s): "
                             f"{str(error).splitlines()[0]}") from error

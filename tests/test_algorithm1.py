@@ -1,0 +1,61 @@
+"""Every algorithm, with and without SlowMo, against the plain-NumPy reference in problems.py (4+ ranks)."""
+
+import numpy as np
+import pytest
+
+import slowmo
+from problems import Setup, reference, run_engine
+
+CASES = {
+    "localsgd_H3": Setup("localsgd", period=3),
+    "localsgd+slowmo_nesterov_sgd_lr_decay": Setup("localsgd", slowmo=dict(tau=4, beta=0.6), momentum=0.9,
+                                                   nesterov=True, decay_at=6),
+    "localsgd_H2+slowmo_tau4": Setup("localsgd", period=2, slowmo=dict(tau=4, beta=0.7), steps=13),
+    "allreduce": Setup("allreduce", momentum=0.9),
+    "allreduce+slowmo": Setup("allreduce", slowmo=dict(tau=3, beta=0.5)),
+    "sgp": Setup("sgp"),
+    "sgp+slowmo": Setup("sgp", slowmo=dict(tau=4, beta=0.5), decay_at=5),
+    "osgp": Setup("osgp"),
+    "osgp+slowmo": Setup("osgp", slowmo=dict(tau=4, beta=0.5), momentum=0.9),
+    "osgp+slowmo_outer_nesterov": Setup("osgp", slowmo=dict(tau=4, beta=0.5, nesterov=True)),
+    "sgp_8ranks_4nodes": Setup("sgp", world_size=8, procs_per_node=2, slowmo=dict(tau=5, beta=0.3)),
+    "osgp_6ranks_non_power_of_2": Setup("osgp", world_size=6, slowmo=dict(tau=5, beta=0.3)),
+    "localsgd_slow_lr_0.5": Setup("localsgd", slowmo=dict(tau=3, alpha=0.5, beta=0.4)),
+    "raw_pseudo_gradient": Setup("localsgd", slowmo=dict(tau=4, alpha=0.8, beta=0.4, pseudo_gradient="raw"),
+                                 decay_at=5),
+}
+for policy in ("keep", "reset", "average"):
+    CASES[f"base_buffers_{policy}"] = Setup("localsgd", slowmo=dict(tau=4, beta=0.5, base_buffers=policy),
+                                            momentum=0.9, nesterov=True)
+for name in ("localsgd", "sgp", "osgp"):
+    CASES[f"{name}+slowmo_sharded"] = Setup(name, slowmo=dict(tau=4, beta=0.6, shard_outer_state=True),
+                                            decay_at=7, momentum=0.9)
+
+
+def engine(s: Setup) -> np.ndarray:
+    return np.stack([r["theta"] for r in slowmo.comm.spawn(run_engine, s.world_size, "simulated", args=(s,))])
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_matches_numpy_reference(name):
+    s = CASES[name]
+    got, want = engine(s), reference(s)
+    assert np.allclose(got, want, rtol=1e-12, atol=1e-12), np.abs(got - want).max()
+    assert not np.allclose(want, reference(s.with_(steps=s.steps - 1)))  # the last step changed something
+
+
+def test_slow_momentum_changes_the_trajectory():
+    s = Setup("localsgd", slowmo=dict(tau=4, beta=0.6))
+    assert not np.allclose(engine(s), engine(s.with_(slowmo=dict(tau=4, beta=0.0))), atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["localsgd", "sgp", "osgp"])
+def test_sharded_equals_unsharded(name):
+    s = Setup(name, slowmo=dict(tau=3, beta=0.7, nesterov=True), momentum=0.9, steps=10, d=9)  # 10 values on 4 ranks
+    sharded = s.with_(slowmo=dict(s.slowmo, shard_outer_state=True))
+    assert np.array_equal(engine(s), engine(sharded))
+
+
+def test_every_rank_holds_the_same_model_after_an_outer_step():
+    got = engine(Setup("osgp", slowmo=dict(tau=4, beta=0.5), steps=8))
+    assert np.array_equal(got, np.tile(got[0], (4, 1)))
