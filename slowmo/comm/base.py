@@ -19,7 +19,8 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections import Counter
-from typing import Literal, Protocol
+from contextlib import contextmanager
+from typing import Iterator, Literal, Protocol
 
 import torch
 
@@ -65,6 +66,7 @@ class Communicator(ABC):
         self.world_size = world_size
         self.label = label
         self._bytes: Counter = counter if counter is not None else Counter()
+        self._counting = True
 
     # ----------------------------------------------------------------------------------- collectives
     def all_reduce(self, tensor: torch.Tensor, op: ReduceOp = "sum") -> torch.Tensor:
@@ -165,8 +167,18 @@ class Communicator(ABC):
     def reset_stats(self) -> None:
         self._bytes.clear()
 
+    @contextmanager
+    def uncounted(self) -> Iterator[None]:
+        """Operations inside are not counted (metrics, evaluation, checkpoint barriers: not training traffic)."""
+        saved, self._counting = self._counting, False
+        try:
+            yield
+        finally:
+            self._counting = saved
+
     def _count(self, kind: str, nbytes: int) -> None:
-        self._bytes[self.label + kind] += nbytes
+        if self._counting:
+            self._bytes[self.label + kind] += nbytes
 
     def _check_peer(self, peer: int) -> None:
         if not 0 <= peer < self.world_size or peer == self.rank:

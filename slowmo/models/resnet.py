@@ -1,0 +1,54 @@
+"""ResNets: CIFAR ResNet-20 (He et al. 2016, 3 stages of 3 blocks), ResNet-18 with the CIFAR stem (3x3 conv,
+stride 1, no max-pool; the paper's CIFAR-10 model) and ImageNet ResNet-50 (torchvision)."""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+
+class _Block(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = (nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+                         if stride != 1 or cin != cout else nn.Identity())
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class ResNet20(nn.Module):
+    """CIFAR ResNet-20: widths w, 2w, 4w (w = 16 in the original)."""
+
+    def __init__(self, width: int = 16, num_classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
+        layers, cin = [], width
+        for stage, cout in enumerate((width, 2 * width, 4 * width)):
+            for block in range(3):
+                layers.append(_Block(cin, cout, 2 if stage > 0 and block == 0 else 1))
+                cin = cout
+        self.layers = nn.Sequential(*layers)
+        self.head = nn.Linear(cin, num_classes)
+
+    def forward(self, x):
+        return self.head(F.adaptive_avg_pool2d(self.layers(self.stem(x)), 1).flatten(1))
+
+
+def build_resnet(name: str, num_classes: int, width: int = 64) -> nn.Module:
+    if name == "resnet20":
+        return ResNet20(width, num_classes)
+    if name == "resnet18":  # torchvision's ResNet-18 with the CIFAR stem
+        model = torchvision.models.resnet18(num_classes=num_classes)
+        model.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+        model.maxpool = nn.Identity()
+        return model
+    if name == "resnet50":
+        return torchvision.models.resnet50(num_classes=num_classes)
+    raise ValueError(f"unknown ResNet {name!r}; use resnet20, resnet18 or resnet50")

@@ -1,0 +1,26 @@
+"""Tasks: one file each (data + model + loss + metric), built from the config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..train.config import Config
+from .base import Task
+
+
+def build_task(cfg: Config, run_dir: Path) -> Task:
+    name = cfg.task.name
+    if name == "digits":
+        from .digits import build
+    elif name == "cifar10":
+        from .cifar10 import build
+    elif name == "imagenet":
+        from .imagenet import build
+    else:
+        from .wmt16 import build
+
+        return build(cfg, run_dir)
+    return build(cfg)
+
+
+__all__ = ["Task", "build_task"]

@@ -1,0 +1,42 @@
+"""ImageNet through torchvision's ``ImageFolder`` (``data.root``/train and /val, one folder per class), ResNet-50,
+standard augmentation (random resized crop, flip; resize + center crop for validation), top-1 and top-5."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torchvision.transforms as T
+from torchvision.datasets import ImageFolder
+
+from ..models import build_resnet
+from ..train.config import Config, ConfigError
+from .base import Task, classification
+
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def _folder(path: Path, transform) -> ImageFolder:
+    if not path.is_dir():
+        raise ConfigError(f"ImageNet split missing: {path} is not a directory; data.root must hold train/ and val/ "
+                          "with one sub-directory of images per class")
+    try:
+        return ImageFolder(str(path), transform=transform)
+    except (FileNotFoundError, RuntimeError) as error:
+        raise ConfigError(f"no images under {path} ({str(error).splitlines()[0]}); data.root must hold train/ and "
+                          "val/ with one sub-directory of images per class") from None
+
+
+def build(cfg: Config) -> Task:
+    if cfg.data.root is None:
+        raise ConfigError("task imagenet needs data.root: the directory holding train/ and val/ in ImageFolder layout")
+    root, size = Path(cfg.data.root), cfg.data.image_size
+    normalize = [T.ToTensor(), T.Normalize(MEAN, STD)]
+    augment = [T.RandomResizedCrop(size), T.RandomHorizontalFlip()] if cfg.data.augment else \
+        [T.Resize(size), T.CenterCrop(size)]
+    train = _folder(root / "train", T.Compose(augment + normalize))
+    val = _folder(root / "val", T.Compose([T.Resize(int(size * 256 / 224)), T.CenterCrop(size)] + normalize))
+    if train.classes != val.classes:
+        raise ConfigError(f"train/ has {len(train.classes)} classes and val/ has {len(val.classes)}; they must match")
+    model = build_resnet(cfg.model.name, len(train.classes), cfg.model.width)
+    return classification(model, train, val, cfg.data.batch_size, cfg.data.eval_batch_size, cfg.seed,
+                          cfg.task.label_smoothing, topk=5)

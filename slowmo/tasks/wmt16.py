@@ -1,0 +1,129 @@
+"""WMT'16 En-De: parallel text (``train.en``/``train.de``, ``valid.en``/``valid.de`` under ``data.root``), a joint
+sentencepiece BPE model (trained on the training text unless ``data.spm_model`` is given), the Transformer,
+label-smoothed cross-entropy, token-based batching, greedy decoding and sacreBLEU on the detokenized output."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import sentencepiece as spm
+import torch
+from sacrebleu.metrics import BLEU
+from torch import nn
+
+from ..models import TRANSFORMER_SHAPES, Transformer
+from ..train.config import Config, ConfigError
+from .base import Task, sharded_batches
+
+PAD, UNK, BOS, EOS = 0, 1, 2, 3
+
+
+def read_parallel(root: Path, split: str) -> tuple[list[str], list[str]]:
+    paths = [root / f"{split}.en", root / f"{split}.de"]
+    for path in paths:
+        if not path.is_file():
+            raise ConfigError(f"WMT file missing: {path}; data.root must hold train.en/train.de and valid.en/valid.de")
+    src, tgt = (p.read_text(encoding="utf-8").splitlines() for p in paths)
+    if len(src) != len(tgt):
+        raise ConfigError(f"{paths[0].name} has {len(src)} lines but {paths[1].name} has {len(tgt)} under {root}; "
+                          "parallel files must align line by line")
+    return src, tgt
+
+
+def train_sentencepiece(texts: list[str], prefix: Path, vocab_size: int) -> Path:
+    """A joint BPE model over source and target training text (written to ``prefix``.model)."""
+    if not any(line.strip() for line in texts):
+        raise ConfigError("the training text is empty: sentencepiece has nothing to learn from; check train.en/train.de")
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(texts), model_prefix=str(prefix), model_type="bpe",
+                                   vocab_size=vocab_size, character_coverage=1.0, hard_vocab_limit=False,
+                                   pad_id=PAD, unk_id=UNK, bos_id=BOS, eos_id=EOS, minloglevel=2)
+    return prefix.with_suffix(".model")
+
+
+def token_batches(lengths: list[int], max_tokens: int, seed: int, epoch: int, rank: int, world: int) -> list[list[int]]:
+    """Sentences sorted by length and packed so that (longest x count) <= max_tokens; the batches are shuffled with
+    (seed, epoch), dealt to ranks in turn and cut to an equal count per rank."""
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    batches, current, longest = [], [], 0
+    for i in order:
+        longest_if = max(longest, lengths[i])
+        if current and longest_if * (len(current) + 1) > max_tokens:
+            batches.append(current)
+            current, longest_if = [], lengths[i]
+        current.append(i)
+        longest = longest_if
+    if current:
+        batches.append(current)
+    perm = torch.randperm(len(batches), generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
+    per_rank = len(batches) // world
+    return [batches[perm[j]] for j in range(rank, per_rank * world, world)]
+
+
+def build(cfg: Config, spm_dir: Path) -> Task:
+    if cfg.data.root is None:
+        raise ConfigError("task wmt16 needs data.root: the directory holding train.en/train.de and valid.en/valid.de")
+    if cfg.model.name not in TRANSFORMER_SHAPES:
+        raise ConfigError(f"task wmt16 needs a Transformer: model.name is {cfg.model.name!r}, use one of "
+                          f"{', '.join(TRANSFORMER_SHAPES)}")
+    root = Path(cfg.data.root)
+    train_src, train_tgt = read_parallel(root, "train")
+    val_src, val_tgt = read_parallel(root, "valid")
+    model_path = Path(cfg.data.spm_model) if cfg.data.spm_model else spm_dir / f"spm_bpe{cfg.data.vocab_size}.model"
+    if not model_path.is_file():
+        if cfg.data.spm_model:
+            raise ConfigError(f"data.spm_model={cfg.data.spm_model} does not exist")
+        train_sentencepiece(train_src + train_tgt, model_path.with_suffix(""), cfg.data.vocab_size)
+    sp = spm.SentencePieceProcessor(model_file=str(model_path))
+
+    def encode(src: list[str], tgt: list[str]) -> list[tuple[list[int], list[int]]]:
+        return [(s + [EOS], t + [EOS]) for s, t in zip(sp.encode(src), sp.encode(tgt))]
+
+    train_set, val_set = encode(train_src, train_tgt), encode(val_src, val_tgt)
+    lengths = [max(len(s), len(t)) for s, t in train_set]
+    val_lengths = [max(len(s), len(t)) for s, t in val_set]
+    model = Transformer(sp.get_piece_size(), cfg.model.name, PAD, cfg.model.dropout or None)
+    smoothing = cfg.task.label_smoothing
+    bleu = BLEU()
+
+    def collate(items: list) -> dict:
+        src = nn.utils.rnn.pad_sequence([torch.tensor(s) for s, _, _ in items], batch_first=True, padding_value=PAD)
+        tgt = nn.utils.rnn.pad_sequence([torch.tensor(t) for _, t, _ in items], batch_first=True, padding_value=PAD)
+        prev = torch.cat([torch.full((len(items), 1), BOS), tgt[:, :-1]], 1)  # teacher forcing: shifted right
+        return {"src": src, "tgt": tgt, "prev": prev, "refs": [ref for _, _, ref in items]}
+
+    class Pairs(torch.utils.data.Dataset):
+        def __init__(self, pairs, refs):
+            self.pairs, self.refs = pairs, refs
+
+        def __len__(self):
+            return len(self.pairs)
+
+        def __getitem__(self, i):
+            return self.pairs[i][0], self.pairs[i][1], self.refs[i]
+
+    def loss(net: nn.Module, batch: dict) -> torch.Tensor:
+        logits = net(batch["src"], batch["prev"])
+        return nn.functional.cross_entropy(logits.flatten(0, 1), batch["tgt"].flatten(), ignore_index=PAD,
+                                           label_smoothing=smoothing)
+
+    def eval_sums(net: nn.Module, batch: dict) -> torch.Tensor:
+        logits = net(batch["src"], batch["prev"])
+        nll = nn.functional.cross_entropy(logits.flatten(0, 1), batch["tgt"].flatten(), ignore_index=PAD,
+                                          reduction="sum")
+        hyps = [sp.decode(ids) for ids in net.greedy(batch["src"], BOS, EOS, cfg.task.max_decode_len)]
+        stats = bleu.corpus_score(hyps, [batch["refs"]])
+        return torch.tensor([nll.item(), (batch["tgt"] != PAD).sum().item(), *stats.counts, *stats.totals,
+                             stats.sys_len, stats.ref_len], dtype=torch.float64)
+
+    def metrics(sums: torch.Tensor) -> dict[str, float]:
+        values = sums.tolist()
+        nll, tokens = values[0], values[1]
+        counts, totals = [int(v) for v in values[2:6]], [int(v) for v in values[6:10]]
+        score = BLEU.compute_bleu(counts, totals, int(values[10]), int(values[11]), smooth_method="exp")
+        return {"val_loss": nll / tokens, "val_bleu": score.score}
+
+    return Task(model, Pairs(train_set, train_tgt), Pairs(val_set, val_tgt), collate,
+                lambda epoch, rank, world: token_batches(lengths, cfg.data.max_tokens, cfg.seed, epoch, rank, world),
+                lambda rank, world: sharded_batches(len(val_set), cfg.data.eval_batch_size, rank, world),
+                loss, eval_sums, metrics, main_metric="val_bleu")

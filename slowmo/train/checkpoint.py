@@ -1,0 +1,84 @@
+"""Checkpoints: one file per rank in ``<run_dir>/checkpoints/step_<k>/``, each written atomically (temporary file,
+fsync, rename), with a version and a checksum; a checkpoint counts only once rank 0 has written ``COMPLETE`` after
+every rank's file. Loading skips a truncated, corrupt or foreign checkpoint for the previous valid one, with a
+warning; the last ``keep`` checkpoints are kept."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+VERSION = 1
+MARKER = "COMPLETE"
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_rank(directory: Path, rank: int, state: dict[str, Any]) -> None:
+    """Write this rank's state: payload, then a header line with version and SHA-256."""
+    directory.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    payload = buffer.getvalue()
+    header = f"slowmo-checkpoint {VERSION} {hashlib.sha256(payload).hexdigest()}\n".encode()
+    _atomic_write(directory / f"rank{rank}.pt", header + payload)
+
+
+def mark_complete(directory: Path, world_size: int, keep: int) -> None:
+    """Rank 0, after every rank has saved: the checkpoint becomes valid; older ones beyond ``keep`` go."""
+    _atomic_write(directory / MARKER, f"{world_size}\n".encode())
+    for old in sorted_checkpoints(directory.parent)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def load_rank(directory: Path, rank: int) -> dict[str, Any]:
+    """This rank's state; raises ValueError if the file is missing, truncated, of another version or corrupt."""
+    path = directory / f"rank{rank}.pt"
+    try:
+        raw = path.read_bytes()
+    except OSError as error:
+        raise ValueError(f"{path}: unreadable ({error.strerror})") from None
+    header, _, payload = raw.partition(b"\n")
+    parts = header.decode(errors="replace").split()
+    if len(parts) != 3 or parts[0] != "slowmo-checkpoint":
+        raise ValueError(f"{path}: not a slowmo checkpoint")
+    if parts[1] != str(VERSION):
+        raise ValueError(f"{path}: checkpoint format version {parts[1]}, this slowmo reads version {VERSION}")
+    if hashlib.sha256(payload).hexdigest() != parts[2]:
+        raise ValueError(f"{path}: checksum mismatch (truncated or corrupt)")
+    return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=False)
+
+
+def sorted_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoint directories under ``root``, oldest first."""
+    if not root.is_dir():
+        return []
+    found = [d for d in root.glob("step_*") if (d / MARKER).exists() and d.name[5:].isdigit()]
+    return sorted(found, key=lambda d: int(d.name[5:]))
+
+
+def candidates(root: Path, world_size: int) -> list[Path]:
+    """Complete checkpoints saved by ``world_size`` ranks, newest first; warns about each one of another size."""
+    out = []
+    for directory in reversed(sorted_checkpoints(root)):
+        saved_world = (directory / MARKER).read_text().strip()
+        if saved_world == str(world_size):
+            out.append(directory)
+        else:
+            warnings.warn(f"skipping checkpoint {directory}: saved by {saved_world} ranks, this run has {world_size}",
+                          stacklevel=2)
+    return out

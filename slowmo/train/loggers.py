@@ -1,0 +1,69 @@
+"""Where metrics go: ``<run_dir>/metrics.jsonl`` always, W&B when ``logger.wandb=true`` (offline without an API key)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from .config import Config
+
+
+class JsonlLogger:
+    """One JSON object per line; appends, so a resumed run continues the same file."""
+
+    def __init__(self, path: Path, resume_step: int) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_step == 0 and path.exists():
+            path.unlink()
+        elif path.exists():  # drop lines past the checkpoint we resume from: they will be logged again
+            kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= resume_step]
+            path.write_text("".join(line + "\n" for line in kept))
+        self._file = open(path, "a", buffering=1)
+
+    def log(self, record: dict[str, Any]) -> None:
+        self._file.write(json.dumps(record) + "\n")
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class WandbLogger:
+    """A W&B run: grouped by sweep, named by its overrides, with the full config; offline when no API key."""
+
+    def __init__(self, cfg: Config, config_dict: dict, run_dir: Path, run_name: str, group: str) -> None:
+        import wandb
+
+        mode = cfg.logger.mode
+        if mode == "auto":
+            mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
+        self._run = wandb.init(project=cfg.logger.project, group=cfg.logger.group or group,
+                               name=cfg.logger.name or run_name, config=config_dict, dir=str(run_dir), mode=mode,
+                               id=_stable_id(run_dir), resume="allow", reinit=True)
+
+    def log(self, record: dict[str, Any]) -> None:
+        self._run.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+
+    def close(self) -> None:
+        self._run.finish()
+
+
+def _stable_id(run_dir: Path) -> str:
+    """The same W&B run id for the same run directory, so a resumed job continues its run."""
+    import hashlib
+
+    return hashlib.sha1(str(run_dir.resolve()).encode()).hexdigest()[:16]
+
+
+class Loggers:
+    def __init__(self, loggers: list) -> None:
+        self._loggers = loggers
+
+    def log(self, record: dict[str, Any]) -> None:
+        for logger in self._loggers:
+            logger.log(record)
+
+    def close(self) -> None:
+        for logger in self._loggers:
+            logger.close()

@@ -1,0 +1,314 @@
+"""The one training loop every task shares.
+
+``run(cfg)`` validates the config, finds this process's place in the job (torchrun, srun, or local ranks to
+simulate or spawn) and runs :func:`train_rank` on every rank: per-step lr schedule, the base optimizer driven by
+the base algorithm (and SlowMo), periodic evaluation of the averaged model, metrics to JSONL (and W&B), atomic
+checkpoints, resume, and a clean stop on SIGTERM/SIGUSR1 that checkpoints first.
+
+A run directory ends up holding ``config.yaml``, ``metrics.jsonl``, ``checkpoints/``, ``summary.json`` and
+``final.pt`` (the averaged model's ``state_dict`` under ``model``).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import signal
+import threading
+import time
+import warnings
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+from tqdm import tqdm
+
+from .. import launch
+from ..algorithms import OSGP, SGP, AllReduce, LocalSGD
+from ..algorithms.base import unflatten_
+from ..comm import Communicator, spawn
+from ..graphs import GRAPHS
+from ..inner import DistributedOptimizer
+from ..outer import SlowMo
+from ..tasks import Task, build_task
+from . import checkpoint
+from .config import Config, ConfigError, validate
+from .loggers import JsonlLogger, Loggers, WandbLogger
+from .schedule import lr_factor
+
+STOP = threading.Event()  # set by SIGTERM/SIGUSR1; ranks agree on it every train.signal_check_every steps
+
+
+class NonFiniteLoss(FloatingPointError):
+    """The loss became NaN or infinite; the last good checkpoint is left as it is."""
+
+
+def run(cfg: Any, run_name: str | None = None) -> dict[str, Any]:
+    """Train with ``cfg`` (a Hydra DictConfig, a dict or a :class:`Config`); returns rank 0's summary."""
+    config = cfg if isinstance(cfg, Config) else validate(cfg)
+    run_dir = Path(config.run_dir)
+    env = launch.detect()
+    _install_signal_handlers()
+    if env.source != "single":  # this process is one rank of a torchrun / srun job
+        if config.dist.backend == "simulated":
+            raise ConfigError(f"launched by {env.source} with {env.world_size} processes: set dist.backend=gloo or nccl")
+        comm = launch.init_distributed(config.dist.backend, config.dist.timeout_s, env)
+        try:
+            return train_rank(comm, config, run_dir, run_name)
+        finally:
+            torch.distributed.destroy_process_group()
+    results = spawn(train_rank, config.dist.world_size, config.dist.backend, args=(config, run_dir, run_name),
+                    timeout=config.dist.timeout_s)
+    return results[0]
+
+
+def _install_signal_handlers() -> None:
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, lambda signum, frame: STOP.set())
+
+
+# ------------------------------------------------------------------------------------------------ builders
+def build_optimizer(cfg: Config, model: torch.nn.Module, comm: Communicator) -> DistributedOptimizer:
+    """Base optimizer + base algorithm (+ SlowMo) from the config."""
+    o = cfg.optimizer
+    if o.name == "sgd":
+        base: torch.optim.Optimizer = torch.optim.SGD(model.parameters(), lr=o.lr, momentum=o.momentum,
+                                                      nesterov=o.nesterov and o.momentum > 0,
+                                                      weight_decay=o.weight_decay)
+    else:
+        cls = torch.optim.Adam if o.name == "adam" else torch.optim.AdamW
+        base = cls(model.parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+    a = cfg.algorithm
+    if a.name == "allreduce":
+        algorithm = AllReduce(comm, a.procs_per_node)
+    elif a.name == "localsgd":
+        algorithm = LocalSGD(comm, a.period, a.procs_per_node)
+    else:
+        if comm.world_size % a.procs_per_node:
+            raise ConfigError(f"world size {comm.world_size} is not divisible by algorithm.procs_per_node="
+                              f"{a.procs_per_node}")
+        nodes = comm.world_size // a.procs_per_node
+        graph = GRAPHS[a.graph](nodes) if nodes > 1 else None
+        algorithm = (SGP if a.name == "sgp" else OSGP)(comm, graph, a.procs_per_node)
+    s = cfg.slowmo
+    if not s.enabled:
+        return DistributedOptimizer(model, base, algorithm)
+    return SlowMo(model, base, algorithm, tau=s.tau, alpha=s.alpha, beta=s.beta, nesterov=s.nesterov,
+                  base_buffers=s.base_buffers, shard_outer_state=s.shard_outer_state, pseudo_gradient=s.pseudo_gradient)
+
+
+def _fingerprint(cfg: Config) -> dict[str, Any]:
+    """What a checkpoint must agree on to be resumed."""
+    return {"task": cfg.task.name, "model": cfg.model.name, "width": cfg.model.width, "algorithm": cfg.algorithm.name,
+            "slowmo": cfg.slowmo.enabled, "shard_outer_state": cfg.slowmo.shard_outer_state}
+
+
+# ------------------------------------------------------------------------------------------------ one rank
+class _Trainer:
+    def __init__(self, comm: Communicator, cfg: Config, run_dir: Path, run_name: str | None) -> None:
+        self.comm, self.cfg, self.run_dir = comm, cfg, run_dir
+        self.rank, self.world = comm.rank, comm.world_size
+        self.is_main = self.rank == 0
+        if self.is_main:
+            _ensure_writable(run_dir)
+            (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+        with comm.uncounted():
+            comm.barrier()  # the run directory exists before any rank writes into it
+        torch.manual_seed(cfg.seed)  # the same initial model on every rank
+        self.task: Task = build_task(cfg, run_dir)
+        self.model = self.task.model
+        self.opt = build_optimizer(cfg, self.model, comm)
+        torch.manual_seed(cfg.seed * 1000 + self.rank + 1)  # this rank's stream: augmentation, dropout
+        self.steps_per_epoch = len(self.task.train_batches(0, self.rank, self.world))
+        if self.steps_per_epoch == 0:
+            raise ConfigError(f"the training set gives no full batch to each of {self.world} ranks; lower "
+                              "data.batch_size (or data.max_tokens) or the number of ranks")
+        self.lr_factor = lr_factor(cfg.schedule, self.steps_per_epoch)
+        self.base_lrs = [group["lr"] for group in self.opt.param_groups]
+        self.step, self.epoch, self.position, self.elapsed = 0, 0, 0, 0.0
+        self.best: dict[str, float] = {}
+        self.last_record: dict[str, Any] = {}
+        self.eval_model = copy.deepcopy(self.model)
+        if cfg.train.resume == "auto":
+            self._resume()
+        self.loggers = Loggers(self._make_loggers(run_name) if self.is_main else [])
+
+    def _make_loggers(self, run_name: str | None) -> list:
+        loggers: list = [JsonlLogger(self.run_dir / "metrics.jsonl", self.step)]
+        if self.cfg.logger.wandb:
+            config = asdict(self.cfg)
+            loggers.append(WandbLogger(self.cfg, config, self.run_dir, run_name or self.run_dir.name,
+                                       self.run_dir.parent.name))
+        return loggers
+
+    # ----------------------------------------------------------------------------------- checkpoints
+    def _save(self) -> None:
+        directory = self.run_dir / "checkpoints" / f"step_{self.step}"
+        state = {"model": self.model.state_dict(), "optimizer": self.opt.state_dict(), "step": self.step,
+                 "epoch": self.epoch, "position": self.position, "rng": torch.get_rng_state(),
+                 "elapsed": self.elapsed + time.time() - self.t0, "best": self.best,
+                 "fingerprint": _fingerprint(self.cfg)}
+        try:
+            checkpoint.save_rank(directory, self.rank, state)
+        except OSError as error:
+            raise OSError(f"rank {self.rank}: cannot write checkpoint {directory} ({error.strerror}); free space or "
+                          "fix permissions, then resume: the previous checkpoint is still valid") from None
+        with self.comm.uncounted():
+            self.comm.barrier()
+        if self.is_main:
+            checkpoint.mark_complete(directory, self.world, self.cfg.train.keep_checkpoints)
+
+    def _resume(self) -> None:
+        for directory in checkpoint.candidates(self.run_dir / "checkpoints", self.world):
+            try:
+                state, ok = checkpoint.load_rank(directory, self.rank), 1.0
+            except ValueError as error:
+                warnings.warn(f"skipping checkpoint: {error}", stacklevel=2)
+                state, ok = None, 0.0
+            with self.comm.uncounted():
+                agreed = self.comm.all_reduce(torch.tensor([ok])).item() == self.world
+            if not agreed:
+                continue
+            if state["fingerprint"] != _fingerprint(self.cfg):
+                raise ConfigError(f"the checkpoint in {directory} is of another run ({state['fingerprint']}), this "
+                                  f"run is {_fingerprint(self.cfg)}; use a new run directory or train.resume=never")
+            self.model.load_state_dict(state["model"])
+            self.opt.load_state_dict(state["optimizer"])
+            self.step, self.epoch, self.position = state["step"], state["epoch"], state["position"]
+            self.elapsed, self.best = state["elapsed"], state["best"]
+            torch.set_rng_state(state["rng"])
+            return
+
+    # ----------------------------------------------------------------------------------- evaluation
+    @torch.no_grad()
+    def evaluate(self, averaged: bool = True) -> dict[str, float]:
+        """The main metric of the model averaged over ranks (the training state is left untouched)."""
+        model = self.model
+        if averaged:
+            with self.comm.uncounted():
+                tensors = self.opt.averaged_parameters()
+            unflatten_(torch.cat([t.reshape(-1) for t in tensors]),
+                       list(self.eval_model.parameters()) + [b for b in self.eval_model.buffers()
+                                                             if b.is_floating_point()])
+            model = self.eval_model
+        was_training = model.training
+        model.eval()
+        sums = None
+        for indices in self.task.val_batches(self.rank, self.world):
+            batch_sums = self.task.eval_sums(model, self.task.collate([self.task.val_set[i] for i in indices]))
+            sums = batch_sums if sums is None else sums + batch_sums
+        model.train(was_training)
+        if sums is None:  # this rank had no validation example: its share of every sum is 0
+            sums = torch.zeros_like(self.task.eval_sums(model, self.task.collate([self.task.val_set[0]])))
+        with self.comm.uncounted():
+            self.comm.all_reduce(sums)
+        return self.task.metrics(sums)
+
+    # ----------------------------------------------------------------------------------- the loop
+    def train(self) -> dict[str, Any]:
+        cfg = self.cfg
+        self.t0 = time.time()
+        bar = tqdm(total=cfg.train.max_steps, initial=self.step, disable=not (self.is_main and cfg.logger.progress),
+                   dynamic_ncols=True, desc=self.run_dir.name)
+        loss_sum, loss_count = 0.0, 0
+        status = "completed"
+        self.model.train()
+        while self.step < cfg.train.max_steps and status == "completed":
+            batches = self.task.train_batches(self.epoch, self.rank, self.world)
+            while self.position < len(batches) and self.step < cfg.train.max_steps:
+                batch = self.task.collate([self.task.train_set[i] for i in batches[self.position]])
+                factor = self.lr_factor(self.step)
+                for group, lr in zip(self.opt.param_groups, self.base_lrs):
+                    group["lr"] = lr * factor
+                loss = self.task.loss(self.model, batch)
+                if not math.isfinite(loss.item()):
+                    raise NonFiniteLoss(f"rank {self.rank}: loss is {loss.item()} at step {self.step}; stopped before "
+                                        "any checkpoint of it was written (lower optimizer.lr or check the data)")
+                self.opt.zero_grad(set_to_none=True)
+                loss.backward()
+                self.opt.step()
+                self.step += 1
+                self.position += 1
+                loss_sum, loss_count = loss_sum + loss.item(), loss_count + 1
+                bar.update(1)
+                record = None
+                if self.step % cfg.logger.log_every == 0 or self._eval_due() or self.step == cfg.train.max_steps:
+                    record = self._record(loss_sum / loss_count)
+                    loss_sum, loss_count = 0.0, 0
+                if self._eval_due() and self.step < cfg.train.max_steps:
+                    record.update(self._with_best(self.evaluate()))
+                if record is not None:
+                    bar.set_postfix(loss=f"{record['train_loss']:.3f}")
+                    if self.step == cfg.train.max_steps:
+                        self.last_record = record  # logged with the final metrics
+                    else:
+                        self.loggers.log(record)
+                if cfg.train.checkpoint_every and self.step % cfg.train.checkpoint_every == 0:
+                    self._save()
+                if cfg.train.signal_check_every and self.step % cfg.train.signal_check_every == 0 and self._stop_agreed():
+                    self._save()
+                    status = "preempted"
+                    break
+            if self.position >= len(batches):
+                self.epoch, self.position = self.epoch + 1, 0
+        bar.close()
+        return self._finish(status)
+
+    def _eval_due(self) -> bool:
+        return bool(self.cfg.train.eval_every) and self.step % self.cfg.train.eval_every == 0
+
+    def _stop_agreed(self) -> bool:
+        with self.comm.uncounted():
+            return self.comm.all_reduce(torch.tensor([1.0 if STOP.is_set() else 0.0])).item() > 0
+
+    def _record(self, local_loss: float) -> dict[str, Any]:
+        with self.comm.uncounted():
+            loss = self.comm.all_reduce(torch.tensor([local_loss], dtype=torch.float64), "mean").item()
+        return {"step": self.step, "epoch": self.step / self.steps_per_epoch, "train_loss": loss,
+                "lr": self.opt.param_groups[0]["lr"], "comm_bytes": self.comm.stats()["total"],
+                "wall_time": self.elapsed + time.time() - self.t0}
+
+    def _with_best(self, metrics: dict[str, float]) -> dict[str, float]:
+        for key, value in metrics.items():
+            better = min if key.endswith("loss") else max
+            self.best[key] = better(self.best.get(key, value), value)
+        return metrics
+
+    def _finish(self, status: str) -> dict[str, Any]:
+        if status == "preempted":
+            self.loggers.close()
+            return {"status": status, "step": self.step, "run_dir": str(self.run_dir)}
+        self.opt.synchronize()  # the final exact average: every rank holds the averaged model
+        final = self._with_best(self.evaluate(averaged=False))
+        summary = {"status": status, "steps": self.step, "epochs": self.step / self.steps_per_epoch,
+                   "final": final, "best": dict(self.best), "comm_bytes": self.comm.stats()["total"],
+                   "comm_bytes_by_kind": self.comm.stats(), "wall_time": self.elapsed + time.time() - self.t0,
+                   "world_size": self.world, "algorithm": self.cfg.algorithm.name, "slowmo": self.cfg.slowmo.enabled,
+                   "run_dir": str(self.run_dir)}
+        if self.is_main:
+            self.loggers.log({**self.last_record, "comm_bytes": self.comm.stats()["total"], **final})
+            torch.save({"model": self.model.state_dict()}, self.run_dir / "final.pt")
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        self.loggers.close()
+        return summary
+
+
+def train_rank(comm: Communicator, cfg: Config, run_dir: Path, run_name: str | None = None) -> dict[str, Any]:
+    """Everything one rank does in a run; returns the run's summary."""
+    return _Trainer(comm, cfg, run_dir, run_name).train()
+
+
+def _ensure_writable(run_dir: Path) -> None:
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write_test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as error:
+        raise ConfigError(f"run directory {run_dir} is not writable ({error.strerror}); set hydra.run.dir "
+                          "(or run_dir) to a writable path") from None
