@@ -1,0 +1,43 @@
+"""Paper-style figures and a table from run directories.
+
+    python scripts/plot.py RUN_DIR [RUN_DIR ...] --out results/my_sweep [--title "CIFAR-10, 8 ranks"]
+
+Writes table.csv, table.md, curves_epoch.png and curves_time.png in --out; runs that differ only in their seed
+are averaged (mean line, +-std band). A sweep's directory may be given instead of its runs."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from slowmo import report
+
+
+def find_runs(paths: list[str]) -> list[Path]:
+    found = []
+    for path in map(Path, paths):
+        found += [path] if (path / "summary.json").is_file() else sorted(p.parent for p in path.rglob("summary.json"))
+    return found
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("runs", nargs="+", help="run directories, or directories that contain them")
+    parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--title", default="")
+    args = parser.parse_args(argv)
+    dirs = find_runs(args.runs)
+    if not dirs:
+        print(f"error: no finished run (a directory with summary.json) under {' '.join(args.runs)}", file=sys.stderr)
+        return 2
+    runs = [report.load_run(d) for d in dirs]
+    print(report.write_table(report.table(runs), args.out))
+    report.figure(runs, args.out / "curves_epoch.png", "epoch", args.title)
+    report.figure(runs, args.out / "curves_time.png", "wall_time", args.title)
+    print(f"wrote {args.out}/table.csv, table.md, curves_epoch.png, curves_time.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,127 @@
+"""Tables and paper-style figures from run directories alone (``config.yaml``, ``metrics.jsonl``, ``summary.json``).
+
+Runs that differ only in their seed are one line: the mean, with a +-std band (and mean +- std in tables)."""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+NAMES = {"allreduce": "AR-SGD", "localsgd": "Local SGD", "sgp": "SGP", "osgp": "OSGP"}
+
+
+def load_run(run_dir: str | Path) -> dict[str, Any]:
+    run_dir = Path(run_dir)
+    for name in ("config.yaml", "metrics.jsonl", "summary.json"):
+        if not (run_dir / name).is_file():
+            raise ValueError(f"{run_dir} is not a finished run directory: {name} is missing")
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+    return {"dir": run_dir, "config": config, "metrics": metrics,
+            "summary": json.loads((run_dir / "summary.json").read_text())}
+
+
+def label(run: dict[str, Any]) -> str:
+    config = run["config"]
+    name = NAMES[config["algorithm"]["name"]]
+    if config["optimizer"]["name"] != "sgd":
+        name = name.replace("SGD", "Adam") if "SGD" in name else name
+    return name + (" + SlowMo" if config["slowmo"]["enabled"] else "")
+
+
+def group(runs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    groups: dict[str, list] = defaultdict(list)
+    for run in runs:
+        groups[label(run)].append(run)
+    return dict(groups)
+
+
+def _main_metric(run: dict[str, Any]) -> str:
+    return "val_bleu" if "val_bleu" in run["summary"]["final"] else "val_acc"
+
+
+def _last_train_loss(run: dict[str, Any]) -> float:
+    return [m for m in run["metrics"] if "train_loss" in m][-1]["train_loss"]
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return float(np.mean(values)), float(np.std(values))
+
+
+def table(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per algorithm: final train loss, final and best validation metric, bytes per rank, wall time."""
+    rows = []
+    for name, members in group(runs).items():
+        metric = _main_metric(members[0])
+        loss = _mean_std([_last_train_loss(r) for r in members])
+        final = _mean_std([r["summary"]["final"][metric] for r in members])
+        best = _mean_std([r["summary"]["best"][metric] for r in members])
+        rows.append({"algorithm": name, "seeds": len(members), "steps": members[0]["summary"]["steps"],
+                     "train_loss": loss[0], "train_loss_std": loss[1], metric: final[0], f"{metric}_std": final[1],
+                     f"best_{metric}": best[0], "mib_sent_per_rank": members[0]["summary"]["comm_bytes"] / 2 ** 20,
+                     "wall_time_s": float(np.mean([r["summary"]["wall_time"] for r in members]))})
+    return rows
+
+
+def write_table(rows: list[dict[str, Any]], out_dir: Path) -> str:
+    """Writes ``table.csv`` and ``table.md`` in ``out_dir``; returns the Markdown."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    keys = list(rows[0])
+    with open(out_dir / "table.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, keys)
+        writer.writeheader()
+        writer.writerows(rows)
+    metric = next(k for k in keys if k.startswith("val_") and not k.endswith("_std"))
+    lines = [f"| algorithm | seeds | steps | train loss | {metric} | best {metric} | MiB sent / rank | time (s) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['algorithm']} | {r['seeds']} | {r['steps']} | {r['train_loss']:.4f} ± {r['train_loss_std']:.4f} "
+                     f"| {r[metric]:.2f} ± {r[metric + '_std']:.2f} | {r['best_' + metric]:.2f} "
+                     f"| {r['mib_sent_per_rank']:.2f} | {r['wall_time_s']:.1f} |")
+    markdown = "\n".join(lines) + "\n"
+    (out_dir / "table.md").write_text(markdown)
+    return markdown
+
+
+def _curve(members: list[dict[str, Any]], x: str, y: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    series = [[(m[x], m[y]) for m in r["metrics"] if y in m] for r in members]
+    length = min(len(s) for s in series)
+    xs = np.mean([[p[0] for p in s[:length]] for s in series], axis=0)
+    ys = np.array([[p[1] for p in s[:length]] for s in series])
+    return xs, ys.mean(0), ys.std(0)
+
+
+def figure(runs: list[dict[str, Any]], path: Path, x: str = "epoch", title: str = "") -> None:
+    """Train loss (log scale) and the validation metric against ``x`` (step, epoch or wall_time)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metric = _main_metric(runs[0])
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for name, members in sorted(group(runs).items()):
+        style = "-" if "SlowMo" in name else "--"
+        for ax, y in zip(axes, ("train_loss", metric)):
+            xs, mean, std = _curve(members, x, y)
+            line, = ax.plot(xs, mean, style, label=name, linewidth=1.6)
+            if len(members) > 1:
+                ax.fill_between(xs, mean - std, mean + std, color=line.get_color(), alpha=0.2)
+    xlabel = {"epoch": "epoch", "step": "inner step", "wall_time": "wall time (s)"}[x]
+    axes[0].set(yscale="log", xlabel=xlabel, ylabel="train loss")
+    axes[1].set(xlabel=xlabel, ylabel={"val_acc": "val accuracy (%)", "val_bleu": "val BLEU"}[metric])
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

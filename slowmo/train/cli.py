@@ -1,0 +1,38 @@
+"""The command-line face of the training stack: the per-task Hydra entrypoints call :func:`entrypoint`."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from .config import ConfigError
+from .loop import NonFiniteLoss, run
+
+CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs")
+REQUEUE_EXIT_CODE = 3  # a preempted run that checkpointed: requeue it (scripts/slurm does)
+
+
+def _main(cfg: DictConfig) -> None:
+    name = HydraConfig.get().job.override_dirname or None
+    try:
+        summary = run(cfg, run_name=name)
+    except (ConfigError, ValueError, NonFiniteLoss, OSError) as error:  # expected failures: one line, no trace
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    if summary["status"] == "preempted":
+        print(f"preempted at step {summary['step']}: checkpoint written to {summary['run_dir']}", file=sys.stderr)
+        sys.exit(REQUEUE_EXIT_CODE)
+    final = ", ".join(f"{k}={v:.4g}" for k, v in summary["final"].items())
+    print(f"done: {summary['steps']} steps, {final}, {summary['comm_bytes'] / 2**20:.1f} MiB sent per rank, "
+          f"{summary['wall_time']:.1f} s -> {summary['run_dir']}")
+
+
+def entrypoint(task: str) -> None:
+    """Run Hydra with ``configs/`` and ``task=<task>`` unless the command line chooses another."""
+    if not any(arg.startswith(("task=", "+experiment=", "experiment=")) for arg in sys.argv[1:]):
+        sys.argv.append(f"task={task}")
+    hydra.main(config_path=CONFIG_DIR, config_name="config", version_base="1.3")(_main)()
