@@ -44,7 +44,7 @@ class Transformer(nn.Module):
         return self.core.encoder(self._embed(src), src_key_padding_mask=src == self.pad_id)
 
     def decode(self, memory: torch.Tensor, src: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
-        causal = nn.Transformer.generate_square_subsequent_mask(prev.size(1), device=prev.device)
+        causal = torch.ones(prev.size(1), prev.size(1), dtype=torch.bool, device=prev.device).triu(1)
         hidden = self.core.decoder(self._embed(prev), memory, tgt_mask=causal, tgt_is_causal=True,
                                    tgt_key_padding_mask=prev == self.pad_id, memory_key_padding_mask=src == self.pad_id)
         return hidden @ self.embed.weight.t()  # shared output projection

@@ -32,7 +32,5 @@ def _main(cfg: DictConfig) -> None:
 
 
 def entrypoint(task: str) -> None:
-    """Run Hydra with ``configs/`` and ``task=<task>`` unless the command line chooses another."""
-    if not any(arg.startswith(("task=", "+experiment=", "experiment=")) for arg in sys.argv[1:]):
-        sys.argv.append(f"task={task}")
-    hydra.main(config_path=CONFIG_DIR, config_name="config", version_base="1.3")(_main)()
+    """Run Hydra on ``configs/train_<task>.yaml`` (config.yaml with this task; ``task=`` still overrides it)."""
+    hydra.main(config_path=CONFIG_DIR, config_name=f"train_{task}", version_base="1.3")(_main)()

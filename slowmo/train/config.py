@@ -167,6 +167,9 @@ def validate(cfg: DictConfig | dict[str, Any]) -> Config:
         raise ConfigError(f"dist.world_size must be >= 1, got {config.dist.world_size}")
     if config.train.eval_every < 0 or config.train.checkpoint_every < 0:
         raise ConfigError("train.eval_every and train.checkpoint_every must be >= 0 (0 disables)")
+    if config.experiment and config.experiment.startswith("paper_") and config.experiment[6:] != config.task.name:
+        raise ConfigError(f"+experiment={config.experiment} is the preset of task {config.experiment[6:]}, but the task "
+                          f"is {config.task.name}; run experiments/{config.experiment[6:]}/train.py")
     if config.train.resume not in ("auto", "never"):
         raise ConfigError(f"train.resume must be 'auto' or 'never', got {config.train.resume!r}")
     return config

@@ -120,7 +120,7 @@ class _Trainer:
         with comm.uncounted():
             comm.barrier()  # the run directory exists before any rank writes into it
         torch.manual_seed(cfg.seed)  # the same initial model on every rank
-        self.task: Task = build_task(cfg, run_dir)
+        self.task: Task = self._build_task()
         self.model = self.task.model
         self.opt = build_optimizer(cfg, self.model, comm)
         torch.manual_seed(cfg.seed * 1000 + self.rank + 1)  # this rank's stream: augmentation, dropout
@@ -137,6 +137,14 @@ class _Trainer:
         if cfg.train.resume == "auto":
             self._resume()
         self.loggers = Loggers(self._make_loggers(run_name) if self.is_main else [])
+
+    def _build_task(self) -> Task:
+        """Rank 0 first (it may write shared files, e.g. the sentencepiece model), then the others."""
+        if self.is_main:
+            task = build_task(self.cfg, self.run_dir)
+        with self.comm.uncounted():
+            self.comm.barrier()
+        return task if self.is_main else build_task(self.cfg, self.run_dir)
 
     def _make_loggers(self, run_name: str | None) -> list:
         loggers: list = [JsonlLogger(self.run_dir / "metrics.jsonl", self.step)]

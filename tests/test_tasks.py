@@ -1,0 +1,54 @@
+"""Each paper task trains a few steps through its real loader, on files written in the native format."""
+
+import json
+
+import torch
+
+from datasets import write_cifar10, write_imagefolder, write_parallel
+from slowmo.train import run
+
+
+def cfg(tmp_path, task_name, data, model, **extra):
+    out = {"run_dir": str(tmp_path / "run"), "task": {"name": task_name}, "data": data, "model": model,
+           "logger": {"progress": False, "log_every": 1}, "train": {"max_steps": 3, "eval_every": 0},
+           "dist": {"world_size": 2}, "algorithm": {"name": "sgp"}, "slowmo": {"enabled": True, "tau": 2}}
+    out.update(extra)
+    return out
+
+
+def test_cifar10_from_pickle_batches(tmp_path):
+    root = write_cifar10(tmp_path / "cifar")
+    summary = run(cfg(tmp_path, "cifar10", {"root": str(root), "verify_checksums": False, "batch_size": 8},
+                      {"name": "resnet20", "width": 4}))
+    assert summary["steps"] == 3 and 0 <= summary["final"]["val_acc"] <= 100
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 3 and all(json.loads(line)["train_loss"] > 0 for line in lines)
+
+
+def test_cifar10_resnet18_with_the_cifar_stem(tmp_path):
+    root = write_cifar10(tmp_path / "cifar", per_batch=4)
+    run(cfg(tmp_path, "cifar10", {"root": str(root), "verify_checksums": False, "batch_size": 2},
+            {"name": "resnet18"}, train={"max_steps": 1, "eval_every": 0}))
+    model = torch.load(tmp_path / "run" / "final.pt")["model"]
+    assert tuple(model["conv1.weight"].shape) == (64, 3, 3, 3) and "fc.weight" in model
+
+
+def test_imagenet_from_an_imagefolder_of_pngs(tmp_path):
+    root = write_imagefolder(tmp_path / "imagenet")
+    summary = run(cfg(tmp_path, "imagenet", {"root": str(root), "batch_size": 2, "image_size": 32},
+                      {"name": "resnet50"}, train={"max_steps": 2, "eval_every": 0}))
+    assert {"val_acc", "val_acc_top5", "val_loss"} <= set(summary["final"])
+    assert summary["final"]["val_acc_top5"] == 100.0  # two classes: the true one is always in the top 5
+
+
+def test_wmt16_from_parallel_text_with_sentencepiece_and_sacrebleu(tmp_path):
+    root = write_parallel(tmp_path / "wmt")
+    summary = run(cfg(tmp_path, "wmt16", {"root": str(root), "max_tokens": 64, "vocab_size": 40,
+                                          "eval_batch_size": 4},
+                      {"name": "transformer_tiny"}, task={"name": "wmt16", "label_smoothing": 0.1,
+                                                          "max_decode_len": 4},
+                      optimizer={"name": "adam", "lr": 0.001}, train={"max_steps": 4, "eval_every": 2}))
+    assert 0.0 <= summary["final"]["val_bleu"] <= 100.0 and summary["final"]["val_loss"] > 0
+    assert list((tmp_path / "run").glob("spm_bpe40.model"))
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert "val_bleu" in lines[1] and "val_bleu" in lines[-1]
