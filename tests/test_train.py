@@ -90,3 +90,13 @@ def test_the_plot_script_draws_figures_and_a_table(tmp_path):
     assert "| Local SGD | 2 | 8 |" in table and "| Local SGD + SlowMo | 2 | 8 |" in table
     for png in ("curves_epoch.png", "curves_time.png"):
         assert (tmp_path / "fig" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_wandb_logs_offline_without_an_api_key(tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run(cfg(tmp_path / "sweep" / "cell", logger={"wandb": True, "progress": False, "log_every": 5},
+            train={"max_steps": 10, "eval_every": 5}))
+    offline = list((tmp_path / "sweep" / "cell" / "wandb").glob("offline-run-*"))
+    assert len(offline) == 1
+    assert list(offline[0].glob("*.wandb"))  # the run's history, ready for `wandb sync`

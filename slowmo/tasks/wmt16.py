@@ -81,7 +81,6 @@ def build(cfg: Config, spm_dir: Path) -> Task:
 
     train_set, val_set = encode(train_src, train_tgt), encode(val_src, val_tgt)
     lengths = [max(len(s), len(t)) for s, t in train_set]
-    val_lengths = [max(len(s), len(t)) for s, t in val_set]
     model = Transformer(sp.get_piece_size(), cfg.model.name, PAD, cfg.model.dropout or None)
     smoothing = cfg.task.label_smoothing
     bleu = BLEU()
