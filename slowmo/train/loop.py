@@ -28,7 +28,6 @@ from tqdm import tqdm
 
 from .. import launch
 from ..algorithms import OSGP, SGP, AllReduce, LocalSGD
-from ..algorithms.base import unflatten_
 from ..comm import Communicator, spawn
 from ..graphs import GRAPHS
 from ..inner import DistributedOptimizer
@@ -200,9 +199,10 @@ class _Trainer:
         if averaged:
             with self.comm.uncounted():
                 tensors = self.opt.averaged_parameters()
-            unflatten_(torch.cat([t.reshape(-1) for t in tensors]),
-                       list(self.eval_model.parameters()) + [b for b in self.eval_model.buffers()
-                                                             if b.is_floating_point()])
+            targets = list(self.eval_model.parameters()) + [b for b in self.eval_model.buffers()
+                                                            if b.is_floating_point()]
+            for target, value in zip(targets, tensors):
+                target.detach().copy_(value)
             model = self.eval_model
         was_training = model.training
         model.eval()
