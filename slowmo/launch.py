@@ -8,8 +8,10 @@ no hand-set environment; with neither, the process is a single rank.
 from __future__ import annotations
 
 import datetime
+import errno
 import os
 import re
+import socket
 import subprocess
 from dataclasses import dataclass
 from typing import Mapping
@@ -17,7 +19,8 @@ from typing import Mapping
 import torch
 import torch.distributed as dist
 
-from .comm.torch_distributed import TorchDistributed
+from .comm.base import CommError
+from .comm.torch_distributed import TorchDistributed, reason
 
 
 @dataclass(frozen=True)
@@ -81,16 +84,43 @@ def init_distributed(backend: str = "gloo", timeout_s: float = 300.0, env: DistE
         torch.cuda.set_device(env.local_rank)
     elif backend != "gloo":
         raise ValueError(f"unknown torch.distributed backend {backend!r}; use gloo (CPU) or nccl (GPU)")
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"  # torchrun's agent hosts the store
+    if env.rank == 0 and not agent_store:
+        _check_port_free(env.master_addr, env.master_port)  # rank 0 hosts it
+    timeout = datetime.timedelta(seconds=timeout_s)
     try:
-        dist.init_process_group(backend, init_method=f"tcp://{env.master_addr}:{env.master_port}",
-                                rank=env.rank, world_size=env.world_size,
-                                timeout=datetime.timedelta(seconds=timeout_s))
+        store = dist.TCPStore(env.master_addr, env.master_port, env.world_size, env.rank == 0 and not agent_store,
+                              timeout)
+        # a restart by torchrun (--max-restarts) meets in the same store: keys of a dead attempt must not be read
+        store = dist.PrefixStore(f"slowmo/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+        dist.init_process_group(backend, store=store, rank=env.rank, world_size=env.world_size, timeout=timeout)
     except (RuntimeError, ValueError) as error:
-        first = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise RuntimeError(f"rank {env.rank}: cannot join the process group at {env.master_addr}:{env.master_port} "
-                           f"({first}); is the port in use or the master unreachable? set MASTER_PORT to a free "
-                           "port") from error
+        raise CommError(f"rank {env.rank}: cannot join the process group at {env.master_addr}:{env.master_port} "
+                        f"({reason(error)}); is the master unreachable or a peer missing?") from error
     return TorchDistributed(timeout=timeout_s)
+
+
+def _check_port_free(host: str, port: int) -> None:
+    with socket.socket() as sock:
+        try:
+            sock.bind((host, port))
+        except OSError as error:
+            if error.errno == errno.EADDRINUSE:
+                raise ValueError(f"port {port} on {host} is already in use, and rank 0 must host the rendezvous "
+                                 "there; set MASTER_PORT to a free port") from None
+
+
+def check_placement(procs_per_node: int, backend: str, local_world_size: int, gpus: int | None = None) -> None:
+    """A node of the algorithm's hierarchy is a real machine: its processes run on one node and, under NCCL,
+    each has a GPU of its own. Raises ValueError (one line) otherwise."""
+    gpus = torch.cuda.device_count() if gpus is None else gpus
+    if backend == "nccl" and max(procs_per_node, local_world_size) > gpus:
+        wanted = max(procs_per_node, local_world_size)
+        raise ValueError(f"{wanted} processes per node need {wanted} GPUs, this node has {gpus}; lower "
+                         "algorithm.procs_per_node (and the processes started per node) to at most the GPUs per node")
+    if procs_per_node > local_world_size:
+        raise ValueError(f"algorithm.procs_per_node={procs_per_node} is larger than the {local_world_size} processes "
+                         f"started on this node; set it to at most {local_world_size}")
 
 
 def device_for(backend: str, env: DistEnv | None = None) -> torch.device:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import signal
 import socket
 import time
 import traceback
@@ -58,7 +59,7 @@ def spawn(fn: Callable[..., Any], world_size: int = 4, backend: str = "simulated
             if dead and queue.empty():  # died without a word (killed, or failed while starting)
                 for r in dead:
                     reported.add(r)
-                    failures.append(f"rank {r}:\nprocess exited with code {procs[r].exitcode} before reporting")
+                    failures.append(f"rank {r}:\n{_death(procs[r].exitcode)}")
             time.sleep(0.01)
             continue
         rank, ok, value = queue.get()
@@ -77,6 +78,12 @@ def spawn(fn: Callable[..., Any], world_size: int = 4, backend: str = "simulated
                     tracebacks[0] if tracebacks else "")
         raise RuntimeError(f"{len(failures)} of {world_size} ranks failed:\n{summary}\nfirst cause:\n{root}")
     return results
+
+
+def _death(exitcode: int) -> str:
+    if exitcode < 0:
+        return f"process killed by {signal.Signals(-exitcode).name} before reporting: this is the lost rank"
+    return f"process exited with code {exitcode} before reporting: this is the lost rank"
 
 
 def _process_main(fn, rank, world_size, backend, port, args, timeout, queue) -> None:

@@ -7,6 +7,7 @@ this communicator's ``timeout``, so a dead or stuck peer gives a :class:`CommErr
 from __future__ import annotations
 
 import datetime
+import re
 
 import torch
 import torch.distributed as dist
@@ -68,7 +69,7 @@ class TorchDistributed(Communicator):
             call()
         except RuntimeError as error:
             raise CommError(f"rank {dist.get_rank()}: {what} failed (a peer died or timed out): "
-                            f"{str(error).splitlines()[0]}") from error
+                            f"{reason(error)}") from error
 
 
 class _Timed:
@@ -82,5 +83,10 @@ class _Timed:
             self._work.wait(datetime.timedelta(seconds=self._comm.timeout))
         except RuntimeError as error:
             raise CommError(f"rank {dist.get_rank()}: {self._what} failed (the peer died, or sent nothing "
-                            f"within {self._comm.timeout:g}s): "
-                            f"{str(error).splitlines()[0]}") from error
+                            f"within {self._comm.timeout:g}s): {reason(error)}") from error
+
+
+def reason(error: Exception) -> str:
+    """The gist of a backend error: its first line without the C++ source location and the boilerplate advice."""
+    first = str(error).splitlines()[0] if str(error) else type(error).__name__
+    return re.sub(r"^\[[^\]]*\] ", "", first).split(". This is typically")[0]

@@ -4,7 +4,6 @@ stride 1, no max-pool; the paper's CIFAR-10 model) and ImageNet ResNet-50 (torch
 from __future__ import annotations
 
 import torch.nn.functional as F
-import torchvision
 from torch import nn
 
 
@@ -44,6 +43,8 @@ class ResNet20(nn.Module):
 def build_resnet(name: str, num_classes: int, width: int = 64) -> nn.Module:
     if name == "resnet20":
         return ResNet20(width, num_classes)
+    import torchvision  # here, not at the top: importing it costs every digits/WMT rank seconds at start
+
     if name == "resnet18":  # torchvision's ResNet-18 with the CIFAR stem
         model = torchvision.models.resnet18(num_classes=num_classes)
         model.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)

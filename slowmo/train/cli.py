@@ -9,6 +9,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from ..comm import CommError
 from .config import ConfigError
 from .loop import NonFiniteLoss, run
 
@@ -20,12 +21,15 @@ def _main(cfg: DictConfig) -> None:
     name = HydraConfig.get().job.override_dirname or None
     try:
         summary = run(cfg, run_name=name)
-    except (ConfigError, ValueError, NonFiniteLoss, OSError) as error:  # expected failures: one line, no trace
+    except (ConfigError, ValueError, NonFiniteLoss, OSError, CommError) as error:  # expected failures: one line, no trace
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
     if summary["status"] == "preempted":
-        print(f"preempted at step {summary['step']}: checkpoint written to {summary['run_dir']}", file=sys.stderr)
+        if summary["rank"] == 0:
+            print(f"preempted at step {summary['step']}: checkpoint written to {summary['run_dir']}", file=sys.stderr)
         sys.exit(REQUEUE_EXIT_CODE)
+    if summary["rank"] != 0:
+        return  # one report per job, from rank 0
     final = ", ".join(f"{k}={v:.4g}" for k, v in summary["final"].items())
     print(f"done: {summary['steps']} steps, {final}, {summary['comm_bytes'] / 2**20:.1f} MiB sent per rank, "
           f"{summary['wall_time']:.1f} s -> {summary['run_dir']}")

@@ -15,6 +15,7 @@ import copy
 import json
 import math
 import signal
+import sys
 import threading
 import time
 import warnings
@@ -28,7 +29,7 @@ from tqdm import tqdm
 
 from .. import launch
 from ..algorithms import OSGP, SGP, AllReduce, LocalSGD
-from ..comm import Communicator, spawn
+from ..comm import CommError, Communicator, spawn
 from ..graphs import GRAPHS
 from ..inner import DistributedOptimizer
 from ..outer import SlowMo
@@ -42,7 +43,7 @@ STOP = threading.Event()  # set by SIGTERM/SIGUSR1; ranks agree on it every trai
 
 
 class NonFiniteLoss(FloatingPointError):
-    """The loss became NaN or infinite; the last good checkpoint is left as it is."""
+    """The loss (or, at a checkpoint, a parameter) became NaN or infinite; the last good checkpoint is kept."""
 
 
 def run(cfg: Any, run_name: str | None = None) -> dict[str, Any]:
@@ -54,11 +55,14 @@ def run(cfg: Any, run_name: str | None = None) -> dict[str, Any]:
     if env.source != "single":  # this process is one rank of a torchrun / srun job
         if config.dist.backend == "simulated":
             raise ConfigError(f"launched by {env.source} with {env.world_size} processes: set dist.backend=gloo or nccl")
+        launch.check_placement(config.algorithm.procs_per_node, config.dist.backend, env.local_world_size)
         comm = launch.init_distributed(config.dist.backend, config.dist.timeout_s, env)
         try:
             return train_rank(comm, config, run_dir, run_name)
         finally:
             torch.distributed.destroy_process_group()
+    if config.dist.backend == "nccl":
+        launch.check_placement(config.algorithm.procs_per_node, "nccl", config.dist.world_size)
     results = spawn(train_rank, config.dist.world_size, config.dist.backend, args=(config, run_dir, run_name),
                     timeout=config.dist.timeout_s)
     return results[0]
@@ -115,7 +119,6 @@ class _Trainer:
         self.is_main = self.rank == 0
         if self.is_main:
             _ensure_writable(run_dir)
-            (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
         with comm.uncounted():
             comm.barrier()  # the run directory exists before any rank writes into it
         torch.manual_seed(cfg.seed)  # the same initial model on every rank
@@ -135,6 +138,8 @@ class _Trainer:
         self.eval_model = copy.deepcopy(self.model)
         if cfg.train.resume == "auto":
             self._resume()
+        if self.is_main:  # written only now: an attempt that fails its checks leaves an existing run untouched
+            (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
         self.loggers = Loggers(self._make_loggers(run_name) if self.is_main else [])
 
     def _build_task(self) -> Task:
@@ -155,6 +160,10 @@ class _Trainer:
 
     # ----------------------------------------------------------------------------------- checkpoints
     def _save(self) -> None:
+        for name, tensor in self.model.state_dict().items():
+            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                raise NonFiniteLoss(f"rank {self.rank}: {name} is not finite at step {self.step}; no checkpoint of it "
+                                    "was written, the last good one is kept (lower optimizer.lr or check the data)")
         directory = self.run_dir / "checkpoints" / f"step_{self.step}"
         state = {"model": self.model.state_dict(), "optimizer": self.opt.state_dict(), "step": self.step,
                  "epoch": self.epoch, "position": self.position, "rng": torch.get_rng_state(),
@@ -189,6 +198,8 @@ class _Trainer:
             self.step, self.epoch, self.position = state["step"], state["epoch"], state["position"]
             self.elapsed, self.best = state["elapsed"], state["best"]
             torch.set_rng_state(state["rng"])
+            if self.is_main:
+                print(f"resuming from {directory} (step {self.step})", file=sys.stderr, flush=True)
             return
 
     # ----------------------------------------------------------------------------------- evaluation
@@ -219,6 +230,12 @@ class _Trainer:
 
     # ----------------------------------------------------------------------------------- the loop
     def train(self) -> dict[str, Any]:
+        try:
+            return self._train()
+        except CommError as error:  # a peer died or hung: every surviving rank says where it was
+            raise CommError(f"{error} (during step {self.step + 1})") from None
+
+    def _train(self) -> dict[str, Any]:
         cfg = self.cfg
         self.t0 = time.time()
         bar = tqdm(total=cfg.train.max_steps, initial=self.step, disable=not (self.is_main and cfg.logger.progress),
@@ -290,13 +307,14 @@ class _Trainer:
     def _finish(self, status: str) -> dict[str, Any]:
         if status == "preempted":
             self.loggers.close()
-            return {"status": status, "step": self.step, "run_dir": str(self.run_dir)}
+            return {"status": status, "step": self.step, "rank": self.rank, "run_dir": str(self.run_dir)}
         self.opt.synchronize()  # the final exact average: every rank holds the averaged model
         final = self._with_best(self.evaluate(averaged=False))
         summary = {"status": status, "steps": self.step, "epochs": self.step / self.steps_per_epoch,
                    "final": final, "best": dict(self.best), "comm_bytes": self.comm.stats()["total"],
                    "comm_bytes_by_kind": self.comm.stats(), "wall_time": self.elapsed + time.time() - self.t0,
-                   "world_size": self.world, "algorithm": self.cfg.algorithm.name, "slowmo": self.cfg.slowmo.enabled,
+                   "world_size": self.world, "rank": self.rank, "algorithm": self.cfg.algorithm.name,
+                   "slowmo": self.cfg.slowmo.enabled,
                    "run_dir": str(self.run_dir)}
         if self.is_main:
             self.loggers.log({**self.last_record, "comm_bytes": self.comm.stats()["total"], **final})

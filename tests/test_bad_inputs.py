@@ -1,0 +1,238 @@
+"""The table of bad inputs: each fails with exactly one line that says what is wrong and what to do, and nothing
+an earlier run already wrote into the run directory is lost.
+
+Every case starts from a run directory that holds a finished run (2 ranks, MLP, Local SGD, a checkpoint at step 2)
+and tries to run again in it with one thing wrong.
+"""
+
+import errno
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+
+from datasets import write_cifar10, write_imagefolder, write_parallel
+from slowmo.train import checkpoint, run
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _base(run_dir: Path) -> dict[str, Any]:
+    return {"run_dir": str(run_dir), "logger": {"progress": False},
+            "train": {"max_steps": 2, "eval_every": 0, "checkpoint_every": 2}, "dist": {"world_size": 2}}
+
+
+def _merge(cfg: dict, sections: dict) -> dict:
+    for key, value in sections.items():
+        cfg[key] = {**cfg.get(key, {}), **value} if isinstance(value, dict) else value
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("template") / "run"
+    run(_base(run_dir))
+    return run_dir
+
+
+# ------------------------------------------------------------------------------------------- broken inputs
+def _cifar_missing(tmp: Path) -> dict:
+    root = write_cifar10(tmp / "c", per_batch=4, skip=("data_batch_3", "test_batch"))
+    return {"task": {"name": "cifar10"}, "data": {"root": str(root), "verify_checksums": False}}
+
+
+def _wmt(tmp: Path, **files: str) -> dict:
+    root = write_parallel(tmp / "w")
+    for name, text in files.items():
+        (root / name.replace("_", ".")).write_text(text)
+    return {"task": {"name": "wmt16"}, "data": {"root": str(root)}, "model": {"name": "transformer_tiny"}}
+
+
+def _imagefolder_without_val_images(tmp: Path) -> dict:
+    root = write_imagefolder(tmp / "i")
+    for png in (root / "val").rglob("*.png"):
+        png.unlink()
+    return {"task": {"name": "imagenet"}, "data": {"root": str(root), "image_size": 32}, "model": {"name": "resnet50"}}
+
+
+def _not_a_directory(tmp: Path) -> dict:
+    (tmp / "file").write_text("")
+    return {"run_dir": str(tmp / "file" / "run")}
+
+
+def _busy_port(tmp: Path) -> dict:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen()
+    _busy_port.socket = sock  # held until the case is over
+    return {"dist": {"backend": "gloo"}}
+
+
+def _torchrun_env(monkeypatch, port: int | None = None, local: int = 1, world: int = 1) -> None:
+    port = port or _busy_port.socket.getsockname()[1]
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(local))
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(port))
+    monkeypatch.delenv("TORCHELASTIC_USE_AGENT_STORE", raising=False)
+
+
+class _FullDisk:
+    """A file that takes half of what is written to it, then reports a full disk."""
+
+    def __init__(self, path, mode):
+        self._file = open(path, mode)  # noqa: SIM115 - closed in __exit__
+
+    def write(self, data):
+        self._file.write(data[: len(data) // 2])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._file.close()
+
+    def __getattr__(self, name):
+        return getattr(self._file, name)
+
+
+def _full_disk(monkeypatch) -> None:
+    monkeypatch.setattr(checkpoint, "open", _FullDisk, raising=False)
+
+
+@dataclass
+class Case:
+    id: str
+    sections: Callable[[Path], dict]
+    message: str  # exact; {tmp} is the test's directory
+    error: type = ValueError
+    setup: Callable[..., None] = field(default=lambda monkeypatch: None)
+    started: bool = False  # got past every check, so config.yaml now describes this attempt
+
+
+CASES = [
+    Case("unknown key", lambda t: {"train": {"max_step": 3}},
+         "bad config key 'train.max_step': Key 'max_step' not in 'TrainConfig'"),
+    Case("wrong type", lambda t: {"train": {"max_steps": "many"}},
+         "bad config key 'train.max_steps': Value 'many' of type 'str' could not be converted to Integer"),
+    Case("unknown algorithm", lambda t: {"algorithm": {"name": "gossip"}},
+         "algorithm.name='gossip' is not one of allreduce, localsgd, sgp, osgp"),
+    Case("unknown backend", lambda t: {"dist": {"backend": "mpi"}},
+         "dist.backend='mpi' is not one of simulated, gloo, nccl"),
+    Case("no steps", lambda t: {"train": {"max_steps": 0}}, "train.max_steps must be >= 1, got 0"),
+    Case("preset of another task", lambda t: {"experiment": "paper_imagenet"},
+         "+experiment=paper_imagenet is the preset of task imagenet, but the task is digits; "
+         "run experiments/imagenet/train.py"),
+    Case("tau=0", lambda t: {"slowmo": {"enabled": True, "tau": 0}},
+         "tau must be an integer >= 1 (inner steps per outer step), got 0"),
+    Case("beta=1", lambda t: {"slowmo": {"enabled": True, "beta": 1.0}},
+         "beta must be in [0, 1) (slow momentum; the paper tunes it in 0.4-0.8), got 1.0"),
+    Case("alpha<0", lambda t: {"slowmo": {"enabled": True, "alpha": -1.0}},
+         "alpha must be a finite number > 0 (slow learning rate; the paper uses 1.0), got -1.0"),
+    Case("SGP on one rank", lambda t: {"algorithm": {"name": "sgp"}, "dist": {"world_size": 1}},
+         "SGP gossips between ranks and needs at least 2, got 1; use LocalSGD or AllReduce on a single rank"),
+    Case("world not divisible by procs_per_node",
+         lambda t: {"algorithm": {"name": "osgp", "procs_per_node": 3}, "dist": {"world_size": 4}},
+         "world size 4 is not divisible by algorithm.procs_per_node=3"),
+    Case("batch larger than the data", lambda t: {"data": {"batch_size": 4096}},
+         "the training set gives no full batch to each of 2 ranks; lower data.batch_size (or data.max_tokens) "
+         "or the number of ranks"),
+    Case("missing data.root", lambda t: {"task": {"name": "cifar10"}},
+         "task cifar10 needs data.root: the directory holding cifar-10-batches-py/ (add data.download=true to fetch "
+         "it when online)"),
+    Case("CIFAR batches missing", _cifar_missing,
+         "CIFAR-10 files missing under {tmp}/c/cifar-10-batches-py: data_batch_3, test_batch; point data.root at the "
+         "directory holding cifar-10-batches-py/ or add data.download=true"),
+    Case("ImageNet split missing", lambda t: {"task": {"name": "imagenet"}, "data": {"root": str(t / "nowhere")}},
+         "ImageNet split missing: {tmp}/nowhere/train is not a directory; data.root must hold train/ and val/ with "
+         "one sub-directory of images per class"),
+    Case("ImageFolder without images", _imagefolder_without_val_images,
+         "no images under {tmp}/i/val (Found no valid file for the classes cat, dog. Supported extensions are: .jpg, "
+         ".jpeg, .png, .ppm, .bmp, .pgm, .tif, .tiff, .webp); data.root must hold train/ and val/ with one "
+         "sub-directory of images per class"),
+    Case("WMT line counts differ", lambda t: _wmt(t, train_de="nur eine zeile\n"),
+         "train.en has 64 lines but train.de has 1 under {tmp}/w; parallel files must align line by line"),
+    Case("empty sentencepiece corpus", lambda t: _wmt(t, train_en="\n" * 64, train_de="\n" * 64),
+         "the training text is empty: sentencepiece has nothing to learn from; check train.en/train.de"),
+    Case("WMT without a Transformer", lambda t: {**_wmt(t), "model": {"name": "mlp"}},
+         "task wmt16 needs a Transformer: model.name is 'mlp', use one of transformer_wmt_en_de, "
+         "transformer_wmt_en_de_big, transformer_tiny"),
+    Case("resume with another model", lambda t: {"model": {"name": "cnn"}},
+         "the checkpoint in {tmp}/run/checkpoints/step_2 is of another run ({{'task': 'digits', 'model': 'mlp', "
+         "'width': 64, 'algorithm': 'localsgd', 'slowmo': False, 'shard_outer_state': False}}), this run is "
+         "{{'task': 'digits', 'model': 'cnn', 'width': 64, 'algorithm': 'localsgd', 'slowmo': False, "
+         "'shard_outer_state': False}}; use a new run directory or train.resume=never"),
+    Case("resume with another algorithm", lambda t: {"algorithm": {"name": "sgp"}},
+         "the checkpoint in {tmp}/run/checkpoints/step_2 is of another run ({{'task': 'digits', 'model': 'mlp', "
+         "'width': 64, 'algorithm': 'localsgd', 'slowmo': False, 'shard_outer_state': False}}), this run is "
+         "{{'task': 'digits', 'model': 'mlp', 'width': 64, 'algorithm': 'sgp', 'slowmo': False, "
+         "'shard_outer_state': False}}; use a new run directory or train.resume=never"),
+    Case("run dir not writable", _not_a_directory,
+         "run directory {tmp}/file/run is not writable (Not a directory); set hydra.run.dir (or run_dir) to a "
+         "writable path"),
+    Case("disk full on checkpoint write", lambda t: {"train": {"max_steps": 4}},
+         "rank 0: cannot write checkpoint {tmp}/run/checkpoints/step_4 (No space left on device); free space or fix "
+         "permissions, then resume: the previous checkpoint is still valid", OSError, _full_disk, started=True),
+    Case("master port in use", _busy_port,
+         "port {port} on 127.0.0.1 is already in use, and rank 0 must host the rendezvous there; set MASTER_PORT "
+         "to a free port", setup=_torchrun_env),
+    Case("procs_per_node above the processes per node", lambda t: {"algorithm": {"procs_per_node": 4},
+                                                                    "dist": {"backend": "gloo"}},
+         "algorithm.procs_per_node=4 is larger than the 2 processes started on this node; set it to at most 2",
+         setup=lambda monkeypatch: _torchrun_env(monkeypatch, port=1, local=2, world=4)),
+    Case("procs_per_node above the GPUs", lambda t: {"algorithm": {"procs_per_node": 2}, "dist": {"backend": "nccl"}},
+         "2 processes per node need 2 GPUs, this node has 0; lower algorithm.procs_per_node (and the processes "
+         "started per node) to at most the GPUs per node"),
+]
+
+
+def _snapshot(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_bad_input(case, finished_run, tmp_path, monkeypatch):
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished_run, run_dir)
+    before = _snapshot(run_dir)
+    cfg = _merge(_base(run_dir), case.sections(tmp_path))
+    case.setup(monkeypatch)
+    with pytest.raises(case.error) as info:
+        run(cfg)
+    port = getattr(_busy_port, "socket", None)
+    expected = case.message.format(tmp=tmp_path, port=port.getsockname()[1] if port else None)
+    assert str(info.value) == expected
+    monkeypatch.undo()
+    after = _snapshot(run_dir)
+    for name, content in before.items():
+        if name == "config.yaml" and case.started:
+            continue
+        assert after.get(name) == content, f"{name} was changed or lost"
+    assert not list(run_dir.rglob(".*.tmp")), "a partial file was left behind"
+    if port:
+        port.close()
+        del _busy_port.socket
+
+
+def _cli(*args):
+    env = dict(os.environ, HYDRA_FULL_ERROR="0")
+    return subprocess.run([sys.executable, str(ROOT / "experiments/digits/train.py"), *args], capture_output=True,
+                          text=True, timeout=300, env=env)
+
+
+def test_the_command_line_prints_the_one_line_and_exits_2(tmp_path):
+    out = _cli("slowmo=on", "slowmo.beta=1.0", f"hydra.run.dir={tmp_path}")
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines()[-1] == ("error: beta must be in [0, 1) (slow momentum; the paper tunes "
+                                                   "it in 0.4-0.8), got 1.0")
+    assert "Traceback" not in out.stderr
+    out = _cli("train.max_step=3", f"hydra.run.dir={tmp_path}")
+    assert out.returncode != 0 and "Key 'max_step' not in 'TrainConfig'" in out.stderr

@@ -1,0 +1,108 @@
+"""kill -9 one rank of a 4-process torchrun job (gloo, 127.0.0.1) at a random step: the restarted run resumes from
+the last complete checkpoint and its ``final.pt`` is bit-identical to an uninterrupted run's with the same seed.
+
+The restart is done by hand (a second ``torchrun`` with ``train.resume=auto``, the default) or by torchrun itself
+(``--max-restarts=1``). Each case takes about a minute here: the processes' start dominates.
+"""
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+COMMON = ["dist.backend=gloo", "dist.timeout_s=20", "train.max_steps=300", "train.checkpoint_every=10",
+          "train.eval_every=100", "data.batch_size=16", "logger.progress=false", "slowmo=on", "slowmo.tau=8",
+          "slowmo.beta=0.6"]
+ALGORITHMS = {"localsgd": ["algorithm=localsgd", "algorithm.period=4"], "sgp": ["algorithm=sgp"],
+              "osgp": ["algorithm=osgp"]}
+
+
+def torchrun(run_dir: Path, algorithm: str, restarts: int = 0) -> subprocess.Popen:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4",
+               f"--max-restarts={restarts}", "--monitor-interval=0.2", str(ROOT / "experiments/digits/train.py"),
+               *COMMON, *ALGORITHMS[algorithm], f"hydra.run.dir={run_dir}"]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+
+
+def workers(pid: int) -> list[int]:
+    """The rank processes torchrun started (its children)."""
+    children = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        children += [int(c) for c in (task / "children").read_text().split()]
+    return children
+
+
+def processes_mentioning(text: str) -> list[int]:
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and text in (proc / "cmdline").read_bytes().decode(errors="replace"):
+                found.append(int(proc.name))
+        except OSError:
+            continue
+    return found
+
+
+def kill_one_rank_mid_run(job: subprocess.Popen, run_dir: Path, rng: random.Random) -> str:
+    """Once the first checkpoint is complete, wait a random moment and SIGKILL a random rank."""
+    deadline = time.time() + 240
+    while not list(run_dir.glob("checkpoints/step_*/COMPLETE")):
+        assert job.poll() is None and time.time() < deadline, "the run ended before its first checkpoint"
+        time.sleep(0.02)
+    time.sleep(rng.uniform(0.0, 0.6))
+    victim = rng.choice(workers(job.pid))
+    newest = max(int(d.name[5:]) for d in run_dir.glob("checkpoints/step_*"))
+    os.kill(victim, signal.SIGKILL)
+    return f"killed pid {victim} after checkpoint step_{newest}"
+
+
+def finish(job: subprocess.Popen) -> tuple[int, str]:
+    output, _ = job.communicate(timeout=300)
+    return job.returncode, output
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    cache = {}
+
+    def get(algorithm):
+        if algorithm not in cache:
+            run_dir = tmp_path_factory.mktemp("straight") / algorithm
+            code, output = finish(torchrun(run_dir, algorithm))
+            assert code == 0, output[-3000:]
+            cache[algorithm] = torch.load(run_dir / "final.pt")["model"]
+        return cache[algorithm]
+    return get
+
+
+@pytest.mark.parametrize("algorithm,restart", [("localsgd", "by hand"), ("sgp", "by hand"),
+                                               ("osgp", "by torchrun")])
+def test_kill_9_and_resume_bit_exactly(tmp_path, algorithm, restart, uninterrupted):
+    seed = random.randrange(10**6)
+    rng = random.Random(seed)
+    run_dir = tmp_path / "run"
+    job = torchrun(run_dir, algorithm, restarts=1 if restart == "by torchrun" else 0)
+    what = kill_one_rank_mid_run(job, run_dir, rng)
+    code, output = finish(job)
+    context = f"seed {seed}, {what}\n{output[-3000:]}"
+    if restart == "by hand":
+        assert code != 0, context
+        assert not (run_dir / "final.pt").exists(), context
+        assert "exitcode  : -9" in output, context  # torchrun names the killed rank
+        assert processes_mentioning(str(run_dir)) == [], context  # no orphan left behind
+        code, output = finish(torchrun(run_dir, algorithm))
+        context = f"seed {seed}, {what}\n{output[-3000:]}"
+    assert code == 0, context
+    assert "resuming from " in output, context
+    resumed = torch.load(run_dir / "final.pt")["model"]
+    straight = uninterrupted(algorithm)
+    assert resumed.keys() == straight.keys()
+    assert all(torch.equal(resumed[k], straight[k]) for k in straight), context
