@@ -10,11 +10,12 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from ..comm import CommError
+from . import preemption
 from .config import ConfigError
 from .loop import NonFiniteLoss, run
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs")
-REQUEUE_EXIT_CODE = 3  # a preempted run that checkpointed: requeue it (scripts/slurm does)
+REQUEUE_EXIT_CODE = 3  # a preempted run that wrote its checkpoint
 
 
 def _main(cfg: DictConfig) -> None:
@@ -26,7 +27,9 @@ def _main(cfg: DictConfig) -> None:
         sys.exit(2)
     if summary["status"] == "preempted":
         if summary["rank"] == 0:
-            print(f"preempted at step {summary['step']}: checkpoint written to {summary['run_dir']}", file=sys.stderr)
+            print(f"preempted at step {summary['step']}: checkpoint written to {summary['run_dir']}"
+                  f"{'; requeueing the job' if preemption.requeue_wanted() else ''}", file=sys.stderr, flush=True)
+        preemption.requeue(summary["rank"])  # under submitit, rank 0 exits in here
         sys.exit(REQUEUE_EXIT_CODE)
     if summary["rank"] != 0:
         return  # one report per job, from rank 0

@@ -3,7 +3,7 @@
 ``run(cfg)`` validates the config, finds this process's place in the job (torchrun, srun, or local ranks to
 simulate or spawn) and runs :func:`train_rank` on every rank: per-step lr schedule, the base optimizer driven by
 the base algorithm (and SlowMo), periodic evaluation of the averaged model, metrics to JSONL (and W&B), atomic
-checkpoints, resume, and a clean stop on SIGTERM/SIGUSR1 that checkpoints first.
+checkpoints, resume, and a clean stop on SIGTERM/SIGUSR1/SIGUSR2 that checkpoints first (:mod:`.preemption`).
 
 A run directory ends up holding ``config.yaml``, ``metrics.jsonl``, ``checkpoints/``, ``summary.json`` and
 ``final.pt`` (the averaged model's ``state_dict`` under ``model``).
@@ -14,9 +14,7 @@ from __future__ import annotations
 import copy
 import json
 import math
-import signal
 import sys
-import threading
 import time
 import warnings
 from dataclasses import asdict
@@ -34,12 +32,10 @@ from ..graphs import GRAPHS
 from ..inner import DistributedOptimizer
 from ..outer import SlowMo
 from ..tasks import Task, build_task
-from . import checkpoint
+from . import checkpoint, preemption
 from .config import Config, ConfigError, validate
 from .loggers import JsonlLogger, Loggers, WandbLogger
 from .schedule import lr_factor
-
-STOP = threading.Event()  # set by SIGTERM/SIGUSR1; ranks agree on it every train.signal_check_every steps
 
 
 class NonFiniteLoss(FloatingPointError):
@@ -51,7 +47,7 @@ def run(cfg: Any, run_name: str | None = None) -> dict[str, Any]:
     config = cfg if isinstance(cfg, Config) else validate(cfg)
     run_dir = Path(config.run_dir)
     env = launch.detect()
-    _install_signal_handlers()
+    preemption.install()
     if env.source != "single":  # this process is one rank of a torchrun / srun job
         if config.dist.backend == "simulated":
             raise ConfigError(f"launched by {env.source} with {env.world_size} processes: set dist.backend=gloo or nccl")
@@ -66,13 +62,6 @@ def run(cfg: Any, run_name: str | None = None) -> dict[str, Any]:
     results = spawn(train_rank, config.dist.world_size, config.dist.backend, args=(config, run_dir, run_name),
                     timeout=config.dist.timeout_s)
     return results[0]
-
-
-def _install_signal_handlers() -> None:
-    if threading.current_thread() is not threading.main_thread():
-        return
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(sig, lambda signum, frame: STOP.set())
 
 
 # ------------------------------------------------------------------------------------------------ builders
@@ -289,7 +278,7 @@ class _Trainer:
 
     def _stop_agreed(self) -> bool:
         with self.comm.uncounted():
-            return self.comm.all_reduce(torch.tensor([1.0 if STOP.is_set() else 0.0])).item() > 0
+            return self.comm.all_reduce(torch.tensor([1.0 if preemption.STOP.is_set() else 0.0])).item() > 0
 
     def _record(self, local_loss: float) -> dict[str, Any]:
         with self.comm.uncounted():
