@@ -19,11 +19,14 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
+import platform
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from slowmo import report
 from slowmo.train import run
@@ -61,8 +64,6 @@ def cells(experiment: str) -> dict[str, tuple[dict, dict | None]]:
 def one(args: tuple[str, dict, Path]) -> Path:
     name, cfg, run_dir = args
     if not (run_dir / "summary.json").is_file():
-        import torch
-
         torch.set_num_threads(1)
         start = time.time()
         run(cfg)
@@ -121,6 +122,7 @@ def ablation_figure(rows: list[dict], key: str, path: Path, title: str) -> None:
     if key == "tau":
         for ax in axes:
             ax.set_xscale("log", base=2)
+            ax.set_xticks(xs, [str(x) for x in xs])
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
@@ -157,10 +159,17 @@ def main(argv: list[str] | None = None) -> None:
             ablation_figure(rows, experiment, args.out / f"{experiment}.png",
                             f"digits, {RANKS} simulated ranks, Local SGD ± SlowMo: {experiment} ablation "
                             f"({args.seeds} seeds)")
-    (args.out / "provenance.json").write_text(json.dumps(
-        {"command": "python benchmarks/reproduce.py " + " ".join(argv or []), "ranks": RANKS, "steps": STEPS,
-         "seeds": args.seeds, "wall_time_s": round(time.time() - start)}, indent=2) + "\n")
-
+    provenance_path = args.out / "provenance.json"
+    provenance = json.loads(provenance_path.read_text()) if provenance_path.is_file() else {}
+    for experiment in args.experiments:
+        dirs = [d for e, _, _, d, _, _ in work if e == experiment]
+        provenance[experiment] = {
+            "command": f"python benchmarks/reproduce.py {experiment} --seeds {args.seeds}", "runs": len(dirs),
+            "ranks": RANKS, "steps": STEPS, "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, "
+                                                        f"torch {torch.__version__}, {args.jobs} runs at a time",
+            "train_wall_time_s": round(sum(report.load_run(d)["summary"]["wall_time"] for d in dirs))}
+    provenance_path.write_text(json.dumps(provenance, indent=2) + "\n")
+    print(f"done in {time.time() - start:.0f} s")
 
 if __name__ == "__main__":
     main()
