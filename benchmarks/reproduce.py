@@ -91,12 +91,11 @@ def summarize(rows: list[dict], out: Path, experiment: str) -> str:
              "MiB sent / rank |", "|---|---|---|---|---|---|---|---|"]
     for cell in dict.fromkeys(r["cell"] for r in rows):
         members = [r for r in rows if r["cell"] == cell]
-
-        def ms(key: str, fmt: str) -> str:
-            values = [m[key] for m in members]
-            return f"{np.mean(values):{fmt}} ± {np.std(values):{fmt}}"
-        lines.append(f"| {cell} | {members[0]['label']} | {len(members)} | {ms('best_train_loss', '.4f')} | "
-                     f"{ms('final_train_loss', '.4f')} | {ms('best_val_acc', '.2f')} | {ms('final_val_acc', '.2f')} | "
+        stats = {key: f"{np.mean([m[key] for m in members]):{fmt}} ± {np.std([m[key] for m in members]):{fmt}}"
+                 for key, fmt in (("best_train_loss", ".4f"), ("final_train_loss", ".4f"), ("best_val_acc", ".2f"),
+                                  ("final_val_acc", ".2f"))}
+        lines.append(f"| {cell} | {members[0]['label']} | {len(members)} | {stats['best_train_loss']} | "
+                     f"{stats['final_train_loss']} | {stats['best_val_acc']} | {stats['final_val_acc']} | "
                      f"{members[0]['mib_sent_per_rank']:.2f} |")
     markdown = "\n".join(lines) + "\n"
     (out / f"{experiment}.md").write_text(markdown)

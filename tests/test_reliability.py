@@ -3,15 +3,21 @@
 import itertools
 import multiprocessing
 import os
+import re
 import signal
+import subprocess
+import sys
 import time
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
 
 from slowmo.comm import spawn
 from slowmo.train import NonFiniteLoss, checkpoint, loop, run, validate
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def cfg(run_dir, **sections):
@@ -141,3 +147,29 @@ def test_no_hang_when_a_rank_dies(tmp_path, algorithm):
         assert any(line.endswith(f"(during step {s})") for s in steps), line
     assert elapsed < 60
     assert multiprocessing.active_children() == []  # no orphan
+
+
+# ------------------------------------------------------------------------------------------------ a signal
+def _digits(run_dir, steps):
+    return subprocess.Popen([sys.executable, str(ROOT / "experiments/digits/train.py"), "dist.world_size=2",
+                             f"train.max_steps={steps}", "train.eval_every=0", "logger.progress=false",
+                             "logger.log_every=5", "algorithm=osgp", "slowmo=on", f"hydra.run.dir={run_dir}"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_sigusr1_checkpoints_exits_3_and_the_rerun_ends_where_an_uninterrupted_run_does(tmp_path):
+    job = _digits(tmp_path / "run", 400)
+    while not ((tmp_path / "run" / "metrics.jsonl").is_file() and (tmp_path / "run" / "metrics.jsonl").read_text()):
+        assert job.poll() is None, job.communicate()[1]
+        time.sleep(0.02)
+    job.send_signal(signal.SIGUSR1)
+    _, err = job.communicate(timeout=300)
+    assert job.returncode == 3, err[-3000:]
+    stopped = int(re.search(r"^preempted at step (\d+): checkpoint written to \S+$", err, re.M).group(1))
+    assert 5 <= stopped < 400 and stopped % 5 == 0  # the ranks agree every train.signal_check_every = 5 steps
+    assert [d.name for d in checkpoint.sorted_checkpoints(tmp_path / "run" / "checkpoints")] == [f"step_{stopped}"]
+    for run_dir in ("run", "straight"):
+        job = _digits(tmp_path / run_dir, 400)
+        assert job.wait(timeout=300) == 0, job.communicate()[1][-3000:]
+    a, b = _final(tmp_path / "straight"), _final(tmp_path / "run")
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -1,0 +1,116 @@
+"""The simulator's cost, and SlowMo's memory with and without ``shard_outer_state``.
+
+1. Throughput: 8 simulated ranks in one process (batch b each, AllReduce and Local SGD) against one rank with
+   batch 8b, on CIFAR-shaped random data and ResNet-20; samples/s of each and their ratio (target >= 0.8).
+2. Memory: 4 real gloo processes per configuration, ResNet-18 (CIFAR stem, |θ| = 11.2 M, 44.7 MB): Local SGD
+   alone, then with SlowMo (tau = 2) unsharded and sharded. Reported per rank: the bytes of SlowMo's own state
+   (x_{t,0} and u), and the extra resident memory over Local SGD alone, the largest after any of 6 steps
+   (target when sharded: 2|θ|/n + 1 MiB).
+
+Writes ``results/bench/simulator.csv``. Run: ``python benchmarks/simulator.py`` (about 3 minutes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import resource
+from pathlib import Path
+
+import torch
+
+import slowmo
+from slowmo.comm import Single, spawn
+from slowmo.models import build_resnet
+from timing import timed_steps
+
+MiB = 2**20
+
+
+def _train(comm, batch: int, steps: int, algorithm: str) -> tuple[float, float]:
+    torch.manual_seed(0)
+    model = build_resnet("resnet20", 10, width=16)
+    base = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    algo = slowmo.AllReduce(comm) if algorithm == "allreduce" else slowmo.LocalSGD(comm, 12)
+    opt = slowmo.DistributedOptimizer(model, base, algo)
+    return timed_steps(comm, model, opt, batch, steps, warmup=2)
+
+
+def _elapsed(spans: list[tuple[float, float]]) -> float:
+    """From the first rank's start to the last rank's end (simulated ranks take turns, so no single rank's clock
+    covers the others' work)."""
+    return max(end for _, end in spans) - min(start for start, _ in spans)
+
+
+def throughput(batch: int, steps: int, ranks: int) -> list[dict]:
+    rows = []
+    single = _elapsed([_train(Single(), batch * ranks, steps, "allreduce")])
+    rows.append({"benchmark": "throughput", "setup": f"1 rank, batch {batch * ranks}",
+                 "samples_per_s": batch * ranks * steps / single, "ratio": 1.0})
+    for algorithm in ("allreduce", "localsgd"):
+        elapsed = _elapsed(spawn(_train, ranks, "simulated", args=(batch, steps, algorithm)))
+        sps = batch * ranks * steps / elapsed
+        rows.append({"benchmark": "throughput", "setup": f"{ranks} simulated ranks, batch {batch} each, {algorithm}",
+                     "samples_per_s": sps, "ratio": sps / rows[0]["samples_per_s"]})
+    return rows
+
+
+def _memory(comm, mode: str) -> dict:
+    torch.manual_seed(0)
+    model = build_resnet("resnet18", 10)
+    base = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    algo = slowmo.LocalSGD(comm, 2)
+    opt = (slowmo.DistributedOptimizer(model, base, algo) if mode == "localsgd" else
+           slowmo.SlowMo(model, base, algo, tau=2, beta=0.5, shard_outer_state=mode == "sharded"))
+    peak = 0
+    for _ in range(6):
+        for p in model.parameters():
+            p.grad = torch.full_like(p, 1e-3)
+        opt.step()
+        peak = max(peak, _resident())
+    outer = opt.state_dict().get("outer", {})
+    state = sum(t.numel() * t.element_size() for t in (outer.get("x0"), outer.get("u")) if t is not None)
+    return {"peak_rss": peak, "outer_state": state, "params": sum(p.numel() * 4 for p in model.parameters())}
+
+
+def _resident() -> int:
+    """This process's resident memory now (bytes): the peak since start (ru_maxrss) is set by importing torch."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
+def memory(ranks: int) -> list[dict]:
+    results = {mode: spawn(_memory, ranks, "gloo", args=(mode,)) for mode in ("localsgd", "unsharded", "sharded")}
+    params = results["localsgd"][0]["params"]
+    rows = []
+    for mode in ("unsharded", "sharded"):
+        extra = max(r["peak_rss"] - b["peak_rss"] for r, b in zip(results[mode], results["localsgd"], strict=True))
+        target = (2 * params / ranks if mode == "sharded" else 2 * params) + MiB
+        rows.append({"benchmark": "memory", "setup": f"SlowMo {mode}, {ranks} gloo ranks, ResNet-18",
+                     "outer_state_mib_per_rank": max(r["outer_state"] for r in results[mode]) / MiB,
+                     "extra_resident_mib_per_rank": extra / MiB, "target_mib": target / MiB,
+                     "param_mib": params / MiB})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("results/bench/simulator.csv"))
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=16)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(2)
+    rows = throughput(args.batch, args.steps, 8) + memory(4)
+    for row in rows:
+        print(", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    keys = list(dict.fromkeys(k for row in rows for k in row))
+    with open(args.out, "w", newline="") as f:
+        writer = csv.DictWriter(f, keys)
+        writer.writeheader()
+        writer.writerows(rows)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
