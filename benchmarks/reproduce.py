@@ -1,14 +1,16 @@
 """The paper's claims at small scale, with seeds: 16 simulated ranks on scikit-learn's digits (offline, CPU).
 
-Three experiments, every cell over ``--seeds`` seeds (mean ± std), all at the same number of inner steps:
+Four experiments, every cell over ``--seeds`` seeds (mean ± std), all at the same number of inner steps:
 
 - ``table1``: AR-SGD, Local SGD (H = tau), SGP and OSGP, each without and with SlowMo (tau = 12, alpha = 1,
   beta = 0.7, base momentum buffers reset at every outer step, as in the paper's CIFAR-10 setup);
+- ``synthetic``: the same cells on the teacher-student task (``slowmo/tasks/synthetic.py``), 1,200 steps: a task
+  that is not solved in a few epochs;
 - ``beta``: Local SGD + SlowMo with beta in 0, 0.3, 0.5, 0.7, 0.9 (beta = 0 is plain Local SGD);
 - ``tau``: Local SGD (H = tau) without and with SlowMo for tau in 6, 12, 24, 48.
 
 Writes ``results/repro/``: ``<experiment>.csv`` (one row per run), ``<experiment>.md`` (mean ± std per cell),
-``table1_curves.png`` (train loss and val accuracy against epoch, as the paper's figures) and ``beta.png`` /
+``table1_curves.png`` / ``synthetic_curves.png`` (train loss and val accuracy against epoch, as the paper's figures) and ``beta.png`` /
 ``tau.png``. The run directories go to ``runs/repro/`` (not committed); a finished run is not run again.
 
     python benchmarks/reproduce.py            # all three, 3 seeds: about 25 min on 2 CPU cores
@@ -31,23 +33,25 @@ import torch
 from slowmo import report
 from slowmo.train import run
 
-RANKS, STEPS, TAU, BETA = 16, 600, 12, 0.7
+RANKS, STEPS, SYNTHETIC_STEPS, TAU, BETA = 16, 600, 1200, 12, 0.7
 
 
-def config(run_dir: Path, algorithm: dict, slowmo: dict | None, seed: int) -> dict:
-    return {"task": {"name": "digits"}, "model": {"name": "mlp", "width": 64}, "data": {"batch_size": 8},
+def config(run_dir: Path, algorithm: dict, slowmo: dict | None, seed: int, experiment: str) -> dict:
+    task, steps = ("synthetic", SYNTHETIC_STEPS) if experiment == "synthetic" else ("digits", STEPS)
+    return {"task": {"name": task}, "model": {"name": "mlp", "width": 64}, "data": {"batch_size": 8},
             "algorithm": algorithm,
             "slowmo": {"enabled": slowmo is not None, "tau": TAU, "alpha": 1.0, "beta": BETA, "base_buffers": "reset",
                        **(slowmo or {})},
             "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9, "nesterov": True},
             "schedule": {"name": "constant"}, "logger": {"progress": False, "log_every": 12},
             "dist": {"backend": "simulated", "world_size": RANKS},
-            "train": {"max_steps": STEPS, "eval_every": 60, "resume": "never"}, "seed": seed, "run_dir": str(run_dir)}
+            "train": {"max_steps": steps, "eval_every": steps // 10, "resume": "never"}, "seed": seed,
+            "run_dir": str(run_dir)}
 
 
 def cells(experiment: str) -> dict[str, tuple[dict, dict | None]]:
     """name -> (algorithm section, SlowMo overrides or None for SlowMo off)."""
-    if experiment == "table1":
+    if experiment in ("table1", "synthetic"):
         bases = {"ar_sgd": {"name": "allreduce"}, "local_sgd": {"name": "localsgd", "period": TAU},
                  "sgp": {"name": "sgp"}, "osgp": {"name": "osgp"}}
         return {f"{name}{suffix}": (algorithm, on) for name, algorithm in bases.items()
@@ -58,7 +62,7 @@ def cells(experiment: str) -> dict[str, tuple[dict, dict | None]]:
     if experiment == "tau":
         return {f"tau_{tau}{suffix}": ({"name": "localsgd", "period": tau}, on)
                 for tau in (6, 12, 24, 48) for suffix, on in (("", None), ("_slowmo", {"tau": tau}))}
-    raise ValueError(f"unknown experiment {experiment!r}; choose table1, beta or tau")
+    raise ValueError(f"unknown experiment {experiment!r}; choose table1, synthetic, beta or tau")
 
 
 def one(args: tuple[str, dict, Path]) -> Path:
@@ -133,7 +137,7 @@ def ablation_figure(rows: list[dict], key: str, path: Path, title: str) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("experiments", nargs="*", default=["table1", "beta", "tau"])
+    parser.add_argument("experiments", nargs="*", default=["table1", "synthetic", "beta", "tau"])
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time (one CPU thread each)")
     parser.add_argument("--runs", type=Path, default=Path("runs/repro"))
@@ -145,14 +149,15 @@ def main(argv: list[str] | None = None) -> None:
             for seed in range(args.seeds)]
     start = time.time()
     with ProcessPoolExecutor(args.jobs) as pool:
-        list(pool.map(one, [(name, config(d, a, s, seed), d) for _, name, seed, d, a, s in work]))
+        list(pool.map(one, [(name, config(d, a, s, seed, e), d) for e, name, seed, d, a, s in work]))
     for experiment in args.experiments:
         rows = [row(e, name, seed, d) for e, name, seed, d, _, _ in work if e == experiment]
         print(f"\n## {experiment}\n\n{summarize(rows, args.out, experiment)}")
-        if experiment == "table1":
+        if experiment in ("table1", "synthetic"):
             runs = [report.load_run(d) for e, _, _, d, _, _ in work if e == experiment]
-            report.figure(runs, args.out / "table1_curves.png", "epoch",
-                          f"digits, {RANKS} simulated ranks, {STEPS} steps, tau = {TAU}, beta = {BETA}, "
+            task, steps = ("digits", STEPS) if experiment == "table1" else ("teacher-student", SYNTHETIC_STEPS)
+            report.figure(runs, args.out / f"{experiment}_curves.png", "epoch",
+                          f"{task}, {RANKS} simulated ranks, {steps} steps, tau = {TAU}, beta = {BETA}, "
                           f"{args.seeds} seeds (mean ± std)")
         else:
             ablation_figure(rows, experiment, args.out / f"{experiment}.png",
@@ -164,7 +169,7 @@ def main(argv: list[str] | None = None) -> None:
         dirs = [d for e, _, _, d, _, _ in work if e == experiment]
         provenance[experiment] = {
             "command": f"python benchmarks/reproduce.py {experiment} --seeds {args.seeds}", "runs": len(dirs),
-            "ranks": RANKS, "steps": STEPS, "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, "
+            "ranks": RANKS, "steps": SYNTHETIC_STEPS if experiment == "synthetic" else STEPS, "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, "
                                                         f"torch {torch.__version__}, {args.jobs} runs at a time",
             "train_wall_time_s": round(sum(report.load_run(d)["summary"]["wall_time"] for d in dirs))}
     provenance_path.write_text(json.dumps(provenance, indent=2) + "\n")

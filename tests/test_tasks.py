@@ -52,3 +52,18 @@ def test_wmt16_from_parallel_text_with_sentencepiece_and_sacrebleu(tmp_path):
     assert list((tmp_path / "run").glob("spm_bpe40.model"))
     lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert "val_bleu" in lines[1] and "val_bleu" in lines[-1]
+
+
+def test_the_synthetic_task_is_a_fixed_teacher_that_a_student_learns(tmp_path):
+    from slowmo.tasks.synthetic import build
+    from slowmo.train import validate
+
+    a, b = (build(validate({"task": {"name": "synthetic"}, "seed": seed})) for seed in (0, 1))
+    assert torch.equal(a.train_set.tensors[0], b.train_set.tensors[0])  # the data do not depend on the seed
+    assert torch.equal(a.val_set.tensors[1], b.val_set.tensors[1])
+    labels = a.train_set.tensors[1]
+    assert len(labels) == 16384 and len(a.val_set) == 4096 and labels.unique().numel() == 10
+    majority = torch.bincount(a.val_set.tensors[1]).max().item() / 4096 * 100
+    summary = run(cfg(tmp_path, "synthetic", {"batch_size": 32}, {"name": "mlp", "width": 64},
+                      train={"max_steps": 300, "eval_every": 0}, optimizer={"lr": 0.1}))
+    assert summary["final"]["val_acc"] > majority + 15  # well above always answering the commonest class

@@ -12,6 +12,8 @@ def build_task(cfg: Config, run_dir: Path) -> Task:
     name = cfg.task.name
     if name == "digits":
         from .digits import build
+    elif name == "synthetic":
+        from .synthetic import build
     elif name == "cifar10":
         from .cifar10 import build
     elif name == "imagenet":

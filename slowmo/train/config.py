@@ -13,7 +13,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 @dataclass
 class TaskConfig:
-    name: str = "digits"            # digits | cifar10 | imagenet | wmt16
+    name: str = "digits"            # digits | synthetic | cifar10 | imagenet | wmt16
     label_smoothing: float = 0.0    # wmt16: 0.1 (fairseq's label_smoothed_cross_entropy)
     beam: int = 1                   # wmt16 decoding: 1 = greedy
     max_decode_len: int = 64        # wmt16: extra target tokens beyond the source length
@@ -131,7 +131,7 @@ class Config:
 ConfigStore.instance().store(name="schema", node=Config)
 
 CHOICES = {
-    "task.name": ("digits", "cifar10", "imagenet", "wmt16"),
+    "task.name": ("digits", "synthetic", "cifar10", "imagenet", "wmt16"),
     "algorithm.name": ("allreduce", "localsgd", "sgp", "osgp"),
     "algorithm.graph": ("directed_exponential", "ring", "complete"),
     "slowmo.base_buffers": ("keep", "reset", "average"),
