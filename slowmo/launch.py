@@ -114,8 +114,8 @@ def check_placement(procs_per_node: int, backend: str, local_world_size: int, gp
     """A node of the algorithm's hierarchy is a real machine: its processes run on one node and, under NCCL,
     each has a GPU of its own. Raises ValueError (one line) otherwise."""
     gpus = torch.cuda.device_count() if gpus is None else gpus
-    if backend == "nccl" and max(procs_per_node, local_world_size) > gpus:
-        wanted = max(procs_per_node, local_world_size)
+    wanted = max(procs_per_node, local_world_size)
+    if backend == "nccl" and wanted > gpus:
         raise ValueError(f"{wanted} processes per node need {wanted} GPUs, this node has {gpus}; lower "
                          "algorithm.procs_per_node (and the processes started per node) to at most the GPUs per node")
     if procs_per_node > local_world_size:

@@ -51,7 +51,7 @@ def spawn(fn: Callable[..., Any], world_size: int = 4, backend: str = "simulated
     for proc in procs:
         proc.start()
     results: list[Any] = [None] * world_size
-    failures: list[str] = []
+    failures: dict[int, str] = {}  # rank -> "rank r:\n<what happened>"
     reported: set[int] = set()
     while len(reported) < world_size:
         if queue.empty():
@@ -59,7 +59,7 @@ def spawn(fn: Callable[..., Any], world_size: int = 4, backend: str = "simulated
             if dead and queue.empty():  # died without a word (killed, or failed while starting)
                 for r in dead:
                     reported.add(r)
-                    failures.append(f"rank {r}:\n{_death(procs[r].exitcode)}")
+                    failures[r] = f"rank {r}:\n{_death(procs[r].exitcode)}"
             time.sleep(0.01)
             continue
         rank, ok, value = queue.get()
@@ -67,13 +67,13 @@ def spawn(fn: Callable[..., Any], world_size: int = 4, backend: str = "simulated
         if ok:
             results[rank] = pickle.loads(value)
         else:
-            failures.append(value)
+            failures[rank] = value
     for proc in procs:
         proc.join()
     if failures:
-        failures.sort()
-        summary = "\n".join(f.strip().splitlines()[0] + " " + f.strip().splitlines()[-1] for f in failures)
-        tracebacks = [f for f in failures if "Traceback" in f]
+        ordered = [failures[r] for r in sorted(failures)]  # by rank number (rank 10 after rank 9)
+        summary = "\n".join(f.strip().splitlines()[0] + " " + f.strip().splitlines()[-1] for f in ordered)
+        tracebacks = [f for f in ordered if "Traceback" in f]
         root = next((f for f in tracebacks if "CommError" not in f.strip().splitlines()[-1]),
                     tracebacks[0] if tracebacks else "")
         raise RuntimeError(f"{len(failures)} of {world_size} ranks failed:\n{summary}\nfirst cause:\n{root}")

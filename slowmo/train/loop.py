@@ -149,12 +149,13 @@ class _Trainer:
 
     # ----------------------------------------------------------------------------------- checkpoints
     def _save(self) -> None:
-        for name, tensor in self.model.state_dict().items():
+        model_state = self.model.state_dict()
+        for name, tensor in model_state.items():
             if tensor.is_floating_point() and not torch.isfinite(tensor).all():
                 raise NonFiniteLoss(f"rank {self.rank}: {name} is not finite at step {self.step}; no checkpoint of it "
                                     "was written, the last good one is kept (lower optimizer.lr or check the data)")
         directory = self.run_dir / "checkpoints" / f"step_{self.step}"
-        state = {"model": self.model.state_dict(), "optimizer": self.opt.state_dict(), "step": self.step,
+        state = {"model": model_state, "optimizer": self.opt.state_dict(), "step": self.step,
                  "epoch": self.epoch, "position": self.position, "rng": torch.get_rng_state(),
                  "elapsed": self.elapsed + time.time() - self.t0, "best": self.best,
                  "fingerprint": _fingerprint(self.cfg)}
@@ -240,15 +241,16 @@ class _Trainer:
                 for group, lr in zip(self.opt.param_groups, self.base_lrs):
                     group["lr"] = lr * factor
                 loss = self.task.loss(self.model, batch)
-                if not math.isfinite(loss.item()):
-                    raise NonFiniteLoss(f"rank {self.rank}: loss is {loss.item()} at step {self.step}; stopped before "
+                loss_value = loss.item()
+                if not math.isfinite(loss_value):
+                    raise NonFiniteLoss(f"rank {self.rank}: loss is {loss_value} at step {self.step}; stopped before "
                                         "any checkpoint of it was written (lower optimizer.lr or check the data)")
                 self.opt.zero_grad(set_to_none=True)
                 loss.backward()
                 self.opt.step()
                 self.step += 1
                 self.position += 1
-                loss_sum, loss_count = loss_sum + loss.item(), loss_count + 1
+                loss_sum, loss_count = loss_sum + loss_value, loss_count + 1
                 bar.update(1)
                 record = None
                 if self.step % cfg.logger.log_every == 0 or self._eval_due() or self.step == cfg.train.max_steps:
@@ -262,10 +264,12 @@ class _Trainer:
                         self.last_record = record  # logged with the final metrics
                     else:
                         self.loggers.log(record)
-                if cfg.train.checkpoint_every and self.step % cfg.train.checkpoint_every == 0:
+                checkpoint_due = bool(cfg.train.checkpoint_every) and self.step % cfg.train.checkpoint_every == 0
+                stop = (bool(cfg.train.signal_check_every) and self.step % cfg.train.signal_check_every == 0
+                        and self._stop_agreed())
+                if checkpoint_due or stop:  # one checkpoint even when both fall on this step
                     self._save()
-                if cfg.train.signal_check_every and self.step % cfg.train.signal_check_every == 0 and self._stop_agreed():
-                    self._save()
+                if stop:
                     status = "preempted"
                     break
             if self.position >= len(batches):
@@ -299,14 +303,14 @@ class _Trainer:
             return {"status": status, "step": self.step, "rank": self.rank, "run_dir": str(self.run_dir)}
         self.opt.synchronize()  # the final exact average: every rank holds the averaged model
         final = self._with_best(self.evaluate(averaged=False))
+        stats = self.comm.stats()
         summary = {"status": status, "steps": self.step, "epochs": self.step / self.steps_per_epoch,
-                   "final": final, "best": dict(self.best), "comm_bytes": self.comm.stats()["total"],
-                   "comm_bytes_by_kind": self.comm.stats(), "wall_time": self.elapsed + time.time() - self.t0,
+                   "final": final, "best": dict(self.best), "comm_bytes": stats["total"], "comm_bytes_by_kind": stats, "wall_time": self.elapsed + time.time() - self.t0,
                    "world_size": self.world, "rank": self.rank, "algorithm": self.cfg.algorithm.name,
                    "slowmo": self.cfg.slowmo.enabled,
                    "run_dir": str(self.run_dir)}
         if self.is_main:
-            self.loggers.log({**self.last_record, "comm_bytes": self.comm.stats()["total"], **final})
+            self.loggers.log({**self.last_record, "comm_bytes": stats["total"], **final})
             torch.save({"model": self.model.state_dict()}, self.run_dir / "final.pt")
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         self.loggers.close()

@@ -46,16 +46,14 @@ def requeue_wanted() -> bool:
     return any(sig in WARNINGS for sig in _received) and "SLURM_JOB_ID" in os.environ
 
 
-def requeue(rank: int) -> bool:
-    """Called once the preemption checkpoint is written; returns whether the job was requeued."""
+def requeue(rank: int) -> None:
+    """Called once the preemption checkpoint is written: requeue the job if :func:`requeue_wanted`."""
     if not requeue_wanted():
-        return False
+        return
     submitit = next((h for h in _previous.values() if getattr(h, "__name__", "") == "checkpoint_and_try_requeue"),
                     None)
     if submitit is not None:
         submitit(_received[-1], None)  # rank 0 requeues and exits; the other ranks return
-        return True
-    if rank == 0:
+    elif rank == 0:
         subprocess.run(["scontrol", "requeue", os.environ["SLURM_JOB_ID"]], check=True, timeout=60,
                        capture_output=True)
-    return True
