@@ -25,8 +25,8 @@ import math
 from pathlib import Path
 
 import torch
+from common import optimizer
 
-import slowmo
 from slowmo.comm import spawn
 from slowmo.models import build_resnet, build_small
 
@@ -40,11 +40,7 @@ def model_for(name: str) -> torch.nn.Module:
 
 def measure(comm, model_name: str, algorithm: str, slowmo_on: bool) -> int:
     model = model_for(model_name)
-    base = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    algo = {"allreduce": lambda: slowmo.AllReduce(comm), "localsgd": lambda: slowmo.LocalSGD(comm, H),
-            "sgp": lambda: slowmo.SGP(comm), "osgp": lambda: slowmo.OSGP(comm)}[algorithm]()
-    opt = (slowmo.SlowMo(model, base, algo, tau=TAU, beta=0.5) if slowmo_on
-           else slowmo.DistributedOptimizer(model, base, algo))
+    opt = optimizer(comm, model, algorithm, H, slowmo={"tau": TAU, "beta": 0.5} if slowmo_on else None)
     generator = torch.Generator().manual_seed(comm.rank)
     for _ in range(STEPS):
         for p in model.parameters():

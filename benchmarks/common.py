@@ -1,10 +1,23 @@
-"""The timed loop the benchmarks share: a few warm-up steps, then ``steps`` optimizer steps between barriers."""
+"""What the benchmarks share: the optimizer, built by the training stack's own builder, and the timed loop."""
 
 from __future__ import annotations
 
 import time
 
 import torch
+
+from slowmo.inner import DistributedOptimizer
+from slowmo.train import build_optimizer, validate
+
+
+def optimizer(comm, model: torch.nn.Module, algorithm: str, period: int | None = None, lr: float = 0.1,
+              slowmo: dict | None = None) -> DistributedOptimizer:
+    """SGD (momentum 0.9, no Nesterov) under ``algorithm`` (allreduce | localsgd | sgp | osgp; Local SGD averages
+    every ``period`` steps, never when None), wrapped in SlowMo when ``slowmo`` gives its settings (tau, beta, ...)."""
+    cfg = validate({"optimizer": {"name": "sgd", "lr": lr, "momentum": 0.9, "nesterov": False},
+                    "algorithm": {"name": algorithm, "period": period},
+                    "slowmo": {"enabled": slowmo is not None, **(slowmo or {})}})
+    return build_optimizer(cfg, model, comm)
 
 
 def timed_steps(comm, model: torch.nn.Module, opt, batch: int, steps: int, warmup: int) -> tuple[float, float]:

@@ -25,10 +25,9 @@ import sys
 from pathlib import Path
 
 import torch
+from common import optimizer, timed_steps
 
-import slowmo
 from slowmo.comm import spawn
-from timing import timed_steps
 
 CONFIGS = [("compute", False), ("allreduce", False), ("allreduce", True), ("localsgd", False), ("localsgd", True),
            ("sgp", False), ("sgp", True), ("osgp", False), ("osgp", True)]
@@ -43,12 +42,11 @@ def _time_all(comm, steps: int, batch: int) -> list[float]:
     for algorithm, slowmo_on in CONFIGS:
         torch.manual_seed(0)
         model = torchvision.models.resnet18(num_classes=10)
-        base = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-        algo = {"compute": lambda: slowmo.LocalSGD(comm, None), "allreduce": lambda: slowmo.AllReduce(comm),
-                "localsgd": lambda: slowmo.LocalSGD(comm, TAU), "sgp": lambda: slowmo.SGP(comm),
-                "osgp": lambda: slowmo.OSGP(comm)}[algorithm]()
-        opt = (slowmo.SlowMo(model, base, algo, tau=TAU, beta=0.5) if slowmo_on
-               else slowmo.DistributedOptimizer(model, base, algo))
+        if algorithm == "compute":  # Local SGD that never averages: no communication at all
+            opt = optimizer(comm, model, "localsgd", None, lr=0.01)
+        else:
+            opt = optimizer(comm, model, algorithm, TAU, lr=0.01,
+                            slowmo={"tau": TAU, "beta": 0.5} if slowmo_on else None)
         start, end = timed_steps(comm, model, opt, batch, steps, warmup=3)
         results.append(end - start)
     return results

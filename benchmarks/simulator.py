@@ -18,11 +18,10 @@ import resource
 from pathlib import Path
 
 import torch
+from common import optimizer, timed_steps
 
-import slowmo
 from slowmo.comm import Single, spawn
 from slowmo.models import build_resnet
-from timing import timed_steps
 
 MiB = 2**20
 
@@ -30,9 +29,7 @@ MiB = 2**20
 def _train(comm, batch: int, steps: int, algorithm: str) -> tuple[float, float]:
     torch.manual_seed(0)
     model = build_resnet("resnet20", 10, width=16)
-    base = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    algo = slowmo.AllReduce(comm) if algorithm == "allreduce" else slowmo.LocalSGD(comm, 12)
-    opt = slowmo.DistributedOptimizer(model, base, algo)
+    opt = optimizer(comm, model, algorithm, 12, lr=0.05)
     return timed_steps(comm, model, opt, batch, steps, warmup=2)
 
 
@@ -58,10 +55,8 @@ def throughput(batch: int, steps: int, ranks: int) -> list[dict]:
 def _memory(comm, mode: str) -> dict:
     torch.manual_seed(0)
     model = build_resnet("resnet18", 10)
-    base = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    algo = slowmo.LocalSGD(comm, 2)
-    opt = (slowmo.DistributedOptimizer(model, base, algo) if mode == "localsgd" else
-           slowmo.SlowMo(model, base, algo, tau=2, beta=0.5, shard_outer_state=mode == "sharded"))
+    opt = optimizer(comm, model, "localsgd", 2, lr=0.01, slowmo=None if mode == "localsgd" else
+                    {"tau": 2, "beta": 0.5, "shard_outer_state": mode == "sharded"})
     peak = 0
     for _ in range(6):
         for p in model.parameters():
