@@ -125,6 +125,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
                 raise ValueError(f"the checkpoint was saved by {key} {state_dict[key]} but this run uses {mine}; "
                                  "resume with the same configuration or start a new run directory")
         self.base_optimizer.load_state_dict(state_dict["base"])
+        self.param_groups = self.base_optimizer.param_groups  # loading made new group dicts: share them again
         self.algorithm.load_state_dict(state_dict["algorithm_state"])
         self._step = state_dict["step"]
         self._started = state_dict["started"]

@@ -40,10 +40,12 @@ def test_digits_learns_and_the_run_directory_is_complete(tmp_path, algorithm, sl
     assert lines[-1]["comm_bytes"] == summary["comm_bytes"] > 0
 
 
-@pytest.mark.parametrize("algorithm", ["localsgd", "osgp"])
-def test_an_interrupted_run_resumes_to_the_same_final_model(tmp_path, algorithm):
+@pytest.mark.parametrize("algorithm,schedule", [("localsgd", {"name": "constant"}), ("osgp", {"name": "constant"}),
+                                               ("localsgd", {"name": "step", "warmup_epochs": 1.0,
+                                                             "warmup_init_lr": 0.1, "milestones": [1.5]})])
+def test_an_interrupted_run_resumes_to_the_same_final_model(tmp_path, algorithm, schedule):
     common = dict(model={"name": "cnn", "width": 8}, algorithm={"name": algorithm, "period": None},
-                  slowmo={"enabled": True, "tau": 6, "beta": 0.6, "base_buffers": "reset"})
+                  slowmo={"enabled": True, "tau": 6, "beta": 0.6, "base_buffers": "reset"}, schedule=schedule)
     straight = run(cfg(tmp_path / "straight", train={"max_steps": 30, "eval_every": 10}, **common))
     run(cfg(tmp_path / "resumed", train={"max_steps": 14, "checkpoint_every": 7, "eval_every": 10}, **common))
     resumed = run(cfg(tmp_path / "resumed", train={"max_steps": 30, "checkpoint_every": 7, "eval_every": 10}, **common))
