@@ -2,7 +2,9 @@
 
 Read from torchrun (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``) or from SLURM's
 ``srun`` (``SLURM_PROCID``, ``SLURM_STEP_NUM_TASKS``, ``SLURM_LOCALID``, the step's node list), so a job needs
-no hand-set environment; with neither, the process is a single rank.
+no hand-set environment; with neither, the process is a single rank. Also what follows from the place: the
+rank's device (:func:`resolve_device`), its CPU threads (:func:`threads_per_rank`) and the check that a node of the
+algorithm's hierarchy is one host (:func:`check_node_groups`).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import Mapping
 import torch
 import torch.distributed as dist
 
-from .comm.base import CommError
+from .comm.base import CommError, Communicator
 from .comm.torch_distributed import TorchDistributed, reason
 
 
@@ -123,7 +125,53 @@ def check_placement(procs_per_node: int, backend: str, local_world_size: int, gp
                          f"started on this node; set it to at most {local_world_size}")
 
 
-def device_for(backend: str, env: DistEnv | None = None) -> torch.device:
-    """The device this rank computes on: its local GPU under NCCL, else the CPU."""
-    env = env or detect()
-    return torch.device("cuda", env.local_rank) if backend == "nccl" else torch.device("cpu")
+def resolve_device(choice: str, backend: str, local_rank: int = 0) -> torch.device:
+    """The device this rank computes on, from ``dist.device``.
+
+    ``auto``: the local GPU under NCCL, the CPU otherwise. ``cuda``: a GPU under every backend; ranks that share a
+    node's GPUs (gloo processes, simulated ranks) take GPU ``local_rank mod #GPUs``, which is how one GPU tests the
+    multi-rank GPU path. ``cpu``: the CPU (the config refuses it with NCCL, which moves only GPU tensors). Raises ValueError (one line)
+when no GPU is visible for ``cuda``.
+    """
+    wanted = ("cuda" if backend == "nccl" else "cpu") if choice == "auto" else choice
+    if wanted == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ValueError(f"dist.device={choice} needs a CUDA GPU and none is visible (torch.cuda.is_available() is "
+                         f"False); use dist.device=cpu{' with dist.backend=gloo' if backend == 'nccl' else ''}")
+    return torch.device("cuda", local_rank % torch.cuda.device_count())
+
+
+def threads_per_rank(environ: Mapping[str, str] | None = None, local_world_size: int = 1,
+                     cores: int | None = None) -> int:
+    """CPU threads for one rank, as torchrun decides them: ``OMP_NUM_THREADS`` when set, else SLURM's
+    ``SLURM_CPUS_PER_TASK``, else this process's cores divided by the ranks on the node (torch's default, every
+    core in every rank, oversubscribes a node that runs several ranks)."""
+    env = os.environ if environ is None else environ
+    for key in ("OMP_NUM_THREADS", "SLURM_CPUS_PER_TASK"):
+        if env.get(key, "").isdigit() and int(env[key]) > 0:
+            return int(env[key])
+    cores = cores if cores is not None else len(os.sched_getaffinity(0))
+    return max(1, cores // max(1, local_world_size))
+
+
+def check_node_groups(comm: Communicator, procs_per_node: int, device: torch.device,
+                      host: str | None = None) -> None:
+    """A node of the algorithm's hierarchy (``procs_per_node`` consecutive ranks) must be one host: one all-gather of
+    the host names (not counted as training traffic). Raises ValueError (one line) when a node group spans hosts,
+    e.g. under ``srun -m cyclic``."""
+    name = (host or socket.gethostname()).encode()[:255]
+    mine = torch.zeros(256, dtype=torch.uint8)
+    mine[0], mine[1:1 + len(name)] = len(name), torch.tensor(list(name), dtype=torch.uint8)
+    everyone = torch.empty(256 * comm.world_size, dtype=torch.uint8, device=device)
+    with comm.uncounted():
+        comm.all_gather(everyone, mine.to(device))
+    rows = everyone.view(comm.world_size, 256).cpu().tolist()
+    hosts = [bytes(row[1:1 + row[0]]).decode(errors="replace") for row in rows]
+    for first in range(0, comm.world_size, procs_per_node):
+        group = hosts[first:first + procs_per_node]
+        if len(set(group)) > 1:
+            raise ValueError(f"algorithm.procs_per_node={procs_per_node} makes ranks {first}-{first + len(group) - 1} "
+                             f"one node, but they run on hosts {', '.join(sorted(set(group)))}; place consecutive "
+                             "ranks on one host (srun's default block distribution, not -m cyclic) or lower "
+                             "algorithm.procs_per_node")

@@ -188,6 +188,16 @@ CASES = [
                                                                     "dist": {"backend": "gloo"}},
          "algorithm.procs_per_node=4 is larger than the 2 processes started on this node; set it to at most 2",
          setup=lambda monkeypatch: _torchrun_env(monkeypatch, port=1, local=2, world=4)),
+    Case("dist.device=cuda without a GPU", lambda t: {"dist": {"device": "cuda"}},
+         "dist.device=cuda needs a CUDA GPU and none is visible (torch.cuda.is_available() is False); use "
+         "dist.device=cpu", setup=lambda monkeypatch: monkeypatch.setattr("torch.cuda.is_available", lambda: False)),
+    Case("nccl on the CPU", lambda t: {"dist": {"backend": "nccl", "device": "cpu"}},
+         "dist.backend=nccl moves only GPU tensors but dist.device=cpu; use dist.device=cuda (or auto), or "
+         "dist.backend=gloo to train on the CPU"),
+    Case("negative data.num_workers", lambda t: {"data": {"num_workers": -1}},
+         "data.num_workers must be >= 0 (0 loads batches on the training thread), got -1"),
+    Case("unknown precision", lambda t: {"train": {"precision": "fp8"}},
+         "train.precision='fp8' is not one of fp32, bf16, fp16"),
     Case("procs_per_node above the GPUs", lambda t: {"algorithm": {"procs_per_node": 2}, "dist": {"backend": "nccl"}},
          "2 processes per node need 2 GPUs, this node has 0; lower algorithm.procs_per_node (and the processes "
          "started per node) to at most the GPUs per node"),

@@ -67,6 +67,7 @@ class Communicator(ABC):
         self.label = label
         self._bytes: Counter = counter if counter is not None else Counter()
         self._counting = True
+        self._purpose = ""
 
     # ----------------------------------------------------------------------------------- collectives
     def all_reduce(self, tensor: torch.Tensor, op: ReduceOp = "sum") -> torch.Tensor:
@@ -159,7 +160,8 @@ class Communicator(ABC):
 
     # ----------------------------------------------------------------------------------- accounting
     def stats(self) -> dict[str, int]:
-        """Bytes this rank has sent, per operation kind (sub-groups prefixed ``node/``, ``cross/``), and ``total``."""
+        """Bytes this rank has sent, per operation kind (sub-groups prefixed ``node/``, ``cross/``; control traffic
+        ``control/``), and ``total``."""
         out = dict(sorted(self._bytes.items()))
         out["total"] = sum(self._bytes.values())
         return out
@@ -176,9 +178,19 @@ class Communicator(ABC):
         finally:
             self._counting = saved
 
+    @contextmanager
+    def control(self) -> Iterator[None]:
+        """Operations inside are control traffic (e.g. the ranks agreeing to skip an fp16 step): counted, under
+        ``control/<kind>``, apart from the algorithm's own traffic."""
+        saved, self._purpose = self._purpose, "control/"
+        try:
+            yield
+        finally:
+            self._purpose = saved
+
     def _count(self, kind: str, nbytes: int) -> None:
         if self._counting:
-            self._bytes[self.label + kind] += nbytes
+            self._bytes[self._purpose + self.label + kind] += nbytes
 
     def _check_peer(self, peer: int) -> None:
         if not 0 <= peer < self.world_size or peer == self.rank:

@@ -3,8 +3,8 @@
 Determinism. Only one rank runs at a time: a rank holds the cluster's run lock while it computes and gives it
 up only while it waits for a peer, so ranks never compete for the CPU. Reductions add the ranks'
 contributions in rank order, whatever order the ranks arrive in, so results do not depend on thread
-scheduling. Each rank also has its own torch CPU random stream (saved and restored whenever it gives up the
-run lock), so dropout and random data order behave as in separate processes.
+scheduling. Each rank also has its own torch random streams, CPU and (once CUDA is in use) every GPU's, saved and
+restored whenever it gives up the run lock, so dropout behaves as in separate processes.
 
 No sockets: messages are tensors handed over in memory. Bytes are counted as a real network would carry
 them (see :mod:`slowmo.comm.base`).
@@ -50,7 +50,6 @@ class Simulated(Communicator):
         self._global_rank = global_rank
         self._group_id = cluster.groups.setdefault(ranks, len(cluster.groups))
         self._seq = 0
-        self._rng_state: torch.Tensor | None = None
 
     # ----------------------------------------------------------------------------------- waiting
     def _wait(self, ready: Callable[[], bool], what: str) -> None:
@@ -58,9 +57,9 @@ class Simulated(Communicator):
         cluster = self._cluster
         if ready():
             return
-        rng = torch.get_rng_state()
+        rng = _rng_states()
         ok = cluster.cond.wait_for(lambda: ready() or cluster.failure is not None, timeout=cluster.timeout)
-        torch.set_rng_state(rng)
+        _set_rng_states(rng)
         if cluster.failure is not None:
             raise CommError(f"rank {self._global_rank}: {what} aborted because {cluster.failure}")
         if not ok:
@@ -142,6 +141,18 @@ class _Receive:
         self._done = True
 
 
+def _rng_states() -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+    """This thread's view of the global random streams: the CPU's and, once CUDA is initialised, every GPU's."""
+    return torch.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+
+
+def _set_rng_states(states: tuple[torch.Tensor, list[torch.Tensor] | None]) -> None:
+    cpu, cuda = states
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state_all(cuda)
+
+
 def _sum_in_rank_order(parts: list[torch.Tensor]) -> torch.Tensor:
     total = parts[0].clone()
     for part in parts[1:]:
@@ -155,11 +166,11 @@ def run_simulated(fn: Callable, world_size: int, args: tuple, timeout: float) ->
     world = tuple(range(world_size))
     results: list = [None] * world_size
     errors: list[BaseException | None] = [None] * world_size
-    start_rng = torch.get_rng_state()
+    start_rng = _rng_states()
 
     def body(rank: int) -> None:
         with cluster.cond:
-            torch.set_rng_state(start_rng)
+            _set_rng_states(start_rng)
             try:
                 results[rank] = fn(Simulated(cluster, world, rank), *args)
             except BaseException as error:  # noqa: BLE001 - re-raised in the caller's thread below
@@ -172,7 +183,7 @@ def run_simulated(fn: Callable, world_size: int, args: tuple, timeout: float) ->
         thread.start()
     for thread in threads:
         thread.join()
-    torch.set_rng_state(start_rng)
+    _set_rng_states(start_rng)
     first = next((e for e in errors if e is not None and not isinstance(e, CommError)), None)
     first = first or next((e for e in errors if e is not None), None)
     if first is not None:

@@ -87,7 +87,7 @@ def _death(exitcode: int) -> str:
 
 
 def _process_main(fn, rank, world_size, backend, port, args, timeout, queue) -> None:
-    from ..launch import DistEnv, init_distributed  # import inside the child: keeps spawn importable early
+    from ..launch import DistEnv, init_distributed, threads_per_rank  # in the child: keeps spawn importable early
 
     import torch.distributed as dist
 
@@ -95,7 +95,7 @@ def _process_main(fn, rank, world_size, backend, port, args, timeout, queue) -> 
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     try:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+        torch.set_num_threads(threads_per_rank(local_world_size=world_size))
         comm = init_distributed(backend, timeout, env)
         result = fn(comm, *args)
         queue.put((rank, True, pickle.dumps(result)))  # plain bytes: no shared memory to outlive us

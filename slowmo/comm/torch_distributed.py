@@ -2,12 +2,17 @@
 
 Every blocking call has a deadline: collectives use the process group's timeout, and point-to-point waits use
 this communicator's ``timeout``, so a dead or stuck peer gives a :class:`CommError` naming it instead of a hang.
+
+gloo with GPU tensors (several ranks sharing a machine's GPUs, e.g. one GPU in a test) goes through host copies:
+each operation copies its GPU buffers to the CPU, runs on gloo and copies the result back, which gloo's own CUDA
+paths do too, and which also covers the operations that gloo supports only on CPU tensors (point to point).
 """
 
 from __future__ import annotations
 
 import datetime
 import re
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -32,29 +37,45 @@ class TorchDistributed(Communicator):
         self.group = group
         self.timeout = timeout
         self._global = dist.get_process_group_ranks(group) if group is not None else list(range(self.world_size))
+        self._host_only = dist.get_backend(group) == "gloo"
+
+    def _host(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The buffer the backend works on: ``tensor`` itself, or its host copy for gloo and a GPU tensor."""
+        return tensor.cpu() if self._host_only and tensor.device.type != "cpu" else tensor
 
     def _all_reduce(self, tensor: torch.Tensor) -> None:
-        self._guard(lambda: dist.all_reduce(tensor, group=self.group), "all_reduce")
+        buffer = self._host(tensor)
+        self._guard(lambda: dist.all_reduce(buffer, group=self.group), "all_reduce")
+        _copy_back(tensor, buffer)
 
     def _reduce_scatter(self, output: torch.Tensor, input: torch.Tensor) -> None:
-        self._guard(lambda: dist.reduce_scatter_tensor(output, input, group=self.group), "reduce_scatter")
+        out, inp = self._host(output), self._host(input)
+        self._guard(lambda: dist.reduce_scatter_tensor(out, inp, group=self.group), "reduce_scatter")
+        _copy_back(output, out)
 
     def _all_gather(self, output: torch.Tensor, input: torch.Tensor) -> None:
-        self._guard(lambda: dist.all_gather_into_tensor(output, input, group=self.group), "all_gather")
+        out, inp = self._host(output), self._host(input)
+        self._guard(lambda: dist.all_gather_into_tensor(out, inp, group=self.group), "all_gather")
+        _copy_back(output, out)
 
     def _broadcast(self, tensor: torch.Tensor, src: int) -> None:
-        self._guard(lambda: dist.broadcast(tensor, src=self._global[src], group=self.group), "broadcast")
+        buffer = self._host(tensor)
+        self._guard(lambda: dist.broadcast(buffer, src=self._global[src], group=self.group), "broadcast")
+        _copy_back(tensor, buffer)
 
     def _barrier(self) -> None:
         self._guard(lambda: dist.barrier(group=self.group), "barrier")
 
     def _isend(self, tensor: torch.Tensor, dst: int) -> Work:
-        work = dist.isend(tensor, dst=self._global[dst], group=self.group)
-        return _Timed(work, self, f"send to rank {self._global[dst]}")
+        buffer = self._host(tensor)  # a host copy is taken now: the tensor may change once this returns
+        work = dist.isend(buffer, dst=self._global[dst], group=self.group)
+        return _Timed(work, self, f"send to rank {self._global[dst]}", keep=buffer)
 
     def _irecv(self, tensor: torch.Tensor, src: int) -> Work:
-        work = dist.irecv(tensor, src=self._global[src], group=self.group)
-        return _Timed(work, self, f"recv from rank {self._global[src]}")
+        buffer = self._host(tensor)
+        work = dist.irecv(buffer, src=self._global[src], group=self.group)
+        return _Timed(work, self, f"recv from rank {self._global[src]}", keep=buffer,
+                      then=None if buffer is tensor else lambda: tensor.copy_(buffer))
 
     def _new_group(self, partition: list[list[int]], label: str) -> Communicator:
         mine = None
@@ -72,18 +93,30 @@ class TorchDistributed(Communicator):
                             f"{reason(error)}") from error
 
 
-class _Timed:
-    """Wraps a torch Work so that ``wait()`` gives up after the communicator's timeout."""
+def _copy_back(tensor: torch.Tensor, buffer: torch.Tensor) -> None:
+    if buffer is not tensor:
+        tensor.copy_(buffer)
 
-    def __init__(self, work, comm: TorchDistributed, what: str) -> None:
-        self._work, self._comm, self._what = work, comm, what
+
+class _Timed:
+    """Wraps a torch Work so that ``wait()`` gives up after the communicator's timeout; ``keep`` holds the buffer the
+    backend reads or writes until then, and ``then`` runs once the operation is complete (a host copy's way back)."""
+
+    def __init__(self, work, comm: TorchDistributed, what: str, keep: torch.Tensor,
+                 then: Callable[[], object] | None = None) -> None:
+        self._work, self._comm, self._what, self._keep, self._then = work, comm, what, keep, then
 
     def wait(self) -> None:
+        if self._work is None:
+            return
         try:
             self._work.wait(datetime.timedelta(seconds=self._comm.timeout))
         except RuntimeError as error:
             raise CommError(f"rank {dist.get_rank()}: {self._what} failed (the peer died, or sent nothing "
                             f"within {self._comm.timeout:g}s): {reason(error)}") from error
+        if self._then is not None:
+            self._then()
+        self._work = self._keep = self._then = None
 
 
 def reason(error: Exception) -> str:

@@ -41,7 +41,15 @@ class Transformer(nn.Module):
         return self.embed(tokens) * math.sqrt(self.d_model) + self.positions[: tokens.size(1)]
 
     def encode(self, src: torch.Tensor) -> torch.Tensor:
-        return self.core.encoder(self._embed(src), src_key_padding_mask=src == self.pad_id)
+        # torch's fused inference path of the encoder layers looks only at CUDA's autocast, and fails on the bf16 or
+        # fp16 activations of CPU autocast: under CPU autocast, take the regular path
+        fused = torch.backends.mha.get_fastpath_enabled()
+        cpu_autocast = src.device.type != "cuda" and torch.is_autocast_enabled(src.device.type)
+        torch.backends.mha.set_fastpath_enabled(fused and not cpu_autocast)
+        try:
+            return self.core.encoder(self._embed(src), src_key_padding_mask=src == self.pad_id)
+        finally:
+            torch.backends.mha.set_fastpath_enabled(fused)
 
     def decode(self, memory: torch.Tensor, src: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
         causal = torch.ones(prev.size(1), prev.size(1), dtype=torch.bool, device=prev.device).triu(1)

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from ..train.config import Config
 from .base import Task
 
+if TYPE_CHECKING:  # the harness imports the tasks; importing it here would make a cycle
+    from ..train.config import Config
 
-def build_task(cfg: Config, run_dir: Path) -> Task:
+
+def build_task(cfg: "Config", run_dir: Path) -> Task:
     name = cfg.task.name
     if name == "digits":
         from .digits import build

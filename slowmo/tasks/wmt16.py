@@ -60,6 +60,22 @@ def token_batches(lengths: list[int], max_tokens: int, seed: int, epoch: int, ra
     return [batches[perm[j]] for j in range(rank, per_rank * world, world)]
 
 
+def collate(items: list[tuple[list[int], list[int], str]]) -> dict:
+    """(source ids, target ids, reference text) triples -> padded ``src``, ``tgt``, ``prev`` (the target shifted right
+    behind BOS: teacher forcing) and the ``refs``."""
+    src = nn.utils.rnn.pad_sequence([torch.tensor(s) for s, _, _ in items], batch_first=True, padding_value=PAD)
+    tgt = nn.utils.rnn.pad_sequence([torch.tensor(t) for _, t, _ in items], batch_first=True, padding_value=PAD)
+    prev = torch.cat([torch.full((len(items), 1), BOS), tgt[:, :-1]], 1)
+    return {"src": src, "tgt": tgt, "prev": prev, "refs": [ref for _, _, ref in items]}
+
+
+def translation_loss(net: nn.Module, batch: dict, smoothing: float) -> torch.Tensor:
+    """Label-smoothed cross-entropy per target token (teacher forcing), padding ignored."""
+    logits = net(batch["src"], batch["prev"])
+    return nn.functional.cross_entropy(logits.flatten(0, 1), batch["tgt"].flatten(), ignore_index=PAD,
+                                       label_smoothing=smoothing)
+
+
 def build(cfg: Config, spm_dir: Path) -> Task:
     if cfg.data.root is None:
         raise ConfigError("task wmt16 needs data.root: the directory holding train.en/train.de and valid.en/valid.de")
@@ -85,12 +101,6 @@ def build(cfg: Config, spm_dir: Path) -> Task:
     smoothing = cfg.task.label_smoothing
     bleu = BLEU()
 
-    def collate(items: list) -> dict:
-        src = nn.utils.rnn.pad_sequence([torch.tensor(s) for s, _, _ in items], batch_first=True, padding_value=PAD)
-        tgt = nn.utils.rnn.pad_sequence([torch.tensor(t) for _, t, _ in items], batch_first=True, padding_value=PAD)
-        prev = torch.cat([torch.full((len(items), 1), BOS), tgt[:, :-1]], 1)  # teacher forcing: shifted right
-        return {"src": src, "tgt": tgt, "prev": prev, "refs": [ref for _, _, ref in items]}
-
     class Pairs(torch.utils.data.Dataset):
         def __init__(self, pairs, refs):
             self.pairs, self.refs = pairs, refs
@@ -102,9 +112,7 @@ def build(cfg: Config, spm_dir: Path) -> Task:
             return self.pairs[i][0], self.pairs[i][1], self.refs[i]
 
     def loss(net: nn.Module, batch: dict) -> torch.Tensor:
-        logits = net(batch["src"], batch["prev"])
-        return nn.functional.cross_entropy(logits.flatten(0, 1), batch["tgt"].flatten(), ignore_index=PAD,
-                                           label_smoothing=smoothing)
+        return translation_loss(net, batch, smoothing)
 
     def eval_sums(net: nn.Module, batch: dict) -> torch.Tensor:
         logits = net(batch["src"], batch["prev"])

@@ -25,7 +25,8 @@ class DataConfig:
     batch_size: int = 32            # per rank (images) ; wmt16 uses max_tokens
     eval_batch_size: int = 256
     max_tokens: int = 4096          # wmt16: tokens per rank per batch
-    num_workers: int = 0
+    num_workers: int = 0            # DataLoader worker processes per rank (0: load on the training thread)
+    prefetch_factor: int = 2        # batches each worker loads ahead
     augment: bool = True
     download: bool = False          # cifar10: fetch when online
     verify_checksums: bool = True   # cifar10: torchvision's MD5 check of the batch files
@@ -97,6 +98,7 @@ class LoggerConfig:
 @dataclass
 class DistConfig:
     backend: str = "simulated"      # simulated | gloo | nccl
+    device: str = "auto"            # auto (the local GPU under nccl, else the CPU) | cpu | cuda
     world_size: int = 4             # ranks to simulate or to spawn locally (ignored under torchrun/srun)
     timeout_s: float = 300.0
 
@@ -109,6 +111,9 @@ class TrainConfig:
     keep_checkpoints: int = 2
     resume: str = "auto"            # auto: newest valid checkpoint in the run dir | never
     signal_check_every: int = 5     # steps between checks for SIGTERM/SIGUSR1 (ranks agree on stopping)
+    precision: str = "fp32"         # fp32 | bf16 | fp16 (autocast; fp16 adds a loss scaler agreed by all ranks)
+    channels_last: Optional[bool] = None  # ResNets in channels-last memory format; None: on for cuda
+    deterministic: bool = False     # deterministic CUDA kernels (bit-exact resume on GPUs), no cudnn.benchmark
 
 
 @dataclass
@@ -140,6 +145,8 @@ CHOICES = {
     "schedule.name": ("constant", "step", "inverse_sqrt"),
     "logger.mode": ("auto", "online", "offline"),
     "dist.backend": ("simulated", "gloo", "nccl"),
+    "dist.device": ("auto", "cpu", "cuda"),
+    "train.precision": ("fp32", "bf16", "fp16"),
 }
 
 
@@ -170,6 +177,15 @@ def validate(cfg: DictConfig | dict[str, Any]) -> Config:
     if config.experiment and config.experiment.startswith("paper_") and config.experiment[6:] != config.task.name:
         raise ConfigError(f"+experiment={config.experiment} is the preset of task {config.experiment[6:]}, but the task "
                           f"is {config.task.name}; run experiments/{config.experiment[6:]}/train.py")
+    if config.dist.backend == "nccl" and config.dist.device == "cpu":
+        raise ConfigError("dist.backend=nccl moves only GPU tensors but dist.device=cpu; use dist.device=cuda (or auto), "
+                          "or dist.backend=gloo to train on the CPU")
+    if config.data.num_workers < 0:
+        raise ConfigError(f"data.num_workers must be >= 0 (0 loads batches on the training thread), got "
+                          f"{config.data.num_workers}")
+    if config.data.prefetch_factor < 1:
+        raise ConfigError(f"data.prefetch_factor must be >= 1 (batches each worker loads ahead), got "
+                          f"{config.data.prefetch_factor}")
     if config.train.resume not in ("auto", "never"):
         raise ConfigError(f"train.resume must be 'auto' or 'never', got {config.train.resume!r}")
     return config

@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import sys
 import time
 import warnings
@@ -32,9 +33,10 @@ from ..graphs import GRAPHS
 from ..inner import DistributedOptimizer
 from ..outer import SlowMo
 from ..tasks import Task, build_task
-from . import checkpoint, preemption
+from . import checkpoint, data, preemption
 from .config import Config, ConfigError, validate
 from .loggers import JsonlLogger, Loggers, WandbLogger
+from .precision import Precision
 from .schedule import lr_factor
 
 
@@ -48,10 +50,14 @@ def run(cfg: Any, run_name: str | None = None) -> dict[str, Any]:
     run_dir = Path(config.run_dir)
     env = launch.detect()
     preemption.install()
+    if config.train.deterministic:  # read when cuBLAS starts, so before any rank touches the GPU
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     if env.source != "single":  # this process is one rank of a torchrun / srun job
         if config.dist.backend == "simulated":
             raise ConfigError(f"launched by {env.source} with {env.world_size} processes: set dist.backend=gloo or nccl")
         launch.check_placement(config.algorithm.procs_per_node, config.dist.backend, env.local_world_size)
+        launch.resolve_device(config.dist.device, config.dist.backend, env.local_rank)
+        torch.set_num_threads(launch.threads_per_rank(local_world_size=env.local_world_size))
         comm = launch.init_distributed(config.dist.backend, config.dist.timeout_s, env)
         try:
             return train_rank(comm, config, run_dir, run_name)
@@ -59,6 +65,7 @@ def run(cfg: Any, run_name: str | None = None) -> dict[str, Any]:
             torch.distributed.destroy_process_group()
     if config.dist.backend == "nccl":
         launch.check_placement(config.algorithm.procs_per_node, "nccl", config.dist.world_size)
+    launch.resolve_device(config.dist.device, config.dist.backend)  # one line here rather than one per rank
     results = spawn(train_rank, config.dist.world_size, config.dist.backend, args=(config, run_dir, run_name),
                     timeout=config.dist.timeout_s)
     return results[0]
@@ -102,34 +109,68 @@ def _fingerprint(cfg: Config) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------------------ one rank
 class _Trainer:
-    def __init__(self, comm: Communicator, cfg: Config, run_dir: Path, run_name: str | None) -> None:
+    def __init__(self, comm: Communicator, cfg: Config, run_dir: Path, run_name: str | None,
+                 task: Task | None = None) -> None:
         self.comm, self.cfg, self.run_dir = comm, cfg, run_dir
         self.rank, self.world = comm.rank, comm.world_size
         self.is_main = self.rank == 0
+        self.device = self._place()
+        if cfg.algorithm.procs_per_node > 1:
+            launch.check_node_groups(comm, cfg.algorithm.procs_per_node, self.device)
         if self.is_main:
             _ensure_writable(run_dir)
         with comm.uncounted():
             comm.barrier()  # the run directory exists before any rank writes into it
         torch.manual_seed(cfg.seed)  # the same initial model on every rank
-        self.task: Task = self._build_task()
-        self.model = self.task.model
+        self.task: Task = task if task is not None else self._build_task()
+        self.channels_last = cfg.train.channels_last if cfg.train.channels_last is not None else \
+            self.device.type == "cuda"
+        self.model = self.task.model.to(self.device, memory_format=torch.channels_last if self.channels_last
+                                        else torch.preserve_format)  # only 4-D weights (convolutions) change format
         self.opt = build_optimizer(cfg, self.model, comm)
-        torch.manual_seed(cfg.seed * 1000 + self.rank + 1)  # this rank's stream: augmentation, dropout
-        self.steps_per_epoch = len(self.task.train_batches(0, self.rank, self.world))
+        self.precision = Precision(cfg.train.precision, self.device, comm)
+        torch.manual_seed(cfg.seed * 1000 + self.rank + 1)  # this rank's stream (dropout); augmentation: data.Seeded
+        self.sampler = data.EpochBatches(lambda epoch: self.task.train_batches(epoch, self.rank, self.world))
+        self.steps_per_epoch = len(self.sampler.batches)
         if self.steps_per_epoch == 0:
             raise ConfigError(f"the training set gives no full batch to each of {self.world} ranks; lower "
                               "data.batch_size (or data.max_tokens) or the number of ranks")
+        pin, workers = self.device.type == "cuda", cfg.data.num_workers
+        self.train_loader = data.loader(data.Seeded(self.task.train_set, cfg.seed), self.sampler, self.task.collate,
+                                        workers, cfg.data.prefetch_factor, pin)
+        self.val_loader = data.loader(self.task.val_set, self.task.val_batches(self.rank, self.world),
+                                      self.task.collate, workers, cfg.data.prefetch_factor, pin)
         self.lr_factor = lr_factor(cfg.schedule, self.steps_per_epoch)
         self.base_lrs = [group["lr"] for group in self.opt.param_groups]
         self.step, self.epoch, self.position, self.elapsed = 0, 0, 0, 0.0
         self.best: dict[str, float] = {}
         self.last_record: dict[str, Any] = {}
+        self.losses: list[torch.Tensor] = []  # this rank's losses since the last read: one host sync per read
+        self.loss_sum, self.loss_count = 0.0, 0
         self.eval_model = copy.deepcopy(self.model)
         if cfg.train.resume == "auto":
             self._resume()
         if self.is_main:  # written only now: an attempt that fails its checks leaves an existing run untouched
             (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
         self.loggers = Loggers(self._make_loggers(run_name) if self.is_main else [])
+
+    def _place(self) -> torch.device:
+        """This rank's device (``dist.device``) and, on a GPU, its kernel settings (``train.deterministic``)."""
+        local_rank = self.rank if self.cfg.dist.backend == "simulated" else launch.detect().local_rank
+        device = launch.resolve_device(self.cfg.dist.device, self.cfg.dist.backend, local_rank)
+        deterministic = self.cfg.train.deterministic
+        if deterministic:  # deterministic kernels where torch has them, a warning where it has none
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+            torch.backends.cudnn.benchmark = not deterministic  # the fastest kernels, found on the first batches
+            torch.backends.cudnn.deterministic = deterministic
+        return device
+
+    def _tensor(self, values: list[float], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """A small tensor of the loop's own (flags, losses, sums) on this rank's device, where every backend can
+        reduce it."""
+        return torch.tensor(values, dtype=dtype, device=self.device)
 
     def _build_task(self) -> Task:
         """Rank 0 first (it may write shared files, e.g. the sentencepiece model), then the others."""
@@ -149,6 +190,7 @@ class _Trainer:
 
     # ----------------------------------------------------------------------------------- checkpoints
     def _save(self) -> None:
+        self._read_losses()  # a NaN loss stops the run before its checkpoint is written
         model_state = self.model.state_dict()
         for name, tensor in model_state.items():
             if tensor.is_floating_point() and not torch.isfinite(tensor).all():
@@ -157,6 +199,8 @@ class _Trainer:
         directory = self.run_dir / "checkpoints" / f"step_{self.step}"
         state = {"model": model_state, "optimizer": self.opt.state_dict(), "step": self.step,
                  "epoch": self.epoch, "position": self.position, "rng": torch.get_rng_state(),
+                 "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
+                 "precision": self.precision.state_dict(), "loss_sum": self.loss_sum, "loss_count": self.loss_count,
                  "elapsed": self.elapsed + time.time() - self.t0, "best": self.best,
                  "fingerprint": _fingerprint(self.cfg)}
         try:
@@ -177,7 +221,7 @@ class _Trainer:
                 warnings.warn(f"skipping checkpoint: {error}", stacklevel=2)
                 state, ok = None, 0.0
             with self.comm.uncounted():
-                agreed = self.comm.all_reduce(torch.tensor([ok])).item() == self.world
+                agreed = self.comm.all_reduce(self._tensor([ok])).item() == self.world
             if not agreed:
                 continue
             if state["fingerprint"] != _fingerprint(self.cfg):
@@ -185,9 +229,13 @@ class _Trainer:
                                   f"run is {_fingerprint(self.cfg)}; use a new run directory or train.resume=never")
             self.model.load_state_dict(state["model"])
             self.opt.load_state_dict(state["optimizer"])
+            self.precision.load_state_dict(state["precision"])
             self.step, self.epoch, self.position = state["step"], state["epoch"], state["position"]
+            self.loss_sum, self.loss_count = state["loss_sum"], state["loss_count"]
             self.elapsed, self.best = state["elapsed"], state["best"]
             torch.set_rng_state(state["rng"])
+            if self.device.type == "cuda" and state["cuda_rng"] is not None:
+                torch.cuda.set_rng_state(state["cuda_rng"], self.device)
             if self.is_main:
                 print(f"resuming from {directory} (step {self.step})", file=sys.stderr, flush=True)
             return
@@ -208,15 +256,17 @@ class _Trainer:
         was_training = model.training
         model.eval()
         sums = None
-        for indices in self.task.val_batches(self.rank, self.world):
-            batch_sums = self.task.eval_sums(model, self.task.collate([self.task.val_set[i] for i in indices]))
-            sums = batch_sums if sums is None else sums + batch_sums
+        with self.precision.autocast():
+            for batch in data.on_device(self.val_loader, self.device, self.channels_last):
+                batch_sums = self.task.eval_sums(model, batch).to(self.device, torch.float64)
+                sums = batch_sums if sums is None else sums + batch_sums
+            if sums is None:  # this rank had no validation example: its share of every sum is 0
+                first = data.to_device(self.task.collate([self.task.val_set[0]]), self.device, self.channels_last)
+                sums = torch.zeros_like(self.task.eval_sums(model, first), dtype=torch.float64, device=self.device)
         model.train(was_training)
-        if sums is None:  # this rank had no validation example: its share of every sum is 0
-            sums = torch.zeros_like(self.task.eval_sums(model, self.task.collate([self.task.val_set[0]])))
         with self.comm.uncounted():
             self.comm.all_reduce(sums)
-        return self.task.metrics(sums)
+        return self.task.metrics(sums.cpu())
 
     # ----------------------------------------------------------------------------------- the loop
     def train(self) -> dict[str, Any]:
@@ -230,32 +280,25 @@ class _Trainer:
         self.t0 = time.time()
         bar = tqdm(total=cfg.train.max_steps, initial=self.step, disable=not (self.is_main and cfg.logger.progress),
                    dynamic_ncols=True, desc=self.run_dir.name)
-        loss_sum, loss_count = 0.0, 0
         status = "completed"
         self.model.train()
         while self.step < cfg.train.max_steps and status == "completed":
-            batches = self.task.train_batches(self.epoch, self.rank, self.world)
-            while self.position < len(batches) and self.step < cfg.train.max_steps:
-                batch = self.task.collate([self.task.train_set[i] for i in batches[self.position]])
+            self.sampler.set_epoch(self.epoch, self.position)
+            for batch in data.on_device(self.train_loader, self.device, self.channels_last):
                 factor = self.lr_factor(self.step)
                 for group, lr in zip(self.opt.param_groups, self.base_lrs):
                     group["lr"] = lr * factor
-                loss = self.task.loss(self.model, batch)
-                loss_value = loss.item()
-                if not math.isfinite(loss_value):
-                    raise NonFiniteLoss(f"rank {self.rank}: loss is {loss_value} at step {self.step}; stopped before "
-                                        "any checkpoint of it was written (lower optimizer.lr or check the data)")
+                with self.precision.autocast():
+                    loss = self.task.loss(self.model, batch)
                 self.opt.zero_grad(set_to_none=True)
-                loss.backward()
-                self.opt.step()
+                self.precision.backward_and_step(loss, self.opt)
+                self.losses.append(loss.detach())
                 self.step += 1
                 self.position += 1
-                loss_sum, loss_count = loss_sum + loss_value, loss_count + 1
                 bar.update(1)
                 record = None
                 if self.step % cfg.logger.log_every == 0 or self._eval_due() or self.step == cfg.train.max_steps:
-                    record = self._record(loss_sum / loss_count)
-                    loss_sum, loss_count = 0.0, 0
+                    record = self._record()
                 if self._eval_due() and self.step < cfg.train.max_steps:
                     record.update(self._with_best(self.evaluate()))
                 if record is not None:
@@ -271,8 +314,9 @@ class _Trainer:
                     self._save()
                 if stop:
                     status = "preempted"
+                if stop or self.step == cfg.train.max_steps:
                     break
-            if self.position >= len(batches):
+            if self.position >= len(self.sampler.batches):
                 self.epoch, self.position = self.epoch + 1, 0
         bar.close()
         return self._finish(status)
@@ -282,14 +326,33 @@ class _Trainer:
 
     def _stop_agreed(self) -> bool:
         with self.comm.uncounted():
-            return self.comm.all_reduce(torch.tensor([1.0 if preemption.STOP.is_set() else 0.0])).item() > 0
+            return self.comm.all_reduce(self._tensor([1.0 if preemption.STOP.is_set() else 0.0])).item() > 0
 
-    def _record(self, local_loss: float) -> dict[str, Any]:
+    def _read_losses(self) -> None:
+        """Bring this rank's pending losses to the host (one sync) and stop at the first one that is not finite."""
+        if not self.losses:
+            return
+        values = torch.stack(self.losses).tolist()
+        first = self.step - len(values)
+        for offset, value in enumerate(values):
+            if not math.isfinite(value):
+                raise NonFiniteLoss(f"rank {self.rank}: loss is {value} at step {first + offset}; stopped before any "
+                                    "checkpoint of it was written (lower optimizer.lr or check the data)")
+        self.losses.clear()
+        self.loss_sum, self.loss_count = self.loss_sum + sum(values), self.loss_count + len(values)
+
+    def _record(self) -> dict[str, Any]:
+        """The metrics of the steps since the last record: train loss (mean over them and over ranks), lr, bytes."""
+        self._read_losses()
         with self.comm.uncounted():
-            loss = self.comm.all_reduce(torch.tensor([local_loss], dtype=torch.float64), "mean").item()
-        return {"step": self.step, "epoch": self.step / self.steps_per_epoch, "train_loss": loss,
-                "lr": self.opt.param_groups[0]["lr"], "comm_bytes": self.comm.stats()["total"],
-                "wall_time": self.elapsed + time.time() - self.t0}
+            loss = self.comm.all_reduce(self._tensor([self.loss_sum / self.loss_count], torch.float64), "mean").item()
+        self.loss_sum, self.loss_count = 0.0, 0
+        record = {"step": self.step, "epoch": self.step / self.steps_per_epoch, "train_loss": loss,
+                  "lr": self.opt.param_groups[0]["lr"], "comm_bytes": self.comm.stats()["total"],
+                  "wall_time": self.elapsed + time.time() - self.t0}
+        if self.precision.scaler is not None:
+            record.update(loss_scale=self.precision.scale, skipped_steps=self.precision.skipped)
+        return record
 
     def _with_best(self, metrics: dict[str, float]) -> dict[str, float]:
         for key, value in metrics.items():
@@ -305,21 +368,28 @@ class _Trainer:
         final = self._with_best(self.evaluate(averaged=False))
         stats = self.comm.stats()
         summary = {"status": status, "steps": self.step, "epochs": self.step / self.steps_per_epoch,
-                   "final": final, "best": dict(self.best), "comm_bytes": stats["total"], "comm_bytes_by_kind": stats, "wall_time": self.elapsed + time.time() - self.t0,
-                   "world_size": self.world, "rank": self.rank, "algorithm": self.cfg.algorithm.name,
-                   "slowmo": self.cfg.slowmo.enabled,
-                   "run_dir": str(self.run_dir)}
+                   "final": final, "best": dict(self.best), "comm_bytes": stats["total"], "comm_bytes_by_kind": stats,
+                   "wall_time": self.elapsed + time.time() - self.t0, "world_size": self.world, "rank": self.rank,
+                   "algorithm": self.cfg.algorithm.name, "slowmo": self.cfg.slowmo.enabled,
+                   "device": str(self.device), "precision": self.precision.name, "skipped_steps": self.precision.skipped,
+                   "threads": torch.get_num_threads(), "run_dir": str(self.run_dir)}
         if self.is_main:
             self.loggers.log({**self.last_record, "comm_bytes": stats["total"], **final})
-            torch.save({"model": self.model.state_dict()}, self.run_dir / "final.pt")
+            model = {name: tensor.cpu() for name, tensor in self.model.state_dict().items()}
+            torch.save({"model": model}, self.run_dir / "final.pt")
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         self.loggers.close()
         return summary
 
 
-def train_rank(comm: Communicator, cfg: Config, run_dir: Path, run_name: str | None = None) -> dict[str, Any]:
-    """Everything one rank does in a run; returns the run's summary."""
-    return _Trainer(comm, cfg, run_dir, run_name).train()
+def train_rank(comm: Communicator, cfg: Config, run_dir: Path, run_name: str | None = None,
+               task: Task | None = None) -> dict[str, Any]:
+    """Everything one rank does in a run; returns the run's summary.
+
+    ``task``: a task built by the caller (its model, data, loss and metric) instead of ``cfg.task``'s, e.g. a
+    benchmark's in-memory data; with an in-process communicator (simulated ranks, or a process group this process
+    has joined)."""
+    return _Trainer(comm, cfg, run_dir, run_name, task).train()
 
 
 def _ensure_writable(run_dir: Path) -> None:

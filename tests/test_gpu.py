@@ -1,0 +1,107 @@
+"""The GPU path, wherever a CUDA GPU exists (``scripts/gpu_check.sh`` runs these; CI has none and skips them, saying
+why): every task trains on cuda with 2 gloo ranks sharing the GPU and with 4 simulated ranks, NCCL at world size
+1, bf16 and fp16. The bit-exact kill-and-resume on cuda is in test_crash_resume.py and the device of every tensor in
+test_placement.py, both marked ``gpu`` too. One test here runs everywhere: the GPU benchmark's smoke run on the CPU."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from datasets import write_cifar10, write_imagefolder, write_parallel
+from slowmo.train import checkpoint, run
+
+ROOT = Path(__file__).resolve().parents[1]
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(),
+                                reason="no CUDA GPU on this machine (scripts/gpu_check.sh runs these where there is one)")
+
+
+def task_sections(task: str, tmp: Path) -> dict:
+    """A few steps' worth of each task, on files in its native format."""
+    if task == "digits":
+        return {"model": {"name": "cnn", "width": 8}, "data": {"batch_size": 16}}
+    if task == "cifar10":
+        root = write_cifar10(tmp / "cifar", per_batch=16)
+        return {"task": {"name": "cifar10"}, "model": {"name": "resnet20", "width": 8},
+                "data": {"root": str(root), "verify_checksums": False, "batch_size": 8}}
+    if task == "imagenet":
+        root = write_imagefolder(tmp / "imagenet", per_class=8)
+        return {"task": {"name": "imagenet"}, "model": {"name": "resnet50"}, "optimizer": {"lr": 0.01},
+                "data": {"root": str(root), "batch_size": 4, "image_size": 64}}
+    root = write_parallel(tmp / "wmt")
+    return {"task": {"name": "wmt16", "max_decode_len": 4}, "model": {"name": "transformer_tiny"},
+            "data": {"root": str(root), "max_tokens": 64, "vocab_size": 40, "eval_batch_size": 4},
+            "optimizer": {"name": "adam", "lr": 0.001}}
+
+
+def cfg(tmp: Path, task: str, **sections) -> dict:
+    base = {"run_dir": str(tmp / "run"), "logger": {"progress": False, "log_every": 1},
+            "train": {"max_steps": 4, "eval_every": 2}, "algorithm": {"name": "sgp"},
+            "slowmo": {"enabled": True, "tau": 2, "beta": 0.5}, **task_sections(task, tmp)}
+    for key, value in sections.items():
+        base[key] = {**base.get(key, {}), **value}
+    return base
+
+
+def losses(run_dir: Path) -> list[float]:
+    return [json.loads(line)["train_loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("backend,world", [("gloo", 2), ("simulated", 4)])
+@pytest.mark.parametrize("task", ["digits", "cifar10", "imagenet", "wmt16"])
+def test_each_task_trains_on_cuda(tmp_path, task, backend, world):
+    summary = run(cfg(tmp_path, task, dist={"backend": backend, "world_size": world, "device": "cuda"},
+                      data={"num_workers": 2}))
+    assert summary["device"] == "cuda:0" and summary["steps"] == 4
+    assert all(math.isfinite(v) for v in losses(tmp_path / "run"))
+    metric = "val_bleu" if task == "wmt16" else "val_acc"
+    assert 0 <= summary["final"][metric] <= 100  # (a 4-step val_loss of a ResNet-50 on 16 images may be anything)
+    final = torch.load(tmp_path / "run" / "final.pt")["model"]
+    assert all(t.device.type == "cpu" for t in final.values())  # loadable without a GPU
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("task", ["cifar10", "wmt16"])
+def test_nccl_at_world_size_1(tmp_path, task):
+    summary = run(cfg(tmp_path, task, dist={"backend": "nccl", "world_size": 1}, algorithm={"name": "allreduce"},
+                      slowmo={"enabled": False}))
+    assert summary["device"] == "cuda:0" and summary["world_size"] == 1
+    final = torch.load(tmp_path / "run" / "final.pt")["model"]
+    if task == "cifar10":  # ResNets run channels-last on cuda by default
+        assert final["stem.0.weight"].is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_on_cuda_trains_with_fp32_state(tmp_path, precision):
+    summary = run(cfg(tmp_path, "digits", dist={"backend": "gloo", "world_size": 2, "device": "cuda"},
+                      algorithm={"name": "localsgd", "period": 2}, slowmo={"tau": 4},
+                      train={"max_steps": 40, "eval_every": 0, "precision": precision, "checkpoint_every": 40},
+                      logger={"log_every": 4}, optimizer={"lr": 0.05}))
+    curve = losses(tmp_path / "run")
+    assert curve[-1] < 0.5 * curve[0] and summary["precision"] == precision
+    assert summary["skipped_steps"] <= 5  # fp16: the first scales of 2**16 may overflow, then it settles
+    state = checkpoint.load_rank(tmp_path / "run" / "checkpoints" / "step_40", 1)
+    assert state["optimizer"]["outer"]["u"].dtype == torch.float32
+    assert all(t.dtype == torch.float32 for t in state["model"].values() if t.is_floating_point())
+
+
+def test_the_gpu_benchmark_runs_at_toy_sizes_on_the_cpu(tmp_path):
+    """Not a timing: the script's code path, so that it works when a GPU is lent."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_throughput", ROOT / "benchmarks" / "gpu_throughput.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = bench.main(["--device", "cpu", "--small", "--out", str(tmp_path)])
+    assert [row["goal"] for row in rows] == [0.95, 0.95, 1.0]
+    assert all(row["project_loop"] > 0 and row["plain_loop"] > 0 for row in rows)
+    assert rows[2]["plain_loop"] == rows[0]["project_loop"]  # the pipeline is compared with the model's images/s
+    table = (tmp_path / "throughput.md").read_text()
+    assert table.count("\n| ") == 4 and "resnet50 images/s" in table and (tmp_path / "throughput.csv").is_file()
