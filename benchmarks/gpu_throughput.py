@@ -45,8 +45,8 @@ from slowmo.train import data, train_rank, validate
 SIZES = {  # name: image px, images per batch, sentence pairs per batch, tokens per sentence, timed steps, JPEGs
     "full": dict(px=224, images=128, pairs=128, tokens=64, steps=60, warmup=20, jpegs=2048, resnet="resnet50",
                  transformer="transformer_wmt_en_de", workers=8),
-    "small": dict(px=32, images=4, pairs=4, tokens=8, steps=4, warmup=2, jpegs=16, resnet="resnet50",
-                  transformer="transformer_tiny", workers=2),
+    "small": dict(px=32, images=4, pairs=4, tokens=8, steps=2, warmup=1, jpegs=16, resnet="resnet50",
+                  transformer="transformer_tiny", workers=1),
 }
 VOCAB = 32000
 

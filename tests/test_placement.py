@@ -94,23 +94,25 @@ def test_a_launched_rank_sets_its_threads(tmp_path, monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------------ hosts
-def _check_hosts(comm, placement, procs_per_node):
-    host = f"node{comm.rank % 2}" if placement == "cyclic" else f"node{comm.rank // 2}"
-    try:
-        launch.check_node_groups(comm, procs_per_node, torch.device("cpu"), host=host)
-    except ValueError as error:
-        return str(error)
-    return None
+def _check_hosts(comm):
+    """4 ranks on 2 hosts: srun's block placement puts ranks 0-1 on node0; -m cyclic puts ranks 0 and 2 there."""
+    outcomes = []
+    for placement, procs_per_node in (("block", 2), ("cyclic", 2), ("cyclic", 1)):
+        host = f"node{comm.rank % 2}" if placement == "cyclic" else f"node{comm.rank // 2}"
+        try:
+            launch.check_node_groups(comm, procs_per_node, torch.device("cpu"), host=host)
+            outcomes.append(None)
+        except ValueError as error:
+            outcomes.append(str(error))
+    return outcomes
 
 
 def test_a_node_group_that_spans_hosts_is_refused():
-    """4 ranks on 2 hosts: srun's block placement puts ranks 0-1 on node0; -m cyclic puts ranks 0 and 2 there."""
-    assert spawn(_check_hosts, 4, "gloo", args=("block", 2)) == [None] * 4
-    errors = spawn(_check_hosts, 4, "gloo", args=("cyclic", 2))
-    assert errors == ["algorithm.procs_per_node=2 makes ranks 0-1 one node, but they run on hosts node0, node1; place "
-                      "consecutive ranks on one host (srun's default block distribution, not -m cyclic) or lower "
-                      "algorithm.procs_per_node"] * 4
-    assert spawn(_check_hosts, 4, "gloo", args=("cyclic", 1)) == [None] * 4  # single-rank nodes span nothing
+    refused = ("algorithm.procs_per_node=2 makes ranks 0-1 one node, but they run on hosts node0, node1; place "
+               "consecutive ranks on one host (srun's default block distribution, not -m cyclic) or lower "
+               "algorithm.procs_per_node")
+    # block placement passes; cyclic is refused on every rank; single-rank nodes span nothing
+    assert spawn(_check_hosts, 4, "gloo") == [[None, refused, None]] * 4
 
 
 def test_threads_of_spawned_ranks_share_the_cores(monkeypatch):
