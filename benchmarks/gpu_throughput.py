@@ -204,6 +204,7 @@ def pipeline(size: dict, device: torch.device, workdir: Path, model_images_per_s
         epoch += 1
     _sync(device)
     ips = n * timed / (time.perf_counter() - start)
+    data.close(loader)
     return {"measure": f"input pipeline images/s ({workers} workers, 500x375 JPEGs -> {size['px']} px crops)",
             "project_loop": ips, "plain_loop": model_images_per_s, "ratio": ips / model_images_per_s, "goal": 1.0}
 

@@ -2,6 +2,8 @@
 augmentation is seeded per sample from (seed, epoch, index) alone. (Kill -9 and a bit-exact resume with workers:
 test_crash_resume.py.)"""
 
+import multiprocessing
+
 import torch
 from torch.utils.data import Dataset
 
@@ -79,3 +81,11 @@ def test_a_loader_started_mid_epoch_loads_only_what_follows_and_draws_per_sample
 def test_sample_seeds_differ_for_nearby_triples():
     seeds = {data.sample_seed(s, e, i) for s in range(3) for e in range(3) for i in range(100)}
     assert len(seeds) == 900 and all(0 <= x < 2**64 for x in seeds)
+
+
+def test_workers_are_stopped_when_the_run_ends(tmp_path):
+    """Simulated ranks live in this process, so their loaders' workers are its children: none outlives the run."""
+    root = write_cifar10(tmp_path / "cifar", per_batch=16)
+    run(cifar_cfg(tmp_path / "run", root, dist={"backend": "simulated"}, data={"num_workers": 2},
+                  train={"max_steps": 3, "eval_every": 2}))
+    assert multiprocessing.active_children() == []

@@ -88,6 +88,14 @@ def loader(dataset: Dataset, batch_sampler: Iterable[list], collate: Callable[[l
                       generator=torch.Generator())  # its own: creating an iterator draws nothing from torch's stream
 
 
+def close(loader: DataLoader) -> None:
+    """Stop ``loader``'s persistent workers now (rather than whenever the garbage collector gets to it)."""
+    iterator = loader._iterator  # DataLoader keeps the iterator of persistent workers here; it has no public close
+    loader._iterator = None
+    if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+        iterator._shutdown_workers()
+
+
 def to_device(batch: Any, device: torch.device, channels_last: bool = False, non_blocking: bool = False) -> Any:
     """``batch`` (tensors in tuples, lists and dicts; anything else is left as it is) on ``device``; 4-D floating
     point tensors (images) in channels-last memory format when ``channels_last``."""

@@ -274,6 +274,9 @@ class _Trainer:
             return self._train()
         except CommError as error:  # a peer died or hung: every surviving rank says where it was
             raise CommError(f"{error} (during step {self.step + 1})") from None
+        finally:
+            data.close(self.train_loader)
+            data.close(self.val_loader)
 
     def _train(self) -> dict[str, Any]:
         cfg = self.cfg
