@@ -28,14 +28,17 @@ import torch
 from common import optimizer
 
 from slowmo.comm import spawn
-from slowmo.models import build_resnet, build_small
+from slowmo.models import ModelConfig, build_model
+from slowmo.models.small import SmallConfig
 
 H, TAU, STEPS = 4, 12, 24  # STEPS is a multiple of both: whole periods only
 
 
 def model_for(name: str) -> torch.nn.Module:
     torch.manual_seed(0)
-    return build_resnet("resnet18", 10) if name == "resnet18" else build_small("mlp", 64, 10)
+    if name == "resnet18":
+        return build_model(ModelConfig("resnet18"), num_classes=10, input_shape=(3, 32, 32))
+    return build_model(SmallConfig("mlp", 64), num_classes=10, input_shape=(1, 8, 8))
 
 
 def measure(comm, model_name: str, algorithm: str, slowmo_on: bool) -> int:

@@ -35,10 +35,10 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from slowmo.comm import Single, free_port
-from slowmo.launch import DistEnv, init_distributed
-from slowmo.models import Transformer, build_resnet
-from slowmo.tasks import Task, build_task
-from slowmo.tasks.base import classification
+from slowmo.comm.launch import DistEnv, init_distributed
+from slowmo.models import ModelConfig, Transformer, build_model
+from slowmo.tasks import TASKS, Task, TaskContext
+from slowmo.tasks.base import ImageData, classification
 from slowmo.tasks.wmt16 import BOS, EOS, PAD, collate, translation_loss
 from slowmo.train import data, train_rank, validate
 
@@ -109,11 +109,15 @@ def project_loop(task: Task, sections: dict, device: torch.device, steps: int, w
     return (times[warmup + steps] - times[warmup]) / steps
 
 
-def resnet(size: dict, device: torch.device, workdir: Path) -> dict:
+def resnet(size: dict) -> torch.nn.Module:
+    return build_model(ModelConfig(size["resnet"]), num_classes=1000, input_shape=(3, size["px"], size["px"]))
+
+
+def images(size: dict, device: torch.device, workdir: Path) -> dict:
     px, n = size["px"], size["images"]
     torch.manual_seed(0)
     image, label = torch.randn(3, px, px), 3
-    model = build_resnet(size["resnet"], 1000).to(device, memory_format=torch.channels_last)
+    model = resnet(size).to(device, memory_format=torch.channels_last)
     batch = (torch.stack([image] * n).to(device, memory_format=torch.channels_last),
              torch.full((n,), label, device=device))
 
@@ -122,8 +126,9 @@ def resnet(size: dict, device: torch.device, workdir: Path) -> dict:
     sgd = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True)
     plain = plain_loop(model, batch, loss, sgd, device, size["steps"], size["warmup"])
     total = n * (size["warmup"] + size["steps"] + 1)
-    task = classification(build_resnet(size["resnet"], 1000), Repeat(total, (image, label)), Repeat(n, (image, label)),
-                          n, n, seed=0)
+    loader = ImageData(eval_batch_size=n, num_workers=size["workers"], prefetch_factor=4, batch_size=n)
+    task = classification(resnet(size), Repeat(total, (image, label)), Repeat(n, (image, label)), loader,
+                          TaskContext(0, 1, 0, workdir))
     ours = project_loop(task, {"task": {"name": "imagenet"}, "model": {"name": size["resnet"]},
                                "data": {"batch_size": n, "num_workers": size["workers"], "prefetch_factor": 4},
                                "optimizer": {"name": "sgd", "lr": 0.1, "momentum": 0.9, "nesterov": True}},
@@ -146,7 +151,7 @@ def transformer(size: dict, device: torch.device, workdir: Path) -> dict:
     plain = plain_loop(model, batch, loss, adam, device, size["steps"], size["warmup"])
     total = pairs * (size["warmup"] + size["steps"] + 1)
 
-    def batches(epoch: int, rank: int, world: int) -> list[list[int]]:
+    def batches(epoch: int) -> list[list[int]]:
         return [list(range(i, i + pairs)) for i in range(0, total, pairs)]
 
     def eval_sums(net, b) -> torch.Tensor:
@@ -154,8 +159,8 @@ def transformer(size: dict, device: torch.device, workdir: Path) -> dict:
                                                                                   device=b["src"].device)])
 
     task = Task(Transformer(VOCAB, size["transformer"], PAD), Repeat(total, example), Repeat(pairs, example), collate,
-                batches, lambda rank, world: [list(range(pairs))], loss, eval_sums,
-                lambda sums: {"val_loss": float(sums[0] / sums[1])})
+                batches, [list(range(pairs))], loss, eval_sums, lambda sums: {"val_loss": float(sums[0] / sums[1])},
+                main_metric="val_loss")
     ours = project_loop(task, {"task": {"name": "wmt16"}, "model": {"name": size["transformer"]},
                                "data": {"num_workers": size["workers"], "prefetch_factor": 4},
                                "optimizer": {"name": "adam", "lr": 5e-4, "betas": [0.9, 0.98]}},
@@ -185,8 +190,8 @@ def pipeline(size: dict, device: torch.device, workdir: Path, model_images_per_s
     n, workers = size["images"], size["workers"]
     cfg = validate({"task": {"name": "imagenet"}, "model": {"name": size["resnet"]},
                     "data": {"root": str(root), "batch_size": n, "image_size": size["px"], "num_workers": workers}})
-    task = build_task(cfg, workdir)
-    sampler = data.EpochBatches(lambda epoch: task.train_batches(epoch, 0, 1))
+    task = TASKS["imagenet"].build(cfg.task, cfg.data, cfg.model, TaskContext(0, 1, 0, workdir))
+    sampler = data.EpochBatches(task.train_batches)
     loader = data.loader(data.Seeded(task.train_set, 0), sampler, task.collate, workers, 2, device.type == "cuda")
     warmup, timed, seen, epoch = 2, 0, 0, 0  # the first batches wait for the workers to start
     start = None
@@ -225,7 +230,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     machine = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
-        image_row = resnet(size, device, workdir)
+        image_row = images(size, device, workdir)
         rows = [image_row, transformer(size, device, workdir),
                 pipeline(size, device, workdir, image_row["project_loop"])]
     args.out.mkdir(parents=True, exist_ok=True)

@@ -1,19 +1,22 @@
 """The paper's claims at small scale, with seeds: 16 simulated ranks on scikit-learn's digits (offline, CPU).
 
-Four experiments, every cell over ``--seeds`` seeds (mean ± std), all at the same number of inner steps:
+Four experiment presets (``configs/experiment/<preset>.yaml``), each a sweep over its cells and 3 seeds (mean ±
+std), all at the same number of inner steps:
 
-- ``table1``: AR-SGD, Local SGD (H = tau), SGP and OSGP, each without and with SlowMo (tau = 12, alpha = 1,
-  beta = 0.7, base momentum buffers reset at every outer step, as in the paper's CIFAR-10 setup);
-- ``synthetic``: the same cells on the teacher-student task (``slowmo/tasks/synthetic.py``), 1,200 steps: a task
-  that is not solved in a few epochs;
-- ``beta``: Local SGD + SlowMo with beta in 0, 0.3, 0.5, 0.7, 0.9 (beta = 0 is plain Local SGD);
-- ``tau``: Local SGD (H = tau) without and with SlowMo for tau in 6, 12, 24, 48.
+- ``repro_table1_digits``: AR-SGD, Local SGD (H = tau), SGP and OSGP, each without and with SlowMo (tau = 12,
+  alpha = 1, beta = 0.7, base momentum buffers reset at every outer step, as in the paper's CIFAR-10 setup);
+- ``repro_table1_synthetic``: the same cells on the teacher-student task (``slowmo/tasks/synthetic.py``), 1,200
+  steps: a task that is not solved in a few epochs;
+- ``repro_beta``: Local SGD + SlowMo with beta in 0, 0.3, 0.5, 0.7, 0.9;
+- ``repro_tau``: Local SGD (H = tau) without and with SlowMo for tau in 6, 12, 24, 48.
 
-Writes ``results/repro/``: ``<experiment>.csv`` (one row per run), ``<experiment>.md`` (mean ± std per cell),
-``table1_curves.png`` / ``synthetic_curves.png`` (train loss and val accuracy against epoch, as the paper's figures) and ``beta.png`` /
-``tau.png``. The run directories go to ``runs/repro/`` (not committed); a finished run is not run again.
+Writes ``results/repro/``: ``<preset>.csv`` (one row per run, with the overrides that made it), ``<preset>.md``
+(mean ± std per cell), ``<preset>_curves.png`` (train loss and val accuracy against epoch, as the paper's figures)
+or ``<preset>.png`` (the ablations), and ``provenance.json``. The run directories go to ``runs/repro/`` (not
+committed); a finished run is not run again. Any cell can be re-run on its own:
+``python experiments/digits/train.py +experiment=<preset> <the cell's overrides>``.
 
-    python benchmarks/reproduce.py            # all three, 3 seeds: about 25 min on 2 CPU cores
+    python benchmarks/reproduce.py            # all four: about 25 min on 2 CPU cores
 """
 
 from __future__ import annotations
@@ -31,59 +34,33 @@ import numpy as np
 import torch
 
 from slowmo import report
-from slowmo.train import run
+from slowmo.train import compose, run
+from slowmo.train.config import sweep
 
-RANKS, STEPS, SYNTHETIC_STEPS, TAU, BETA = 16, 600, 1200, 12, 0.7
-
-
-def config(run_dir: Path, algorithm: dict, slowmo: dict | None, seed: int, experiment: str) -> dict:
-    task, steps = ("synthetic", SYNTHETIC_STEPS) if experiment == "synthetic" else ("digits", STEPS)
-    return {"task": {"name": task}, "model": {"name": "mlp", "width": 64}, "data": {"batch_size": 8},
-            "algorithm": algorithm,
-            "slowmo": {"enabled": slowmo is not None, "tau": TAU, "alpha": 1.0, "beta": BETA, "base_buffers": "reset",
-                       **(slowmo or {})},
-            "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9, "nesterov": True},
-            "schedule": {"name": "constant"}, "logger": {"progress": False, "log_every": 12},
-            "dist": {"backend": "simulated", "world_size": RANKS},
-            "train": {"max_steps": steps, "eval_every": steps // 10, "resume": "never"}, "seed": seed,
-            "run_dir": str(run_dir)}
+PRESETS = ("repro_table1_digits", "repro_table1_synthetic", "repro_beta", "repro_tau")
 
 
-def cells(experiment: str) -> dict[str, tuple[dict, dict | None]]:
-    """name -> (algorithm section, SlowMo overrides or None for SlowMo off)."""
-    if experiment in ("table1", "synthetic"):
-        bases = {"ar_sgd": {"name": "allreduce"}, "local_sgd": {"name": "localsgd", "period": TAU},
-                 "sgp": {"name": "sgp"}, "osgp": {"name": "osgp"}}
-        return {f"{name}{suffix}": (algorithm, on) for name, algorithm in bases.items()
-                for suffix, on in (("", None), ("_slowmo", {}))}
-    if experiment == "beta":
-        return {f"beta_{beta}": ({"name": "localsgd", "period": None}, {"beta": beta})
-                for beta in (0.0, 0.3, 0.5, 0.7, 0.9)}
-    if experiment == "tau":
-        return {f"tau_{tau}{suffix}": ({"name": "localsgd", "period": tau}, on)
-                for tau in (6, 12, 24, 48) for suffix, on in (("", None), ("_slowmo", {"tau": tau}))}
-    raise ValueError(f"unknown experiment {experiment!r}; choose table1, synthetic, beta or tau")
-
-
-def one(args: tuple[str, dict, Path]) -> Path:
-    name, cfg, run_dir = args
+def one(args: tuple[str, list[str], Path]) -> Path:
+    preset, cell, run_dir = args
     if not (run_dir / "summary.json").is_file():
         torch.set_num_threads(1)
         start = time.time()
-        run(cfg)
+        run(compose([f"+experiment={preset}", *cell, f"run_dir='{run_dir}'"]))
         print(f"{run_dir.parent.name}/{run_dir.name}: {time.time() - start:.0f} s", flush=True)
     return run_dir
 
 
-def row(experiment: str, name: str, seed: int, run_dir: Path) -> dict:
+def row(preset: str, cell: list[str], run_dir: Path) -> dict:
     r = report.load_run(run_dir)
-    s = r["summary"]
+    s, config = r["summary"], r["config"]
     losses = [m["train_loss"] for m in r["metrics"] if "train_loss" in m]
-    return {"experiment": experiment, "cell": name, "seed": seed, "label": report.label(r),
-            "tau": r["config"]["slowmo"]["tau"] if s["slowmo"] else r["config"]["algorithm"]["period"],
-            "beta": r["config"]["slowmo"]["beta"] if s["slowmo"] else 0.0,
+    return {"experiment": preset, "cell": ",".join(o for o in cell if not o.startswith("seed=")),
+            "seed": config["seed"], "label": report.label(r),
+            "tau": config["slowmo"]["tau"] if s["slowmo"] else config["algorithm"]["period"],
+            "beta": config["slowmo"]["beta"] if s["slowmo"] else 0.0,
             "final_train_loss": losses[-1], "best_train_loss": min(losses), "final_val_acc": s["final"]["val_acc"],
-            "best_val_acc": s["best"]["val_acc"], "mib_sent_per_rank": s["comm_bytes"] / 2**20, "steps": s["steps"]}
+            "best_val_acc": s["best"]["val_acc"], "mib_sent_per_rank": s["comm_bytes"] / 2**20, "steps": s["steps"],
+            "overrides": " ".join([f"+experiment={preset}", *cell])}
 
 
 def summarize(rows: list[dict], out: Path, experiment: str) -> str:
@@ -137,43 +114,43 @@ def ablation_figure(rows: list[dict], key: str, path: Path, title: str) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("experiments", nargs="*", default=["table1", "synthetic", "beta", "tau"])
-    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("presets", nargs="*", default=list(PRESETS))
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time (one CPU thread each)")
     parser.add_argument("--runs", type=Path, default=Path("runs/repro"))
     parser.add_argument("--out", type=Path, default=Path("results/repro"))
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    work = [(experiment, name, seed, args.runs / experiment / f"{name}_s{seed}", algorithm, slowmo)
-            for experiment in args.experiments for name, (algorithm, slowmo) in cells(experiment).items()
-            for seed in range(args.seeds)]
+    work = [(preset, cell, args.runs / preset / ",".join(cell)) for preset in args.presets for cell in sweep(preset)]
     start = time.time()
     with ProcessPoolExecutor(args.jobs) as pool:
-        list(pool.map(one, [(name, config(d, a, s, seed, e), d) for e, name, seed, d, a, s in work]))
-    for experiment in args.experiments:
-        rows = [row(e, name, seed, d) for e, name, seed, d, _, _ in work if e == experiment]
-        print(f"\n## {experiment}\n\n{summarize(rows, args.out, experiment)}")
-        if experiment in ("table1", "synthetic"):
-            runs = [report.load_run(d) for e, _, _, d, _, _ in work if e == experiment]
-            task, steps = ("digits", STEPS) if experiment == "table1" else ("teacher-student", SYNTHETIC_STEPS)
-            report.figure(runs, args.out / f"{experiment}_curves.png", "epoch",
-                          f"{task}, {RANKS} simulated ranks, {steps} steps, tau = {TAU}, beta = {BETA}, "
-                          f"{args.seeds} seeds (mean ± std)")
-        else:
-            ablation_figure(rows, experiment, args.out / f"{experiment}.png",
-                            f"digits, {RANKS} simulated ranks, Local SGD ± SlowMo: {experiment} ablation "
-                            f"({args.seeds} seeds)")
+        list(pool.map(one, work))
     provenance_path = args.out / "provenance.json"
     provenance = json.loads(provenance_path.read_text()) if provenance_path.is_file() else {}
-    for experiment in args.experiments:
-        dirs = [d for e, _, _, d, _, _ in work if e == experiment]
-        provenance[experiment] = {
-            "command": f"python benchmarks/reproduce.py {experiment} --seeds {args.seeds}", "runs": len(dirs),
-            "ranks": RANKS, "steps": SYNTHETIC_STEPS if experiment == "synthetic" else STEPS, "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, "
-                                                        f"torch {torch.__version__}, {args.jobs} runs at a time",
-            "train_wall_time_s": round(sum(report.load_run(d)["summary"]["wall_time"] for d in dirs))}
+    for preset in args.presets:
+        mine = [(cell, d) for p, cell, d in work if p == preset]
+        rows = [row(preset, cell, d) for cell, d in mine]
+        print(f"\n## {preset}\n\n{summarize(rows, args.out, preset)}")
+        runs = [report.load_run(d) for _, d in mine]
+        setup = runs[0]["config"]
+        seeds = len({r["seed"] for r in rows})
+        where = (f"{setup['task']['name']}, {setup['dist']['world_size']} simulated ranks, "
+                 f"{setup['train']['max_steps']} steps")
+        if preset.startswith("repro_table1"):
+            report.figure(runs, args.out / f"{preset}_curves.png", "epoch",
+                          f"{where}, tau = {setup['slowmo']['tau']}, beta = {setup['slowmo']['beta']}, {seeds} seeds "
+                          "(mean ± std)")
+        else:
+            key = preset.split("_")[1]
+            ablation_figure(rows, key, args.out / f"{preset}.png",
+                            f"{where}, Local SGD ± SlowMo: {key} ablation ({seeds} seeds)")
+        provenance[preset] = {
+            "command": f"python benchmarks/reproduce.py {preset}", "preset": f"configs/experiment/{preset}.yaml",
+            "runs": len(mine), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+                                          f"{args.jobs} runs at a time",
+            "train_wall_time_s": round(sum(r["summary"]["wall_time"] for r in runs))}
     provenance_path.write_text(json.dumps(provenance, indent=2) + "\n")
     print(f"done in {time.time() - start:.0f} s")
+
 
 if __name__ == "__main__":
     main()

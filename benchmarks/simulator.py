@@ -21,14 +21,14 @@ import torch
 from common import optimizer, timed_steps
 
 from slowmo.comm import Single, spawn
-from slowmo.models import build_resnet
+from slowmo.models import ModelConfig, ResNet20, build_model
 
 MiB = 2**20
 
 
 def _train(comm, batch: int, steps: int, algorithm: str) -> tuple[float, float]:
     torch.manual_seed(0)
-    model = build_resnet("resnet20", 10, width=16)
+    model = ResNet20(16, 10)
     opt = optimizer(comm, model, algorithm, 12, lr=0.05)
     return timed_steps(comm, model, opt, batch, steps, warmup=2)
 
@@ -54,7 +54,7 @@ def throughput(batch: int, steps: int, ranks: int) -> list[dict]:
 
 def _memory(comm, mode: str) -> dict:
     torch.manual_seed(0)
-    model = build_resnet("resnet18", 10)
+    model = build_model(ModelConfig("resnet18"), num_classes=10, input_shape=(3, 32, 32))
     opt = optimizer(comm, model, "localsgd", 2, lr=0.01, slowmo=None if mode == "localsgd" else
                     {"tau": 2, "beta": 0.5, "shard_outer_state": mode == "sharded"})
     peak = 0

@@ -6,6 +6,7 @@
 """
 
 from . import comm, graphs
+from .comm import launch
 from .algorithms import OSGP, SGP, Algorithm, AllReduce, LocalSGD
 from .graphs import Complete, DirectedExponential, GossipGraph, Ring
 from .inner import DistributedOptimizer
@@ -14,4 +15,4 @@ from .outer import SlowMo
 __version__ = "0.1.0"
 
 __all__ = ["OSGP", "SGP", "Algorithm", "AllReduce", "Complete", "DirectedExponential", "DistributedOptimizer",
-           "GossipGraph", "LocalSGD", "Ring", "SlowMo", "comm", "graphs"]
+           "GossipGraph", "LocalSGD", "Ring", "SlowMo", "comm", "graphs", "launch"]

@@ -13,6 +13,10 @@ from abc import ABC, abstractmethod
 
 import numpy as np
 
+from .registry import Registry
+
+GRAPHS = Registry("gossip graph", "slowmo.graphs")
+
 
 class GossipGraph(ABC):
     """A time-varying directed graph over ``world_size`` ranks."""
@@ -54,6 +58,7 @@ class GossipGraph(ABC):
         return 1
 
 
+@GRAPHS.register("directed_exponential")
 class DirectedExponential(GossipGraph):
     """At step k, rank i sends to (i + 2^(k mod ceil(log2 n))) mod n: one peer per step, and every rank's mass
     reaches every other rank within ceil(log2 n) steps (SGP's default, Assran et al. 2019)."""
@@ -75,6 +80,7 @@ class DirectedExponential(GossipGraph):
         return self._levels
 
 
+@GRAPHS.register("ring")
 class Ring(GossipGraph):
     """Rank i sends to (i + 1) mod n at every step."""
 
@@ -85,6 +91,7 @@ class Ring(GossipGraph):
         return [(rank - 1) % self.world_size]
 
 
+@GRAPHS.register("complete")
 class Complete(GossipGraph):
     """Every rank sends to every other rank: one step of push-sum is an exact average."""
 
@@ -93,5 +100,3 @@ class Complete(GossipGraph):
 
     in_peers = out_peers
 
-
-GRAPHS = {"directed_exponential": DirectedExponential, "ring": Ring, "complete": Complete}

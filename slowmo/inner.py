@@ -12,7 +12,8 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
-from .algorithms.base import Algorithm, average_, flatten, unflatten_
+from .algorithms.base import Algorithm
+from .flat import average_, flatten, unflatten_
 
 STATE_FORMAT = "slowmo/1"
 

@@ -13,7 +13,9 @@ from typing import Any
 import numpy as np
 import yaml
 
-NAMES = {"allreduce": "AR-SGD", "localsgd": "Local SGD", "sgp": "SGP", "osgp": "OSGP"}
+from .algorithms import ALGORITHMS
+from .presets import OUTER
+from .train.optimizers import OPTIMIZERS
 
 
 def load_run(run_dir: str | Path) -> dict[str, Any]:
@@ -28,11 +30,11 @@ def load_run(run_dir: str | Path) -> dict[str, Any]:
 
 
 def label(run: dict[str, Any]) -> str:
+    """The run's line in tables and figures: the algorithm's label with the base optimizer's in place of "SGD"
+    (AR-Adam, Local Adam), and the outer step's ("Local SGD + SlowMo")."""
     config = run["config"]
-    name = NAMES[config["algorithm"]["name"]]
-    if config["optimizer"]["name"] != "sgd":
-        name = name.replace("SGD", "Adam") if "SGD" in name else name
-    return name + (" + SlowMo" if config["slowmo"]["enabled"] else "")
+    name = ALGORITHMS[config["algorithm"]["name"]].label.replace("SGD", OPTIMIZERS[config["optimizer"]["name"]].label)
+    return name + (f" + {OUTER[config['slowmo']['preset']].label}" if config["slowmo"]["enabled"] else "")
 
 
 def group(runs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
@@ -43,7 +45,7 @@ def group(runs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
 
 
 def _main_metric(run: dict[str, Any]) -> str:
-    return "val_bleu" if "val_bleu" in run["summary"]["final"] else "val_acc"
+    return run["summary"]["main_metric"]
 
 
 def _last_train_loss(run: dict[str, Any]) -> float:
@@ -69,8 +71,9 @@ def table(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
-def write_table(rows: list[dict[str, Any]], out_dir: Path) -> str:
-    """Writes ``table.csv`` and ``table.md`` in ``out_dir``; returns the Markdown."""
+def write_table(rows: list[dict[str, Any]], out_dir: Path, source: str | None = None) -> str:
+    """Writes ``table.csv`` and ``table.md`` in ``out_dir`` (``source``: the command that made the runs, recorded
+    above the table); returns the Markdown."""
     out_dir.mkdir(parents=True, exist_ok=True)
     keys = list(rows[0])
     with open(out_dir / "table.csv", "w", newline="") as f:
@@ -84,6 +87,8 @@ def write_table(rows: list[dict[str, Any]], out_dir: Path) -> str:
         lines.append(f"| {r['algorithm']} | {r['seeds']} | {r['steps']} | {r['train_loss']:.4f} ± {r['train_loss_std']:.4f} "
                      f"| {r[metric]:.2f} ± {r[metric + '_std']:.2f} | {r['best_' + metric]:.2f} "
                      f"| {r['mib_sent_per_rank']:.2f} | {r['wall_time_s']:.1f} |")
+    if source:
+        lines = [f"Made by `{source}`.", ""] + lines
     markdown = "\n".join(lines) + "\n"
     (out_dir / "table.md").write_text(markdown)
     return markdown
@@ -115,7 +120,7 @@ def figure(runs: list[dict[str, Any]], path: Path, x: str = "epoch", title: str 
                 ax.fill_between(xs, mean - std, mean + std, color=line.get_color(), alpha=0.2)
     xlabel = {"epoch": "epoch", "step": "inner step", "wall_time": "wall time (s)"}[x]
     axes[0].set(yscale="log", xlabel=xlabel, ylabel="train loss")
-    axes[1].set(xlabel=xlabel, ylabel={"val_acc": "val accuracy (%)", "val_bleu": "val BLEU"}[metric])
+    axes[1].set(xlabel=xlabel, ylabel=metric)
     for ax in axes:
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize=8)

@@ -1,20 +1,17 @@
-"""A least-squares problem with different data on every rank, run through the engine (``run_engine``) and through
-an independent plain-NumPy implementation of the same algorithms (``reference``).
-
-The model has two parameters in two param groups with different learning rates (x: a vector, c: a scalar bias),
-so per-group gamma_t is exercised. Each rank r at inner step k uses its own minibatch A[r, k], y[r, k]; the loss
-is 0.5 * mean((A x + c - y)^2).
+"""The least-squares problem of :mod:`slowmo.reference` (different data on every rank, two param groups), run
+through the engine (``run_engine``) and through the package's independent plain-NumPy reference (``reference``).
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
 
 import slowmo
+from slowmo.reference import Problem, lr_at, make_data  # noqa: F401 - make_data and lr_at are the tests' too
+from slowmo.reference import reference as numpy_reference
 
 
 @dataclass(frozen=True)
@@ -37,20 +34,20 @@ class Setup:
     def with_(self, **kw) -> "Setup":
         return replace(self, **kw)
 
-
-def make_data(s: Setup):
-    rng = np.random.default_rng(s.seed)
-    a = rng.normal(size=(s.world_size, s.steps, s.batch, s.d))
-    x_true = rng.normal(size=(s.world_size, s.d))  # different optimum per rank: heterogeneous data
-    y = np.einsum("rkbd,rd->rkb", a, x_true) + 0.1 * rng.normal(size=(s.world_size, s.steps, s.batch))
-    theta0 = rng.normal(size=s.d + 1)
-    return a, y, theta0
+    def problem(self) -> Problem:
+        """The same run in the reference's terms (its base algorithm as the communication it does)."""
+        if self.graph is not None:
+            raise ValueError("the reference gossips on the directed exponential graph only")
+        return Problem(MIXING[self.algorithm], self.world_size, self.steps, self.period, self.slowmo, self.momentum,
+                       self.nesterov, self.lr, self.decay_at, self.d, self.batch, self.seed, self.procs_per_node)
 
 
-def lr_at(s: Setup, k: int) -> np.ndarray:
-    """Per-element lr of theta = [x (d values), c] at inner step k."""
-    scale = 0.5 if s.decay_at is not None and k >= s.decay_at else 1.0
-    return np.array([s.lr[0] * scale] * s.d + [s.lr[1] * scale])
+MIXING = {"allreduce": "gradient_mean", "localsgd": "average", "sgp": "push_sum", "osgp": "push_sum_late"}
+
+
+def reference(s: Setup) -> np.ndarray:
+    """The plain-NumPy reference (slowmo.reference, written from the papers' equations) for this setup."""
+    return numpy_reference(s.problem())
 
 
 class LeastSquares(torch.nn.Module):
@@ -111,76 +108,3 @@ def run_engine(comm, s: Setup, with_history: bool = False) -> dict:
     return out
 
 
-# ------------------------------------------------------------------------------------------------ reference
-def _exponential_offset(n: int, k: int) -> int:
-    levels = max(1, math.ceil(math.log2(n)))
-    return 2 ** (k % levels)
-
-
-def reference(s: Setup) -> np.ndarray:
-    """Plain-NumPy Algorithm 1 (and base algorithms) on every rank; returns theta per rank, shape (n, d+1).
-
-    Written from the paper's equations, sharing no code with the package."""
-    a, y, theta0 = make_data(s)
-    n, dim = s.world_size, s.d + 1
-    theta = np.tile(theta0, (n, 1))
-    weight = np.ones(n)
-    buf = [None] * n
-    x0, u = theta0.copy(), np.zeros(dim)
-    pending = None  # OSGP: (numerators sent at the previous step, to whom)
-    cfg = s.slowmo
-    for k in range(s.steps):
-        lr = lr_at(s, k)
-        grads = []
-        for r in range(n):
-            resid = a[r, k] @ theta[r, :-1] + theta[r, -1] - y[r, k]
-            grads.append(np.concatenate([a[r, k].T @ resid, [resid.sum()]]) / s.batch)
-        if s.algorithm == "allreduce":
-            grads = [np.mean(grads, axis=0)] * n
-        elif s.procs_per_node > 1:  # gradient mean inside each node of procs_per_node consecutive ranks
-            p = s.procs_per_node
-            grads = [np.mean(grads[r - r % p:r - r % p + p], axis=0) for r in range(n)]
-        for r in range(n):  # torch.optim.SGD semantics
-            g = grads[r]
-            if s.momentum:
-                buf[r] = g.copy() if buf[r] is None else s.momentum * buf[r] + g
-                g = g + s.momentum * buf[r] if s.nesterov else buf[r]
-            theta[r] = theta[r] - lr * g
-        outer = cfg is not None and (k + 1) % cfg["tau"] == 0
-        if s.algorithm == "localsgd" and s.period and (k + 1) % s.period == 0 and not outer:
-            theta[:] = theta.mean(axis=0)
-        if s.algorithm in ("sgp", "osgp"):
-            # node i sends to node i + 2^(k mod ceil(log2 nodes)): ranks shift by that many nodes
-            off = _exponential_offset(n // s.procs_per_node, k) * s.procs_per_node
-            num = np.concatenate([theta * weight[:, None], weight[:, None]], axis=1) * 0.5  # keep 1/2, send 1/2
-            sent = num.copy()
-            if s.algorithm == "sgp":
-                num = num + np.roll(sent, off, axis=0)  # rank r receives from r - off
-            elif pending is not None:
-                num = num + pending
-            if s.algorithm == "osgp":
-                pending = np.roll(sent, off, axis=0)
-            weight = num[:, -1].copy()
-            theta = num[:, :-1] / weight[:, None]
-        if outer:
-            if s.algorithm == "osgp" and pending is not None:
-                num = np.concatenate([theta * weight[:, None], weight[:, None]], axis=1) + pending
-                pending = None
-                weight = num[:, -1].copy()
-                theta = num[:, :-1] / weight[:, None]
-            x_tau = theta.mean(axis=0)
-            alpha, beta = cfg.get("alpha", 1.0), cfg.get("beta", 0.0)
-            raw = cfg.get("pseudo_gradient", "scaled") == "raw"
-            disp = (x0 - x_tau) if raw else (x0 - x_tau) / lr
-            u = beta * u + disp
-            step_dir = beta * u + disp if cfg.get("nesterov", False) else u
-            x0 = x0 - (alpha if raw else alpha * lr) * step_dir
-            theta = np.tile(x0, (n, 1))
-            weight = np.ones(n)
-            policy = cfg.get("base_buffers", "keep")
-            if policy == "reset" and s.momentum:
-                buf = [np.zeros(dim) for _ in range(n)]
-            elif policy == "average" and s.momentum:
-                mean = np.mean(buf, axis=0)
-                buf = [mean.copy() for _ in range(n)]
-    return theta

@@ -128,7 +128,7 @@ CASES = [
     Case("unknown backend", lambda t: {"dist": {"backend": "mpi"}},
          "dist.backend='mpi' is not one of simulated, gloo, nccl"),
     Case("no steps", lambda t: {"train": {"max_steps": 0}}, "train.max_steps must be >= 1, got 0"),
-    Case("preset of another task", lambda t: {"experiment": "paper_imagenet"},
+    Case("preset of another task", lambda t: {"experiment": "paper_imagenet", "task": {"name": "digits"}},
          "+experiment=paper_imagenet is the preset of task imagenet, but the task is digits; "
          "run experiments/imagenet/train.py"),
     Case("tau=0", lambda t: {"slowmo": {"enabled": True, "tau": 0}},

@@ -17,8 +17,9 @@ def cfg(run_dir, **sections):
             "train": {"max_steps": 40, "eval_every": 0}, "dist": {"backend": "gloo", "world_size": 2},
             "algorithm": {"name": "localsgd", "period": 2}, "slowmo": {"enabled": True, "tau": 4, "beta": 0.5},
             "data": {"batch_size": 16}, "optimizer": {"lr": 0.05}}
-    for key, value in sections.items():
-        base[key] = {**base.get(key, {}), **value}
+    for key, value in sections.items():  # another algorithm replaces the section (its keys are its own)
+        same = key != "algorithm" or value.get("name") == base[key]["name"]
+        base[key] = {**base.get(key, {}), **value} if same else value
     return base
 
 

@@ -11,7 +11,7 @@ from slowmo.train import run
 def cfg(tmp_path, task_name, data, model, **extra):
     out = {"run_dir": str(tmp_path / "run"), "task": {"name": task_name}, "data": data, "model": model,
            "logger": {"progress": False, "log_every": 1}, "train": {"max_steps": 3, "eval_every": 0},
-           "dist": {"world_size": 2}, "algorithm": {"name": "sgp"}, "slowmo": {"enabled": True, "tau": 2}}
+           "dist": {"world_size": 2}, "algorithm": {"name": "sgp"}, "slowmo": {"enabled": True, "tau": 2, "beta": 0.0}}
     out.update(extra)
     return out
 
@@ -55,10 +55,13 @@ def test_wmt16_from_parallel_text_with_sentencepiece_and_sacrebleu(tmp_path):
 
 
 def test_the_synthetic_task_is_a_fixed_teacher_that_a_student_learns(tmp_path):
-    from slowmo.tasks.synthetic import build
+    from slowmo.tasks import TASKS, TaskContext
     from slowmo.train import validate
 
-    a, b = (build(validate({"task": {"name": "synthetic"}, "seed": seed})) for seed in (0, 1))
+    def build(seed):
+        c = validate({"task": {"name": "synthetic"}, "seed": seed})
+        return TASKS["synthetic"].build(c.task, c.data, c.model, TaskContext(0, 1, seed, tmp_path))
+    a, b = build(0), build(1)
     assert torch.equal(a.train_set.tensors[0], b.train_set.tensors[0])  # the data do not depend on the seed
     assert torch.equal(a.val_set.tensors[1], b.val_set.tensors[1])
     labels = a.train_set.tensors[1]

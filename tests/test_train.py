@@ -24,7 +24,7 @@ def cfg(run_dir, **sections):
 
 @pytest.mark.parametrize("algorithm,slowmo", [("localsgd", True), ("sgp", True), ("allreduce", False)])
 def test_digits_learns_and_the_run_directory_is_complete(tmp_path, algorithm, slowmo):
-    summary = run(cfg(tmp_path, algorithm={"name": algorithm, "period": 4},
+    summary = run(cfg(tmp_path, algorithm={"name": algorithm, **({"period": 4} if algorithm == "localsgd" else {})},
                       slowmo={"enabled": slowmo, "tau": 4, "beta": 0.5}))
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     for line in lines:
@@ -44,7 +44,8 @@ def test_digits_learns_and_the_run_directory_is_complete(tmp_path, algorithm, sl
                                                ("localsgd", {"name": "step", "warmup_epochs": 1.0,
                                                              "warmup_init_lr": 0.1, "milestones": [1.5]})])
 def test_an_interrupted_run_resumes_to_the_same_final_model(tmp_path, algorithm, schedule):
-    common = dict(model={"name": "cnn", "width": 8}, algorithm={"name": algorithm, "period": None},
+    common = dict(model={"name": "cnn", "width": 8},
+                  algorithm={"name": algorithm, **({"period": None} if algorithm == "localsgd" else {})},
                   slowmo={"enabled": True, "tau": 6, "beta": 0.6, "base_buffers": "reset"}, schedule=schedule)
     straight = run(cfg(tmp_path / "straight", train={"max_steps": 30, "eval_every": 10}, **common))
     run(cfg(tmp_path / "resumed", train={"max_steps": 14, "checkpoint_every": 7, "eval_every": 10}, **common))

@@ -18,7 +18,7 @@ for task in $TASKS; do
     cells=()
     for base in ${BASES[$task]}; do
       extra=""
-      [ "$base" = localsgd ] && extra="algorithm.period=12 slowmo.tau=12"
+      [ "$base" = localsgd ] && extra="slowmo.tau=12"  # Local SGD's H follows tau
       cells+=("algorithm=$base slowmo=off $extra" "algorithm=$base slowmo=on $extra")
     done
     cells+=("algorithm=allreduce slowmo=off")

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from .base import Algorithm, average_, gradients
+from ..flat import average_, gradients
+from .base import ALGORITHMS, Algorithm, AlgorithmConfig
 
 
+@ALGORITHMS.register("allreduce", AlgorithmConfig, label="AR-SGD")
 class AllReduce(Algorithm):
     """g <- (1/m) sum_i g^i before every base step, so every rank takes the same step (data-parallel SGD).
 

@@ -1,48 +1,26 @@
-"""What every base algorithm shares: the communication hooks around the base optimizer's step, flat buffers,
-and the optional split into nodes (gradients averaged inside a node, the algorithm runs across nodes)."""
+"""What every base algorithm shares: the communication hooks around the base optimizer's step and the optional split
+into nodes (gradients averaged inside a node, the algorithm runs across nodes)."""
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 
 from ..comm import Communicator
+from ..flat import average_, gradients
+from ..registry import Registry
+
+ALGORITHMS = Registry("algorithm", "slowmo.algorithms")
 
 
-def flatten(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """One contiguous 1-D copy of ``tensors``, in order."""
-    if not tensors:
-        return torch.empty(0)
-    return torch.cat([t.detach().reshape(-1) for t in tensors])
+@dataclass
+class AlgorithmConfig:
+    """The ``algorithm`` section every base algorithm's config has (``configs/algorithm/<name>.yaml``)."""
 
-
-def unflatten_(flat: torch.Tensor, tensors: Sequence[torch.Tensor]) -> None:
-    """Copy consecutive slices of ``flat`` back into ``tensors`` (inverse of :func:`flatten`)."""
-    offset = 0
-    for t in tensors:
-        t.detach().copy_(flat[offset:offset + t.numel()].view_as(t))
-        offset += t.numel()
-
-
-def average_(comm: Communicator, tensors: Sequence[torch.Tensor]) -> None:
-    """In place: every tensor becomes its mean over the ranks of ``comm`` (one all-reduce of a flat buffer)."""
-    if tensors:
-        flat = flatten(tensors)
-        comm.all_reduce(flat, "mean")
-        unflatten_(flat, tensors)
-
-
-def gradients(params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """The gradients of the trainable ``params``; a missing gradient becomes zeros, so every rank reduces the
-    same buffer (a parameter unused on one rank contributes 0 to the mean, as in DDP)."""
-    grads = []
-    for p in params:
-        if p.requires_grad:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            grads.append(p.grad)
-    return grads
+    name: str
+    procs_per_node: int  # ranks per node: gradients averaged inside a node, the algorithm runs between nodes
 
 
 class Algorithm:
@@ -63,6 +41,11 @@ class Algorithm:
             self.node, self.cross = comm.split_nodes(procs_per_node)
         self.params: list[torch.Tensor] = []
         self.buffers: list[torch.Tensor] = []
+
+    @classmethod
+    def from_config(cls, comm: Communicator, cfg: AlgorithmConfig) -> "Algorithm":
+        """The algorithm of an ``algorithm`` config section: its fields, but ``name``, are the constructor's."""
+        return cls(comm, **{key: value for key, value in asdict(cfg).items() if key != "name"})
 
     def bind(self, params: list[torch.Tensor], buffers: list[torch.Tensor]) -> None:
         """Called once by the optimizer: the model's parameters and floating-point buffers, in model order."""

@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Optional
+
 from ..comm import Communicator
-from .base import Algorithm, average_
+from ..flat import average_
+from .base import ALGORITHMS, Algorithm, AlgorithmConfig
 
 
+@dataclass
+class LocalSGDConfig(AlgorithmConfig):
+    period: Optional[int]  # H (configs/algorithm/localsgd.yaml ties it to slowmo.tau, as the paper's presets)
+
+
+@ALGORITHMS.register("localsgd", LocalSGDConfig, label="Local SGD")
 class LocalSGD(Algorithm):
     """x^i <- (1/m) sum_j x^j (parameters and floating-point buffers) after every ``period``-th inner step.
 

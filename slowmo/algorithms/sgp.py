@@ -16,16 +16,29 @@ in-peers sent at step k-1, while the message of step k travels during step k+1's
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from ..comm import Communicator
 from ..comm.base import Completed
-from ..graphs import DirectedExponential, GossipGraph
-from .base import Algorithm, flatten, unflatten_
+from ..graphs import GRAPHS, DirectedExponential, GossipGraph
+from ..registry import ConfigError
+from ..flat import flatten, unflatten_
+from .base import ALGORITHMS, Algorithm, AlgorithmConfig
 
 
+@dataclass
+class SGPConfig(AlgorithmConfig):
+    graph: str  # a registered gossip graph (slowmo.graphs), over the nodes
+
+    def check(self) -> None:
+        if self.graph not in GRAPHS:
+            raise ConfigError(f"algorithm.graph={self.graph!r} is not one of {', '.join(GRAPHS.names())}")
+
+
+@ALGORITHMS.register("sgp", SGPConfig, label="SGP")
 class SGP(Algorithm):
     """Push-sum gossip with one blocking round per inner step.
 
@@ -48,6 +61,14 @@ class SGP(Algorithm):
             raise ValueError(f"the gossip graph has {self.graph.world_size} ranks but gossip runs over {n}; "
                              f"build it with world_size={n}")
         self.weight: torch.Tensor = torch.ones(1)
+
+    @classmethod
+    def from_config(cls, comm: Communicator, cfg: SGPConfig) -> "SGP":
+        if comm.world_size % cfg.procs_per_node:
+            raise ConfigError(f"world size {comm.world_size} is not divisible by algorithm.procs_per_node="
+                              f"{cfg.procs_per_node}")
+        nodes = comm.world_size // cfg.procs_per_node
+        return cls(comm, GRAPHS[cfg.graph].build(nodes) if nodes > 1 else None, cfg.procs_per_node)
 
     def bind(self, params: list[torch.Tensor], buffers: list[torch.Tensor]) -> None:
         super().bind(params, buffers)
@@ -100,6 +121,7 @@ class SGP(Algorithm):
         self.weight = state["weight"].to(dtype=self.weight.dtype, device=self.weight.device).clone()
 
 
+@ALGORITHMS.register("osgp", SGPConfig, label="OSGP")
 class OSGP(SGP):
     """Overlapped SGP: non-blocking sends, each message mixed one step late (bounded staleness 1).
 

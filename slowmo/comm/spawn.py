@@ -87,7 +87,7 @@ def _death(exitcode: int) -> str:
 
 
 def _process_main(fn, rank, world_size, backend, port, args, timeout, queue) -> None:
-    from ..launch import DistEnv, init_distributed, threads_per_rank  # in the child: keeps spawn importable early
+    from .launch import DistEnv, init_distributed, threads_per_rank  # in the child: keeps spawn importable early
 
     import torch.distributed as dist
 

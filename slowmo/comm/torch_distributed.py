@@ -32,7 +32,7 @@ class TorchDistributed(Communicator):
                  counter=None) -> None:
         if not dist.is_initialized():
             raise RuntimeError("TorchDistributed needs an initialised process group: call "
-                               "slowmo.launch.init_distributed() (or torch.distributed.init_process_group) first")
+                               "slowmo.comm.launch.init_distributed() (or torch.distributed.init_process_group) first")
         super().__init__(dist.get_rank(group), dist.get_world_size(group), label, counter)
         self.group = group
         self.timeout = timeout

@@ -1,7 +1,11 @@
-"""Models: small nets for the embedded digits task, CIFAR ResNets, ResNet-50, and fairseq-shaped Transformers."""
+"""Models, registered by name in :data:`MODELS`: small nets for the embedded tasks, CIFAR ResNets, ResNet-50, and
+fairseq-shaped Transformers (a new model is one module here plus ``configs/model/<name>.yaml``)."""
 
-from .resnet import build_resnet
-from .small import build_small
-from .transformer import TRANSFORMER_SHAPES, Transformer
+from pkgutil import extend_path
 
-__all__ = ["TRANSFORMER_SHAPES", "Transformer", "build_resnet", "build_small"]
+from .base import MODELS, ModelConfig, build_model, models_taking
+from .resnet import ResNet20
+from .transformer import Transformer
+
+__path__ = extend_path(__path__, __name__)
+__all__ = ["MODELS", "ModelConfig", "ResNet20", "Transformer", "build_model", "models_taking"]

@@ -3,8 +3,12 @@ stride 1, no max-pool; the paper's CIFAR-10 model) and ImageNet ResNet-50 (torch
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch.nn.functional as F
 from torch import nn
+
+from .base import MODELS, ModelConfig
 
 
 class _Block(nn.Module):
@@ -25,9 +29,9 @@ class _Block(nn.Module):
 class ResNet20(nn.Module):
     """CIFAR ResNet-20: widths w, 2w, 4w (w = 16 in the original)."""
 
-    def __init__(self, width: int = 16, num_classes: int = 10) -> None:
+    def __init__(self, width: int = 16, num_classes: int = 10, in_channels: int = 3) -> None:
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
         layers, cin = [], width
         for stage, cout in enumerate((width, 2 * width, 4 * width)):
             for block in range(3):
@@ -40,16 +44,30 @@ class ResNet20(nn.Module):
         return self.head(F.adaptive_avg_pool2d(self.layers(self.stem(x)), 1).flatten(1))
 
 
-def build_resnet(name: str, num_classes: int, width: int = 64) -> nn.Module:
-    if name == "resnet20":
-        return ResNet20(width, num_classes)
+@dataclass
+class ResNet20Config(ModelConfig):
+    width: int  # w: stage widths w, 2w, 4w (16 in He et al.)
+
+
+@MODELS.register("resnet20", ResNet20Config, label="ResNet-20", takes=("images",))
+def resnet20(cfg: ResNet20Config, num_classes: int, input_shape: tuple[int, ...]) -> nn.Module:
+    return ResNet20(cfg.width, num_classes, input_shape[0])
+
+
+@MODELS.register("resnet18", ModelConfig, label="ResNet-18", takes=("images",))
+def resnet18(cfg: ModelConfig, num_classes: int, input_shape: tuple[int, ...]) -> nn.Module:
+    """torchvision's ResNet-18 with the CIFAR stem (3x3 convolution, stride 1, no max-pool): the paper's model."""
     import torchvision  # here, not at the top: importing it costs every digits/WMT rank seconds at start
 
-    if name == "resnet18":  # torchvision's ResNet-18 with the CIFAR stem
-        model = torchvision.models.resnet18(num_classes=num_classes)
-        model.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
-        model.maxpool = nn.Identity()
-        return model
-    if name == "resnet50":
-        return torchvision.models.resnet50(num_classes=num_classes)
-    raise ValueError(f"unknown ResNet {name!r}; use resnet20, resnet18 or resnet50")
+    model = torchvision.models.resnet18(num_classes=num_classes)
+    model.conv1 = nn.Conv2d(input_shape[0], 64, 3, 1, 1, bias=False)
+    model.maxpool = nn.Identity()
+    return model
+
+
+@MODELS.register("resnet50", ModelConfig, label="ResNet-50", takes=("images",))
+def resnet50(cfg: ModelConfig, num_classes: int, input_shape: tuple[int, ...]) -> nn.Module:
+    """torchvision's ResNet-50 (ImageNet stem)."""
+    import torchvision
+
+    return torchvision.models.resnet50(num_classes=num_classes)

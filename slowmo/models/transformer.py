@@ -5,9 +5,13 @@ post-norm layers (fairseq's default), greedy decoding."""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch import nn
+
+from .base import MODELS, ModelConfig
 
 # d_model, ffn, heads, layers (encoder = decoder), dropout
 TRANSFORMER_SHAPES = {
@@ -73,3 +77,16 @@ class Transformer(nn.Module):
             if done.all():
                 break
         return [[t for t in row[1:] if t not in (eos, self.pad_id)] for row in out.tolist()]
+
+
+@dataclass
+class TransformerConfig(ModelConfig):
+    dropout: Optional[float]  # null: the shape's own (0.1 base, 0.3 big)
+
+
+def _build(cfg: TransformerConfig, vocab_size: int, pad_id: int) -> nn.Module:
+    return Transformer(vocab_size, cfg.name, pad_id, cfg.dropout)
+
+
+for _shape in TRANSFORMER_SHAPES:
+    MODELS.register(_shape, TransformerConfig, label=_shape, takes=("tokens",))(_build)

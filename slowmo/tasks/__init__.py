@@ -1,31 +1,9 @@
-"""Tasks: one file each (data + model + loss + metric), built from the config."""
+"""Tasks: one module each (data + model + loss + metric), registered by name in :data:`TASKS` (a new task is one
+module here plus ``configs/task/<name>.yaml``)."""
 
-from __future__ import annotations
+from pkgutil import extend_path
 
-from pathlib import Path
-from typing import TYPE_CHECKING
+from .base import TASKS, Task, TaskConfig, TaskContext
 
-from .base import Task
-
-if TYPE_CHECKING:  # the harness imports the tasks; importing it here would make a cycle
-    from ..train.config import Config
-
-
-def build_task(cfg: "Config", run_dir: Path) -> Task:
-    name = cfg.task.name
-    if name == "digits":
-        from .digits import build
-    elif name == "synthetic":
-        from .synthetic import build
-    elif name == "cifar10":
-        from .cifar10 import build
-    elif name == "imagenet":
-        from .imagenet import build
-    else:
-        from .wmt16 import build
-
-        return build(cfg, run_dir)
-    return build(cfg)
-
-
-__all__ = ["Task", "build_task"]
+__path__ = extend_path(__path__, __name__)
+__all__ = ["TASKS", "Task", "TaskConfig", "TaskContext"]

@@ -1,37 +1,83 @@
-"""What a task provides to the shared loop: data, model, loss and metric."""
+"""What a task provides to the shared loop (data, model, loss, metric), and the task registry.
+
+A task registers its name, its two config sections (``task`` and ``data``, both in ``configs/task/<name>.yaml``),
+what inputs it gives a model (images, vectors or tokens) and its builder, which receives its own sections, the
+model's section and a :class:`TaskContext` (never the whole run config):
+
+    @TASKS.register("cifar10", TaskConfig, data=CIFAR10Data, inputs="images", needs="an image model")
+    def build(task: TaskConfig, data: CIFAR10Data, model: ModelConfig, ctx: TaskContext) -> Task: ...
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from ..registry import Registry
+
+TASKS = Registry("task", "slowmo.tasks")
 Batch = Any
+
+
+@dataclass
+class TaskConfig:
+    """The ``task`` section every task has."""
+
+    name: str
+    label_smoothing: float  # cross-entropy's (fairseq's label_smoothed_cross_entropy: 0.1 for WMT)
+
+
+@dataclass
+class LoaderConfig:
+    """The ``data`` keys every task has: how its batches are loaded (see :mod:`slowmo.train.data`)."""
+
+    eval_batch_size: int
+    num_workers: int  # DataLoader worker processes per rank (0: load on the training thread)
+    prefetch_factor: int  # batches each worker loads ahead
+
+
+@dataclass
+class ImageData(LoaderConfig):
+    batch_size: int  # images per rank per step
+
+
+@dataclass(frozen=True)
+class TaskContext:
+    """What a task knows of the run: this rank, the number of ranks, the seed, and a directory all ranks share
+    (rank 0 builds its task first, so files it writes there are ready for the others)."""
+
+    rank: int
+    world_size: int
+    seed: int
+    shared_dir: Path
 
 
 @dataclass
 class Task:
     """A task's pieces.
 
-    ``train_batches(epoch, rank, world)`` gives this rank's batches of the epoch as lists of dataset indices (every
-    rank gets as many, so collectives stay aligned; deterministic in seed and epoch, so a resumed run sees the
-    same data). ``eval_sums(model, batch)`` returns a vector of sums that add up over batches and ranks;
-    ``metrics(sums)`` turns the total into named numbers (``val_loss`` and ``val_acc`` or ``val_bleu``).
+    ``train_batches(epoch)`` gives this rank's batches of the epoch as lists of dataset indices (every rank gets as
+    many, so collectives stay aligned; deterministic in seed and epoch, so a resumed run sees the same data);
+    ``val_batches`` is this rank's share of the validation set. ``eval_sums(model, batch)`` returns a vector of sums
+    that add up over batches and ranks; ``metrics(sums)`` turns the total into named numbers, among them
+    ``main_metric`` (the one tables and figures show).
     """
 
     model: nn.Module
     train_set: Dataset
     val_set: Dataset
     collate: Callable[[list], Batch]
-    train_batches: Callable[[int, int, int], list[list[int]]]
-    val_batches: Callable[[int, int], list[list[int]]]
+    train_batches: Callable[[int], list[list[int]]]
+    val_batches: list[list[int]]
     loss: Callable[[nn.Module, Batch], torch.Tensor]
     eval_sums: Callable[[nn.Module, Batch], torch.Tensor]
     metrics: Callable[[torch.Tensor], dict[str, float]]
-    main_metric: str = "val_acc"
+    main_metric: str
 
 
 def shuffled_batches(n: int, batch_size: int, seed: int, epoch: int, rank: int, world: int) -> list[list[int]]:
@@ -47,8 +93,8 @@ def sharded_batches(n: int, batch_size: int, rank: int, world: int) -> list[list
     return [mine[i:i + batch_size] for i in range(0, len(mine), batch_size)]
 
 
-def classification(model: nn.Module, train_set: Dataset, val_set: Dataset, batch_size: int, eval_batch_size: int,
-                   seed: int, label_smoothing: float = 0.0, topk: int = 1) -> Task:
+def classification(model: nn.Module, train_set: Dataset, val_set: Dataset, data: ImageData, ctx: TaskContext,
+                   label_smoothing: float = 0.0, topk: int = 1) -> Task:
     """A Task for image classification: cross-entropy, top-1 (and top-k) accuracy."""
 
     def collate(items: list) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,7 +119,9 @@ def classification(model: nn.Module, train_set: Dataset, val_set: Dataset, batch
             out[f"val_acc_top{topk}"] = 100.0 * correct_k / count
         return out
 
-    return Task(model, train_set, val_set, collate,
-                lambda epoch, rank, world: shuffled_batches(len(train_set), batch_size, seed, epoch, rank, world),
-                lambda rank, world: sharded_batches(len(val_set), eval_batch_size, rank, world),
-                loss, eval_sums, metrics)
+    def train_batches(epoch: int) -> list[list[int]]:
+        return shuffled_batches(len(train_set), data.batch_size, ctx.seed, epoch, ctx.rank, ctx.world_size)
+
+    return Task(model, train_set, val_set, collate, train_batches,
+                sharded_batches(len(val_set), data.eval_batch_size, ctx.rank, ctx.world_size),
+                loss, eval_sums, metrics, main_metric="val_acc")

@@ -3,14 +3,16 @@ standard augmentation (random resized crop, flip; resize + center crop for valid
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import torchvision.transforms as T
 from torchvision.datasets import ImageFolder
 
-from ..models import build_resnet
-from ..train.config import Config, ConfigError
-from .base import Task, classification
+from ..models import ModelConfig, build_model
+from ..registry import ConfigError
+from .base import TASKS, ImageData, Task, TaskConfig, TaskContext, classification
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -26,17 +28,24 @@ def _folder(path: Path, transform) -> ImageFolder:
                           "val/ with one sub-directory of images per class") from None
 
 
-def build(cfg: Config) -> Task:
-    if cfg.data.root is None:
+@dataclass
+class ImageNetData(ImageData):
+    root: Optional[str]  # the directory holding train/ and val/ in ImageFolder layout
+    augment: bool  # random resized crop and flip (else resize and center crop)
+    image_size: int  # crop size
+
+
+@TASKS.register("imagenet", TaskConfig, data=ImageNetData, label="ImageNet", inputs="images", needs="an image model")
+def build(task: TaskConfig, data: ImageNetData, model: ModelConfig, ctx: TaskContext) -> Task:
+    if data.root is None:
         raise ConfigError("task imagenet needs data.root: the directory holding train/ and val/ in ImageFolder layout")
-    root, size = Path(cfg.data.root), cfg.data.image_size
+    root, size = Path(data.root), data.image_size
     normalize = [T.ToTensor(), T.Normalize(MEAN, STD)]
-    augment = [T.RandomResizedCrop(size), T.RandomHorizontalFlip()] if cfg.data.augment else \
+    augment = [T.RandomResizedCrop(size), T.RandomHorizontalFlip()] if data.augment else \
         [T.Resize(size), T.CenterCrop(size)]
     train = _folder(root / "train", T.Compose(augment + normalize))
     val = _folder(root / "val", T.Compose([T.Resize(int(size * 256 / 224)), T.CenterCrop(size)] + normalize))
     if train.classes != val.classes:
         raise ConfigError(f"train/ has {len(train.classes)} classes and val/ has {len(val.classes)}; they must match")
-    model = build_resnet(cfg.model.name, len(train.classes), cfg.model.width)
-    return classification(model, train, val, cfg.data.batch_size, cfg.data.eval_batch_size, cfg.seed,
-                          cfg.task.label_smoothing, topk=5)
+    net = build_model(model, num_classes=len(train.classes), input_shape=(3, size, size))
+    return classification(net, train, val, data, ctx, task.label_smoothing, topk=5)

@@ -8,18 +8,19 @@ from __future__ import annotations
 import torch
 from torch.utils.data import TensorDataset
 
-from ..models import build_small
-from ..train.config import Config
-from .base import Task, classification
+from ..models import ModelConfig, build_model
+from .base import TASKS, ImageData, Task, TaskConfig, TaskContext, classification
 
 DIM, HIDDEN, CLASSES, TRAIN, VAL = 64, 128, 10, 16384, 4096
 
 
-def build(cfg: Config) -> Task:
+@TASKS.register("synthetic", TaskConfig, data=ImageData, label="teacher-student", inputs="vectors",
+                needs="a model for vectors")
+def build(task: TaskConfig, data: ImageData, model: ModelConfig, ctx: TaskContext) -> Task:
     g = torch.Generator().manual_seed(4321)  # the data set is the same for every run and seed
     w1, w2 = torch.randn(DIM, HIDDEN, generator=g) / DIM**0.5, torch.randn(HIDDEN, CLASSES, generator=g)
     x = torch.randn(TRAIN + VAL, DIM, generator=g)
     y = (torch.relu(x @ w1) @ w2).argmax(1)
-    model = build_small(cfg.model.name, cfg.model.width, CLASSES, in_pixels=DIM)
-    return classification(model, TensorDataset(x[:TRAIN], y[:TRAIN]), TensorDataset(x[TRAIN:], y[TRAIN:]),
-                          cfg.data.batch_size, cfg.data.eval_batch_size, cfg.seed, cfg.task.label_smoothing)
+    net = build_model(model, num_classes=CLASSES, input_shape=(DIM,))
+    return classification(net, TensorDataset(x[:TRAIN], y[:TRAIN]), TensorDataset(x[TRAIN:], y[TRAIN:]), data, ctx,
+                          task.label_smoothing)

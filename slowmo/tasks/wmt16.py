@@ -4,16 +4,19 @@ label-smoothed cross-entropy, token-based batching, greedy decoding and sacreBLE
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import sentencepiece as spm
 import torch
 from sacrebleu.metrics import BLEU
 from torch import nn
+from torch.utils.data import Dataset
 
-from ..models import TRANSFORMER_SHAPES, Transformer
-from ..train.config import Config, ConfigError
-from .base import Task, sharded_batches
+from ..models import ModelConfig, build_model
+from ..registry import ConfigError
+from .base import TASKS, LoaderConfig, Task, TaskConfig, TaskContext, sharded_batches
 
 PAD, UNK, BOS, EOS = 0, 1, 2, 3
 
@@ -76,20 +79,45 @@ def translation_loss(net: nn.Module, batch: dict, smoothing: float) -> torch.Ten
                                        label_smoothing=smoothing)
 
 
-def build(cfg: Config, spm_dir: Path) -> Task:
-    if cfg.data.root is None:
+@dataclass
+class WMT16Task(TaskConfig):
+    beam: int  # beam size of decoding (1: greedy)
+    max_decode_len: int  # target tokens beyond the source length
+
+
+@dataclass
+class WMT16Data(LoaderConfig):
+    root: Optional[str]  # the directory holding train.en/train.de and valid.en/valid.de
+    max_tokens: int  # tokens per rank per batch (longest sentence x sentences)
+    vocab_size: int  # joint sentencepiece BPE vocabulary
+    spm_model: Optional[str]  # an existing sentencepiece model (else one is trained on the training text)
+
+
+class Pairs(Dataset):
+    """(source ids, target ids, reference text) triples."""
+
+    def __init__(self, pairs: list[tuple[list[int], list[int]]], refs: list[str]) -> None:
+        self.pairs, self.refs = pairs, refs
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, i: int) -> tuple[list[int], list[int], str]:
+        return self.pairs[i][0], self.pairs[i][1], self.refs[i]
+
+
+@TASKS.register("wmt16", WMT16Task, data=WMT16Data, label="WMT'16 En-De", inputs="tokens", needs="a Transformer")
+def build(task: WMT16Task, data: WMT16Data, model: ModelConfig, ctx: TaskContext) -> Task:
+    if data.root is None:
         raise ConfigError("task wmt16 needs data.root: the directory holding train.en/train.de and valid.en/valid.de")
-    if cfg.model.name not in TRANSFORMER_SHAPES:
-        raise ConfigError(f"task wmt16 needs a Transformer: model.name is {cfg.model.name!r}, use one of "
-                          f"{', '.join(TRANSFORMER_SHAPES)}")
-    root = Path(cfg.data.root)
+    root = Path(data.root)
     train_src, train_tgt = read_parallel(root, "train")
     val_src, val_tgt = read_parallel(root, "valid")
-    model_path = Path(cfg.data.spm_model) if cfg.data.spm_model else spm_dir / f"spm_bpe{cfg.data.vocab_size}.model"
+    model_path = Path(data.spm_model) if data.spm_model else ctx.shared_dir / f"spm_bpe{data.vocab_size}.model"
     if not model_path.is_file():
-        if cfg.data.spm_model:
-            raise ConfigError(f"data.spm_model={cfg.data.spm_model} does not exist")
-        train_sentencepiece(train_src + train_tgt, model_path.with_suffix(""), cfg.data.vocab_size)
+        if data.spm_model:
+            raise ConfigError(f"data.spm_model={data.spm_model} does not exist")
+        train_sentencepiece(train_src + train_tgt, model_path.with_suffix(""), data.vocab_size)
     sp = spm.SentencePieceProcessor(model_file=str(model_path))
 
     def encode(src: list[str], tgt: list[str]) -> list[tuple[list[int], list[int]]]:
@@ -97,28 +125,17 @@ def build(cfg: Config, spm_dir: Path) -> Task:
 
     train_set, val_set = encode(train_src, train_tgt), encode(val_src, val_tgt)
     lengths = [max(len(s), len(t)) for s, t in train_set]
-    model = Transformer(sp.get_piece_size(), cfg.model.name, PAD, cfg.model.dropout or None)
-    smoothing = cfg.task.label_smoothing
+    net = build_model(model, vocab_size=sp.get_piece_size(), pad_id=PAD)
     bleu = BLEU()
 
-    class Pairs(torch.utils.data.Dataset):
-        def __init__(self, pairs, refs):
-            self.pairs, self.refs = pairs, refs
-
-        def __len__(self):
-            return len(self.pairs)
-
-        def __getitem__(self, i):
-            return self.pairs[i][0], self.pairs[i][1], self.refs[i]
-
     def loss(net: nn.Module, batch: dict) -> torch.Tensor:
-        return translation_loss(net, batch, smoothing)
+        return translation_loss(net, batch, task.label_smoothing)
 
     def eval_sums(net: nn.Module, batch: dict) -> torch.Tensor:
         logits = net(batch["src"], batch["prev"])
         nll = nn.functional.cross_entropy(logits.flatten(0, 1), batch["tgt"].flatten(), ignore_index=PAD,
                                           reduction="sum")
-        hyps = [sp.decode(ids) for ids in net.greedy(batch["src"], BOS, EOS, cfg.task.max_decode_len)]
+        hyps = [sp.decode(ids) for ids in net.greedy(batch["src"], BOS, EOS, task.max_decode_len)]
         stats = bleu.corpus_score(hyps, [batch["refs"]])
         return torch.tensor([nll.item(), (batch["tgt"] != PAD).sum().item(), *stats.counts, *stats.totals,
                              stats.sys_len, stats.ref_len], dtype=torch.float64)
@@ -130,7 +147,9 @@ def build(cfg: Config, spm_dir: Path) -> Task:
         score = BLEU.compute_bleu(counts, totals, int(values[10]), int(values[11]), smooth_method="exp")
         return {"val_loss": nll / tokens, "val_bleu": score.score}
 
-    return Task(model, Pairs(train_set, train_tgt), Pairs(val_set, val_tgt), collate,
-                lambda epoch, rank, world: token_batches(lengths, cfg.data.max_tokens, cfg.seed, epoch, rank, world),
-                lambda rank, world: sharded_batches(len(val_set), cfg.data.eval_batch_size, rank, world),
+    def train_batches(epoch: int) -> list[list[int]]:
+        return token_batches(lengths, data.max_tokens, ctx.seed, epoch, ctx.rank, ctx.world_size)
+
+    return Task(net, Pairs(train_set, train_tgt), Pairs(val_set, val_tgt), collate, train_batches,
+                sharded_batches(len(val_set), data.eval_batch_size, ctx.rank, ctx.world_size),
                 loss, eval_sums, metrics, main_metric="val_bleu")

@@ -1,6 +1,7 @@
-"""The training stack shared by every task: config schema, loop, checkpoints, loggers, schedules."""
+"""The training stack shared by every task: config, loop, data, precision, checkpoints, loggers, schedules."""
 
-from .config import Config, ConfigError, validate
+from ..registry import ConfigError
+from .config import Config, compose, validate
 from .loop import NonFiniteLoss, build_optimizer, run, train_rank
 
-__all__ = ["Config", "ConfigError", "NonFiniteLoss", "build_optimizer", "run", "train_rank", "validate"]
+__all__ = ["Config", "ConfigError", "NonFiniteLoss", "build_optimizer", "compose", "run", "train_rank", "validate"]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -11,10 +10,10 @@ from omegaconf import DictConfig
 
 from ..comm import CommError
 from . import preemption
-from .config import ConfigError
+from ..registry import ConfigError
+from .config import CONFIG_DIR
 from .loop import NonFiniteLoss, run
 
-CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs")
 REQUEUE_EXIT_CODE = 3  # a preempted run that wrote its checkpoint
 
 
@@ -40,4 +39,4 @@ def _main(cfg: DictConfig) -> None:
 
 def entrypoint(task: str) -> None:
     """Run Hydra on ``configs/train_<task>.yaml`` (config.yaml with this task; ``task=`` still overrides it)."""
-    hydra.main(config_path=CONFIG_DIR, config_name=f"train_{task}", version_base="1.3")(_main)()
+    hydra.main(config_path=str(CONFIG_DIR), config_name=f"train_{task}", version_base="1.3")(_main)()

@@ -1,182 +1,200 @@
-"""The typed configuration: Hydra composes ``configs/`` onto these dataclasses, so an unknown key or a value of
-the wrong type fails at start with one line naming it."""
+"""The run's configuration. The YAML tree under ``configs/`` is the one source of defaults; each section is checked
+against the dataclass of what it configures, and the plug-in sections against the dataclass their plug-in
+registered (``algorithm`` against the chosen algorithm's, ``data`` against the chosen task's, ...), so an unknown
+key (``+key=value`` included), a wrong type or an unknown name fails at start with one line naming it.
+
+From the command line Hydra composes the tree (``experiments/<task>/train.py key=value ...``); from Python,
+:func:`compose` does the same, and :func:`validate` (hence :func:`slowmo.train.run`) also takes a plain dict of
+overrides, composed onto the tree first: ``{"algorithm": {"name": "sgp"}}`` selects ``configs/algorithm/sgp.yaml``.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Optional
+import itertools
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Optional
 
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
 from hydra.core.config_store import ConfigStore
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from ..algorithms import ALGORITHMS
+from ..comm.spawn import BACKENDS
+from ..models import MODELS, models_taking
+from ..presets import OuterConfig
+from ..registry import ConfigError, Registry
+from ..tasks import TASKS
+from .optimizers import OPTIMIZERS
+from .precision import DTYPES
+from .schedule import SCHEDULES
 
-@dataclass
-class TaskConfig:
-    name: str = "digits"            # digits | synthetic | cifar10 | imagenet | wmt16
-    label_smoothing: float = 0.0    # wmt16: 0.1 (fairseq's label_smoothed_cross_entropy)
-    beam: int = 1                   # wmt16 decoding: 1 = greedy
-    max_decode_len: int = 64        # wmt16: extra target tokens beyond the source length
-
-
-@dataclass
-class DataConfig:
-    root: Optional[str] = None      # dataset directory (native on-disk format); digits needs none
-    batch_size: int = 32            # per rank (images) ; wmt16 uses max_tokens
-    eval_batch_size: int = 256
-    max_tokens: int = 4096          # wmt16: tokens per rank per batch
-    num_workers: int = 0            # DataLoader worker processes per rank (0: load on the training thread)
-    prefetch_factor: int = 2        # batches each worker loads ahead
-    augment: bool = True
-    download: bool = False          # cifar10: fetch when online
-    verify_checksums: bool = True   # cifar10: torchvision's MD5 check of the batch files
-    vocab_size: int = 8000          # wmt16: joint sentencepiece BPE vocabulary
-    spm_model: Optional[str] = None  # wmt16: an existing sentencepiece model (else trained on train.*)
-    image_size: int = 224           # imagenet crop
-    val_fraction: float = 0.2       # digits: held-out share
-
-
-@dataclass
-class ModelConfig:
-    name: str = "mlp"               # mlp | cnn | resnet20 | resnet18 | resnet50 | transformer_*
-    width: int = 64                 # mlp/cnn hidden width; resnet base width (64 = the standard ResNet-18)
-    dropout: float = 0.0
-
-
-@dataclass
-class AlgorithmConfig:
-    name: str = "localsgd"          # allreduce | localsgd | sgp | osgp
-    period: Optional[int] = None    # localsgd: H (None: only SlowMo's exact average)
-    graph: str = "directed_exponential"
-    procs_per_node: int = 1
-
-
-@dataclass
-class SlowMoConfig:
-    enabled: bool = False
-    tau: int = 12
-    alpha: float = 1.0
-    beta: float = 0.0
-    nesterov: bool = False
-    base_buffers: str = "keep"      # keep | reset | average
-    shard_outer_state: bool = False
-    pseudo_gradient: str = "scaled"  # scaled (SlowMo) | raw (BMUF / DiLoCo)
-
-
-@dataclass
-class OptimizerConfig:
-    name: str = "sgd"               # sgd | adam | adamw
-    lr: float = 0.1
-    momentum: float = 0.9
-    nesterov: bool = True
-    weight_decay: float = 0.0
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
-    eps: float = 1e-8
-
-
-@dataclass
-class ScheduleConfig:
-    name: str = "step"              # constant | step | inverse_sqrt
-    warmup_epochs: float = 0.0      # linear warm-up (step schedule), in epochs
-    warmup_steps: int = 0           # linear warm-up in steps (inverse_sqrt)
-    warmup_init_lr: float = 0.0     # lr at step 0 of the warm-up, as a fraction of optimizer.lr
-    milestones: list[float] = field(default_factory=list)  # epochs at which lr *= gamma
-    gamma: float = 0.1
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 
 
 @dataclass
 class LoggerConfig:
-    wandb: bool = False
-    project: str = "slowmo"
-    group: Optional[str] = None     # default: the sweep's name, or the run directory's parent
-    name: Optional[str] = None      # default: the run's overrides
-    mode: str = "auto"              # auto (online with an API key, else offline) | online | offline
-    log_every: int = 10
-    progress: bool = True
+    wandb: bool
+    project: str
+    group: Optional[str]  # default: the sweep's name, or the run directory's parent
+    name: Optional[str]  # default: the run's overrides
+    mode: str  # auto (online with an API key, else offline) | online | offline
+    log_every: int
+    progress: bool
 
 
 @dataclass
 class DistConfig:
-    backend: str = "simulated"      # simulated | gloo | nccl
-    device: str = "auto"            # auto (the local GPU under nccl, else the CPU) | cpu | cuda
-    world_size: int = 4             # ranks to simulate or to spawn locally (ignored under torchrun/srun)
-    timeout_s: float = 300.0
+    backend: str  # simulated | gloo | nccl
+    device: str  # auto (the local GPU under nccl, else the CPU) | cpu | cuda
+    world_size: int  # ranks to simulate or to spawn locally (ignored under torchrun/srun)
+    timeout_s: float
 
 
 @dataclass
 class TrainConfig:
-    max_steps: int = 200
-    eval_every: int = 50
-    checkpoint_every: int = 0       # 0: no periodic checkpoints
-    keep_checkpoints: int = 2
-    resume: str = "auto"            # auto: newest valid checkpoint in the run dir | never
-    signal_check_every: int = 5     # steps between checks for SIGTERM/SIGUSR1 (ranks agree on stopping)
-    precision: str = "fp32"         # fp32 | bf16 | fp16 (autocast; fp16 adds a loss scaler agreed by all ranks)
-    channels_last: Optional[bool] = None  # ResNets in channels-last memory format; None: on for cuda
-    deterministic: bool = False     # deterministic CUDA kernels (bit-exact resume on GPUs), no cudnn.benchmark
+    max_steps: int
+    eval_every: int  # 0: only at the end
+    checkpoint_every: int  # 0: no periodic checkpoints
+    keep_checkpoints: int
+    resume: str  # auto: newest valid checkpoint in the run dir | never
+    signal_check_every: int  # steps between checks for SIGTERM/SIGUSR1 (ranks agree on stopping)
+    precision: str  # fp32 | bf16 | fp16 (autocast; fp16 adds a loss scaler agreed by all ranks)
+    channels_last: Optional[bool]  # convolutions in channels-last memory format; null: on for cuda
+    deterministic: bool  # deterministic CUDA kernels (bit-exact resume on GPUs), no cudnn.benchmark
 
 
 @dataclass
 class Config:
-    task: TaskConfig = field(default_factory=TaskConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
-    slowmo: SlowMoConfig = field(default_factory=SlowMoConfig)
-    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
-    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
-    logger: LoggerConfig = field(default_factory=LoggerConfig)
-    dist: DistConfig = field(default_factory=DistConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    seed: int = 0
-    run_dir: str = "runs/default"
+    """A checked run configuration; ``task``, ``data``, ``model``, ``algorithm``, ``optimizer`` and ``schedule`` are
+    instances of their plug-ins' dataclasses."""
+
+    task: Any
+    data: Any
+    model: Any
+    algorithm: Any
+    slowmo: OuterConfig
+    optimizer: Any
+    schedule: Any
+    logger: LoggerConfig
+    dist: DistConfig
+    train: TrainConfig
+    seed: int
+    run_dir: str
     experiment: Optional[str] = None  # the preset's name, recorded in the run
 
 
-ConfigStore.instance().store(name="schema", node=Config)
+ConfigStore.instance().store(name="schema", node=Config)  # configs/config.yaml starts from it: Hydra then names
+# the section of a misspelt command-line key (train.max_step: "Key 'max_step' not in 'TrainConfig'")
 
-CHOICES = {
-    "task.name": ("digits", "synthetic", "cifar10", "imagenet", "wmt16"),
-    "algorithm.name": ("allreduce", "localsgd", "sgp", "osgp"),
-    "algorithm.graph": ("directed_exponential", "ring", "complete"),
-    "slowmo.base_buffers": ("keep", "reset", "average"),
-    "slowmo.pseudo_gradient": ("scaled", "raw"),
-    "optimizer.name": ("sgd", "adam", "adamw"),
-    "schedule.name": ("constant", "step", "inverse_sqrt"),
-    "logger.mode": ("auto", "online", "offline"),
-    "dist.backend": ("simulated", "gloo", "nccl"),
-    "dist.device": ("auto", "cpu", "cuda"),
-    "train.precision": ("fp32", "bf16", "fp16"),
-}
+PLUGINS: dict[str, Registry] = {"task": TASKS, "model": MODELS, "algorithm": ALGORITHMS, "optimizer": OPTIMIZERS,
+                                "schedule": SCHEDULES}
+CHOICES = {("dist", "backend"): BACKENDS, ("dist", "device"): ("auto", "cpu", "cuda"),
+           ("train", "precision"): tuple(DTYPES), ("train", "resume"): ("auto", "never"),
+           ("logger", "mode"): ("auto", "online", "offline")}
 
 
-class ConfigError(ValueError):
-    """A configuration that cannot run; its message is one line."""
+def compose(overrides: list[str] | tuple[str, ...] = (), config_name: str = "config",
+            with_hydra: bool = False) -> DictConfig:
+    """The tree composed with command-line style ``overrides`` (``["algorithm=sgp", "slowmo.beta=0.7",
+    "+experiment=quickstart"]``), as ``experiments/<task>/train.py`` would; not yet checked (see :func:`validate`)."""
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return hydra_compose(config_name=config_name, overrides=list(overrides), return_hydra_config=with_hydra)
 
 
-def validate(cfg: DictConfig | dict[str, Any]) -> Config:
-    """Merge onto the schema and check the choices; raises :class:`ConfigError` with one line."""
+def sweep(experiment: str) -> list[list[str]]:
+    """The cells of an experiment preset's sweep (its ``hydra.sweeper.params``, in Hydra's override grammar), each as
+    the overrides that make it, in the order Hydra's basic sweeper runs them (the last parameter varies fastest)."""
+    params = compose([f"+experiment={experiment}"], with_hydra=True).hydra.sweeper.params or {}
+    parsed = OverridesParser.create().parse_overrides([f"{key}={value}" for key, value in params.items()])
+    axes = [[f"{o.key_or_group}={v}" for v in (o.sweep_string_iterator() if o.is_sweep_override()
+                                                else [o.get_value_element_as_str()])] for o in parsed]
+    return [list(cell) for cell in itertools.product(*axes)]
+
+
+def from_dict(sections: Mapping[str, Any]) -> dict[str, Any]:
+    """The tree composed with the group choices a dict of overrides makes (``name`` of a plug-in section,
+    ``experiment``), with the dict merged on top."""
+    choices = [f"{group}={sections[group]['name']}" for group, registry in PLUGINS.items()
+               if isinstance(sections.get(group), Mapping) and sections[group].get("name") in registry]
+    if sections.get("experiment"):
+        choices.append(f"+experiment={sections['experiment']}")
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(Config), cfg)
-        config: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
+        tree = OmegaConf.to_container(compose(choices), resolve=False)
+    except HydraException as error:  # e.g. a registered plug-in without its YAML file
+        raise ConfigError(f"cannot compose configs/ with {' '.join(choices)}: {str(error).splitlines()[0]}") from None
+    merged = OmegaConf.merge(tree, {"run_dir": "runs/default", **sections})  # no Hydra run directory here
+    return OmegaConf.to_container(merged, resolve=True)  # type: ignore[return-value]
+
+
+def _typed(cls: type, values: Any, section: str) -> Any:
+    """``values`` checked against the dataclass ``cls``: one line naming the key on an unknown key or a bad value."""
+    try:
+        typed = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls), values))
     except OmegaConfBaseException as error:
         key = getattr(error, "full_key", None)
-        detail = str(error).splitlines()[0]
-        raise ConfigError(f"bad config{f' key {key!r}' if key else ''}: {detail}") from None
-    for key, allowed in CHOICES.items():
-        group, name = key.split(".")
-        value = getattr(getattr(config, group), name)
+        key = ".".join(part for part in (section, key) if part)
+        raise ConfigError(f"bad config key {key!r}: {str(error).splitlines()[0]}") from None
+    if hasattr(typed, "check"):
+        typed.check()
+    return typed
+
+
+def _entry(registry: Registry, section: str, values: Any):
+    name = values.get("name") if isinstance(values, Mapping) else None
+    if name not in registry:
+        raise ConfigError(f"{section}.name={name!r} is not one of {', '.join(registry.names())}")
+    return registry[name]
+
+
+def validate(cfg: DictConfig | Mapping[str, Any] | Config) -> Config:
+    """A checked :class:`Config` from a composed tree (Hydra's), or from a dict of overrides (composed here)."""
+    if isinstance(cfg, Config):
+        return cfg
+    try:
+        raw = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else from_dict(cfg)
+    except OmegaConfBaseException as error:
+        raise ConfigError(f"bad config: {str(error).splitlines()[0]}") from None
+    sections: dict[str, Any] = {}
+    for section, registry in PLUGINS.items():
+        entry = _entry(registry, section, raw.get(section))
+        sections[section] = _typed(entry.config, raw[section], section)
+        if section == "task":
+            sections["data"] = _typed(entry.extra["data"], raw.get("data", {}), "data")
+    for section, cls in (("slowmo", OuterConfig), ("logger", LoggerConfig), ("dist", DistConfig),
+                         ("train", TrainConfig)):
+        sections[section] = _typed(cls, raw.get(section, {}), section)
+    config = _typed(Config, raw, "")  # the top level: unknown keys (+key=value) and the plain values
+    for key, value in sections.items():
+        setattr(config, key, value)
+    _check(config)
+    return config
+
+
+def _check(config: Config) -> None:
+    for (section, key), allowed in CHOICES.items():
+        value = getattr(getattr(config, section), key)
         if value not in allowed:
-            raise ConfigError(f"{key}={value!r} is not one of {', '.join(allowed)}")
+            raise ConfigError(f"{section}.{key}={value!r} is not one of {', '.join(allowed)}")
+    task = TASKS[config.task.name]
+    if task.extra["inputs"] not in MODELS[config.model.name].extra["takes"]:
+        raise ConfigError(f"task {config.task.name} needs {task.extra['needs']}: model.name is "
+                          f"{config.model.name!r}, use one of {', '.join(models_taking(task.extra['inputs']))}")
     if config.train.max_steps < 1:
         raise ConfigError(f"train.max_steps must be >= 1, got {config.train.max_steps}")
     if config.dist.world_size < 1:
         raise ConfigError(f"dist.world_size must be >= 1, got {config.dist.world_size}")
     if config.train.eval_every < 0 or config.train.checkpoint_every < 0:
         raise ConfigError("train.eval_every and train.checkpoint_every must be >= 0 (0 disables)")
-    if config.experiment and config.experiment.startswith("paper_") and config.experiment[6:] != config.task.name:
-        raise ConfigError(f"+experiment={config.experiment} is the preset of task {config.experiment[6:]}, but the task "
-                          f"is {config.task.name}; run experiments/{config.experiment[6:]}/train.py")
+    preset_task = _preset_task(config.experiment)
+    if preset_task and preset_task != config.task.name:
+        raise ConfigError(f"+experiment={config.experiment} is the preset of task {preset_task}, but the task is "
+                          f"{config.task.name}; run experiments/{preset_task}/train.py")
     if config.dist.backend == "nccl" and config.dist.device == "cpu":
         raise ConfigError("dist.backend=nccl moves only GPU tensors but dist.device=cpu; use dist.device=cuda (or auto), "
                           "or dist.backend=gloo to train on the CPU")
@@ -186,6 +204,17 @@ def validate(cfg: DictConfig | dict[str, Any]) -> Config:
     if config.data.prefetch_factor < 1:
         raise ConfigError(f"data.prefetch_factor must be >= 1 (batches each worker loads ahead), got "
                           f"{config.data.prefetch_factor}")
-    if config.train.resume not in ("auto", "never"):
-        raise ConfigError(f"train.resume must be 'auto' or 'never', got {config.train.resume!r}")
-    return config
+
+
+def _preset_task(experiment: str | None) -> str | None:
+    """The task an experiment preset is for (the ``override /task:`` of ``configs/experiment/<name>.yaml``)."""
+    path = CONFIG_DIR / "experiment" / f"{experiment}.yaml"
+    if not experiment or not path.is_file():
+        return None
+    match = re.search(r"override /task: *(\S+)", path.read_text())
+    return match.group(1) if match else None
+
+
+def to_dict(config: Config) -> dict[str, Any]:
+    """The plain nested dict of a checked config (what ``config.yaml`` and W&B record)."""
+    return OmegaConf.to_container(OmegaConf.structured(config))  # type: ignore[return-value]

@@ -18,7 +18,6 @@ import os
 import sys
 import time
 import warnings
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -26,18 +25,19 @@ import torch
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
-from .. import launch
-from ..algorithms import OSGP, SGP, AllReduce, LocalSGD
-from ..comm import CommError, Communicator, spawn
-from ..graphs import GRAPHS
+from ..algorithms import ALGORITHMS
+from ..comm import CommError, Communicator, launch, spawn
 from ..inner import DistributedOptimizer
 from ..outer import SlowMo
-from ..tasks import Task, build_task
+from ..presets import OUTER
+from ..registry import ConfigError
+from ..tasks import TASKS, Task, TaskContext
 from . import checkpoint, data, preemption
-from .config import Config, ConfigError, validate
+from .config import Config, to_dict, validate
 from .loggers import JsonlLogger, Loggers, WandbLogger
+from .optimizers import OPTIMIZERS
 from .precision import Precision
-from .schedule import lr_factor
+from .schedule import SCHEDULES
 
 
 class NonFiniteLoss(FloatingPointError):
@@ -73,38 +73,20 @@ def run(cfg: Any, run_name: str | None = None) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------------------ builders
 def build_optimizer(cfg: Config, model: torch.nn.Module, comm: Communicator) -> DistributedOptimizer:
-    """Base optimizer + base algorithm (+ SlowMo) from the config."""
-    o = cfg.optimizer
-    if o.name == "sgd":
-        base: torch.optim.Optimizer = torch.optim.SGD(model.parameters(), lr=o.lr, momentum=o.momentum,
-                                                      nesterov=o.nesterov and o.momentum > 0,
-                                                      weight_decay=o.weight_decay)
-    else:
-        cls = torch.optim.Adam if o.name == "adam" else torch.optim.AdamW
-        base = cls(model.parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
-    a = cfg.algorithm
-    if a.name == "allreduce":
-        algorithm = AllReduce(comm, a.procs_per_node)
-    elif a.name == "localsgd":
-        algorithm = LocalSGD(comm, a.period, a.procs_per_node)
-    else:
-        if comm.world_size % a.procs_per_node:
-            raise ConfigError(f"world size {comm.world_size} is not divisible by algorithm.procs_per_node="
-                              f"{a.procs_per_node}")
-        nodes = comm.world_size // a.procs_per_node
-        graph = GRAPHS[a.graph](nodes) if nodes > 1 else None
-        algorithm = (SGP if a.name == "sgp" else OSGP)(comm, graph, a.procs_per_node)
-    s = cfg.slowmo
-    if not s.enabled:
+    """Base optimizer + base algorithm (+ the outer step) from the config, each through its registry."""
+    base = OPTIMIZERS[cfg.optimizer.name].build(model.parameters(), cfg.optimizer)
+    algorithm = ALGORITHMS[cfg.algorithm.name].build.from_config(comm, cfg.algorithm)
+    outer = cfg.slowmo
+    if not outer.enabled:
         return DistributedOptimizer(model, base, algorithm)
-    return SlowMo(model, base, algorithm, tau=s.tau, alpha=s.alpha, beta=s.beta, nesterov=s.nesterov,
-                  base_buffers=s.base_buffers, shard_outer_state=s.shard_outer_state, pseudo_gradient=s.pseudo_gradient)
+    return OUTER[outer.preset].build(SlowMo, model, base, algorithm=algorithm, **outer.knobs(),
+                                     base_buffers=outer.base_buffers, shard_outer_state=outer.shard_outer_state)
 
 
 def _fingerprint(cfg: Config) -> dict[str, Any]:
     """What a checkpoint must agree on to be resumed."""
-    return {"task": cfg.task.name, "model": cfg.model.name, "width": cfg.model.width, "algorithm": cfg.algorithm.name,
-            "slowmo": cfg.slowmo.enabled, "shard_outer_state": cfg.slowmo.shard_outer_state}
+    return {"task": cfg.task.name, "model": cfg.model.name, "width": getattr(cfg.model, "width", None),
+            "algorithm": cfg.algorithm.name, "slowmo": cfg.slowmo.enabled, "shard_outer_state": cfg.slowmo.shard_outer_state}
 
 
 # ------------------------------------------------------------------------------------------------ one rank
@@ -130,7 +112,7 @@ class _Trainer:
         self.opt = build_optimizer(cfg, self.model, comm)
         self.precision = Precision(cfg.train.precision, self.device, comm)
         torch.manual_seed(cfg.seed * 1000 + self.rank + 1)  # this rank's stream (dropout); augmentation: data.Seeded
-        self.sampler = data.EpochBatches(lambda epoch: self.task.train_batches(epoch, self.rank, self.world))
+        self.sampler = data.EpochBatches(self.task.train_batches)
         self.steps_per_epoch = len(self.sampler.batches)
         if self.steps_per_epoch == 0:
             raise ConfigError(f"the training set gives no full batch to each of {self.world} ranks; lower "
@@ -138,9 +120,9 @@ class _Trainer:
         pin, workers = self.device.type == "cuda", cfg.data.num_workers
         self.train_loader = data.loader(data.Seeded(self.task.train_set, cfg.seed), self.sampler, self.task.collate,
                                         workers, cfg.data.prefetch_factor, pin)
-        self.val_loader = data.loader(self.task.val_set, self.task.val_batches(self.rank, self.world),
+        self.val_loader = data.loader(self.task.val_set, self.task.val_batches,
                                       self.task.collate, workers, cfg.data.prefetch_factor, pin)
-        self.lr_factor = lr_factor(cfg.schedule, self.steps_per_epoch)
+        self.lr_factor = SCHEDULES[cfg.schedule.name].build(cfg.schedule, self.steps_per_epoch)
         self.base_lrs = [group["lr"] for group in self.opt.param_groups]
         self.step, self.epoch, self.position, self.elapsed = 0, 0, 0, 0.0
         self.best: dict[str, float] = {}
@@ -151,7 +133,7 @@ class _Trainer:
         if cfg.train.resume == "auto":
             self._resume()
         if self.is_main:  # written only now: an attempt that fails its checks leaves an existing run untouched
-            (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+            (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(to_dict(cfg)))
         self.loggers = Loggers(self._make_loggers(run_name) if self.is_main else [])
 
     def _place(self) -> torch.device:
@@ -173,17 +155,22 @@ class _Trainer:
         return torch.tensor(values, dtype=dtype, device=self.device)
 
     def _build_task(self) -> Task:
-        """Rank 0 first (it may write shared files, e.g. the sentencepiece model), then the others."""
+        """Rank 0 first (it may write files into the run directory for the others), then the others."""
+        cfg = self.cfg
+        context = TaskContext(self.rank, self.world, cfg.seed, self.run_dir)
+
+        def build() -> Task:
+            return TASKS[cfg.task.name].build(cfg.task, cfg.data, cfg.model, context)
         if self.is_main:
-            task = build_task(self.cfg, self.run_dir)
+            task = build()
         with self.comm.uncounted():
             self.comm.barrier()
-        return task if self.is_main else build_task(self.cfg, self.run_dir)
+        return task if self.is_main else build()
 
     def _make_loggers(self, run_name: str | None) -> list:
         loggers: list = [JsonlLogger(self.run_dir / "metrics.jsonl", self.step)]
         if self.cfg.logger.wandb:
-            config = asdict(self.cfg)
+            config = to_dict(self.cfg)
             loggers.append(WandbLogger(self.cfg, config, self.run_dir, run_name or self.run_dir.name,
                                        self.run_dir.parent.name))
         return loggers
@@ -374,6 +361,7 @@ class _Trainer:
                    "final": final, "best": dict(self.best), "comm_bytes": stats["total"], "comm_bytes_by_kind": stats,
                    "wall_time": self.elapsed + time.time() - self.t0, "world_size": self.world, "rank": self.rank,
                    "algorithm": self.cfg.algorithm.name, "slowmo": self.cfg.slowmo.enabled,
+                   "main_metric": self.task.main_metric,
                    "device": str(self.device), "precision": self.precision.name, "skipped_steps": self.precision.skipped,
                    "threads": torch.get_num_threads(), "run_dir": str(self.run_dir)}
         if self.is_main:

@@ -1,37 +1,63 @@
-"""Learning-rate schedules, as a function of the inner step: gamma_t = lr * factor(step)."""
+"""Learning-rate schedules, registered by name in :data:`SCHEDULES` (``configs/schedule/<name>.yaml``): a function
+of the inner step k, gamma_k = optimizer.lr * factor(k)."""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable
 
-from .config import ScheduleConfig
+from ..registry import Registry
+
+SCHEDULES = Registry("schedule", "slowmo.train.schedule")
 
 
-def lr_factor(cfg: ScheduleConfig, steps_per_epoch: int) -> Callable[[int], float]:
-    """The multiplier of ``optimizer.lr`` at inner step k (0-based).
+@dataclass
+class ConstantConfig:
+    name: str
 
-    - constant: 1.
-    - step: linear warm-up from ``warmup_init_lr`` over ``warmup_epochs``, then x ``gamma`` at each milestone
-      epoch (the paper's images: 5-epoch warm-up, /10 at 100/150/175 on CIFAR-10, at 30/60/80 on ImageNet).
-    - inverse_sqrt: linear warm-up over ``warmup_steps``, then sqrt(warmup_steps / k) (the Transformer's).
-    """
-    start = cfg.warmup_init_lr
 
-    def warm(progress: float) -> float:
-        return start + (1.0 - start) * progress
+@dataclass
+class StepConfig:
+    name: str
+    warmup_epochs: float  # linear warm-up, in epochs
+    warmup_init_lr: float  # factor at step 0 of the warm-up
+    milestones: list[float]  # epochs at which the lr is multiplied by gamma
+    gamma: float
 
-    if cfg.name == "constant":
-        return lambda k: 1.0
-    if cfg.name == "step":
-        warmup = cfg.warmup_epochs * steps_per_epoch
-        bounds = sorted(m * steps_per_epoch for m in cfg.milestones)
 
-        def step(k: int) -> float:
-            decay = cfg.gamma ** sum(k >= b for b in bounds)
-            return warm(min(1.0, (k + 1) / warmup)) * decay if k < warmup else decay
-        return step
-    if cfg.name == "inverse_sqrt":
-        warmup = max(1, cfg.warmup_steps)
-        return lambda k: warm((k + 1) / warmup) if k + 1 < warmup else math.sqrt(warmup / (k + 1))
-    raise ValueError(f"unknown schedule {cfg.name!r}; use constant, step or inverse_sqrt")
+@dataclass
+class InverseSqrtConfig:
+    name: str
+    warmup_steps: int
+    warmup_init_lr: float  # factor at step 0 of the warm-up
+
+
+def _warm(start: float, progress: float) -> float:
+    return start + (1.0 - start) * progress
+
+
+@SCHEDULES.register("constant", ConstantConfig)
+def constant(cfg: ConstantConfig, steps_per_epoch: int) -> Callable[[int], float]:
+    """factor(k) = 1."""
+    return lambda k: 1.0
+
+
+@SCHEDULES.register("step", StepConfig)
+def step(cfg: StepConfig, steps_per_epoch: int) -> Callable[[int], float]:
+    """Linear warm-up from ``warmup_init_lr`` over ``warmup_epochs``, then x ``gamma`` at each milestone epoch (the
+    paper's images: 5-epoch warm-up, /10 at 100/150/175 on CIFAR-10, at 30/60/80 on ImageNet; Goyal et al.)."""
+    warmup = cfg.warmup_epochs * steps_per_epoch
+    bounds = sorted(m * steps_per_epoch for m in cfg.milestones)
+
+    def factor(k: int) -> float:
+        decay = cfg.gamma ** sum(k >= b for b in bounds)
+        return _warm(cfg.warmup_init_lr, min(1.0, (k + 1) / warmup)) * decay if k < warmup else decay
+    return factor
+
+
+@SCHEDULES.register("inverse_sqrt", InverseSqrtConfig)
+def inverse_sqrt(cfg: InverseSqrtConfig, steps_per_epoch: int) -> Callable[[int], float]:
+    """Linear warm-up over ``warmup_steps``, then sqrt(warmup_steps / k) (the Transformer's, fairseq's)."""
+    warmup = max(1, cfg.warmup_steps)
+    return lambda k: _warm(cfg.warmup_init_lr, (k + 1) / warmup) if k + 1 < warmup else math.sqrt(warmup / (k + 1))

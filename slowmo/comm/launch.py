@@ -21,8 +21,8 @@ from typing import Mapping
 import torch
 import torch.distributed as dist
 
-from .comm.base import CommError, Communicator
-from .comm.torch_distributed import TorchDistributed, reason
+from .base import CommError, Communicator
+from .torch_distributed import TorchDistributed, reason
 
 
 @dataclass(frozen=True)

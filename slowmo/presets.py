@@ -1,0 +1,129 @@
+"""Outer-step presets: methods that are SlowMo (Algorithm 1, :mod:`slowmo.outer`) with some settings fixed. Each is
+defined once, here, with its paper's parameter names and defaults: as a constructor of :class:`~slowmo.SlowMo`
+(``SlowMo.bmuf(...)``) and as the harness's choice ``slowmo=<name>``, whose ``configs/slowmo/<name>.yaml`` names
+the preset and leaves the knobs it does not set to the defaults below. ``slowmo=on`` is Algorithm 1 itself.
+
+``knobs`` (in each registration) maps the harness's ``slowmo.*`` keys onto the preset's arguments; a key that a
+preset fixes (e.g. ``slowmo.pseudo_gradient`` under DiLoCo) is refused with one line.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from .algorithms import Algorithm, LocalSGD
+from .comm import Single
+from .registry import ConfigError, Registry
+
+OUTER = Registry("outer preset", "slowmo.presets")
+BASE_BUFFERS = ("keep", "reset", "average")
+PSEUDO_GRADIENTS = ("scaled", "raw")
+
+
+def check_settings(**settings: Any) -> None:
+    """Raise ValueError (one line) for a setting of Algorithm 1 out of its range; absent settings are not checked."""
+    tau, alpha, beta = settings.get("tau", 1), settings.get("alpha", 1.0), settings.get("beta", 0.0)
+    if isinstance(tau, bool) or not isinstance(tau, int) or tau < 1:
+        raise ValueError(f"tau must be an integer >= 1 (inner steps per outer step), got {tau!r}")
+    if not alpha > 0 or not math.isfinite(alpha):
+        raise ValueError(f"alpha must be a finite number > 0 (slow learning rate; the paper uses 1.0), got {alpha!r}")
+    if not 0 <= beta < 1:
+        raise ValueError(f"beta must be in [0, 1) (slow momentum; the paper tunes it in 0.4-0.8), got {beta!r}")
+    if settings.get("base_buffers", "keep") not in BASE_BUFFERS:
+        raise ValueError(f"base_buffers must be 'keep', 'reset' or 'average', got {settings['base_buffers']!r}")
+    if settings.get("pseudo_gradient", "scaled") not in PSEUDO_GRADIENTS:
+        raise ValueError(f"pseudo_gradient must be 'scaled' (SlowMo) or 'raw' (BMUF/DiLoCo), got "
+                         f"{settings['pseudo_gradient']!r}")
+
+
+@dataclass
+class OuterConfig:
+    """The ``slowmo`` section (``configs/slowmo/<choice>.yaml``): the preset and its knobs; a null knob takes the
+    preset's default."""
+
+    enabled: bool  # false: the base algorithm alone (slowmo=off)
+    preset: str  # a registered preset
+    tau: Optional[int]
+    alpha: Optional[float]
+    beta: Optional[float]
+    nesterov: Optional[bool]
+    pseudo_gradient: Optional[str]
+    base_buffers: str  # keep | reset | average
+    shard_outer_state: bool
+
+    def knobs(self) -> dict[str, Any]:
+        """The preset's arguments from the knobs set here; a knob the preset fixes is refused (one line)."""
+        names = OUTER[self.preset].extra["knobs"]
+        given = {knob: getattr(self, knob) for knob in ("tau", "alpha", "beta", "nesterov", "pseudo_gradient")
+                 if getattr(self, knob) is not None}
+        for knob in given:
+            if knob not in names:
+                raise ConfigError(f"slowmo.{knob} is fixed by the {self.preset} preset; leave it unset (null) or "
+                                  "choose slowmo=on for Algorithm 1 with every knob free")
+        return {names[knob]: value for knob, value in given.items()}
+
+    def check(self) -> None:
+        if self.preset not in OUTER:
+            raise ConfigError(f"slowmo.preset={self.preset!r} is not one of {', '.join(OUTER.names())}")
+        settings = {key: getattr(self, key) for key in ("tau", "alpha", "beta", "base_buffers", "pseudo_gradient")}
+        try:
+            check_settings(**{key: value for key, value in settings.items() if value is not None})
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
+        self.knobs()
+
+
+class Presets:
+    """The presets as constructors of SlowMo (mixed into it)."""
+
+    @classmethod
+    def bmuf(cls, params, base_optimizer, algorithm: Algorithm, tau: int, block_lr: float = 1.0,
+             block_momentum: float | None = None, nesterov: bool = False, **kwargs: Any):
+        """Blockwise model-update filtering (Chen & Huo, 2016) over a Local SGD algorithm:
+
+        Delta_t = eta Delta_{t-1} + zeta (x_{t,tau} - x_{t,0});  x_{t+1,0} = x_{t,0} + Delta_t
+        (nesterov, BMUF's NBM: x_{t+1,0} = x_{t,0} + eta Delta_t + zeta (x_{t,tau} - x_{t,0})): SlowMo with the raw
+        pseudo-gradient, alpha = block learning rate zeta, beta = block momentum eta (default 1 - 1/m, BMUF's rule).
+        """
+        if block_momentum is None:
+            block_momentum = 1.0 - 1.0 / algorithm.comm.world_size
+        return cls(params, base_optimizer, algorithm, tau=tau, alpha=block_lr, beta=block_momentum,
+                   nesterov=nesterov, pseudo_gradient="raw", **kwargs)
+
+    @classmethod
+    def lookahead(cls, params, base_optimizer, k: int = 5, alpha: float = 0.5, algorithm: Algorithm | None = None,
+                  **kwargs: Any):
+        """Lookahead (Zhang et al., 2019): k fast steps, then phi <- phi + alpha (theta - phi): SlowMo with tau = k
+        and beta = 0 (``algorithm`` defaults to a single worker, no communication)."""
+        algorithm = algorithm if algorithm is not None else LocalSGD(Single())
+        return cls(params, base_optimizer, algorithm, tau=k, alpha=alpha, beta=0.0, **kwargs)
+
+    @classmethod
+    def diloco(cls, params, base_optimizer, algorithm: Algorithm, tau: int = 500, outer_lr: float = 0.7,
+               outer_momentum: float = 0.9, **kwargs: Any):
+        """DiLoCo's outer step (Douillard et al., 2023): Nesterov SGD with lr ``outer_lr`` and momentum
+        ``outer_momentum`` on the raw pseudo-gradient Delta = x_{t,0} - x_{t,tau}:
+
+        u_{t+1} = mu u_t + Delta;  x_{t+1,0} = x_{t,0} - lr (mu u_{t+1} + Delta)
+
+        i.e. SlowMo with nesterov=True, the raw pseudo-gradient, alpha = outer_lr, beta = outer_momentum. The base
+        optimizer (AdamW in the paper) keeps its state.
+        """
+        return cls(params, base_optimizer, algorithm, tau=tau, alpha=outer_lr, beta=outer_momentum, nesterov=True,
+                   pseudo_gradient="raw", **kwargs)
+
+
+def _algorithm_1(cls, params, base_optimizer, algorithm: Algorithm, **kwargs: Any):
+    return cls(params, base_optimizer, algorithm, **kwargs)
+
+
+OUTER.register("slowmo", label="SlowMo", knobs={"tau": "tau", "alpha": "alpha", "beta": "beta",
+                                                "nesterov": "nesterov", "pseudo_gradient": "pseudo_gradient"})(
+    _algorithm_1)
+OUTER.register("bmuf", label="BMUF", knobs={"tau": "tau", "alpha": "block_lr", "beta": "block_momentum",
+                                            "nesterov": "nesterov"})(Presets.bmuf.__func__)
+OUTER.register("lookahead", label="Lookahead", knobs={"tau": "k", "alpha": "alpha"})(Presets.lookahead.__func__)
+OUTER.register("diloco", label="DiLoCo", knobs={"tau": "tau", "alpha": "outer_lr", "beta": "outer_momentum"})(
+    Presets.diloco.__func__)

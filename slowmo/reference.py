@@ -1,0 +1,135 @@
+"""A plain-NumPy reference of Algorithm 1 and of the base algorithms, written from the papers' equations and sharing
+no code with the rest of the package: run the engine on the same problem and compare (the tests do, to ~1e-15).
+
+The problem: least squares, 0.5 * mean((A x + c - y)^2), with different data on every rank (rank r at inner step k
+uses its own minibatch A[r, k], y[r, k]) and two parameters in two param groups with different lrs (x, a vector;
+c, a scalar bias), so that per-group gamma_t is exercised. The base optimizer is torch.optim.SGD (momentum,
+Nesterov). ``mixing`` is the base algorithm's communication:
+
+- ``gradient_mean``: the gradient averaged over all ranks before every step (AR-SGD);
+- ``average``: the parameters averaged every ``period`` steps (Local SGD; None: only the outer step's average);
+- ``push_sum``: push-sum gossip on the time-varying directed exponential graph (keep 1/2, send 1/2; SGP);
+- ``push_sum_late``: the same, each message mixed one step late (OSGP).
+
+``procs_per_node`` > 1 averages gradients inside nodes of consecutive ranks and gossips between nodes. ``outer`` is
+SlowMo's settings (tau, alpha, beta, nesterov, pseudo_gradient, base_buffers), None for none.
+
+    from slowmo.reference import Problem, make_data, reference
+    theta = reference(Problem("push_sum", outer=dict(tau=4, beta=0.5)))   # (ranks, d + 1)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Problem:
+    mixing: str  # gradient_mean | average | push_sum | push_sum_late
+    world_size: int = 4
+    steps: int = 12
+    period: int | None = None  # average: H
+    outer: dict | None = field(default=None)  # SlowMo's settings; None: no outer step
+    momentum: float = 0.0
+    nesterov: bool = False
+    lr: tuple[float, float] = (0.05, 0.02)
+    decay_at: int | None = None  # lr halves from this inner step on
+    d: int = 5
+    batch: int = 8
+    seed: int = 0
+    procs_per_node: int = 1
+
+    def with_(self, **kw) -> "Problem":
+        return replace(self, **kw)
+
+
+def make_data(s: Problem) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A (ranks, steps, batch, d), y (ranks, steps, batch) and the starting point theta0 = [x0, c0]."""
+    rng = np.random.default_rng(s.seed)
+    a = rng.normal(size=(s.world_size, s.steps, s.batch, s.d))
+    x_true = rng.normal(size=(s.world_size, s.d))  # different optimum per rank: heterogeneous data
+    y = np.einsum("rkbd,rd->rkb", a, x_true) + 0.1 * rng.normal(size=(s.world_size, s.steps, s.batch))
+    theta0 = rng.normal(size=s.d + 1)
+    return a, y, theta0
+
+
+def lr_at(s: Problem, k: int) -> np.ndarray:
+    """Per-element lr of theta = [x (d values), c] at inner step k."""
+    scale = 0.5 if s.decay_at is not None and k >= s.decay_at else 1.0
+    return np.array([s.lr[0] * scale] * s.d + [s.lr[1] * scale])
+
+
+def _exponential_offset(n: int, k: int) -> int:
+    levels = max(1, math.ceil(math.log2(n)))
+    return 2 ** (k % levels)
+
+
+def reference(s: Problem) -> np.ndarray:
+    """Algorithm 1 (and the base algorithm of ``s.mixing``) on every rank, in plain NumPy; returns theta per rank,
+    shape (n, d + 1)."""
+    a, y, theta0 = make_data(s)
+    n, dim = s.world_size, s.d + 1
+    theta = np.tile(theta0, (n, 1))
+    weight = np.ones(n)
+    buf = [None] * n
+    x0, u = theta0.copy(), np.zeros(dim)
+    pending = None  # OSGP: (numerators sent at the previous step, to whom)
+    cfg = s.outer
+    for k in range(s.steps):
+        lr = lr_at(s, k)
+        grads = []
+        for r in range(n):
+            resid = a[r, k] @ theta[r, :-1] + theta[r, -1] - y[r, k]
+            grads.append(np.concatenate([a[r, k].T @ resid, [resid.sum()]]) / s.batch)
+        if s.mixing == "gradient_mean":
+            grads = [np.mean(grads, axis=0)] * n
+        elif s.procs_per_node > 1:  # gradient mean inside each node of procs_per_node consecutive ranks
+            p = s.procs_per_node
+            grads = [np.mean(grads[r - r % p:r - r % p + p], axis=0) for r in range(n)]
+        for r in range(n):  # torch.optim.SGD semantics
+            g = grads[r]
+            if s.momentum:
+                buf[r] = g.copy() if buf[r] is None else s.momentum * buf[r] + g
+                g = g + s.momentum * buf[r] if s.nesterov else buf[r]
+            theta[r] = theta[r] - lr * g
+        outer = cfg is not None and (k + 1) % cfg["tau"] == 0
+        if s.mixing == "average" and s.period and (k + 1) % s.period == 0 and not outer:
+            theta[:] = theta.mean(axis=0)
+        if s.mixing in ("push_sum", "push_sum_late"):
+            # node i sends to node i + 2^(k mod ceil(log2 nodes)): ranks shift by that many nodes
+            off = _exponential_offset(n // s.procs_per_node, k) * s.procs_per_node
+            num = np.concatenate([theta * weight[:, None], weight[:, None]], axis=1) * 0.5  # keep 1/2, send 1/2
+            sent = num.copy()
+            if s.mixing == "push_sum":
+                num = num + np.roll(sent, off, axis=0)  # rank r receives from r - off
+            elif pending is not None:
+                num = num + pending
+            if s.mixing == "push_sum_late":
+                pending = np.roll(sent, off, axis=0)
+            weight = num[:, -1].copy()
+            theta = num[:, :-1] / weight[:, None]
+        if outer:
+            if s.mixing == "push_sum_late" and pending is not None:
+                num = np.concatenate([theta * weight[:, None], weight[:, None]], axis=1) + pending
+                pending = None
+                weight = num[:, -1].copy()
+                theta = num[:, :-1] / weight[:, None]
+            x_tau = theta.mean(axis=0)
+            alpha, beta = cfg.get("alpha", 1.0), cfg.get("beta", 0.0)
+            raw = cfg.get("pseudo_gradient", "scaled") == "raw"
+            disp = (x0 - x_tau) if raw else (x0 - x_tau) / lr
+            u = beta * u + disp
+            step_dir = beta * u + disp if cfg.get("nesterov", False) else u
+            x0 = x0 - (alpha if raw else alpha * lr) * step_dir
+            theta = np.tile(x0, (n, 1))
+            weight = np.ones(n)
+            policy = cfg.get("base_buffers", "keep")
+            if policy == "reset" and s.momentum:
+                buf = [np.zeros(dim) for _ in range(n)]
+            elif policy == "average" and s.momentum:
+                mean = np.mean(buf, axis=0)
+                buf = [mean.copy() for _ in range(n)]
+    return theta

@@ -1,0 +1,85 @@
+"""Plug-ins registered by name: every algorithm, gossip graph, task, model, optimizer, schedule and outer preset
+registers its name, its config dataclass and its builder in the module that defines it, and the harness builds
+everything through these registries (no lists of names anywhere else).
+
+    ALGORITHMS = Registry("algorithm", "slowmo.algorithms")
+
+    @ALGORITHMS.register("localsgd", LocalSGDConfig, label="Local SGD")
+    def build(comm, cfg): ...
+
+A registry finds its plug-ins by importing every module of its package the first time it is asked for a name, so a
+new plug-in is one new module (plus its YAML file under ``configs/``) and nothing else. The packages whose
+registries take plug-ins from outside the source tree (algorithms, tasks, models) extend their ``__path__`` with
+``pkgutil.extend_path``: a directory on ``PYTHONPATH`` holding ``slowmo/algorithms/<name>.py`` adds an algorithm.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; its message is one line that says what to change."""
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One registered plug-in: its name, the dataclass of its config section, its builder, the name tables and
+    figures show (``label``) and anything else its registry asks for (``extra``)."""
+
+    name: str
+    config: type | None
+    build: Callable[..., Any]
+    label: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Registry:
+    """Plug-ins of one kind, found in the modules of ``package``."""
+
+    def __init__(self, kind: str, package: str) -> None:
+        self.kind, self.package = kind, package
+        self._entries: dict[str, Entry] = {}
+        self._discovered = False
+
+    def register(self, name: str, config: type | None = None, label: str | None = None,
+                 **extra: Any) -> Callable[[Callable], Callable]:
+        """Decorator: register the decorated builder (a function or a class) under ``name``."""
+
+        def add(build: Callable) -> Callable:
+            if name in self._entries and self._entries[name].build is not build:
+                raise ValueError(f"{self.kind} {name!r} is registered twice: in {self._entries[name].build.__module__} "
+                                 f"and in {build.__module__}")
+            self._entries[name] = Entry(name, config, build, label or name, extra)
+            return build
+        return add
+
+    def _discover(self) -> None:
+        if self._discovered:
+            return
+        module = importlib.import_module(self.package)
+        for info in pkgutil.iter_modules(getattr(module, "__path__", [])):
+            importlib.import_module(f"{self.package}.{info.name}")
+        self._discovered = True
+
+    def __getitem__(self, name: str) -> Entry:
+        self._discover()
+        if name not in self._entries:
+            raise ValueError(f"{self.kind} {name!r} is not one of {', '.join(self._entries)}")
+        return self._entries[name]
+
+    def __contains__(self, name: str) -> bool:
+        self._discover()
+        return name in self._entries
+
+    def __iter__(self) -> Iterator[Entry]:
+        self._discover()
+        return iter(list(self._entries.values()))
+
+    def names(self) -> list[str]:
+        """The registered names, in the order their modules registered them."""
+        self._discover()
+        return list(self._entries)
