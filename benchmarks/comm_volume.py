@@ -14,7 +14,8 @@ inner steps:
 - SlowMo: one exact average (a call of the model) every tau steps; with Local SGD, when an average of its own
   falls on an outer step it is skipped (the outer one replaces it).
 
-Writes ``results/bench/comm_volume.csv``. Run: ``python benchmarks/comm_volume.py`` (about 10 minutes on 2 cores: 8 simulated ResNet-18s).
+Writes ``results/bench/comm_volume.csv``. Run: ``python benchmarks/comm_volume.py`` (about 10 minutes on 2 cores:
+8 simulated ResNet-18s).
 """
 
 from __future__ import annotations
@@ -25,11 +26,12 @@ import math
 from pathlib import Path
 
 import torch
-from common import optimizer
 
 from slowmo.comm import spawn
 from slowmo.models import ModelConfig, build_model
 from slowmo.models.small import SmallConfig
+
+from common import optimizer
 
 H, TAU, STEPS = 4, 12, 24  # STEPS is a multiple of both: whole periods only
 
@@ -57,8 +59,9 @@ def theory(model: torch.nn.Module, algorithm: str, slowmo_on: bool, n: int) -> f
     params = sum(p.numel() for p in model.parameters()) * 4
     state = params + sum(b.numel() for b in model.buffers() if b.is_floating_point()) * 4
     ring = 2 * (n - 1) / n  # bytes sent per byte all-reduced (ring)
-    per_step = {"allreduce": ring * params, "localsgd": ring * state / H,
-                "sgp": params + 4, "osgp": params + 4}[algorithm]
+    per_step = {"allreduce": ring * params, "localsgd": ring * state / H, "sgp": params + 4, "osgp": params + 4}[
+        algorithm
+    ]
     if slowmo_on:
         per_step += ring * state / TAU
         if algorithm == "localsgd":  # the Local SGD averages that fall on an outer step are skipped
@@ -79,14 +82,25 @@ def main(argv: list[str] | None = None) -> None:
                 for slowmo_on in (False, True):
                     sent = spawn(measure, n, "simulated", args=(model_name, algorithm, slowmo_on))
                     assert len(set(sent)) == 1, f"ranks sent different amounts: {sent}"
-                    rows.append({"model": model_name, "algorithm": algorithm, "slowmo": slowmo_on, "world_size": n,
-                                 "period_H": H if algorithm == "localsgd" else "", "tau": TAU if slowmo_on else "",
-                                 "param_bytes": param_bytes, "bytes_per_step_measured": sent[0] / STEPS,
-                                 "bytes_per_step_theory": theory(model, algorithm, slowmo_on, n)})
+                    rows.append(
+                        {
+                            "model": model_name,
+                            "algorithm": algorithm,
+                            "slowmo": slowmo_on,
+                            "world_size": n,
+                            "period_H": H if algorithm == "localsgd" else "",
+                            "tau": TAU if slowmo_on else "",
+                            "param_bytes": param_bytes,
+                            "bytes_per_step_measured": sent[0] / STEPS,
+                            "bytes_per_step_theory": theory(model, algorithm, slowmo_on, n),
+                        }
+                    )
                     r = rows[-1]
-                    print(f"{model_name:>8} n={n} {algorithm:>9}{' + SlowMo' if slowmo_on else '         '} "
-                          f"{r['bytes_per_step_measured']:>14,.1f} B/step   theory {r['bytes_per_step_theory']:>14,.1f}",
-                          flush=True)
+                    print(
+                        f"{model_name:>8} n={n} {algorithm:>9}{' + SlowMo' if slowmo_on else '         '} "
+                        f"{r['bytes_per_step_measured']:>14,.1f} B/step   theory {r['bytes_per_step_theory']:>14,.1f}",
+                        flush=True,
+                    )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with open(args.out, "w", newline="") as f:
         writer = csv.DictWriter(f, list(rows[0]))

@@ -10,13 +10,18 @@ from slowmo.inner import DistributedOptimizer
 from slowmo.train import build_optimizer, validate
 
 
-def optimizer(comm, model: torch.nn.Module, algorithm: str, period: int | None = None, lr: float = 0.1,
-              slowmo: dict | None = None) -> DistributedOptimizer:
+def optimizer(
+    comm, model: torch.nn.Module, algorithm: str, period: int | None = None, lr: float = 0.1, slowmo: dict | None = None
+) -> DistributedOptimizer:
     """SGD (momentum 0.9, no Nesterov) under ``algorithm`` (allreduce | localsgd | sgp | osgp; Local SGD averages
     every ``period`` steps, never when None), wrapped in SlowMo when ``slowmo`` gives its settings (tau, beta, ...)."""
-    cfg = validate({"optimizer": {"name": "sgd", "lr": lr, "momentum": 0.9, "nesterov": False},
-                    "algorithm": {"name": algorithm, **({"period": period} if algorithm == "localsgd" else {})},
-                    "slowmo": {"enabled": slowmo is not None, **(slowmo or {})}})
+    cfg = validate(
+        {
+            "optimizer": {"name": "sgd", "lr": lr, "momentum": 0.9, "nesterov": False},
+            "algorithm": {"name": algorithm, **({"period": period} if algorithm == "localsgd" else {})},
+            "slowmo": {"enabled": slowmo is not None, **(slowmo or {})},
+        }
+    )
     return build_optimizer(cfg, model, comm)
 
 

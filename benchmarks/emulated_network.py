@@ -25,12 +25,22 @@ import sys
 from pathlib import Path
 
 import torch
-from common import optimizer, timed_steps
 
 from slowmo.comm import spawn
 
-CONFIGS = [("compute", False), ("allreduce", False), ("allreduce", True), ("localsgd", False), ("localsgd", True),
-           ("sgp", False), ("sgp", True), ("osgp", False), ("osgp", True)]
+from common import optimizer, timed_steps
+
+CONFIGS = [
+    ("compute", False),
+    ("allreduce", False),
+    ("allreduce", True),
+    ("localsgd", False),
+    ("localsgd", True),
+    ("sgp", False),
+    ("sgp", True),
+    ("osgp", False),
+    ("osgp", True),
+]
 TAU = 12
 
 
@@ -45,8 +55,9 @@ def _time_all(comm, steps: int, batch: int) -> list[float]:
         if algorithm == "compute":  # Local SGD that never averages: no communication at all
             opt = optimizer(comm, model, "localsgd", None, lr=0.01)
         else:
-            opt = optimizer(comm, model, algorithm, TAU, lr=0.01,
-                            slowmo={"tau": TAU, "beta": 0.5} if slowmo_on else None)
+            opt = optimizer(
+                comm, model, algorithm, TAU, lr=0.01, slowmo={"tau": TAU, "beta": 0.5} if slowmo_on else None
+            )
         start, end = timed_steps(comm, model, opt, batch, steps, warmup=3)
         results.append(end - start)
     return results
@@ -67,10 +78,31 @@ def shaped_run(rate: str, args: argparse.Namespace) -> list[dict]:
         subprocess.run(["ip", "netns", "add", namespace], check=True)
         inside = ["ip", "netns", "exec", namespace]
         subprocess.run([*inside, "ip", "link", "set", "lo", "up"], check=True)
-        subprocess.run([*inside, "tc", "qdisc", "add", "dev", "lo", "root", "tbf", "rate", rate, "burst", str(burst),
-                        "latency", "100ms"], check=True)
-        out = subprocess.run([*inside, sys.executable, __file__, "--worker", "--steps", str(args.steps),
-                              "--batch", str(args.batch)], check=True, capture_output=True, text=True).stdout
+        subprocess.run(
+            [
+                *inside,
+                "tc",
+                "qdisc",
+                "add",
+                "dev",
+                "lo",
+                "root",
+                "tbf",
+                "rate",
+                rate,
+                "burst",
+                str(burst),
+                "latency",
+                "100ms",
+            ],
+            check=True,
+        )
+        out = subprocess.run(
+            [*inside, sys.executable, __file__, "--worker", "--steps", str(args.steps), "--batch", str(args.batch)],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
     finally:
         subprocess.run(["ip", "netns", "del", namespace], capture_output=True)
     rows = []
@@ -98,8 +130,10 @@ def bar_chart(rows: list[dict], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(11, 4))
     width = 0.8 / len(rates)
     for i, rate in enumerate(rates):
-        values = [next(r["its_per_s"] for r in rows if r["rate"] == rate and (r["algorithm"], r["slowmo"]) == c)
-                  for c in CONFIGS]
+        values = [
+            next(r["its_per_s"] for r in rows if r["rate"] == rate and (r["algorithm"], r["slowmo"]) == c)
+            for c in CONFIGS
+        ]
         ax.bar([k + i * width for k in range(len(CONFIGS))], values, width, label=rate.replace("bit", "bit/s"))
     ax.set_xticks([k + width * (len(rates) - 1) / 2 for k in range(len(CONFIGS))], labels, rotation=20, ha="right")
     ax.set(ylabel="iterations / s", title="4 gloo ranks on a shaped loopback, ResNet-18 (11.7 M), batch 16 per rank")
@@ -125,10 +159,12 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for rate in args.rates:
         rows += shaped_run(rate, args)
-        for r in rows[-len(CONFIGS):]:
-            print(f"{rate:>7} {r['algorithm']:>9}{' + SlowMo' if r['slowmo'] else '         '} "
-                  f"{r['its_per_s']:7.2f} it/s  x{r['vs_ar_sgd']:.2f} AR-SGD  x{r['vs_compute_only']:.2f} compute",
-                  flush=True)
+        for r in rows[-len(CONFIGS) :]:
+            print(
+                f"{rate:>7} {r['algorithm']:>9}{' + SlowMo' if r['slowmo'] else '         '} "
+                f"{r['its_per_s']:7.2f} it/s  x{r['vs_ar_sgd']:.2f} AR-SGD  x{r['vs_compute_only']:.2f} compute",
+                flush=True,
+            )
     args.out.mkdir(parents=True, exist_ok=True)
     with open(args.out / "emulated_network.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, list(rows[0]))

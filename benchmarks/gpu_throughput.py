@@ -39,14 +39,34 @@ from slowmo.comm.launch import DistEnv, init_distributed
 from slowmo.models import ModelConfig, Transformer, build_model
 from slowmo.tasks import TASKS, Task, TaskContext
 from slowmo.tasks.base import ImageData, classification
-from slowmo.tasks.wmt16 import BOS, EOS, PAD, collate, translation_loss
+from slowmo.tasks.wmt16 import EOS, PAD, collate, translation_loss
 from slowmo.train import data, train_rank, validate
 
 SIZES = {  # name: image px, images per batch, sentence pairs per batch, tokens per sentence, timed steps, JPEGs
-    "full": dict(px=224, images=128, pairs=128, tokens=64, steps=60, warmup=20, jpegs=2048, resnet="resnet50",
-                 transformer="transformer_wmt_en_de", workers=8),
-    "small": dict(px=32, images=4, pairs=4, tokens=8, steps=2, warmup=1, jpegs=16, resnet="resnet50",
-                  transformer="transformer_tiny", workers=1),
+    "full": dict(
+        px=224,
+        images=128,
+        pairs=128,
+        tokens=64,
+        steps=60,
+        warmup=20,
+        jpegs=2048,
+        resnet="resnet50",
+        transformer="transformer_wmt_en_de",
+        workers=8,
+    ),
+    "small": dict(
+        px=32,
+        images=4,
+        pairs=4,
+        tokens=8,
+        steps=2,
+        warmup=1,
+        jpegs=16,
+        resnet="resnet50",
+        transformer="transformer_tiny",
+        workers=1,
+    ),
 }
 VOCAB = 32000
 
@@ -89,12 +109,23 @@ def project_loop(task: Task, sections: dict, device: torch.device, steps: int, w
     after reading the losses, i.e. after the GPU has finished those steps)."""
     backend = "nccl" if device.type == "cuda" else "gloo"
     run_dir = workdir / f"loop_{time.monotonic_ns()}"
-    cfg = validate({**sections, "algorithm": {"name": "allreduce"}, "schedule": {"name": "constant"},
-                    "dist": {"backend": backend, "device": device.type, "world_size": 1},
-                    "logger": {"progress": False, "log_every": warmup},
-                    "train": {"max_steps": warmup + steps, "eval_every": 0, "precision": "bf16", "resume": "never",
-                              "signal_check_every": warmup + steps},
-                    "run_dir": str(run_dir)})
+    cfg = validate(
+        {
+            **sections,
+            "algorithm": {"name": "allreduce"},
+            "schedule": {"name": "constant"},
+            "dist": {"backend": backend, "device": device.type, "world_size": 1},
+            "logger": {"progress": False, "log_every": warmup},
+            "train": {
+                "max_steps": warmup + steps,
+                "eval_every": 0,
+                "precision": "bf16",
+                "resume": "never",
+                "signal_check_every": warmup + steps,
+            },
+            "run_dir": str(run_dir),
+        }
+    )
     if backend == "nccl":
         comm = init_distributed("nccl", env=DistEnv(0, 1, 0, 1, "127.0.0.1", free_port(), "single"))
     else:
@@ -118,23 +149,41 @@ def images(size: dict, device: torch.device, workdir: Path) -> dict:
     torch.manual_seed(0)
     image, label = torch.randn(3, px, px), 3
     model = resnet(size).to(device, memory_format=torch.channels_last)
-    batch = (torch.stack([image] * n).to(device, memory_format=torch.channels_last),
-             torch.full((n,), label, device=device))
+    batch = (
+        torch.stack([image] * n).to(device, memory_format=torch.channels_last),
+        torch.full((n,), label, device=device),
+    )
 
     def loss(net, b):
         return torch.nn.functional.cross_entropy(net(b[0]), b[1])
+
     sgd = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True)
     plain = plain_loop(model, batch, loss, sgd, device, size["steps"], size["warmup"])
     total = n * (size["warmup"] + size["steps"] + 1)
     loader = ImageData(eval_batch_size=n, num_workers=size["workers"], prefetch_factor=4, batch_size=n)
-    task = classification(resnet(size), Repeat(total, (image, label)), Repeat(n, (image, label)), loader,
-                          TaskContext(0, 1, 0, workdir))
-    ours = project_loop(task, {"task": {"name": "imagenet"}, "model": {"name": size["resnet"]},
-                               "data": {"batch_size": n, "num_workers": size["workers"], "prefetch_factor": 4},
-                               "optimizer": {"name": "sgd", "lr": 0.1, "momentum": 0.9, "nesterov": True}},
-                        device, size["steps"], size["warmup"], workdir)
-    return {"measure": f"{size['resnet']} images/s ({px} px, batch {n}, bf16, channels-last)",
-            "project_loop": n / ours, "plain_loop": n / plain, "ratio": plain / ours, "goal": 0.95}
+    task = classification(
+        resnet(size), Repeat(total, (image, label)), Repeat(n, (image, label)), loader, TaskContext(0, 1, 0, workdir)
+    )
+    ours = project_loop(
+        task,
+        {
+            "task": {"name": "imagenet"},
+            "model": {"name": size["resnet"]},
+            "data": {"batch_size": n, "num_workers": size["workers"], "prefetch_factor": 4},
+            "optimizer": {"name": "sgd", "lr": 0.1, "momentum": 0.9, "nesterov": True},
+        },
+        device,
+        size["steps"],
+        size["warmup"],
+        workdir,
+    )
+    return {
+        "measure": f"{size['resnet']} images/s ({px} px, batch {n}, bf16, channels-last)",
+        "project_loop": n / ours,
+        "plain_loop": n / plain,
+        "ratio": plain / ours,
+        "goal": 0.95,
+    }
 
 
 def transformer(size: dict, device: torch.device, workdir: Path) -> dict:
@@ -147,6 +196,7 @@ def transformer(size: dict, device: torch.device, workdir: Path) -> dict:
 
     def loss(net, b):
         return translation_loss(net, b, 0.1)
+
     adam = torch.optim.Adam(model.parameters(), lr=5e-4, betas=(0.9, 0.98))
     plain = plain_loop(model, batch, loss, adam, device, size["steps"], size["warmup"])
     total = pairs * (size["warmup"] + size["steps"] + 1)
@@ -155,19 +205,43 @@ def transformer(size: dict, device: torch.device, workdir: Path) -> dict:
         return [list(range(i, i + pairs)) for i in range(0, total, pairs)]
 
     def eval_sums(net, b) -> torch.Tensor:
-        return torch.stack([translation_loss(net, b, 0.0).double(), torch.ones((), dtype=torch.float64,
-                                                                                  device=b["src"].device)])
+        return torch.stack(
+            [translation_loss(net, b, 0.0).double(), torch.ones((), dtype=torch.float64, device=b["src"].device)]
+        )
 
-    task = Task(Transformer(VOCAB, size["transformer"], PAD), Repeat(total, example), Repeat(pairs, example), collate,
-                batches, [list(range(pairs))], loss, eval_sums, lambda sums: {"val_loss": float(sums[0] / sums[1])},
-                main_metric="val_loss")
-    ours = project_loop(task, {"task": {"name": "wmt16"}, "model": {"name": size["transformer"]},
-                               "data": {"num_workers": size["workers"], "prefetch_factor": 4},
-                               "optimizer": {"name": "adam", "lr": 5e-4, "betas": [0.9, 0.98]}},
-                        device, size["steps"], size["warmup"], workdir)
+    task = Task(
+        Transformer(VOCAB, size["transformer"], PAD),
+        Repeat(total, example),
+        Repeat(pairs, example),
+        collate,
+        batches,
+        [list(range(pairs))],
+        loss,
+        eval_sums,
+        lambda sums: {"val_loss": float(sums[0] / sums[1])},
+        main_metric="val_loss",
+    )
+    ours = project_loop(
+        task,
+        {
+            "task": {"name": "wmt16"},
+            "model": {"name": size["transformer"]},
+            "data": {"num_workers": size["workers"], "prefetch_factor": 4},
+            "optimizer": {"name": "adam", "lr": 5e-4, "betas": [0.9, 0.98]},
+        },
+        device,
+        size["steps"],
+        size["warmup"],
+        workdir,
+    )
     tokens = pairs * length  # target tokens per step, EOS included (fairseq's count)
-    return {"measure": f"{size['transformer']} target tokens/s ({pairs} x {length} tokens, bf16)",
-            "project_loop": tokens / ours, "plain_loop": tokens / plain, "ratio": plain / ours, "goal": 0.95}
+    return {
+        "measure": f"{size['transformer']} target tokens/s ({pairs} x {length} tokens, bf16)",
+        "project_loop": tokens / ours,
+        "plain_loop": tokens / plain,
+        "ratio": plain / ours,
+        "goal": 0.95,
+    }
 
 
 def write_jpegs(root: Path, count: int, classes: int = 8) -> None:
@@ -188,8 +262,13 @@ def pipeline(size: dict, device: torch.device, workdir: Path, model_images_per_s
     root = workdir / "imagefolder"
     write_jpegs(root, size["jpegs"])
     n, workers = size["images"], size["workers"]
-    cfg = validate({"task": {"name": "imagenet"}, "model": {"name": size["resnet"]},
-                    "data": {"root": str(root), "batch_size": n, "image_size": size["px"], "num_workers": workers}})
+    cfg = validate(
+        {
+            "task": {"name": "imagenet"},
+            "model": {"name": size["resnet"]},
+            "data": {"root": str(root), "batch_size": n, "image_size": size["px"], "num_workers": workers},
+        }
+    )
     task = TASKS["imagenet"].build(cfg.task, cfg.data, cfg.model, TaskContext(0, 1, 0, workdir))
     sampler = data.EpochBatches(task.train_batches)
     loader = data.loader(data.Seeded(task.train_set, 0), sampler, task.collate, workers, 2, device.type == "cuda")
@@ -197,7 +276,7 @@ def pipeline(size: dict, device: torch.device, workdir: Path, model_images_per_s
     start = None
     while timed < size["steps"]:
         sampler.set_epoch(epoch)
-        for batch in data.on_device(loader, device):
+        for _batch in data.on_device(loader, device):
             seen += 1
             if seen == warmup:
                 _sync(device)
@@ -210,8 +289,13 @@ def pipeline(size: dict, device: torch.device, workdir: Path, model_images_per_s
     _sync(device)
     ips = n * timed / (time.perf_counter() - start)
     data.close(loader)
-    return {"measure": f"input pipeline images/s ({workers} workers, 500x375 JPEGs -> {size['px']} px crops)",
-            "project_loop": ips, "plain_loop": model_images_per_s, "ratio": ips / model_images_per_s, "goal": 1.0}
+    return {
+        "measure": f"input pipeline images/s ({workers} workers, 500x375 JPEGs -> {size['px']} px crops)",
+        "project_loop": ips,
+        "plain_loop": model_images_per_s,
+        "ratio": ips / model_images_per_s,
+        "goal": 1.0,
+    }
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -231,8 +315,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         image_row = images(size, device, workdir)
-        rows = [image_row, transformer(size, device, workdir),
-                pipeline(size, device, workdir, image_row["project_loop"])]
+        rows = [
+            image_row,
+            transformer(size, device, workdir),
+            pipeline(size, device, workdir, image_row["project_loop"]),
+        ]
     args.out.mkdir(parents=True, exist_ok=True)
     for row in rows:
         row.update(met=row["ratio"] >= row["goal"], device=machine, torch=torch.__version__)
@@ -240,14 +327,21 @@ def main(argv: list[str] | None = None) -> list[dict]:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    lines = [f"GPU throughput on {machine} (torch {torch.__version__}), world size 1: "
-             "`python benchmarks/gpu_throughput.py`", "",
-             "| measure | project | reference | ratio | goal | met |", "|---|---|---|---|---|---|"]
+    lines = [
+        f"GPU throughput on {machine} (torch {torch.__version__}), world size 1: `python benchmarks/gpu_throughput.py`",
+        "",
+        "| measure | project | reference | ratio | goal | met |",
+        "|---|---|---|---|---|---|",
+    ]
     for row in rows:
-        lines.append(f"| {row['measure']} | {row['project_loop']:.1f} | {row['plain_loop']:.1f} | "
-                     f"{row['ratio']:.3f} | >= {row['goal']} | {'yes' if row['met'] else 'no'} |")
+        lines.append(
+            f"| {row['measure']} | {row['project_loop']:.1f} | {row['plain_loop']:.1f} | "
+            f"{row['ratio']:.3f} | >= {row['goal']} | {'yes' if row['met'] else 'no'} |"
+        )
     lines.append("")
-    lines.append("Reference: the plain loop for the model rows, the project loop's ResNet images/s for the pipeline row.")
+    lines.append(
+        "Reference: the plain loop for the model rows, the project loop's ResNet images/s for the pipeline row."
+    )
     (args.out / "throughput.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return rows

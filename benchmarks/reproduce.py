@@ -54,13 +54,21 @@ def row(preset: str, cell: list[str], run_dir: Path) -> dict:
     r = report.load_run(run_dir)
     s, config = r["summary"], r["config"]
     losses = [m["train_loss"] for m in r["metrics"] if "train_loss" in m]
-    return {"experiment": preset, "cell": ",".join(o for o in cell if not o.startswith("seed=")),
-            "seed": config["seed"], "label": report.label(r),
-            "tau": config["slowmo"]["tau"] if s["slowmo"] else config["algorithm"]["period"],
-            "beta": config["slowmo"]["beta"] if s["slowmo"] else 0.0,
-            "final_train_loss": losses[-1], "best_train_loss": min(losses), "final_val_acc": s["final"]["val_acc"],
-            "best_val_acc": s["best"]["val_acc"], "mib_sent_per_rank": s["comm_bytes"] / 2**20, "steps": s["steps"],
-            "overrides": " ".join([f"+experiment={preset}", *cell])}
+    return {
+        "experiment": preset,
+        "cell": ",".join(o for o in cell if not o.startswith("seed=")),
+        "seed": config["seed"],
+        "label": report.label(r),
+        "tau": config["slowmo"]["tau"] if s["slowmo"] else config["algorithm"]["period"],
+        "beta": config["slowmo"]["beta"] if s["slowmo"] else 0.0,
+        "final_train_loss": losses[-1],
+        "best_train_loss": min(losses),
+        "final_val_acc": s["final"]["val_acc"],
+        "best_val_acc": s["best"]["val_acc"],
+        "mib_sent_per_rank": s["comm_bytes"] / 2**20,
+        "steps": s["steps"],
+        "overrides": " ".join([f"+experiment={preset}", *cell]),
+    }
 
 
 def summarize(rows: list[dict], out: Path, experiment: str) -> str:
@@ -68,16 +76,27 @@ def summarize(rows: list[dict], out: Path, experiment: str) -> str:
         writer = csv.DictWriter(f, list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    lines = ["| cell | run | seeds | best train loss | final train loss | best val acc (%) | final val acc (%) | "
-             "MiB sent / rank |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| cell | run | seeds | best train loss | final train loss | best val acc (%) | final val acc (%) | "
+        "MiB sent / rank |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for cell in dict.fromkeys(r["cell"] for r in rows):
         members = [r for r in rows if r["cell"] == cell]
-        stats = {key: f"{np.mean([m[key] for m in members]):{fmt}} ± {np.std([m[key] for m in members]):{fmt}}"
-                 for key, fmt in (("best_train_loss", ".4f"), ("final_train_loss", ".4f"), ("best_val_acc", ".2f"),
-                                  ("final_val_acc", ".2f"))}
-        lines.append(f"| {cell} | {members[0]['label']} | {len(members)} | {stats['best_train_loss']} | "
-                     f"{stats['final_train_loss']} | {stats['best_val_acc']} | {stats['final_val_acc']} | "
-                     f"{members[0]['mib_sent_per_rank']:.2f} |")
+        stats = {
+            key: f"{np.mean([m[key] for m in members]):{fmt}} ± {np.std([m[key] for m in members]):{fmt}}"
+            for key, fmt in (
+                ("best_train_loss", ".4f"),
+                ("final_train_loss", ".4f"),
+                ("best_val_acc", ".2f"),
+                ("final_val_acc", ".2f"),
+            )
+        }
+        lines.append(
+            f"| {cell} | {members[0]['label']} | {len(members)} | {stats['best_train_loss']} | "
+            f"{stats['final_train_loss']} | {stats['best_val_acc']} | {stats['final_val_acc']} | "
+            f"{members[0]['mib_sent_per_rank']:.2f} |"
+        )
     markdown = "\n".join(lines) + "\n"
     (out / f"{experiment}.md").write_text(markdown)
     return markdown
@@ -95,8 +114,14 @@ def ablation_figure(rows: list[dict], key: str, path: Path, title: str) -> None:
         xs = sorted({r[key] for r in members})
         for ax, y in zip(axes, ("best_train_loss", "best_val_acc"), strict=True):
             values = [[r[y] for r in members if r[key] == x] for x in xs]
-            ax.errorbar(xs, [np.mean(v) for v in values], yerr=[np.std(v) for v in values], marker="o", capsize=3,
-                        label=members[0]["label"].replace(" + SlowMo", "") + (" + SlowMo" if slowmo_on else ""))
+            ax.errorbar(
+                xs,
+                [np.mean(v) for v in values],
+                yerr=[np.std(v) for v in values],
+                marker="o",
+                capsize=3,
+                label=members[0]["label"].replace(" + SlowMo", "") + (" + SlowMo" if slowmo_on else ""),
+            )
     axes[0].set(yscale="log", xlabel=key, ylabel="best train loss")
     axes[1].set(xlabel=key, ylabel="best val accuracy (%)")
     if key == "tau":
@@ -133,21 +158,31 @@ def main(argv: list[str] | None = None) -> None:
         runs = [report.load_run(d) for _, d in mine]
         setup = runs[0]["config"]
         seeds = len({r["seed"] for r in rows})
-        where = (f"{setup['task']['name']}, {setup['dist']['world_size']} simulated ranks, "
-                 f"{setup['train']['max_steps']} steps")
+        where = (
+            f"{setup['task']['name']}, {setup['dist']['world_size']} simulated ranks, "
+            f"{setup['train']['max_steps']} steps"
+        )
         if preset.startswith("repro_table1"):
-            report.figure(runs, args.out / f"{preset}_curves.png", "epoch",
-                          f"{where}, tau = {setup['slowmo']['tau']}, beta = {setup['slowmo']['beta']}, {seeds} seeds "
-                          "(mean ± std)")
+            report.figure(
+                runs,
+                args.out / f"{preset}_curves.png",
+                "epoch",
+                f"{where}, tau = {setup['slowmo']['tau']}, beta = {setup['slowmo']['beta']}, {seeds} seeds "
+                "(mean ± std)",
+            )
         else:
             key = preset.split("_")[1]
-            ablation_figure(rows, key, args.out / f"{preset}.png",
-                            f"{where}, Local SGD ± SlowMo: {key} ablation ({seeds} seeds)")
+            ablation_figure(
+                rows, key, args.out / f"{preset}.png", f"{where}, Local SGD ± SlowMo: {key} ablation ({seeds} seeds)"
+            )
         provenance[preset] = {
-            "command": f"python benchmarks/reproduce.py {preset}", "preset": f"configs/experiment/{preset}.yaml",
-            "runs": len(mine), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-                                          f"{args.jobs} runs at a time",
-            "train_wall_time_s": round(sum(r["summary"]["wall_time"] for r in runs))}
+            "command": f"python benchmarks/reproduce.py {preset}",
+            "preset": f"configs/experiment/{preset}.yaml",
+            "runs": len(mine),
+            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+            f"{args.jobs} runs at a time",
+            "train_wall_time_s": round(sum(r["summary"]["wall_time"] for r in runs)),
+        }
     provenance_path.write_text(json.dumps(provenance, indent=2) + "\n")
     print(f"done in {time.time() - start:.0f} s")
 

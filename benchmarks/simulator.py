@@ -18,10 +18,11 @@ import resource
 from pathlib import Path
 
 import torch
-from common import optimizer, timed_steps
 
 from slowmo.comm import Single, spawn
 from slowmo.models import ModelConfig, ResNet20, build_model
+
+from common import optimizer, timed_steps
 
 MiB = 2**20
 
@@ -42,21 +43,39 @@ def _elapsed(spans: list[tuple[float, float]]) -> float:
 def throughput(batch: int, steps: int, ranks: int) -> list[dict]:
     rows = []
     single = _elapsed([_train(Single(), batch * ranks, steps, "allreduce")])
-    rows.append({"benchmark": "throughput", "setup": f"1 rank, batch {batch * ranks}",
-                 "samples_per_s": batch * ranks * steps / single, "ratio": 1.0})
+    rows.append(
+        {
+            "benchmark": "throughput",
+            "setup": f"1 rank, batch {batch * ranks}",
+            "samples_per_s": batch * ranks * steps / single,
+            "ratio": 1.0,
+        }
+    )
     for algorithm in ("allreduce", "localsgd"):
         elapsed = _elapsed(spawn(_train, ranks, "simulated", args=(batch, steps, algorithm)))
         sps = batch * ranks * steps / elapsed
-        rows.append({"benchmark": "throughput", "setup": f"{ranks} simulated ranks, batch {batch} each, {algorithm}",
-                     "samples_per_s": sps, "ratio": sps / rows[0]["samples_per_s"]})
+        rows.append(
+            {
+                "benchmark": "throughput",
+                "setup": f"{ranks} simulated ranks, batch {batch} each, {algorithm}",
+                "samples_per_s": sps,
+                "ratio": sps / rows[0]["samples_per_s"],
+            }
+        )
     return rows
 
 
 def _memory(comm, mode: str) -> dict:
     torch.manual_seed(0)
     model = build_model(ModelConfig("resnet18"), num_classes=10, input_shape=(3, 32, 32))
-    opt = optimizer(comm, model, "localsgd", 2, lr=0.01, slowmo=None if mode == "localsgd" else
-                    {"tau": 2, "beta": 0.5, "shard_outer_state": mode == "sharded"})
+    opt = optimizer(
+        comm,
+        model,
+        "localsgd",
+        2,
+        lr=0.01,
+        slowmo=None if mode == "localsgd" else {"tau": 2, "beta": 0.5, "shard_outer_state": mode == "sharded"},
+    )
     peak = 0
     for _ in range(6):
         for p in model.parameters():
@@ -81,10 +100,16 @@ def memory(ranks: int) -> list[dict]:
     for mode in ("unsharded", "sharded"):
         extra = max(r["peak_rss"] - b["peak_rss"] for r, b in zip(results[mode], results["localsgd"], strict=True))
         target = (2 * params / ranks if mode == "sharded" else 2 * params) + MiB
-        rows.append({"benchmark": "memory", "setup": f"SlowMo {mode}, {ranks} gloo ranks, ResNet-18",
-                     "outer_state_mib_per_rank": max(r["outer_state"] for r in results[mode]) / MiB,
-                     "extra_resident_mib_per_rank": extra / MiB, "target_mib": target / MiB,
-                     "param_mib": params / MiB})
+        rows.append(
+            {
+                "benchmark": "memory",
+                "setup": f"SlowMo {mode}, {ranks} gloo ranks, ResNet-18",
+                "outer_state_mib_per_rank": max(r["outer_state"] for r in results[mode]) / MiB,
+                "extra_resident_mib_per_rank": extra / MiB,
+                "target_mib": target / MiB,
+                "param_mib": params / MiB,
+            }
+        )
     return rows
 
 

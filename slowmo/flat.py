@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -20,7 +20,7 @@ def unflatten_(flat: torch.Tensor, tensors: Sequence[torch.Tensor]) -> None:
     """Copy consecutive slices of ``flat`` back into ``tensors`` (inverse of :func:`flatten`)."""
     offset = 0
     for t in tensors:
-        t.detach().copy_(flat[offset:offset + t.numel()].view_as(t))
+        t.detach().copy_(flat[offset : offset + t.numel()].view_as(t))
         offset += t.numel()
 
 
@@ -47,5 +47,9 @@ def gradients(params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
 def per_element(tensors: Sequence[torch.Tensor], values: Sequence[float]) -> torch.Tensor:
     """One value per tensor, repeated over its elements: a vector laid out as :func:`flatten` lays out ``tensors``."""
     first = tensors[0]
-    return torch.cat([torch.full((t.numel(),), value, dtype=first.dtype, device=first.device)
-                      for t, value in zip(tensors, values)])
+    return torch.cat(
+        [
+            torch.full((t.numel(),), value, dtype=first.dtype, device=first.device)
+            for t, value in zip(tensors, values, strict=True)
+        ]
+    )

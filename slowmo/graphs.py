@@ -99,4 +99,3 @@ class Complete(GossipGraph):
         return [r for r in range(self.world_size) if r != rank]
 
     in_peers = out_peers
-

@@ -7,7 +7,8 @@ adds the outer step on top. Both hook into the optimizer, so a user's training l
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -40,8 +41,12 @@ class DistributedOptimizer(torch.optim.Optimizer):
     x_{0,0} (as DDP does).
     """
 
-    def __init__(self, params: nn.Module | Iterable[torch.Tensor] | Iterable[dict],
-                 base_optimizer: torch.optim.Optimizer, algorithm: Algorithm) -> None:
+    def __init__(
+        self,
+        params: nn.Module | Iterable[torch.Tensor] | Iterable[dict],
+        base_optimizer: torch.optim.Optimizer,
+        algorithm: Algorithm,
+    ) -> None:
         if isinstance(params, nn.Module):
             buffers = [b for b in params.buffers() if b.is_floating_point()]
             params = list(params.parameters())
@@ -92,6 +97,25 @@ class DistributedOptimizer(torch.optim.Optimizer):
     def _outer_step(self) -> None:
         raise NotImplementedError
 
+    def _base_state_(self, policy: str) -> None:
+        """The base optimizer's state: "keep" it, "reset" it to zero (as a freshly built optimizer: momentum,
+        moments and step counts) or "average" its per-parameter buffers over the ranks (momentum, moments; step
+        counts are equal on all ranks anyway)."""
+        if policy == "keep":
+            return
+        state = self.base_optimizer.state
+        entries = [
+            (p, value)
+            for p in self._params
+            for _, value in sorted(state.get(p, {}).items())
+            if torch.is_tensor(value) and value.is_floating_point()
+        ]
+        if policy == "reset":
+            for _, value in entries:
+                value.zero_()
+        else:
+            average_(self.comm, [value for p, value in entries if value.shape == p.shape])
+
     # ----------------------------------------------------------------------------------- the averaged model
     @torch.no_grad()
     def averaged_parameters(self) -> list[torch.Tensor]:
@@ -113,18 +137,28 @@ class DistributedOptimizer(torch.optim.Optimizer):
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
         """Everything needed to resume bit-exactly: base optimizer, algorithm state (push-sum weight, in-flight
         messages), inner step counter (which also fixes the gossip graph's step)."""
-        return {"format": STATE_FORMAT, "optimizer": type(self).__name__,
-                "algorithm": type(self.algorithm).__name__, "step": self._step, "started": self._started,
-                "base": self.base_optimizer.state_dict(), "algorithm_state": self.algorithm.state_dict()}
+        return {
+            "format": STATE_FORMAT,
+            "optimizer": type(self).__name__,
+            "algorithm": type(self.algorithm).__name__,
+            "step": self._step,
+            "started": self._started,
+            "base": self.base_optimizer.state_dict(),
+            "algorithm_state": self.algorithm.state_dict(),
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
         if not isinstance(state_dict, dict) or state_dict.get("format") != STATE_FORMAT:
-            raise ValueError(f"not a slowmo optimizer state (expected format {STATE_FORMAT!r}); "
-                             "load a state saved by slowmo's state_dict() of this version")
+            raise ValueError(
+                f"not a slowmo optimizer state (expected format {STATE_FORMAT!r}); "
+                "load a state saved by slowmo's state_dict() of this version"
+            )
         for key, mine in (("optimizer", type(self).__name__), ("algorithm", type(self.algorithm).__name__)):
             if state_dict[key] != mine:
-                raise ValueError(f"the checkpoint was saved by {key} {state_dict[key]} but this run uses {mine}; "
-                                 "resume with the same configuration or start a new run directory")
+                raise ValueError(
+                    f"the checkpoint was saved by {key} {state_dict[key]} but this run uses {mine}; "
+                    "resume with the same configuration or start a new run directory"
+                )
         self.base_optimizer.load_state_dict(state_dict["base"])
         self.param_groups = self.base_optimizer.param_groups  # loading made new group dicts: share them again
         self.algorithm.load_state_dict(state_dict["algorithm_state"])
@@ -140,16 +174,22 @@ def _check_parameters(params: list[torch.Tensor], base_optimizer: torch.optim.Op
         raise ValueError("the model has no parameters to optimize")
     for index, p in enumerate(params):
         if not p.is_floating_point():
-            raise ValueError(f"parameter {index} (shape {tuple(p.shape)}) has dtype {p.dtype}; only floating-point "
-                             "parameters can be averaged and updated: register it as a buffer or make it float")
+            raise ValueError(
+                f"parameter {index} (shape {tuple(p.shape)}) has dtype {p.dtype}; only floating-point "
+                "parameters can be averaged and updated: register it as a buffer or make it float"
+            )
     dtypes = {p.dtype for p in params}
     devices = {p.device for p in params}
     if len(dtypes) > 1 or len(devices) > 1:
-        raise ValueError(f"parameters mix dtypes {sorted(map(str, dtypes))} or devices {sorted(map(str, devices))}; "
-                         "keep the model in one dtype on one device (use autocast for mixed precision)")
+        raise ValueError(
+            f"parameters mix dtypes {sorted(map(str, dtypes))} or devices {sorted(map(str, devices))}; "
+            "keep the model in one dtype on one device (use autocast for mixed precision)"
+        )
     mine = {id(p) for p in params}
     theirs = {id(p) for g in base_optimizer.param_groups for p in g["params"]}
     if mine != theirs:
-        raise ValueError(f"the base optimizer's parameters are not the model's ({len(mine - theirs)} of the model's "
-                         f"missing from it, {len(theirs - mine)} of its own not in the model); build it over "
-                         "model.parameters()")
+        raise ValueError(
+            f"the base optimizer's parameters are not the model's ({len(mine - theirs)} of the model's "
+            f"missing from it, {len(theirs - mine)} of its own not in the model); build it over "
+            "model.parameters()"
+        )

@@ -17,7 +17,8 @@ Presets (``SlowMo.bmuf``, ``.lookahead``, ``.diloco``): :mod:`slowmo.presets`; t
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Literal
+from collections.abc import Iterable
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -27,6 +28,7 @@ from .flat import average_, flatten, per_element, unflatten_
 from .inner import DistributedOptimizer
 from .presets import Presets, check_settings
 from .shard import Shard
+
 
 class SlowMo(Presets, DistributedOptimizer):
     """Slow momentum on top of a base algorithm: one call to :meth:`step` is one inner step; every ``tau``-th is
@@ -42,17 +44,27 @@ class SlowMo(Presets, DistributedOptimizer):
         pseudo_gradient: "scaled" (SlowMo's) or "raw" (BMUF's and DiLoCo's).
     """
 
-    def __init__(self, params: nn.Module | Iterable[torch.Tensor] | Iterable[dict],
-                 base_optimizer: torch.optim.Optimizer, algorithm: Algorithm, tau: int = 12, alpha: float = 1.0,
-                 beta: float = 0.0, nesterov: bool = False, base_buffers: Literal["keep", "reset", "average"] = "keep",
-                 shard_outer_state: bool = False, pseudo_gradient: Literal["scaled", "raw"] = "scaled") -> None:
+    def __init__(
+        self,
+        params: nn.Module | Iterable[torch.Tensor] | Iterable[dict],
+        base_optimizer: torch.optim.Optimizer,
+        algorithm: Algorithm,
+        tau: int = 12,
+        alpha: float = 1.0,
+        beta: float = 0.0,
+        nesterov: bool = False,
+        base_buffers: Literal["keep", "reset", "average"] = "keep",
+        shard_outer_state: bool = False,
+        pseudo_gradient: Literal["scaled", "raw"] = "scaled",
+    ) -> None:
         check_settings(tau=tau, alpha=alpha, beta=beta, base_buffers=base_buffers, pseudo_gradient=pseudo_gradient)
         super().__init__(params, base_optimizer, algorithm)
         self.tau, self.alpha, self.beta, self.nesterov = tau, float(alpha), float(beta), bool(nesterov)
-        self.base_buffers, self.shard_outer_state, self.pseudo_gradient = base_buffers, shard_outer_state, pseudo_gradient
+        self.base_buffers, self.pseudo_gradient = base_buffers, pseudo_gradient
+        self.shard_outer_state = shard_outer_state
         self._shard = Shard(self.comm, sum(p.numel() for p in self._params), shard_outer_state)
         self._x0: torch.Tensor | None = None  # x_{t,0} (this rank's slice when sharded)
-        self._u: torch.Tensor | None = None   # u_t (likewise)
+        self._u: torch.Tensor | None = None  # u_t (likewise)
         self._outer = 0
 
     @property
@@ -84,48 +96,47 @@ class SlowMo(Presets, DistributedOptimizer):
         unflatten_(self._shard.gather(self._x0), self._params)
         average_(self.comm, self._buffers)
         self.algorithm.reset_weights()
-        self._update_base_buffers()
+        self._base_state_(self.base_buffers)  # step 5: keep, reset or average the base optimizer's buffers
         self._outer += 1
 
     def _learning_rates(self) -> torch.Tensor:
         """gamma_t per element of the flat parameters: each parameter's base param group lr, now."""
         lr_of = {id(p): float(group["lr"]) for group in self.base_optimizer.param_groups for p in group["params"]}
         if self.pseudo_gradient == "scaled" and min(lr_of.values()) <= 0:
-            raise ValueError(f"SlowMo divides by the base lr at the outer step, but it is {min(lr_of.values())} at "
-                             f"inner step {self._step}; keep the lr schedule above 0 (e.g. start warm-up above 0)")
+            raise ValueError(
+                f"SlowMo divides by the base lr at the outer step, but it is {min(lr_of.values())} at "
+                f"inner step {self._step}; keep the lr schedule above 0 (e.g. start warm-up above 0)"
+            )
         return per_element(self._params, [lr_of[id(p)] for p in self._params])
-
-    def _update_base_buffers(self) -> None:
-        if self.base_buffers == "keep":
-            return
-        state = self.base_optimizer.state
-        entries = [(p, value) for p in self._params for _, value in sorted(state.get(p, {}).items())
-                   if torch.is_tensor(value) and value.is_floating_point()]
-        if self.base_buffers == "reset":  # as a freshly built optimizer: momentum, moments and step counts to 0
-            for _, value in entries:
-                value.zero_()
-        else:  # per-parameter buffers (momentum, moments); step counts are equal on all ranks anyway
-            average_(self.comm, [value for p, value in entries if value.shape == p.shape])
 
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
         state = super().state_dict()
-        state["outer"] = {"t": self._outer, "x0": None if self._x0 is None else self._x0.clone(),
-                          "u": None if self._u is None else self._u.clone(), "shard": self._shard.key,
-                          "numel": self._shard.numel}
+        state["outer"] = {
+            "t": self._outer,
+            "x0": None if self._x0 is None else self._x0.clone(),
+            "u": None if self._u is None else self._u.clone(),
+            "shard": self._shard.key,
+            "numel": self._shard.numel,
+        }
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
         super().load_state_dict(state_dict)
         outer = state_dict["outer"]
         if outer["numel"] != self._shard.numel or outer["shard"] != self._shard.key:
-            raise ValueError(f"the checkpoint's SlowMo state is for {outer['numel']} parameters sharded as "
-                             f"{outer['shard']}, this run has {self._shard.numel} sharded as {self._shard.key}; "
-                             "resume with the same model, world size and shard_outer_state")
+            raise ValueError(
+                f"the checkpoint's SlowMo state is for {outer['numel']} parameters sharded as "
+                f"{outer['shard']}, this run has {self._shard.numel} sharded as {self._shard.key}; "
+                "resume with the same model, world size and shard_outer_state"
+            )
         like = self._params[0]
         self._outer = outer["t"]
-        self._x0, self._u = (None if outer[k] is None else outer[k].to(dtype=like.dtype, device=like.device).clone()
-                             for k in ("x0", "u"))
+        self._x0, self._u = (
+            None if outer[k] is None else outer[k].to(dtype=like.dtype, device=like.device).clone() for k in ("x0", "u")
+        )
 
     def __repr__(self) -> str:
-        return (f"SlowMo({type(self.algorithm).__name__}, base={type(self.base_optimizer).__name__}, tau={self.tau}, "
-                f"alpha={self.alpha}, beta={self.beta}, nesterov={self.nesterov}, base_buffers={self.base_buffers!r})")
+        return (
+            f"SlowMo({type(self.algorithm).__name__}, base={type(self.base_optimizer).__name__}, tau={self.tau}, "
+            f"alpha={self.alpha}, beta={self.beta}, nesterov={self.nesterov}, base_buffers={self.base_buffers!r})"
+        )

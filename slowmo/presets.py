@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 from .algorithms import Algorithm, LocalSGD
 from .comm import Single
@@ -34,8 +34,9 @@ def check_settings(**settings: Any) -> None:
     if settings.get("base_buffers", "keep") not in BASE_BUFFERS:
         raise ValueError(f"base_buffers must be 'keep', 'reset' or 'average', got {settings['base_buffers']!r}")
     if settings.get("pseudo_gradient", "scaled") not in PSEUDO_GRADIENTS:
-        raise ValueError(f"pseudo_gradient must be 'scaled' (SlowMo) or 'raw' (BMUF/DiLoCo), got "
-                         f"{settings['pseudo_gradient']!r}")
+        raise ValueError(
+            f"pseudo_gradient must be 'scaled' (SlowMo) or 'raw' (BMUF/DiLoCo), got {settings['pseudo_gradient']!r}"
+        )
 
 
 @dataclass
@@ -45,23 +46,28 @@ class OuterConfig:
 
     enabled: bool  # false: the base algorithm alone (slowmo=off)
     preset: str  # a registered preset
-    tau: Optional[int]
-    alpha: Optional[float]
-    beta: Optional[float]
-    nesterov: Optional[bool]
-    pseudo_gradient: Optional[str]
+    tau: int | None
+    alpha: float | None
+    beta: float | None
+    nesterov: bool | None
+    pseudo_gradient: str | None
     base_buffers: str  # keep | reset | average
     shard_outer_state: bool
 
     def knobs(self) -> dict[str, Any]:
         """The preset's arguments from the knobs set here; a knob the preset fixes is refused (one line)."""
         names = OUTER[self.preset].extra["knobs"]
-        given = {knob: getattr(self, knob) for knob in ("tau", "alpha", "beta", "nesterov", "pseudo_gradient")
-                 if getattr(self, knob) is not None}
+        given = {
+            knob: getattr(self, knob)
+            for knob in ("tau", "alpha", "beta", "nesterov", "pseudo_gradient")
+            if getattr(self, knob) is not None
+        }
         for knob in given:
             if knob not in names:
-                raise ConfigError(f"slowmo.{knob} is fixed by the {self.preset} preset; leave it unset (null) or "
-                                  "choose slowmo=on for Algorithm 1 with every knob free")
+                raise ConfigError(
+                    f"slowmo.{knob} is fixed by the {self.preset} preset; leave it unset (null) or "
+                    "choose slowmo=on for Algorithm 1 with every knob free"
+                )
         return {names[knob]: value for knob, value in given.items()}
 
     def check(self) -> None:
@@ -79,8 +85,17 @@ class Presets:
     """The presets as constructors of SlowMo (mixed into it)."""
 
     @classmethod
-    def bmuf(cls, params, base_optimizer, algorithm: Algorithm, tau: int, block_lr: float = 1.0,
-             block_momentum: float | None = None, nesterov: bool = False, **kwargs: Any):
+    def bmuf(
+        cls,
+        params,
+        base_optimizer,
+        algorithm: Algorithm,
+        tau: int,
+        block_lr: float = 1.0,
+        block_momentum: float | None = None,
+        nesterov: bool = False,
+        **kwargs: Any,
+    ):
         """Blockwise model-update filtering (Chen & Huo, 2016) over a Local SGD algorithm:
 
         Delta_t = eta Delta_{t-1} + zeta (x_{t,tau} - x_{t,0});  x_{t+1,0} = x_{t,0} + Delta_t
@@ -89,20 +104,38 @@ class Presets:
         """
         if block_momentum is None:
             block_momentum = 1.0 - 1.0 / algorithm.comm.world_size
-        return cls(params, base_optimizer, algorithm, tau=tau, alpha=block_lr, beta=block_momentum,
-                   nesterov=nesterov, pseudo_gradient="raw", **kwargs)
+        return cls(
+            params,
+            base_optimizer,
+            algorithm,
+            tau=tau,
+            alpha=block_lr,
+            beta=block_momentum,
+            nesterov=nesterov,
+            pseudo_gradient="raw",
+            **kwargs,
+        )
 
     @classmethod
-    def lookahead(cls, params, base_optimizer, k: int = 5, alpha: float = 0.5, algorithm: Algorithm | None = None,
-                  **kwargs: Any):
+    def lookahead(
+        cls, params, base_optimizer, k: int = 5, alpha: float = 0.5, algorithm: Algorithm | None = None, **kwargs: Any
+    ):
         """Lookahead (Zhang et al., 2019): k fast steps, then phi <- phi + alpha (theta - phi): SlowMo with tau = k
         and beta = 0 (``algorithm`` defaults to a single worker, no communication)."""
         algorithm = algorithm if algorithm is not None else LocalSGD(Single())
         return cls(params, base_optimizer, algorithm, tau=k, alpha=alpha, beta=0.0, **kwargs)
 
     @classmethod
-    def diloco(cls, params, base_optimizer, algorithm: Algorithm, tau: int = 500, outer_lr: float = 0.7,
-               outer_momentum: float = 0.9, **kwargs: Any):
+    def diloco(
+        cls,
+        params,
+        base_optimizer,
+        algorithm: Algorithm,
+        tau: int = 500,
+        outer_lr: float = 0.7,
+        outer_momentum: float = 0.9,
+        **kwargs: Any,
+    ):
         """DiLoCo's outer step (Douillard et al., 2023): Nesterov SGD with lr ``outer_lr`` and momentum
         ``outer_momentum`` on the raw pseudo-gradient Delta = x_{t,0} - x_{t,tau}:
 
@@ -111,19 +144,38 @@ class Presets:
         i.e. SlowMo with nesterov=True, the raw pseudo-gradient, alpha = outer_lr, beta = outer_momentum. The base
         optimizer (AdamW in the paper) keeps its state.
         """
-        return cls(params, base_optimizer, algorithm, tau=tau, alpha=outer_lr, beta=outer_momentum, nesterov=True,
-                   pseudo_gradient="raw", **kwargs)
+        return cls(
+            params,
+            base_optimizer,
+            algorithm,
+            tau=tau,
+            alpha=outer_lr,
+            beta=outer_momentum,
+            nesterov=True,
+            pseudo_gradient="raw",
+            **kwargs,
+        )
 
 
 def _algorithm_1(cls, params, base_optimizer, algorithm: Algorithm, **kwargs: Any):
     return cls(params, base_optimizer, algorithm, **kwargs)
 
 
-OUTER.register("slowmo", label="SlowMo", knobs={"tau": "tau", "alpha": "alpha", "beta": "beta",
-                                                "nesterov": "nesterov", "pseudo_gradient": "pseudo_gradient"})(
-    _algorithm_1)
-OUTER.register("bmuf", label="BMUF", knobs={"tau": "tau", "alpha": "block_lr", "beta": "block_momentum",
-                                            "nesterov": "nesterov"})(Presets.bmuf.__func__)
+OUTER.register(
+    "slowmo",
+    label="SlowMo",
+    knobs={
+        "tau": "tau",
+        "alpha": "alpha",
+        "beta": "beta",
+        "nesterov": "nesterov",
+        "pseudo_gradient": "pseudo_gradient",
+    },
+)(_algorithm_1)
+OUTER.register(
+    "bmuf", label="BMUF", knobs={"tau": "tau", "alpha": "block_lr", "beta": "block_momentum", "nesterov": "nesterov"}
+)(Presets.bmuf.__func__)
 OUTER.register("lookahead", label="Lookahead", knobs={"tau": "k", "alpha": "alpha"})(Presets.lookahead.__func__)
 OUTER.register("diloco", label="DiLoCo", knobs={"tau": "tau", "alpha": "outer_lr", "beta": "outer_momentum"})(
-    Presets.diloco.__func__)
+    Presets.diloco.__func__
+)

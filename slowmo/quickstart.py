@@ -33,15 +33,18 @@ def main(argv: list[str] | None = None) -> None:
         run_dir = args.runs / ",".join(cell)
         t = time.time()
         summary = run(compose([f"+experiment={PRESET}", *cell, f"run_dir='{run_dir}'"]))
-        print(f"{run_dir.name:>40}: val_acc {summary['final']['val_acc']:.2f} %  ({time.time() - t:.1f} s)",
-              flush=True)
+        print(f"{run_dir.name:>40}: val_acc {summary['final']['val_acc']:.2f} %  ({time.time() - t:.1f} s)", flush=True)
         runs.append(report.load_run(run_dir))
     command = f"slowmo-quickstart (+experiment={PRESET}, the preset's sweep)"
     markdown = report.write_table(report.table(runs), out, command)
     setup = runs[0]["config"]
-    report.figure(runs, out / "loss.png", "step",
-                  f"digits, {setup['dist']['world_size']} simulated ranks, {setup['train']['max_steps']} steps "
-                  f"(tau = {setup['slowmo']['tau']}, beta = {setup['slowmo']['beta']}), mean ± std over seeds")
+    report.figure(
+        runs,
+        out / "loss.png",
+        "step",
+        f"digits, {setup['dist']['world_size']} simulated ranks, {setup['train']['max_steps']} steps "
+        f"(tau = {setup['slowmo']['tau']}, beta = {setup['slowmo']['beta']}), mean ± std over seeds",
+    )
     print()
     print(markdown)
     print(f"wrote {out}/table.csv, table.md, loss.png in {time.time() - start:.0f} s")

@@ -42,7 +42,7 @@ class Problem:
     seed: int = 0
     procs_per_node: int = 1
 
-    def with_(self, **kw) -> "Problem":
+    def with_(self, **kw) -> Problem:
         return replace(self, **kw)
 
 
@@ -88,7 +88,7 @@ def reference(s: Problem) -> np.ndarray:
             grads = [np.mean(grads, axis=0)] * n
         elif s.procs_per_node > 1:  # gradient mean inside each node of procs_per_node consecutive ranks
             p = s.procs_per_node
-            grads = [np.mean(grads[r - r % p:r - r % p + p], axis=0) for r in range(n)]
+            grads = [np.mean(grads[r - r % p : r - r % p + p], axis=0) for r in range(n)]
         for r in range(n):  # torch.optim.SGD semantics
             g = grads[r]
             if s.momentum:

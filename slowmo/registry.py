@@ -2,10 +2,10 @@
 registers its name, its config dataclass and its builder in the module that defines it, and the harness builds
 everything through these registries (no lists of names anywhere else).
 
-    ALGORITHMS = Registry("algorithm", "slowmo.algorithms")
+    ALGORITHMS = Registry("algorithm", "slowmo.algorithms")              # in slowmo/algorithms/base.py
 
-    @ALGORITHMS.register("localsgd", LocalSGDConfig, label="Local SGD")
-    def build(comm, cfg): ...
+    @ALGORITHMS.register("<name>", MyAlgorithmConfig, label="My algorithm")   # in slowmo/algorithms/<name>.py
+    class MyAlgorithm(Algorithm): ...
 
 A registry finds its plug-ins by importing every module of its package the first time it is asked for a name, so a
 new plug-in is one new module (plus its YAML file under ``configs/``) and nothing else. The packages whose
@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any
 
 
 class ConfigError(ValueError):
@@ -45,16 +46,20 @@ class Registry:
         self._entries: dict[str, Entry] = {}
         self._discovered = False
 
-    def register(self, name: str, config: type | None = None, label: str | None = None,
-                 **extra: Any) -> Callable[[Callable], Callable]:
+    def register(
+        self, name: str, config: type | None = None, label: str | None = None, **extra: Any
+    ) -> Callable[[Callable], Callable]:
         """Decorator: register the decorated builder (a function or a class) under ``name``."""
 
         def add(build: Callable) -> Callable:
             if name in self._entries and self._entries[name].build is not build:
-                raise ValueError(f"{self.kind} {name!r} is registered twice: in {self._entries[name].build.__module__} "
-                                 f"and in {build.__module__}")
+                raise ValueError(
+                    f"{self.kind} {name!r} is registered twice: in {self._entries[name].build.__module__} "
+                    f"and in {build.__module__}"
+                )
             self._entries[name] = Entry(name, config, build, label or name, extra)
             return build
+
         return add
 
     def _discover(self) -> None:

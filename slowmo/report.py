@@ -25,8 +25,12 @@ def load_run(run_dir: str | Path) -> dict[str, Any]:
             raise ValueError(f"{run_dir} is not a finished run directory: {name} is missing")
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
-    return {"dir": run_dir, "config": config, "metrics": metrics,
-            "summary": json.loads((run_dir / "summary.json").read_text())}
+    return {
+        "dir": run_dir,
+        "config": config,
+        "metrics": metrics,
+        "summary": json.loads((run_dir / "summary.json").read_text()),
+    }
 
 
 def label(run: dict[str, Any]) -> str:
@@ -64,10 +68,20 @@ def table(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         loss = _mean_std([_last_train_loss(r) for r in members])
         final = _mean_std([r["summary"]["final"][metric] for r in members])
         best = _mean_std([r["summary"]["best"][metric] for r in members])
-        rows.append({"algorithm": name, "seeds": len(members), "steps": members[0]["summary"]["steps"],
-                     "train_loss": loss[0], "train_loss_std": loss[1], metric: final[0], f"{metric}_std": final[1],
-                     f"best_{metric}": best[0], "mib_sent_per_rank": members[0]["summary"]["comm_bytes"] / 2 ** 20,
-                     "wall_time_s": float(np.mean([r["summary"]["wall_time"] for r in members]))})
+        rows.append(
+            {
+                "algorithm": name,
+                "seeds": len(members),
+                "steps": members[0]["summary"]["steps"],
+                "train_loss": loss[0],
+                "train_loss_std": loss[1],
+                metric: final[0],
+                f"{metric}_std": final[1],
+                f"best_{metric}": best[0],
+                "mib_sent_per_rank": members[0]["summary"]["comm_bytes"] / 2**20,
+                "wall_time_s": float(np.mean([r["summary"]["wall_time"] for r in members])),
+            }
+        )
     return rows
 
 
@@ -81,12 +95,16 @@ def write_table(rows: list[dict[str, Any]], out_dir: Path, source: str | None = 
         writer.writeheader()
         writer.writerows(rows)
     metric = next(k for k in keys if k.startswith("val_") and not k.endswith("_std"))
-    lines = [f"| algorithm | seeds | steps | train loss | {metric} | best {metric} | MiB sent / rank | time (s) |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"| algorithm | seeds | steps | train loss | {metric} | best {metric} | MiB sent / rank | time (s) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['algorithm']} | {r['seeds']} | {r['steps']} | {r['train_loss']:.4f} ± {r['train_loss_std']:.4f} "
-                     f"| {r[metric]:.2f} ± {r[metric + '_std']:.2f} | {r['best_' + metric]:.2f} "
-                     f"| {r['mib_sent_per_rank']:.2f} | {r['wall_time_s']:.1f} |")
+        lines.append(
+            f"| {r['algorithm']} | {r['seeds']} | {r['steps']} | {r['train_loss']:.4f} ± {r['train_loss_std']:.4f} "
+            f"| {r[metric]:.2f} ± {r[metric + '_std']:.2f} | {r['best_' + metric]:.2f} "
+            f"| {r['mib_sent_per_rank']:.2f} | {r['wall_time_s']:.1f} |"
+        )
     if source:
         lines = [f"Made by `{source}`.", ""] + lines
     markdown = "\n".join(lines) + "\n"
@@ -113,9 +131,9 @@ def figure(runs: list[dict[str, Any]], path: Path, x: str = "epoch", title: str 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for name, members in sorted(group(runs).items()):
         style = "-" if "SlowMo" in name else "--"
-        for ax, y in zip(axes, ("train_loss", metric)):
+        for ax, y in zip(axes, ("train_loss", metric), strict=True):
             xs, mean, std = _curve(members, x, y)
-            line, = ax.plot(xs, mean, style, label=name, linewidth=1.6)
+            (line,) = ax.plot(xs, mean, style, label=name, linewidth=1.6)
             if len(members) > 1:
                 ax.fill_between(xs, mean - std, mean + std, color=line.get_color(), alpha=0.2)
     xlabel = {"epoch": "epoch", "step": "inner step", "wall_time": "wall time (s)"}[x]

@@ -34,7 +34,7 @@ class Shard:
         if not self.enabled:
             return flat
         rank = self.comm.rank
-        return self._padded(flat, fill)[rank * self.length:(rank + 1) * self.length]
+        return self._padded(flat, fill)[rank * self.length : (rank + 1) * self.length]
 
     def mean(self, flat: torch.Tensor) -> torch.Tensor:
         """This rank's slice of the mean over ranks of ``flat`` (reduce-scatter; all-reduce when not sharded)."""

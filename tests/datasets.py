@@ -20,8 +20,15 @@ def write_cifar10(root: Path, per_batch: int = 16, seed: int = 0, skip: tuple[st
         data = rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8)
         data[:, :1024] = (labels[:, None] * 25).astype(np.uint8)  # the red plane encodes the label: learnable
         with open(folder / name, "wb") as f:
-            pickle.dump({"batch_label": name, "labels": labels.tolist(), "data": data,
-                         "filenames": [f"{i}.png" for i in range(per_batch)]}, f)
+            pickle.dump(
+                {
+                    "batch_label": name,
+                    "labels": labels.tolist(),
+                    "data": data,
+                    "filenames": [f"{i}.png" for i in range(per_batch)],
+                },
+                f,
+            )
     with open(folder / "batches.meta", "wb") as f:
         pickle.dump({"label_names": [f"class{i}" for i in range(10)], "num_cases_per_batch": per_batch}, f)
     return root

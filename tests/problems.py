@@ -31,15 +31,28 @@ class Setup:
     procs_per_node: int = 1
     graph: type | None = None  # gossip graph class; None: the default (directed exponential)
 
-    def with_(self, **kw) -> "Setup":
+    def with_(self, **kw) -> Setup:
         return replace(self, **kw)
 
     def problem(self) -> Problem:
         """The same run in the reference's terms (its base algorithm as the communication it does)."""
         if self.graph is not None:
             raise ValueError("the reference gossips on the directed exponential graph only")
-        return Problem(MIXING[self.algorithm], self.world_size, self.steps, self.period, self.slowmo, self.momentum,
-                       self.nesterov, self.lr, self.decay_at, self.d, self.batch, self.seed, self.procs_per_node)
+        return Problem(
+            MIXING[self.algorithm],
+            self.world_size,
+            self.steps,
+            self.period,
+            self.slowmo,
+            self.momentum,
+            self.nesterov,
+            self.lr,
+            self.decay_at,
+            self.d,
+            self.batch,
+            self.seed,
+            self.procs_per_node,
+        )
 
 
 MIXING = {"allreduce": "gradient_mean", "localsgd": "average", "sgp": "push_sum", "osgp": "push_sum_late"}
@@ -66,8 +79,12 @@ class LeastSquares(torch.nn.Module):
 
 def build(comm, s: Setup, theta0: np.ndarray):
     model = LeastSquares(theta0)
-    base = torch.optim.SGD([{"params": [model.x], "lr": s.lr[0]}, {"params": [model.c], "lr": s.lr[1]}],
-                           lr=s.lr[0], momentum=s.momentum, nesterov=s.nesterov)
+    base = torch.optim.SGD(
+        [{"params": [model.x], "lr": s.lr[0]}, {"params": [model.c], "lr": s.lr[1]}],
+        lr=s.lr[0],
+        momentum=s.momentum,
+        nesterov=s.nesterov,
+    )
     if s.algorithm == "allreduce":
         algorithm = slowmo.AllReduce(comm, procs_per_node=s.procs_per_node)
     elif s.algorithm == "localsgd":
@@ -101,10 +118,12 @@ def run_engine(comm, s: Setup, with_history: bool = False) -> dict:
     model, opt = build(comm, s, data[2])
     history: list = []
     train(model, opt, s, data, 0, s.steps, comm, history if with_history else None)
-    out = {"theta": model.theta(), "stats": comm.stats(), "history": history,
-           "weight": getattr(opt.algorithm, "weight", torch.ones(1)).item()}
+    out = {
+        "theta": model.theta(),
+        "stats": comm.stats(),
+        "history": history,
+        "weight": getattr(opt.algorithm, "weight", torch.ones(1)).item(),
+    }
     opt.algorithm.flush()  # receive OSGP's last messages, so that a later run on this communicator starts clean
     comm.reset_stats()
     return out
-
-

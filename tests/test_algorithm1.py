@@ -4,12 +4,14 @@ import numpy as np
 import pytest
 
 import slowmo
+
 from problems import Setup, reference, run_engine
 
 CASES = {
     "localsgd_H3": Setup("localsgd", period=3),
-    "localsgd+slowmo_nesterov_sgd_lr_decay": Setup("localsgd", slowmo=dict(tau=4, beta=0.6), momentum=0.9,
-                                                   nesterov=True, decay_at=6),
+    "localsgd+slowmo_nesterov_sgd_lr_decay": Setup(
+        "localsgd", slowmo=dict(tau=4, beta=0.6), momentum=0.9, nesterov=True, decay_at=6
+    ),
     "localsgd_H2+slowmo_tau4": Setup("localsgd", period=2, slowmo=dict(tau=4, beta=0.7), steps=13),
     "allreduce": Setup("allreduce", momentum=0.9),
     "allreduce+slowmo": Setup("allreduce", slowmo=dict(tau=3, beta=0.5)),
@@ -21,15 +23,18 @@ CASES = {
     "sgp_8ranks_4nodes": Setup("sgp", world_size=8, procs_per_node=2, slowmo=dict(tau=5, beta=0.3)),
     "osgp_6ranks_non_power_of_2": Setup("osgp", world_size=6, slowmo=dict(tau=5, beta=0.3)),
     "localsgd_slow_lr_0.5": Setup("localsgd", slowmo=dict(tau=3, alpha=0.5, beta=0.4)),
-    "raw_pseudo_gradient": Setup("localsgd", slowmo=dict(tau=4, alpha=0.8, beta=0.4, pseudo_gradient="raw"),
-                                 decay_at=5),
+    "raw_pseudo_gradient": Setup(
+        "localsgd", slowmo=dict(tau=4, alpha=0.8, beta=0.4, pseudo_gradient="raw"), decay_at=5
+    ),
 }
 for policy in ("keep", "reset", "average"):
-    CASES[f"base_buffers_{policy}"] = Setup("localsgd", slowmo=dict(tau=4, beta=0.5, base_buffers=policy),
-                                            momentum=0.9, nesterov=True)
+    CASES[f"base_buffers_{policy}"] = Setup(
+        "localsgd", slowmo=dict(tau=4, beta=0.5, base_buffers=policy), momentum=0.9, nesterov=True
+    )
 for name in ("localsgd", "sgp", "osgp"):
-    CASES[f"{name}+slowmo_sharded"] = Setup(name, slowmo=dict(tau=4, beta=0.6, shard_outer_state=True),
-                                            decay_at=7, momentum=0.9)
+    CASES[f"{name}+slowmo_sharded"] = Setup(
+        name, slowmo=dict(tau=4, beta=0.6, shard_outer_state=True), decay_at=7, momentum=0.9
+    )
 
 
 def engine(s: Setup) -> np.ndarray:

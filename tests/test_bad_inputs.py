@@ -11,21 +11,27 @@ import shutil
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 
-from datasets import write_cifar10, write_imagefolder, write_parallel
 from slowmo.train import checkpoint, run
+
+from datasets import write_cifar10, write_imagefolder, write_parallel
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _base(run_dir: Path) -> dict[str, Any]:
-    return {"run_dir": str(run_dir), "logger": {"progress": False},
-            "train": {"max_steps": 2, "eval_every": 0, "checkpoint_every": 2}, "dist": {"world_size": 2}}
+    return {
+        "run_dir": str(run_dir),
+        "logger": {"progress": False},
+        "train": {"max_steps": 2, "eval_every": 0, "checkpoint_every": 2},
+        "dist": {"world_size": 2},
+    }
 
 
 def _merge(cfg: dict, sections: dict) -> dict:
@@ -119,88 +125,189 @@ class Case:
 
 
 CASES = [
-    Case("unknown key", lambda t: {"train": {"max_step": 3}},
-         "bad config key 'train.max_step': Key 'max_step' not in 'TrainConfig'"),
-    Case("wrong type", lambda t: {"train": {"max_steps": "many"}},
-         "bad config key 'train.max_steps': Value 'many' of type 'str' could not be converted to Integer"),
-    Case("unknown algorithm", lambda t: {"algorithm": {"name": "gossip"}},
-         "algorithm.name='gossip' is not one of allreduce, localsgd, sgp, osgp"),
-    Case("unknown backend", lambda t: {"dist": {"backend": "mpi"}},
-         "dist.backend='mpi' is not one of simulated, gloo, nccl"),
+    Case(
+        "unknown key",
+        lambda t: {"train": {"max_step": 3}},
+        "bad config key 'train.max_step': Key 'max_step' not in 'TrainConfig'",
+    ),
+    Case(
+        "wrong type",
+        lambda t: {"train": {"max_steps": "many"}},
+        "bad config key 'train.max_steps': Value 'many' of type 'str' could not be converted to Integer",
+    ),
+    Case("unknown top-level key (+foo=3)", lambda t: {"foo": 3}, "bad config key 'foo': Key 'foo' not in 'Config'"),
+    Case(
+        "a key of another algorithm",
+        lambda t: {"algorithm": {"name": "sgp", "period": 3}},
+        "bad config key 'algorithm.period': Key 'period' not in 'SGPConfig'",
+    ),
+    Case(
+        "a data key of another task",
+        lambda t: {"data": {"max_tokens": 64}},
+        "bad config key 'data.max_tokens': Key 'max_tokens' not in 'DigitsData'",
+    ),
+    Case(
+        "unknown algorithm",
+        lambda t: {"algorithm": {"name": "gossip"}},
+        "algorithm.name='gossip' is not one of allreduce, localsgd, sgp, osgp",
+    ),
+    Case(
+        "unknown backend",
+        lambda t: {"dist": {"backend": "mpi"}},
+        "dist.backend='mpi' is not one of simulated, gloo, nccl",
+    ),
     Case("no steps", lambda t: {"train": {"max_steps": 0}}, "train.max_steps must be >= 1, got 0"),
-    Case("preset of another task", lambda t: {"experiment": "paper_imagenet", "task": {"name": "digits"}},
-         "+experiment=paper_imagenet is the preset of task imagenet, but the task is digits; "
-         "run experiments/imagenet/train.py"),
-    Case("tau=0", lambda t: {"slowmo": {"enabled": True, "tau": 0}},
-         "tau must be an integer >= 1 (inner steps per outer step), got 0"),
-    Case("beta=1", lambda t: {"slowmo": {"enabled": True, "beta": 1.0}},
-         "beta must be in [0, 1) (slow momentum; the paper tunes it in 0.4-0.8), got 1.0"),
-    Case("alpha<0", lambda t: {"slowmo": {"enabled": True, "alpha": -1.0}},
-         "alpha must be a finite number > 0 (slow learning rate; the paper uses 1.0), got -1.0"),
-    Case("SGP on one rank", lambda t: {"algorithm": {"name": "sgp"}, "dist": {"world_size": 1}},
-         "SGP gossips between ranks and needs at least 2, got 1; use LocalSGD or AllReduce on a single rank"),
-    Case("world not divisible by procs_per_node",
-         lambda t: {"algorithm": {"name": "osgp", "procs_per_node": 3}, "dist": {"world_size": 4}},
-         "world size 4 is not divisible by algorithm.procs_per_node=3"),
-    Case("batch larger than the data", lambda t: {"data": {"batch_size": 4096}},
-         "the training set gives no full batch to each of 2 ranks; lower data.batch_size (or data.max_tokens) "
-         "or the number of ranks"),
-    Case("missing data.root", lambda t: {"task": {"name": "cifar10"}},
-         "task cifar10 needs data.root: the directory holding cifar-10-batches-py/ (add data.download=true to fetch "
-         "it when online)"),
-    Case("CIFAR batches missing", _cifar_missing,
-         "CIFAR-10 files missing under {tmp}/c/cifar-10-batches-py: data_batch_3, test_batch; point data.root at the "
-         "directory holding cifar-10-batches-py/ or add data.download=true"),
-    Case("ImageNet split missing", lambda t: {"task": {"name": "imagenet"}, "data": {"root": str(t / "nowhere")}},
-         "ImageNet split missing: {tmp}/nowhere/train is not a directory; data.root must hold train/ and val/ with "
-         "one sub-directory of images per class"),
-    Case("ImageFolder without images", _imagefolder_without_val_images,
-         "no images under {tmp}/i/val (Found no valid file for the classes cat, dog. Supported extensions are: .jpg, "
-         ".jpeg, .png, .ppm, .bmp, .pgm, .tif, .tiff, .webp); data.root must hold train/ and val/ with one "
-         "sub-directory of images per class"),
-    Case("WMT line counts differ", lambda t: _wmt(t, train_de="nur eine zeile\n"),
-         "train.en has 64 lines but train.de has 1 under {tmp}/w; parallel files must align line by line"),
-    Case("empty sentencepiece corpus", lambda t: _wmt(t, train_en="\n" * 64, train_de="\n" * 64),
-         "the training text is empty: sentencepiece has nothing to learn from; check train.en/train.de"),
-    Case("WMT without a Transformer", lambda t: {**_wmt(t), "model": {"name": "mlp"}},
-         "task wmt16 needs a Transformer: model.name is 'mlp', use one of transformer_wmt_en_de, "
-         "transformer_wmt_en_de_big, transformer_tiny"),
-    Case("resume with another model", lambda t: {"model": {"name": "cnn"}},
-         "the checkpoint in {tmp}/run/checkpoints/step_2 is of another run ({{'task': 'digits', 'model': 'mlp', "
-         "'width': 64, 'algorithm': 'localsgd', 'slowmo': False, 'shard_outer_state': False}}), this run is "
-         "{{'task': 'digits', 'model': 'cnn', 'width': 64, 'algorithm': 'localsgd', 'slowmo': False, "
-         "'shard_outer_state': False}}; use a new run directory or train.resume=never"),
-    Case("resume with another algorithm", lambda t: {"algorithm": {"name": "sgp"}},
-         "the checkpoint in {tmp}/run/checkpoints/step_2 is of another run ({{'task': 'digits', 'model': 'mlp', "
-         "'width': 64, 'algorithm': 'localsgd', 'slowmo': False, 'shard_outer_state': False}}), this run is "
-         "{{'task': 'digits', 'model': 'mlp', 'width': 64, 'algorithm': 'sgp', 'slowmo': False, "
-         "'shard_outer_state': False}}; use a new run directory or train.resume=never"),
-    Case("run dir not writable", _not_a_directory,
-         "run directory {tmp}/file/run is not writable (Not a directory); set hydra.run.dir (or run_dir) to a "
-         "writable path"),
-    Case("disk full on checkpoint write", lambda t: {"train": {"max_steps": 4}},
-         "rank 0: cannot write checkpoint {tmp}/run/checkpoints/step_4 (No space left on device); free space or fix "
-         "permissions, then resume: the previous checkpoint is still valid", OSError, _full_disk, started=True),
-    Case("master port in use", _busy_port,
-         "port {port} on 127.0.0.1 is already in use, and rank 0 must host the rendezvous there; set MASTER_PORT "
-         "to a free port", setup=_torchrun_env),
-    Case("procs_per_node above the processes per node", lambda t: {"algorithm": {"procs_per_node": 4},
-                                                                    "dist": {"backend": "gloo"}},
-         "algorithm.procs_per_node=4 is larger than the 2 processes started on this node; set it to at most 2",
-         setup=lambda monkeypatch: _torchrun_env(monkeypatch, port=1, local=2, world=4)),
-    Case("dist.device=cuda without a GPU", lambda t: {"dist": {"device": "cuda"}},
-         "dist.device=cuda needs a CUDA GPU and none is visible (torch.cuda.is_available() is False); use "
-         "dist.device=cpu", setup=lambda monkeypatch: monkeypatch.setattr("torch.cuda.is_available", lambda: False)),
-    Case("nccl on the CPU", lambda t: {"dist": {"backend": "nccl", "device": "cpu"}},
-         "dist.backend=nccl moves only GPU tensors but dist.device=cpu; use dist.device=cuda (or auto), or "
-         "dist.backend=gloo to train on the CPU"),
-    Case("negative data.num_workers", lambda t: {"data": {"num_workers": -1}},
-         "data.num_workers must be >= 0 (0 loads batches on the training thread), got -1"),
-    Case("unknown precision", lambda t: {"train": {"precision": "fp8"}},
-         "train.precision='fp8' is not one of fp32, bf16, fp16"),
-    Case("procs_per_node above the GPUs", lambda t: {"algorithm": {"procs_per_node": 2}, "dist": {"backend": "nccl"}},
-         "2 processes per node need 2 GPUs, this node has 0; lower algorithm.procs_per_node (and the processes "
-         "started per node) to at most the GPUs per node"),
+    Case(
+        "preset of another task",
+        lambda t: {"experiment": "paper_imagenet", "task": {"name": "digits"}},
+        "+experiment=paper_imagenet is the preset of task imagenet, but the task is digits; "
+        "run experiments/imagenet/train.py",
+    ),
+    Case(
+        "tau=0",
+        lambda t: {"slowmo": {"enabled": True, "tau": 0}},
+        "tau must be an integer >= 1 (inner steps per outer step), got 0",
+    ),
+    Case(
+        "beta=1",
+        lambda t: {"slowmo": {"enabled": True, "beta": 1.0}},
+        "beta must be in [0, 1) (slow momentum; the paper tunes it in 0.4-0.8), got 1.0",
+    ),
+    Case(
+        "alpha<0",
+        lambda t: {"slowmo": {"enabled": True, "alpha": -1.0}},
+        "alpha must be a finite number > 0 (slow learning rate; the paper uses 1.0), got -1.0",
+    ),
+    Case(
+        "SGP on one rank",
+        lambda t: {"algorithm": {"name": "sgp"}, "dist": {"world_size": 1}},
+        "SGP gossips between ranks and needs at least 2, got 1; use LocalSGD or AllReduce on a single rank",
+    ),
+    Case(
+        "world not divisible by procs_per_node",
+        lambda t: {"algorithm": {"name": "osgp", "procs_per_node": 3}, "dist": {"world_size": 4}},
+        "world size 4 is not divisible by algorithm.procs_per_node=3",
+    ),
+    Case(
+        "batch larger than the data",
+        lambda t: {"data": {"batch_size": 4096}},
+        "the training set gives no full batch to each of 2 ranks; lower data.batch_size (or data.max_tokens) "
+        "or the number of ranks",
+    ),
+    Case(
+        "missing data.root",
+        lambda t: {"task": {"name": "cifar10"}},
+        "task cifar10 needs data.root: the directory holding cifar-10-batches-py/ (add data.download=true to fetch "
+        "it when online)",
+    ),
+    Case(
+        "CIFAR batches missing",
+        _cifar_missing,
+        "CIFAR-10 files missing under {tmp}/c/cifar-10-batches-py: data_batch_3, test_batch; point data.root at the "
+        "directory holding cifar-10-batches-py/ or add data.download=true",
+    ),
+    Case(
+        "ImageNet split missing",
+        lambda t: {"task": {"name": "imagenet"}, "data": {"root": str(t / "nowhere")}},
+        "ImageNet split missing: {tmp}/nowhere/train is not a directory; data.root must hold train/ and val/ with "
+        "one sub-directory of images per class",
+    ),
+    Case(
+        "ImageFolder without images",
+        _imagefolder_without_val_images,
+        "no images under {tmp}/i/val (Found no valid file for the classes cat, dog. Supported extensions are: .jpg, "
+        ".jpeg, .png, .ppm, .bmp, .pgm, .tif, .tiff, .webp); data.root must hold train/ and val/ with one "
+        "sub-directory of images per class",
+    ),
+    Case(
+        "WMT line counts differ",
+        lambda t: _wmt(t, train_de="nur eine zeile\n"),
+        "train.en has 64 lines but train.de has 1 under {tmp}/w; parallel files must align line by line",
+    ),
+    Case(
+        "empty sentencepiece corpus",
+        lambda t: _wmt(t, train_en="\n" * 64, train_de="\n" * 64),
+        "the training text is empty: sentencepiece has nothing to learn from; check train.en/train.de",
+    ),
+    Case(
+        "WMT without a Transformer",
+        lambda t: {**_wmt(t), "model": {"name": "mlp"}},
+        "task wmt16 needs a Transformer: model.name is 'mlp', use one of transformer_wmt_en_de, "
+        "transformer_wmt_en_de_big, transformer_tiny",
+    ),
+    Case(
+        "resume with another model",
+        lambda t: {"model": {"name": "cnn"}},
+        "the checkpoint in {tmp}/run/checkpoints/step_2 is of another run ({{'task': 'digits', 'model': 'mlp', "
+        "'width': 64, 'algorithm': 'localsgd', 'slowmo': False, 'shard_outer_state': False}}), this run is "
+        "{{'task': 'digits', 'model': 'cnn', 'width': 64, 'algorithm': 'localsgd', 'slowmo': False, "
+        "'shard_outer_state': False}}; use a new run directory or train.resume=never",
+    ),
+    Case(
+        "resume with another algorithm",
+        lambda t: {"algorithm": {"name": "sgp"}},
+        "the checkpoint in {tmp}/run/checkpoints/step_2 is of another run ({{'task': 'digits', 'model': 'mlp', "
+        "'width': 64, 'algorithm': 'localsgd', 'slowmo': False, 'shard_outer_state': False}}), this run is "
+        "{{'task': 'digits', 'model': 'mlp', 'width': 64, 'algorithm': 'sgp', 'slowmo': False, "
+        "'shard_outer_state': False}}; use a new run directory or train.resume=never",
+    ),
+    Case(
+        "run dir not writable",
+        _not_a_directory,
+        "run directory {tmp}/file/run is not writable (Not a directory); set hydra.run.dir (or run_dir) to a "
+        "writable path",
+    ),
+    Case(
+        "disk full on checkpoint write",
+        lambda t: {"train": {"max_steps": 4}},
+        "rank 0: cannot write checkpoint {tmp}/run/checkpoints/step_4 (No space left on device); free space or fix "
+        "permissions, then resume: the previous checkpoint is still valid",
+        OSError,
+        _full_disk,
+        started=True,
+    ),
+    Case(
+        "master port in use",
+        _busy_port,
+        "port {port} on 127.0.0.1 is already in use, and rank 0 must host the rendezvous there; set MASTER_PORT "
+        "to a free port",
+        setup=_torchrun_env,
+    ),
+    Case(
+        "procs_per_node above the processes per node",
+        lambda t: {"algorithm": {"procs_per_node": 4}, "dist": {"backend": "gloo"}},
+        "algorithm.procs_per_node=4 is larger than the 2 processes started on this node; set it to at most 2",
+        setup=lambda monkeypatch: _torchrun_env(monkeypatch, port=1, local=2, world=4),
+    ),
+    Case(
+        "dist.device=cuda without a GPU",
+        lambda t: {"dist": {"device": "cuda"}},
+        "dist.device=cuda needs a CUDA GPU and none is visible (torch.cuda.is_available() is False); use "
+        "dist.device=cpu",
+        setup=lambda monkeypatch: monkeypatch.setattr("torch.cuda.is_available", lambda: False),
+    ),
+    Case(
+        "nccl on the CPU",
+        lambda t: {"dist": {"backend": "nccl", "device": "cpu"}},
+        "dist.backend=nccl moves only GPU tensors but dist.device=cpu; use dist.device=cuda (or auto), or "
+        "dist.backend=gloo to train on the CPU",
+    ),
+    Case(
+        "negative data.num_workers",
+        lambda t: {"data": {"num_workers": -1}},
+        "data.num_workers must be >= 0 (0 loads batches on the training thread), got -1",
+    ),
+    Case(
+        "unknown precision",
+        lambda t: {"train": {"precision": "fp8"}},
+        "train.precision='fp8' is not one of fp32, bf16, fp16",
+    ),
+    Case(
+        "procs_per_node above the GPUs",
+        lambda t: {"algorithm": {"procs_per_node": 2}, "dist": {"backend": "nccl"}},
+        "2 processes per node need 2 GPUs, this node has 0; lower algorithm.procs_per_node (and the processes "
+        "started per node) to at most the GPUs per node",
+    ),
 ]
 
 
@@ -234,15 +341,32 @@ def test_bad_input(case, finished_run, tmp_path, monkeypatch):
 
 def _cli(*args):
     env = dict(os.environ, HYDRA_FULL_ERROR="0")
-    return subprocess.run([sys.executable, str(ROOT / "experiments/digits/train.py"), *args], capture_output=True,
-                          text=True, timeout=300, env=env)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "experiments/digits/train.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
 
 
 def test_the_command_line_prints_the_one_line_and_exits_2(tmp_path):
     out = _cli("slowmo=on", "slowmo.beta=1.0", f"hydra.run.dir={tmp_path}")
     assert out.returncode == 2
-    assert out.stderr.strip().splitlines()[-1] == ("error: beta must be in [0, 1) (slow momentum; the paper tunes "
-                                                   "it in 0.4-0.8), got 1.0")
+    assert out.stderr.strip().splitlines()[-1] == (
+        "error: beta must be in [0, 1) (slow momentum; the paper tunes it in 0.4-0.8), got 1.0"
+    )
     assert "Traceback" not in out.stderr
     out = _cli("train.max_step=3", f"hydra.run.dir={tmp_path}")
     assert out.returncode != 0 and "Key 'max_step' not in 'TrainConfig'" in out.stderr
+    for args, line in (
+        (["+foo=3"], "error: bad config key 'foo': Key 'foo' not in 'Config'"),
+        (["+train.max_step=3"], "error: bad config key 'train.max_step': Key 'max_step' not in 'TrainConfig'"),
+        (
+            ["slowmo=diloco", "slowmo.pseudo_gradient=scaled"],
+            "error: slowmo.pseudo_gradient is fixed by the diloco preset; leave it unset (null) or choose "
+            "slowmo=on for Algorithm 1 with every knob free",
+        ),
+    ):
+        out = _cli(*args, f"hydra.run.dir={tmp_path}")
+        assert out.returncode == 2 and out.stderr.strip().splitlines()[-1] == line, out.stderr

@@ -3,6 +3,7 @@
 import pytest
 
 import slowmo
+
 from problems import Setup, run_engine
 
 N, STEPS = 4, 12
@@ -21,13 +22,17 @@ CASES = [  # (setup, bytes per rank over STEPS inner steps, excluding the start-
     (Setup("sgp"), {"send": STEPS * (THETA_BYTES + 8)}),  # |theta| + 1 values per step
     (Setup("osgp"), {"send": STEPS * (THETA_BYTES + 8)}),
     (Setup("localsgd", slowmo=dict(tau=4)), {"all_reduce": STEPS // 4 * ring(THETA_BYTES)}),
-    (Setup("localsgd", period=2, slowmo=dict(tau=4)),  # the Local SGD average at an outer step is skipped
-     {"all_reduce": (STEPS // 2) * ring(THETA_BYTES)}),
+    (
+        Setup("localsgd", period=2, slowmo=dict(tau=4)),  # the Local SGD average at an outer step is skipped
+        {"all_reduce": (STEPS // 2) * ring(THETA_BYTES)},
+    ),
     (Setup("sgp", slowmo=dict(tau=4)), {"send": STEPS * (THETA_BYTES + 8), "all_reduce": 3 * ring(THETA_BYTES)}),
     (Setup("allreduce", slowmo=dict(tau=6)), {"all_reduce": (STEPS + 2) * ring(THETA_BYTES)}),
     # sharded: reduce-scatter + all-gather of the flat parameters padded to 8 values (a multiple of 4 ranks)
-    (Setup("localsgd", slowmo=dict(tau=4, shard_outer_state=True)),
-     {"reduce_scatter": 3 * (3 * 64 // 4), "all_gather": 3 * (3 * 64 // 4)}),
+    (
+        Setup("localsgd", slowmo=dict(tau=4, shard_outer_state=True)),
+        {"reduce_scatter": 3 * (3 * 64 // 4), "all_gather": 3 * (3 * 64 // 4)},
+    ),
 ]
 
 
@@ -47,6 +52,7 @@ def test_sharded_and_unsharded_outer_steps_send_the_same_bytes_when_no_padding_i
         s = Setup("localsgd", d=7, slowmo=dict(tau=4, shard_outer_state=shard))  # 8 values: no padding
         stats = slowmo.comm.spawn(run_engine, N, "simulated", args=(s,))[0]["stats"]
         return stats["total"] - stats["broadcast"]
+
     assert outer_bytes(True) == outer_bytes(False) == 3 * ring(64)
 
 

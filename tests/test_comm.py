@@ -17,7 +17,9 @@ def _collectives(comm):
     out["sum"] = comm.all_reduce(base.clone()).numpy()
     out["mean"] = comm.all_reduce(base.clone(), "mean").numpy()
     out["rs"] = comm.reduce_scatter(torch.empty(8 // n, dtype=torch.float64), base.clone()).numpy()
-    out["ag"] = comm.all_gather(torch.empty(2 * n, dtype=torch.float64), torch.full((2,), float(r), dtype=torch.float64)).numpy()
+    out["ag"] = comm.all_gather(
+        torch.empty(2 * n, dtype=torch.float64), torch.full((2,), float(r), dtype=torch.float64)
+    ).numpy()
     out["bc"] = comm.broadcast(torch.full((3,), float(r)), src=2).numpy()
     msg = torch.full((5,), 10.0 + r)
     send = comm.isend(msg, (r + 1) % n)
@@ -37,7 +39,7 @@ def test_collectives_match_numpy():
     for r, out in enumerate(res):
         assert np.array_equal(out["sum"], parts.sum(0))
         assert np.allclose(out["mean"], parts.mean(0))
-        assert np.array_equal(out["rs"], parts.sum(0)[2 * r:2 * r + 2])
+        assert np.array_equal(out["rs"], parts.sum(0)[2 * r : 2 * r + 2])
         assert np.array_equal(out["ag"], np.repeat(np.arange(n, dtype=float), 2))
         assert np.array_equal(out["bc"], np.full(3, 2.0))
         assert np.array_equal(out["p2p"], np.full(5, 10.0 + (r - 1) % n))

@@ -19,23 +19,47 @@ import torch
 from datasets import write_cifar10
 
 ROOT = Path(__file__).resolve().parents[1]
-COMMON = ["dist.backend=gloo", "dist.timeout_s=20", "train.max_steps=300", "train.checkpoint_every=10",
-          "train.eval_every=100", "data.batch_size=16", "logger.progress=false", "slowmo=on", "slowmo.tau=8",
-          "slowmo.beta=0.6"]
+COMMON = [
+    "dist.backend=gloo",
+    "dist.timeout_s=20",
+    "train.max_steps=300",
+    "train.checkpoint_every=10",
+    "train.eval_every=100",
+    "data.batch_size=16",
+    "logger.progress=false",
+    "slowmo=on",
+    "slowmo.tau=8",
+    "slowmo.beta=0.6",
+]
 CASES = {  # name: (task, processes, overrides)
     "localsgd": ("digits", 4, ["algorithm=localsgd", "algorithm.period=4"]),
     "sgp": ("digits", 4, ["algorithm=sgp"]),
     "osgp": ("digits", 4, ["algorithm=osgp"]),
     # augmentation on, batches loaded by 2 worker processes per rank, across epoch boundaries (5 steps per epoch)
-    "cifar10 with workers": ("cifar10", 2, ["algorithm=localsgd", "algorithm.period=4", "model=resnet20",
-                                            "model.width=4", "data.batch_size=8", "data.num_workers=2",
-                                            "data.verify_checksums=false", "data.root={cifar}"]),
+    "cifar10 with workers": (
+        "cifar10",
+        2,
+        [
+            "algorithm=localsgd",
+            "algorithm.period=4",
+            "model=resnet20",
+            "model.width=4",
+            "data.batch_size=8",
+            "data.num_workers=2",
+            "data.verify_checksums=false",
+            "data.root={cifar}",
+        ],
+    ),
 }
 # the same on one GPU shared by the 2 ranks (gloo on CUDA tensors), channels-last, with deterministic kernels
-CASES["cifar10 on cuda"] = (*CASES["cifar10 with workers"][:2],
-                            [*CASES["cifar10 with workers"][2], "dist.device=cuda", "train.deterministic=true"])
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(),
-                                reason="no CUDA GPU on this machine (scripts/gpu_check.sh runs these where there is one)")
+CASES["cifar10 on cuda"] = (
+    *CASES["cifar10 with workers"][:2],
+    [*CASES["cifar10 with workers"][2], "dist.device=cuda", "train.deterministic=true"],
+)
+needs_cuda = pytest.mark.skipif(
+    not torch.cuda.is_available(),
+    reason="no CUDA GPU on this machine (scripts/gpu_check.sh runs these where there is one)",
+)
 
 
 DATA: dict[str, Path] = {}
@@ -48,11 +72,22 @@ def cifar_files(tmp_path_factory):
 
 def torchrun(run_dir: Path, case: str, restarts: int = 0) -> subprocess.Popen:
     task, processes, overrides = CASES[case]
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
-               f"--max-restarts={restarts}", "--monitor-interval=0.2", str(ROOT / f"experiments/{task}/train.py"),
-               *COMMON, *(o.format(**DATA) for o in overrides), f"hydra.run.dir={run_dir}"]
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={processes}",
+        f"--max-restarts={restarts}",
+        "--monitor-interval=0.2",
+        str(ROOT / f"experiments/{task}/train.py"),
+        *COMMON,
+        *(o.format(**DATA) for o in overrides),
+        f"hydra.run.dir={run_dir}",
+    ]
+    return subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=dict(os.environ, OMP_NUM_THREADS="1")
+    )
 
 
 def workers(pid: int) -> list[int]:
@@ -103,13 +138,20 @@ def uninterrupted(tmp_path_factory):
             assert code == 0, output[-3000:]
             cache[algorithm] = torch.load(run_dir / "final.pt")["model"]
         return cache[algorithm]
+
     return get
 
 
-@pytest.mark.parametrize("algorithm,restart", [("localsgd", "by hand"), ("sgp", "by hand"),
-                                               ("osgp", "by torchrun"), ("cifar10 with workers", "by hand"),
-                                               pytest.param("cifar10 on cuda", "by hand",
-                                                            marks=[pytest.mark.gpu, needs_cuda])])
+@pytest.mark.parametrize(
+    "algorithm,restart",
+    [
+        ("localsgd", "by hand"),
+        ("sgp", "by hand"),
+        ("osgp", "by torchrun"),
+        ("cifar10 with workers", "by hand"),
+        pytest.param("cifar10 on cuda", "by hand", marks=[pytest.mark.gpu, needs_cuda]),
+    ],
+)
 def test_kill_9_and_resume_bit_exactly(tmp_path, algorithm, restart, uninterrupted):
     seed = random.randrange(10**6)
     rng = random.Random(seed)

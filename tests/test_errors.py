@@ -16,16 +16,19 @@ def _slowmo(**kwargs):
     return slowmo.SlowMo(model, torch.optim.SGD(model.parameters(), lr=0.1), slowmo.LocalSGD(Single()), **kwargs)
 
 
-@pytest.mark.parametrize("kwargs,message", [
-    (dict(tau=0), r"tau must be an integer >= 1 \(inner steps per outer step\), got 0"),
-    (dict(tau=2.5), r"tau must be an integer >= 1"),
-    (dict(alpha=0.0), r"alpha must be a finite number > 0 \(slow learning rate; the paper uses 1.0\), got 0.0"),
-    (dict(alpha=-1.0), r"alpha must be a finite number > 0"),
-    (dict(beta=1.0), r"beta must be in \[0, 1\) \(slow momentum; the paper tunes it in 0.4-0.8\), got 1.0"),
-    (dict(beta=-0.1), r"beta must be in \[0, 1\)"),
-    (dict(base_buffers="zero"), r"base_buffers must be 'keep', 'reset' or 'average', got 'zero'"),
-    (dict(pseudo_gradient="delta"), r"pseudo_gradient must be 'scaled' \(SlowMo\) or 'raw' \(BMUF/DiLoCo\)"),
-])
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(tau=0), r"tau must be an integer >= 1 \(inner steps per outer step\), got 0"),
+        (dict(tau=2.5), r"tau must be an integer >= 1"),
+        (dict(alpha=0.0), r"alpha must be a finite number > 0 \(slow learning rate; the paper uses 1.0\), got 0.0"),
+        (dict(alpha=-1.0), r"alpha must be a finite number > 0"),
+        (dict(beta=1.0), r"beta must be in \[0, 1\) \(slow momentum; the paper tunes it in 0.4-0.8\), got 1.0"),
+        (dict(beta=-0.1), r"beta must be in \[0, 1\)"),
+        (dict(base_buffers="zero"), r"base_buffers must be 'keep', 'reset' or 'average', got 'zero'"),
+        (dict(pseudo_gradient="delta"), r"pseudo_gradient must be 'scaled' \(SlowMo\) or 'raw' \(BMUF/DiLoCo\)"),
+    ],
+)
 def test_bad_slowmo_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message) as info:
         _slowmo(**kwargs)
@@ -34,8 +37,11 @@ def test_bad_slowmo_arguments(kwargs, message):
 
 @pytest.mark.parametrize("algorithm", [slowmo.SGP, slowmo.OSGP])
 def test_gossip_needs_two_ranks(algorithm):
-    with pytest.raises(ValueError, match=rf"{algorithm.__name__} gossips between ranks and needs at least 2, got 1; "
-                                         "use LocalSGD or AllReduce on a single rank"):
+    with pytest.raises(
+        ValueError,
+        match=rf"{algorithm.__name__} gossips between ranks and needs at least 2, got 1; "
+        "use LocalSGD or AllReduce on a single rank",
+    ):
         algorithm(Single())
 
 
@@ -51,8 +57,11 @@ def test_graph_of_the_wrong_size():
 
 def test_base_optimizer_over_other_parameters():
     model, other = _model(), _model()
-    with pytest.raises(ValueError, match=r"the base optimizer's parameters are not the model's \(2 of the model's "
-                                         r"missing from it, 2 of its own not in the model\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"the base optimizer's parameters are not the model's \(2 of the model's "
+        r"missing from it, 2 of its own not in the model\)",
+    ):
         slowmo.SlowMo(model, torch.optim.SGD(other.parameters(), lr=0.1), slowmo.LocalSGD(Single()))
 
 

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import slowmo
+
 from problems import Setup, run_engine
 
 SETUPS = [
@@ -45,6 +46,7 @@ def _one_rank_dies(comm, what):
     if comm.rank == 2:
         return "gone"
     import torch
+
     if what == "collective":
         comm.all_reduce(torch.ones(4))
     else:

@@ -10,12 +10,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from datasets import write_cifar10, write_imagefolder, write_parallel
 from slowmo.train import checkpoint, run
 
+from datasets import write_cifar10, write_imagefolder, write_parallel
+
 ROOT = Path(__file__).resolve().parents[1]
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(),
-                                reason="no CUDA GPU on this machine (scripts/gpu_check.sh runs these where there is one)")
+needs_cuda = pytest.mark.skipif(
+    not torch.cuda.is_available(),
+    reason="no CUDA GPU on this machine (scripts/gpu_check.sh runs these where there is one)",
+)
 
 
 def task_sections(task: str, tmp: Path) -> dict:
@@ -24,22 +27,37 @@ def task_sections(task: str, tmp: Path) -> dict:
         return {"model": {"name": "cnn", "width": 8}, "data": {"batch_size": 16}}
     if task == "cifar10":
         root = write_cifar10(tmp / "cifar", per_batch=16)
-        return {"task": {"name": "cifar10"}, "model": {"name": "resnet20", "width": 8},
-                "data": {"root": str(root), "verify_checksums": False, "batch_size": 8}}
+        return {
+            "task": {"name": "cifar10"},
+            "model": {"name": "resnet20", "width": 8},
+            "data": {"root": str(root), "verify_checksums": False, "batch_size": 8},
+        }
     if task == "imagenet":
         root = write_imagefolder(tmp / "imagenet", per_class=8)
-        return {"task": {"name": "imagenet"}, "model": {"name": "resnet50"}, "optimizer": {"lr": 0.01},
-                "data": {"root": str(root), "batch_size": 4, "image_size": 64}}
+        return {
+            "task": {"name": "imagenet"},
+            "model": {"name": "resnet50"},
+            "optimizer": {"lr": 0.01},
+            "data": {"root": str(root), "batch_size": 4, "image_size": 64},
+        }
     root = write_parallel(tmp / "wmt")
-    return {"task": {"name": "wmt16", "max_decode_len": 4}, "model": {"name": "transformer_tiny"},
-            "data": {"root": str(root), "max_tokens": 64, "vocab_size": 40, "eval_batch_size": 4},
-            "optimizer": {"name": "adam", "lr": 0.001}}
+    return {
+        "task": {"name": "wmt16", "max_decode_len": 4},
+        "model": {"name": "transformer_tiny"},
+        "data": {"root": str(root), "max_tokens": 64, "vocab_size": 40, "eval_batch_size": 4},
+        "optimizer": {"name": "adam", "lr": 0.001},
+    }
 
 
 def cfg(tmp: Path, task: str, **sections) -> dict:
-    base = {"run_dir": str(tmp / "run"), "logger": {"progress": False, "log_every": 1},
-            "train": {"max_steps": 4, "eval_every": 2}, "algorithm": {"name": "sgp"},
-            "slowmo": {"enabled": True, "tau": 2, "beta": 0.5}, **task_sections(task, tmp)}
+    base = {
+        "run_dir": str(tmp / "run"),
+        "logger": {"progress": False, "log_every": 1},
+        "train": {"max_steps": 4, "eval_every": 2},
+        "algorithm": {"name": "sgp"},
+        "slowmo": {"enabled": True, "tau": 2, "beta": 0.5},
+        **task_sections(task, tmp),
+    }
     for key, value in sections.items():
         base[key] = {**base.get(key, {}), **value}
     return base
@@ -54,8 +72,9 @@ def losses(run_dir: Path) -> list[float]:
 @pytest.mark.parametrize("backend,world", [("gloo", 2), ("simulated", 4)])
 @pytest.mark.parametrize("task", ["digits", "cifar10", "imagenet", "wmt16"])
 def test_each_task_trains_on_cuda(tmp_path, task, backend, world):
-    summary = run(cfg(tmp_path, task, dist={"backend": backend, "world_size": world, "device": "cuda"},
-                      data={"num_workers": 2}))
+    summary = run(
+        cfg(tmp_path, task, dist={"backend": backend, "world_size": world, "device": "cuda"}, data={"num_workers": 2})
+    )
     assert summary["device"] == "cuda:0" and summary["steps"] == 4
     assert all(math.isfinite(v) for v in losses(tmp_path / "run"))
     metric = "val_bleu" if task == "wmt16" else "val_acc"
@@ -68,8 +87,15 @@ def test_each_task_trains_on_cuda(tmp_path, task, backend, world):
 @needs_cuda
 @pytest.mark.parametrize("task", ["cifar10", "wmt16"])
 def test_nccl_at_world_size_1(tmp_path, task):
-    summary = run(cfg(tmp_path, task, dist={"backend": "nccl", "world_size": 1}, algorithm={"name": "allreduce"},
-                      slowmo={"enabled": False}))
+    summary = run(
+        cfg(
+            tmp_path,
+            task,
+            dist={"backend": "nccl", "world_size": 1},
+            algorithm={"name": "allreduce"},
+            slowmo={"enabled": False},
+        )
+    )
     assert summary["device"] == "cuda:0" and summary["world_size"] == 1
     final = torch.load(tmp_path / "run" / "final.pt")["model"]
     if task == "cifar10":  # ResNets run channels-last on cuda by default
@@ -80,10 +106,18 @@ def test_nccl_at_world_size_1(tmp_path, task):
 @needs_cuda
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_mixed_precision_on_cuda_trains_with_fp32_state(tmp_path, precision):
-    summary = run(cfg(tmp_path, "digits", dist={"backend": "gloo", "world_size": 2, "device": "cuda"},
-                      algorithm={"name": "localsgd", "period": 2}, slowmo={"tau": 4},
-                      train={"max_steps": 40, "eval_every": 0, "precision": precision, "checkpoint_every": 40},
-                      logger={"log_every": 4}, optimizer={"lr": 0.05}))
+    summary = run(
+        cfg(
+            tmp_path,
+            "digits",
+            dist={"backend": "gloo", "world_size": 2, "device": "cuda"},
+            algorithm={"name": "localsgd", "period": 2},
+            slowmo={"tau": 4},
+            train={"max_steps": 40, "eval_every": 0, "precision": precision, "checkpoint_every": 40},
+            logger={"log_every": 4},
+            optimizer={"lr": 0.05},
+        )
+    )
     curve = losses(tmp_path / "run")
     assert curve[-1] < 0.5 * curve[0] and summary["precision"] == precision
     assert summary["skipped_steps"] <= 5  # fp16: the first scales of 2**16 may overflow, then it settles

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import slowmo
+
 from problems import Setup, build, lr_at, make_data, run_engine, train
 
 
@@ -66,7 +67,9 @@ def test_star_graph_is_column_stochastic():
 
 @pytest.mark.parametrize("graph", [None, Star])
 def test_push_sum_preserves_the_sums_of_x_and_w_at_every_step(graph):
-    s = Setup("sgp", world_size=5, steps=10, graph=graph)  # plain SGD, no momentum: z after the local step is z - lr * g
+    s = Setup(
+        "sgp", world_size=5, steps=10, graph=graph
+    )  # plain SGD, no momentum: z after the local step is z - lr * g
     per_rank = slowmo.comm.spawn(_push_sum_trace, s.world_size, "simulated", args=(s,))
     for k in range(s.steps):
         before = sum(r[k]["x_after_local_step"] for r in per_rank)
@@ -85,8 +88,13 @@ def _push_sum_trace(comm, s: Setup):
         theta, w = model.theta(), opt.algorithm.weight.item()
         train(model, opt, s, data, k, k + 1, comm)
         grad = np.concatenate([model.x.grad.numpy(), [model.c.grad.item()]])
-        trace.append({"x_after_local_step": (theta - lr_at(s, k) * grad) * w, "theta": model.theta(),
-                      "w": opt.algorithm.weight.item()})
+        trace.append(
+            {
+                "x_after_local_step": (theta - lr_at(s, k) * grad) * w,
+                "theta": model.theta(),
+                "w": opt.algorithm.weight.item(),
+            }
+        )
     return trace
 
 
@@ -141,6 +149,7 @@ def test_bmuf_default_block_momentum_is_one_minus_one_over_m():
     def fn(comm):
         p = torch.nn.Parameter(torch.zeros(2))
         return slowmo.SlowMo.bmuf([p], torch.optim.SGD([p], lr=0.1), slowmo.LocalSGD(comm), tau=4).beta
+
     assert slowmo.comm.spawn(fn, 4)[0] == pytest.approx(0.75)
 
 

@@ -7,16 +7,24 @@ import multiprocessing
 import torch
 from torch.utils.data import Dataset
 
-from datasets import write_cifar10
 from slowmo.train import data, run
+
+from datasets import write_cifar10
 
 
 def cifar_cfg(run_dir, root, **sections):
-    base = {"run_dir": str(run_dir), "task": {"name": "cifar10"}, "model": {"name": "resnet20", "width": 4},
-            "data": {"root": str(root), "verify_checksums": False, "batch_size": 8, "augment": True},
-            "logger": {"progress": False, "log_every": 4}, "train": {"max_steps": 12, "eval_every": 6},
-            "dist": {"backend": "gloo", "world_size": 2}, "algorithm": {"name": "localsgd", "period": 2},
-            "slowmo": {"enabled": True, "tau": 4, "beta": 0.5}, "optimizer": {"lr": 0.05}}
+    base = {
+        "run_dir": str(run_dir),
+        "task": {"name": "cifar10"},
+        "model": {"name": "resnet20", "width": 4},
+        "data": {"root": str(root), "verify_checksums": False, "batch_size": 8, "augment": True},
+        "logger": {"progress": False, "log_every": 4},
+        "train": {"max_steps": 12, "eval_every": 6},
+        "dist": {"backend": "gloo", "world_size": 2},
+        "algorithm": {"name": "localsgd", "period": 2},
+        "slowmo": {"enabled": True, "tau": 4, "beta": 0.5},
+        "optimizer": {"lr": 0.05},
+    }
     for key, value in sections.items():
         base[key] = {**base.get(key, {}), **value}
     return base
@@ -86,6 +94,13 @@ def test_sample_seeds_differ_for_nearby_triples():
 def test_workers_are_stopped_when_the_run_ends(tmp_path):
     """Simulated ranks live in this process, so their loaders' workers are its children: none outlives the run."""
     root = write_cifar10(tmp_path / "cifar", per_batch=16)
-    run(cifar_cfg(tmp_path / "run", root, dist={"backend": "simulated"}, data={"num_workers": 2},
-                  train={"max_steps": 3, "eval_every": 2}))
+    run(
+        cifar_cfg(
+            tmp_path / "run",
+            root,
+            dist={"backend": "simulated"},
+            data={"num_workers": 2},
+            train={"max_steps": 3, "eval_every": 2},
+        )
+    )
     assert multiprocessing.active_children() == []

@@ -11,8 +11,10 @@ from slowmo.comm import free_port, spawn
 from slowmo.train import loop, run, validate
 from slowmo.train.data import _tensors
 
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(),
-                                reason="no CUDA GPU on this machine (scripts/gpu_check.sh runs these where there is one)")
+needs_cuda = pytest.mark.skipif(
+    not torch.cuda.is_available(),
+    reason="no CUDA GPU on this machine (scripts/gpu_check.sh runs these where there is one)",
+)
 
 
 def _where_everything_is(comm, config, run_dir):
@@ -35,8 +37,15 @@ def _where_everything_is(comm, config, run_dir):
             note("parameters", trainer.model.parameters())
             note("buffers", trainer.model.buffers())
             note("eval model", trainer.eval_model.parameters())
-            note("base optimizer state", [v for s in opt.base_optimizer.state.values() for v in s.values()
-                                          if torch.is_tensor(v) and v.dim() > 0])
+            note(
+                "base optimizer state",
+                [
+                    v
+                    for s in opt.base_optimizer.state.values()
+                    for v in s.values()
+                    if torch.is_tensor(v) and v.dim() > 0
+                ],
+            )
             note("push-sum weight", [opt.algorithm.weight])
             note("in-flight messages", [buf for buf, _ in opt.algorithm._in_flight[2]])
             note("slow momentum u and x_{t,0}", [opt._u, opt._x0])
@@ -47,6 +56,7 @@ def _where_everything_is(comm, config, run_dir):
         out = task_eval(net, batch)
         note("eval sums", [out])
         return out
+
     trainer.task.loss, trainer.task.eval_sums = loss, eval_sums
     trainer.train()
     return {kind: sorted(devices) for kind, devices in seen.items()}
@@ -55,10 +65,18 @@ def _where_everything_is(comm, config, run_dir):
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, needs_cuda])])
 @pytest.mark.parametrize("backend", ["gloo", "simulated"])
 def test_every_tensor_of_a_run_is_on_dist_device(tmp_path, device, backend):
-    config = validate({"run_dir": str(tmp_path), "dist": {"backend": backend, "device": device},
-                       "model": {"name": "cnn", "width": 8}, "algorithm": {"name": "osgp"},
-                       "slowmo": {"enabled": True, "tau": 4, "beta": 0.5}, "data": {"batch_size": 8},
-                       "logger": {"progress": False}, "train": {"max_steps": 8, "eval_every": 4}})
+    config = validate(
+        {
+            "run_dir": str(tmp_path),
+            "dist": {"backend": backend, "device": device},
+            "model": {"name": "cnn", "width": 8},
+            "algorithm": {"name": "osgp"},
+            "slowmo": {"enabled": True, "tau": 4, "beta": 0.5},
+            "data": {"batch_size": 8},
+            "logger": {"progress": False},
+            "train": {"max_steps": 8, "eval_every": 4},
+        }
+    )
     world = 2 if backend == "gloo" else 4
     results = spawn(_where_everything_is, world, backend, args=(config, tmp_path), timeout=60)
     for rank, seen in enumerate(results):
@@ -78,16 +96,29 @@ def test_threads_per_rank_follow_the_launcher():
 
 def test_a_launched_rank_sets_its_threads(tmp_path, monkeypatch):
     """A rank of a job (here a one-process torchrun world) takes its thread count from the launcher's variables."""
-    for key, value in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                           MASTER_PORT=str(free_port()), SLURM_CPUS_PER_TASK="1").items():
+    for key, value in dict(
+        RANK="0",
+        WORLD_SIZE="1",
+        LOCAL_RANK="0",
+        LOCAL_WORLD_SIZE="2",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(free_port()),
+        SLURM_CPUS_PER_TASK="1",
+    ).items():
         monkeypatch.setenv(key, value)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.delenv("TORCHELASTIC_USE_AGENT_STORE", raising=False)
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        summary = run({"run_dir": str(tmp_path), "dist": {"backend": "gloo"}, "logger": {"progress": False},
-                       "train": {"max_steps": 2, "eval_every": 0}})
+        summary = run(
+            {
+                "run_dir": str(tmp_path),
+                "dist": {"backend": "gloo"},
+                "logger": {"progress": False},
+                "train": {"max_steps": 2, "eval_every": 0},
+            }
+        )
     finally:
         torch.set_num_threads(before)
     assert summary["threads"] == 1
@@ -108,9 +139,11 @@ def _check_hosts(comm):
 
 
 def test_a_node_group_that_spans_hosts_is_refused():
-    refused = ("algorithm.procs_per_node=2 makes ranks 0-1 one node, but they run on hosts node0, node1; place "
-               "consecutive ranks on one host (srun's default block distribution, not -m cyclic) or lower "
-               "algorithm.procs_per_node")
+    refused = (
+        "algorithm.procs_per_node=2 makes ranks 0-1 one node, but they run on hosts node0, node1; place "
+        "consecutive ranks on one host (srun's default block distribution, not -m cyclic) or lower "
+        "algorithm.procs_per_node"
+    )
     # block placement passes; cyclic is refused on every rank; single-rank nodes span nothing
     assert spawn(_check_hosts, 4, "gloo") == [[None, refused, None]] * 4
 

@@ -13,10 +13,16 @@ from slowmo.train.precision import Precision
 
 
 def cfg(run_dir, **sections):
-    base = {"run_dir": str(run_dir), "logger": {"progress": False, "log_every": 4},
-            "train": {"max_steps": 40, "eval_every": 0}, "dist": {"backend": "gloo", "world_size": 2},
-            "algorithm": {"name": "localsgd", "period": 2}, "slowmo": {"enabled": True, "tau": 4, "beta": 0.5},
-            "data": {"batch_size": 16}, "optimizer": {"lr": 0.05}}
+    base = {
+        "run_dir": str(run_dir),
+        "logger": {"progress": False, "log_every": 4},
+        "train": {"max_steps": 40, "eval_every": 0},
+        "dist": {"backend": "gloo", "world_size": 2},
+        "algorithm": {"name": "localsgd", "period": 2},
+        "slowmo": {"enabled": True, "tau": 4, "beta": 0.5},
+        "data": {"batch_size": 16},
+        "optimizer": {"lr": 0.05},
+    }
     for key, value in sections.items():  # another algorithm replaces the section (its keys are its own)
         same = key != "algorithm" or value.get("name") == base[key]["name"]
         base[key] = {**base.get(key, {}), **value} if same else value
@@ -64,20 +70,36 @@ def _fp16_rank(comm, config, run_dir, inject_at, scale):
         taken.append(ok)
         scales.append(trainer.precision.scale)
         return ok
+
     trainer.precision.backward_and_step = recording
     backwards = iter(range(1, 10**6))
 
     def poison(grad):
         return grad * math.inf if next(backwards) == inject_at and comm.rank == 1 else grad
+
     next(trainer.model.parameters()).register_hook(poison)
     summary = trainer.train()
-    return {"taken": taken, "scales": scales, "inner": trainer.opt.inner_step, "outer": trainer.opt.outer_step,
-            "summary": summary, "params": [p.detach().clone() for p in trainer.model.parameters()]}
+    return {
+        "taken": taken,
+        "scales": scales,
+        "inner": trainer.opt.inner_step,
+        "outer": trainer.opt.outer_step,
+        "summary": summary,
+        "params": [p.detach().clone() for p in trainer.model.parameters()],
+    }
 
 
 def fp16_run(run_dir, inject_at, scale=None, backend="gloo", **sections):
-    config = validate(cfg(run_dir, **{"model": {"name": "cnn", "width": 8}, **sections,
-                                      "train": {"precision": "fp16", **sections.get("train", {})}}))
+    config = validate(
+        cfg(
+            run_dir,
+            **{
+                "model": {"name": "cnn", "width": 8},
+                **sections,
+                "train": {"precision": "fp16", **sections.get("train", {})},
+            },
+        )
+    )
     return spawn(_fp16_rank, 2, backend, args=(config, run_dir, inject_at, scale), timeout=60)
 
 
@@ -85,7 +107,9 @@ def fp16_run(run_dir, inject_at, scale=None, backend="gloo", **sections):
 def test_fp16_an_overflow_on_one_rank_skips_that_step_on_every_rank(tmp_path, algorithm):
     steps, tau, at = 16, 4, 9
     # a first scale of 8: nothing overflows by itself, so every skip below is the injected one
-    clean = fp16_run(tmp_path / "clean", None, 8.0, algorithm=algorithm, train={"max_steps": steps}, slowmo={"tau": tau})
+    clean = fp16_run(
+        tmp_path / "clean", None, 8.0, algorithm=algorithm, train={"max_steps": steps}, slowmo={"tau": tau}
+    )
     hit = fp16_run(tmp_path / "hit", at, 8.0, algorithm=algorithm, train={"max_steps": steps}, slowmo={"tau": tau})
     assert all(r["taken"] == [True] * steps for r in clean)
     expected = [step != at for step in range(1, steps + 1)]
@@ -99,8 +123,10 @@ def test_fp16_an_overflow_on_one_rank_skips_that_step_on_every_rank(tmp_path, al
         assert r["summary"]["skipped_steps"] == 1
         by_kind = r["summary"]["comm_bytes_by_kind"]
         assert by_kind["control/all_reduce"] == steps * ring_all_reduce_bytes(4, 2)  # one 4-byte flag per step
-    assert all(torch.equal(a, b) for a, b in zip(hit[0]["params"], hit[1]["params"]))  # the final exact average
-    assert not all(torch.equal(a, b) for a, b in zip(hit[0]["params"], clean[0]["params"]))
+    assert all(
+        torch.equal(a, b) for a, b in zip(hit[0]["params"], hit[1]["params"], strict=True)
+    )  # the final exact average
+    assert not all(torch.equal(a, b) for a, b in zip(hit[0]["params"], clean[0]["params"], strict=True))
 
 
 def test_fp16_scaler_state_is_checkpointed_and_resumed(tmp_path):
@@ -111,7 +137,7 @@ def test_fp16_scaler_state_is_checkpointed_and_resumed(tmp_path):
     resumed = fp16_run(tmp_path / "resumed", None, backend="simulated", train={"max_steps": 24, "checkpoint_every": 12})
     assert resumed[0]["scales"] == straight[0]["scales"][12:]  # the scale went on from the checkpoint's
     assert resumed[0]["summary"]["skipped_steps"] == 1
-    assert all(torch.equal(a, b) for a, b in zip(straight[0]["params"], resumed[0]["params"]))
+    assert all(torch.equal(a, b) for a, b in zip(straight[0]["params"], resumed[0]["params"], strict=True))
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
@@ -120,10 +146,17 @@ def test_the_transformer_trains_and_decodes_under_cpu_autocast(tmp_path, precisi
     from datasets import write_parallel
 
     root = write_parallel(tmp_path / "wmt")
-    summary = run({"run_dir": str(tmp_path / "run"), "task": {"name": "wmt16", "max_decode_len": 4},
-                   "model": {"name": "transformer_tiny"}, "optimizer": {"name": "adam", "lr": 0.001},
-                   "data": {"root": str(root), "max_tokens": 64, "vocab_size": 40, "eval_batch_size": 4},
-                   "train": {"max_steps": 4, "eval_every": 2, "precision": precision}, "dist": {"world_size": 2},
-                   "logger": {"progress": False, "log_every": 2}})
+    summary = run(
+        {
+            "run_dir": str(tmp_path / "run"),
+            "task": {"name": "wmt16", "max_decode_len": 4},
+            "model": {"name": "transformer_tiny"},
+            "optimizer": {"name": "adam", "lr": 0.001},
+            "data": {"root": str(root), "max_tokens": 64, "vocab_size": 40, "eval_batch_size": 4},
+            "train": {"max_steps": 4, "eval_every": 2, "precision": precision},
+            "dist": {"world_size": 2},
+            "logger": {"progress": False, "log_every": 2},
+        }
+    )
     assert summary["precision"] == precision and 0 <= summary["final"]["val_bleu"] <= 100
     assert math.isfinite(summary["final"]["val_loss"])

@@ -21,10 +21,15 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def cfg(run_dir, **sections):
-    base = {"run_dir": str(run_dir), "logger": {"progress": False, "log_every": 5}, "dist": {"world_size": 2},
-            "train": {"max_steps": 24, "eval_every": 0, "checkpoint_every": 8, "keep_checkpoints": 3},
-            "algorithm": {"name": "sgp"}, "slowmo": {"enabled": True, "tau": 4, "beta": 0.5},
-            "data": {"batch_size": 16}}
+    base = {
+        "run_dir": str(run_dir),
+        "logger": {"progress": False, "log_every": 5},
+        "dist": {"world_size": 2},
+        "train": {"max_steps": 24, "eval_every": 0, "checkpoint_every": 8, "keep_checkpoints": 3},
+        "algorithm": {"name": "sgp"},
+        "slowmo": {"enabled": True, "tau": 4, "beta": 0.5},
+        "data": {"batch_size": 16},
+    }
     for key, value in sections.items():
         base[key] = {**base.get(key, {}), **value}
     return base
@@ -43,10 +48,13 @@ def _other_version(path):
     path.write_bytes(raw.replace(b"slowmo-checkpoint 1 ", b"slowmo-checkpoint 9 ", 1))
 
 
-@pytest.mark.parametrize("damage,warning", [
-    (_truncate, "rank1.pt: checksum mismatch (truncated or corrupt)"),
-    (_other_version, "rank1.pt: checkpoint format version 9, this slowmo reads version 1"),
-])
+@pytest.mark.parametrize(
+    "damage,warning",
+    [
+        (_truncate, "rank1.pt: checksum mismatch (truncated or corrupt)"),
+        (_other_version, "rank1.pt: checkpoint format version 9, this slowmo reads version 1"),
+    ],
+)
 def test_a_damaged_checkpoint_is_skipped_for_the_previous_one(tmp_path, damage, warning):
     straight = run(cfg(tmp_path / "straight"))
     run(cfg(tmp_path / "resumed", train={"max_steps": 16}))
@@ -71,8 +79,11 @@ def test_a_checkpoint_without_its_complete_marker_is_ignored(tmp_path):
 
 
 def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
-    with pytest.raises(NonFiniteLoss, match=r"^rank \d: loss is (nan|inf) at step \d+; stopped before any checkpoint "
-                                            r"of it was written \(lower optimizer.lr or check the data\)$") as info:
+    with pytest.raises(
+        NonFiniteLoss,
+        match=r"^rank \d: loss is (nan|inf) at step \d+; stopped before any checkpoint "
+        r"of it was written \(lower optimizer.lr or check the data\)$",
+    ) as info:
         run(cfg(tmp_path, optimizer={"lr": 1e4}, train={"checkpoint_every": 1, "max_steps": 50}))
     bad_step = int(str(info.value).split(" at step ")[1].split(";")[0])
     kept = checkpoint.sorted_checkpoints(tmp_path / "checkpoints")
@@ -95,15 +106,20 @@ def _poisoned_optimizer(at_step):
             step()
             if next(calls) == at_step and comm.rank == 1:  # a fault the loss does not show yet
                 next(model.parameters()).data[0, 0] = float("nan")
+
         opt.step = poisoning_step
         return opt
+
     return poisoned
 
 
 def test_a_nan_parameter_is_never_checkpointed(tmp_path, monkeypatch):
     monkeypatch.setattr(loop, "build_optimizer", _poisoned_optimizer(at_step=16))
-    with pytest.raises(NonFiniteLoss, match=r"^rank 1: 1.weight is not finite at step 16; no checkpoint of it was "
-                                            r"written, the last good one is kept"):
+    with pytest.raises(
+        NonFiniteLoss,
+        match=r"^rank 1: 1.weight is not finite at step 16; no checkpoint of it was "
+        r"written, the last good one is kept",
+    ):
         run(cfg(tmp_path))
     assert [d.name for d in checkpoint.sorted_checkpoints(tmp_path / "checkpoints")] == ["step_8"]
     assert not (tmp_path / "checkpoints" / "step_16" / "rank1.pt").exists()
@@ -123,16 +139,19 @@ def _train_and_die(comm, config, run_dir, victim, at_step):
                 if next(calls) == at_step:
                     os.kill(os.getpid(), signal.SIGKILL)
                 step()
+
             opt.step = step_or_die
             return opt
+
         loop.build_optimizer = dying
     return loop.train_rank(comm, config, run_dir)
 
 
 @pytest.mark.parametrize("algorithm", ["allreduce", "sgp", "osgp"])
 def test_no_hang_when_a_rank_dies(tmp_path, algorithm):
-    config = validate(cfg(tmp_path, algorithm={"name": algorithm}, dist={"world_size": 3, "timeout_s": 5},
-                          train={"max_steps": 200}))
+    config = validate(
+        cfg(tmp_path, algorithm={"name": algorithm}, dist={"world_size": 3, "timeout_s": 5}, train={"max_steps": 200})
+    )
     start = time.time()
     with pytest.raises(RuntimeError) as info:
         spawn(_train_and_die, 3, "gloo", args=(config, tmp_path, 1, 7), timeout=5)
@@ -151,10 +170,23 @@ def test_no_hang_when_a_rank_dies(tmp_path, algorithm):
 
 # ------------------------------------------------------------------------------------------------ a signal
 def _digits(run_dir, steps):
-    return subprocess.Popen([sys.executable, str(ROOT / "experiments/digits/train.py"), "dist.world_size=2",
-                             f"train.max_steps={steps}", "train.eval_every=0", "logger.progress=false",
-                             "logger.log_every=5", "algorithm=osgp", "slowmo=on", f"hydra.run.dir={run_dir}"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [
+            sys.executable,
+            str(ROOT / "experiments/digits/train.py"),
+            "dist.world_size=2",
+            f"train.max_steps={steps}",
+            "train.eval_every=0",
+            "logger.progress=false",
+            "logger.log_every=5",
+            "algorithm=osgp",
+            "slowmo=on",
+            f"hydra.run.dir={run_dir}",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def test_sigusr1_checkpoints_exits_3_and_the_rerun_ends_where_an_uninterrupted_run_does(tmp_path):

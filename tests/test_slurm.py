@@ -22,10 +22,22 @@ import torch
 pytestmark = pytest.mark.slurm
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "scripts/slurm/local_cluster.sh"
-CELL = ["slowmo=on", "slowmo.tau=8", "slowmo.beta=0.6", "dist=gloo", "train.max_steps=600", "train.eval_every=200",
-        "train.checkpoint_every=100", "logger.progress=false"]
-LAUNCHER = ["hydra/launcher=slurm", "hydra.launcher.tasks_per_node=2", "hydra.launcher.mem_gb=2",
-            "hydra.launcher.timeout_min=20"]
+CELL = [
+    "slowmo=on",
+    "slowmo.tau=8",
+    "slowmo.beta=0.6",
+    "dist=gloo",
+    "train.max_steps=600",
+    "train.eval_every=200",
+    "train.checkpoint_every=100",
+    "logger.progress=false",
+]
+LAUNCHER = [
+    "hydra/launcher=slurm",
+    "hydra.launcher.tasks_per_node=2",
+    "hydra.launcher.mem_gb=2",
+    "hydra.launcher.timeout_min=20",
+]
 
 
 @pytest.fixture(scope="module")
@@ -40,10 +52,22 @@ def cluster():
 
 def sweep(sweep_dir: Path, *overrides: str) -> subprocess.Popen:
     """The README's sweep command, on digits."""
-    return subprocess.Popen([sys.executable, str(ROOT / "experiments/digits/train.py"), "-m", *overrides, *CELL,
-                             *LAUNCHER, f"hydra.sweep.dir={sweep_dir}"], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, cwd=ROOT,
-                            env=dict(os.environ, WANDB_SILENT="true", WANDB_MODE="offline"))
+    return subprocess.Popen(
+        [
+            sys.executable,
+            str(ROOT / "experiments/digits/train.py"),
+            "-m",
+            *overrides,
+            *CELL,
+            *LAUNCHER,
+            f"hydra.sweep.dir={sweep_dir}",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=ROOT,
+        env=dict(os.environ, WANDB_SILENT="true", WANDB_MODE="offline"),
+    )
 
 
 def final(run_dir: Path) -> dict:
@@ -113,11 +137,28 @@ def test_preemption_through_the_sweep_launcher_requeues_and_resumes_exactly(swep
 def test_preemption_of_an_sbatch_job_requeues_and_resumes_exactly(swept, tmp_path):
     run_dir = tmp_path / "run"
     env = dict(os.environ, PYTHON=sys.executable, RUN_DIR=str(run_dir))
-    submitted = subprocess.run(["sbatch", "--parsable", "--ntasks=2", "--cpus-per-task=1", "--mem=2G",
-                                "--signal=USR1@60", "--requeue", "--open-mode=append",
-                                f"--output={tmp_path}/slurm-%j.out", "scripts/slurm/run.sh", "digits",
-                                "algorithm=sgp", *CELL], capture_output=True, text=True, cwd=ROOT, env=env,
-                               check=True)
+    submitted = subprocess.run(
+        [
+            "sbatch",
+            "--parsable",
+            "--ntasks=2",
+            "--cpus-per-task=1",
+            "--mem=2G",
+            "--signal=USR1@60",
+            "--requeue",
+            "--open-mode=append",
+            f"--output={tmp_path}/slurm-%j.out",
+            "scripts/slurm/run.sh",
+            "digits",
+            "algorithm=sgp",
+            *CELL,
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        check=True,
+    )
     job_id = submitted.stdout.strip()
     wait_for_training(run_dir)
     subprocess.run(["scancel", "--signal=USR1", job_id], check=True, timeout=60)

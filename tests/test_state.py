@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import slowmo
+
 from problems import Setup, build, make_data, run_engine, train
 
 CASES = {
@@ -43,7 +44,7 @@ def test_resume_is_bit_exact(name, stop):
     s = CASES[name]
     straight = slowmo.comm.spawn(run_engine, 4, "simulated", args=(s,))
     resumed = slowmo.comm.spawn(_interrupted, 4, "simulated", args=(s, stop))
-    for a, b in zip(straight, resumed):
+    for a, b in zip(straight, resumed, strict=True):
         assert np.array_equal(a["theta"], b["theta"])
 
 
@@ -57,14 +58,26 @@ def _load(comm, saved_setup: Setup, new_setup: Setup):
     other.load_state_dict(state)
 
 
-@pytest.mark.parametrize("saved,new,message", [
-    (Setup("sgp", slowmo=dict(tau=4)), Setup("localsgd", slowmo=dict(tau=4)),
-     "the checkpoint was saved by algorithm SGP but this run uses LocalSGD"),
-    (Setup("sgp", slowmo=dict(tau=4)), Setup("sgp"),
-     "the checkpoint was saved by optimizer SlowMo but this run uses DistributedOptimizer"),
-    (Setup("sgp", slowmo=dict(tau=4)), Setup("sgp", slowmo=dict(tau=4, shard_outer_state=True)),
-     "resume with the same model, world size and shard_outer_state"),
-])
+@pytest.mark.parametrize(
+    "saved,new,message",
+    [
+        (
+            Setup("sgp", slowmo=dict(tau=4)),
+            Setup("localsgd", slowmo=dict(tau=4)),
+            "the checkpoint was saved by algorithm SGP but this run uses LocalSGD",
+        ),
+        (
+            Setup("sgp", slowmo=dict(tau=4)),
+            Setup("sgp"),
+            "the checkpoint was saved by optimizer SlowMo but this run uses DistributedOptimizer",
+        ),
+        (
+            Setup("sgp", slowmo=dict(tau=4)),
+            Setup("sgp", slowmo=dict(tau=4, shard_outer_state=True)),
+            "resume with the same model, world size and shard_outer_state",
+        ),
+    ],
+)
 def test_loading_a_mismatched_state_is_refused(saved, new, message):
     with pytest.raises(ValueError, match=message):
         slowmo.comm.spawn(_load, 4, "simulated", args=(saved, new))

@@ -2,24 +2,40 @@
 
 import json
 
+import pytest
 import torch
 
-from datasets import write_cifar10, write_imagefolder, write_parallel
 from slowmo.train import run
+
+from datasets import write_cifar10, write_imagefolder, write_parallel
 
 
 def cfg(tmp_path, task_name, data, model, **extra):
-    out = {"run_dir": str(tmp_path / "run"), "task": {"name": task_name}, "data": data, "model": model,
-           "logger": {"progress": False, "log_every": 1}, "train": {"max_steps": 3, "eval_every": 0},
-           "dist": {"world_size": 2}, "algorithm": {"name": "sgp"}, "slowmo": {"enabled": True, "tau": 2, "beta": 0.0}}
+    out = {
+        "run_dir": str(tmp_path / "run"),
+        "task": {"name": task_name},
+        "data": data,
+        "model": model,
+        "logger": {"progress": False, "log_every": 1},
+        "train": {"max_steps": 3, "eval_every": 0},
+        "dist": {"world_size": 2},
+        "algorithm": {"name": "sgp"},
+        "slowmo": {"enabled": True, "tau": 2, "beta": 0.0},
+    }
     out.update(extra)
     return out
 
 
 def test_cifar10_from_pickle_batches(tmp_path):
     root = write_cifar10(tmp_path / "cifar")
-    summary = run(cfg(tmp_path, "cifar10", {"root": str(root), "verify_checksums": False, "batch_size": 8},
-                      {"name": "resnet20", "width": 4}))
+    summary = run(
+        cfg(
+            tmp_path,
+            "cifar10",
+            {"root": str(root), "verify_checksums": False, "batch_size": 8},
+            {"name": "resnet20", "width": 4},
+        )
+    )
     assert summary["steps"] == 3 and 0 <= summary["final"]["val_acc"] <= 100
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 3 and all(json.loads(line)["train_loss"] > 0 for line in lines)
@@ -27,27 +43,48 @@ def test_cifar10_from_pickle_batches(tmp_path):
 
 def test_cifar10_resnet18_with_the_cifar_stem(tmp_path):
     root = write_cifar10(tmp_path / "cifar", per_batch=4)
-    run(cfg(tmp_path, "cifar10", {"root": str(root), "verify_checksums": False, "batch_size": 2},
-            {"name": "resnet18"}, train={"max_steps": 1, "eval_every": 0}))
+    run(
+        cfg(
+            tmp_path,
+            "cifar10",
+            {"root": str(root), "verify_checksums": False, "batch_size": 2},
+            {"name": "resnet18"},
+            train={"max_steps": 1, "eval_every": 0},
+        )
+    )
     model = torch.load(tmp_path / "run" / "final.pt")["model"]
     assert tuple(model["conv1.weight"].shape) == (64, 3, 3, 3) and "fc.weight" in model
 
 
 def test_imagenet_from_an_imagefolder_of_pngs(tmp_path):
     root = write_imagefolder(tmp_path / "imagenet")
-    summary = run(cfg(tmp_path, "imagenet", {"root": str(root), "batch_size": 2, "image_size": 32},
-                      {"name": "resnet50"}, train={"max_steps": 2, "eval_every": 0}))
+    summary = run(
+        cfg(
+            tmp_path,
+            "imagenet",
+            {"root": str(root), "batch_size": 2, "image_size": 32},
+            {"name": "resnet50"},
+            train={"max_steps": 2, "eval_every": 0},
+        )
+    )
     assert {"val_acc", "val_acc_top5", "val_loss"} <= set(summary["final"])
     assert summary["final"]["val_acc_top5"] == 100.0  # two classes: the true one is always in the top 5
 
 
-def test_wmt16_from_parallel_text_with_sentencepiece_and_sacrebleu(tmp_path):
+@pytest.mark.parametrize("beam", [1, 3])
+def test_wmt16_from_parallel_text_with_sentencepiece_and_sacrebleu(tmp_path, beam):
     root = write_parallel(tmp_path / "wmt")
-    summary = run(cfg(tmp_path, "wmt16", {"root": str(root), "max_tokens": 64, "vocab_size": 40,
-                                          "eval_batch_size": 4},
-                      {"name": "transformer_tiny"}, task={"name": "wmt16", "label_smoothing": 0.1,
-                                                          "max_decode_len": 4},
-                      optimizer={"name": "adam", "lr": 0.001}, train={"max_steps": 4, "eval_every": 2}))
+    summary = run(
+        cfg(
+            tmp_path,
+            "wmt16",
+            {"root": str(root), "max_tokens": 64, "vocab_size": 40, "eval_batch_size": 4},
+            {"name": "transformer_tiny"},
+            task={"name": "wmt16", "label_smoothing": 0.1, "max_decode_len": 4, "beam": beam, "lenpen": 0.6},
+            optimizer={"name": "adam", "lr": 0.001},
+            train={"max_steps": 4, "eval_every": 2},
+        )
+    )
     assert 0.0 <= summary["final"]["val_bleu"] <= 100.0 and summary["final"]["val_loss"] > 0
     assert list((tmp_path / "run").glob("spm_bpe40.model"))
     lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -61,12 +98,21 @@ def test_the_synthetic_task_is_a_fixed_teacher_that_a_student_learns(tmp_path):
     def build(seed):
         c = validate({"task": {"name": "synthetic"}, "seed": seed})
         return TASKS["synthetic"].build(c.task, c.data, c.model, TaskContext(0, 1, seed, tmp_path))
+
     a, b = build(0), build(1)
     assert torch.equal(a.train_set.tensors[0], b.train_set.tensors[0])  # the data do not depend on the seed
     assert torch.equal(a.val_set.tensors[1], b.val_set.tensors[1])
     labels = a.train_set.tensors[1]
     assert len(labels) == 16384 and len(a.val_set) == 4096 and labels.unique().numel() == 10
     majority = torch.bincount(a.val_set.tensors[1]).max().item() / 4096 * 100
-    summary = run(cfg(tmp_path, "synthetic", {"batch_size": 32}, {"name": "mlp", "width": 64},
-                      train={"max_steps": 300, "eval_every": 0}, optimizer={"lr": 0.1}))
+    summary = run(
+        cfg(
+            tmp_path,
+            "synthetic",
+            {"batch_size": 32},
+            {"name": "mlp", "width": 64},
+            train={"max_steps": 300, "eval_every": 0},
+            optimizer={"lr": 0.1},
+        )
+    )
     assert summary["final"]["val_acc"] > majority + 15  # well above always answering the commonest class

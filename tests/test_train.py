@@ -14,9 +14,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def cfg(run_dir, **sections):
-    base = {"run_dir": str(run_dir), "logger": {"progress": False, "log_every": 5},
-            "train": {"max_steps": 40, "eval_every": 20}, "dist": {"world_size": 4},
-            "data": {"batch_size": 16}, "optimizer": {"lr": 0.05}}
+    base = {
+        "run_dir": str(run_dir),
+        "logger": {"progress": False, "log_every": 5},
+        "train": {"max_steps": 40, "eval_every": 20},
+        "dist": {"world_size": 4},
+        "data": {"batch_size": 16},
+        "optimizer": {"lr": 0.05},
+    }
     for key, value in sections.items():
         base[key] = {**base.get(key, {}), **value} if isinstance(value, dict) else value
     return base
@@ -24,8 +29,13 @@ def cfg(run_dir, **sections):
 
 @pytest.mark.parametrize("algorithm,slowmo", [("localsgd", True), ("sgp", True), ("allreduce", False)])
 def test_digits_learns_and_the_run_directory_is_complete(tmp_path, algorithm, slowmo):
-    summary = run(cfg(tmp_path, algorithm={"name": algorithm, **({"period": 4} if algorithm == "localsgd" else {})},
-                      slowmo={"enabled": slowmo, "tau": 4, "beta": 0.5}))
+    summary = run(
+        cfg(
+            tmp_path,
+            algorithm={"name": algorithm, **({"period": 4} if algorithm == "localsgd" else {})},
+            slowmo={"enabled": slowmo, "tau": 4, "beta": 0.5},
+        )
+    )
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     for line in lines:
         assert {"step", "epoch", "train_loss", "lr", "comm_bytes", "wall_time"} <= set(line)
@@ -40,13 +50,21 @@ def test_digits_learns_and_the_run_directory_is_complete(tmp_path, algorithm, sl
     assert lines[-1]["comm_bytes"] == summary["comm_bytes"] > 0
 
 
-@pytest.mark.parametrize("algorithm,schedule", [("localsgd", {"name": "constant"}), ("osgp", {"name": "constant"}),
-                                               ("localsgd", {"name": "step", "warmup_epochs": 1.0,
-                                                             "warmup_init_lr": 0.1, "milestones": [1.5]})])
+@pytest.mark.parametrize(
+    "algorithm,schedule",
+    [
+        ("localsgd", {"name": "constant"}),
+        ("osgp", {"name": "constant"}),
+        ("localsgd", {"name": "step", "warmup_epochs": 1.0, "warmup_init_lr": 0.1, "milestones": [1.5]}),
+    ],
+)
 def test_an_interrupted_run_resumes_to_the_same_final_model(tmp_path, algorithm, schedule):
-    common = dict(model={"name": "cnn", "width": 8},
-                  algorithm={"name": algorithm, **({"period": None} if algorithm == "localsgd" else {})},
-                  slowmo={"enabled": True, "tau": 6, "beta": 0.6, "base_buffers": "reset"}, schedule=schedule)
+    common = dict(
+        model={"name": "cnn", "width": 8},
+        algorithm={"name": algorithm, **({"period": None} if algorithm == "localsgd" else {})},
+        slowmo={"enabled": True, "tau": 6, "beta": 0.6, "base_buffers": "reset"},
+        schedule=schedule,
+    )
     straight = run(cfg(tmp_path / "straight", train={"max_steps": 30, "eval_every": 10}, **common))
     run(cfg(tmp_path / "resumed", train={"max_steps": 14, "checkpoint_every": 7, "eval_every": 10}, **common))
     resumed = run(cfg(tmp_path / "resumed", train={"max_steps": 30, "checkpoint_every": 7, "eval_every": 10}, **common))
@@ -61,8 +79,12 @@ def test_an_interrupted_run_resumes_to_the_same_final_model(tmp_path, algorithm,
 
 
 def test_gloo_ranks_learn_like_simulated_ones(tmp_path):
-    sections = dict(algorithm={"name": "sgp"}, slowmo={"enabled": True, "tau": 4, "beta": 0.5},
-                    train={"max_steps": 12, "eval_every": 0}, dist={"world_size": 2})
+    sections = dict(
+        algorithm={"name": "sgp"},
+        slowmo={"enabled": True, "tau": 4, "beta": 0.5},
+        train={"max_steps": 12, "eval_every": 0},
+        dist={"world_size": 2},
+    )
     sim = run(cfg(tmp_path / "sim", **sections))
     gloo = run(cfg(tmp_path / "gloo", **{**sections, "dist": {"world_size": 2, "backend": "gloo"}}))
     a, b = (torch.load(tmp_path / d / "final.pt")["model"] for d in ("sim", "gloo"))
@@ -71,9 +93,22 @@ def test_gloo_ranks_learn_like_simulated_ones(tmp_path):
 
 
 def test_a_hydra_multirun_sweep(tmp_path):
-    out = subprocess.run([sys.executable, str(ROOT / "experiments/digits/train.py"), "-m", "algorithm=localsgd,sgp",
-                          "slowmo=off,on", "train.max_steps=12", "train.eval_every=0", "logger.progress=false",
-                          f"hydra.sweep.dir={tmp_path}"], capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "experiments/digits/train.py"),
+            "-m",
+            "algorithm=localsgd,sgp",
+            "slowmo=off,on",
+            "train.max_steps=12",
+            "train.eval_every=0",
+            "logger.progress=false",
+            f"hydra.sweep.dir={tmp_path}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     summaries = sorted(tmp_path.rglob("summary.json"))
     assert len(summaries) == 4
@@ -84,10 +119,20 @@ def test_a_hydra_multirun_sweep(tmp_path):
 def test_the_plot_script_draws_figures_and_a_table(tmp_path):
     for name, enabled in (("a", False), ("b", True)):
         for seed in (0, 1):
-            run(cfg(tmp_path / f"{name}{seed}", seed=seed, slowmo={"enabled": enabled, "tau": 4},
-                    train={"max_steps": 8, "eval_every": 4}))
-    out = subprocess.run([sys.executable, str(ROOT / "scripts/plot.py"), str(tmp_path), "--out", str(tmp_path / "fig")],
-                         capture_output=True, text=True, timeout=300)
+            run(
+                cfg(
+                    tmp_path / f"{name}{seed}",
+                    seed=seed,
+                    slowmo={"enabled": enabled, "tau": 4},
+                    train={"max_steps": 8, "eval_every": 4},
+                )
+            )
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "scripts/plot.py"), str(tmp_path), "--out", str(tmp_path / "fig")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     table = (tmp_path / "fig" / "table.md").read_text()
     assert "| Local SGD | 2 | 8 |" in table and "| Local SGD + SlowMo | 2 | 8 |" in table
@@ -98,8 +143,13 @@ def test_the_plot_script_draws_figures_and_a_table(tmp_path):
 def test_wandb_logs_offline_without_an_api_key(tmp_path, monkeypatch):
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("WANDB_SILENT", "true")
-    run(cfg(tmp_path / "sweep" / "cell", logger={"wandb": True, "progress": False, "log_every": 5},
-            train={"max_steps": 10, "eval_every": 5}))
+    run(
+        cfg(
+            tmp_path / "sweep" / "cell",
+            logger={"wandb": True, "progress": False, "log_every": 5},
+            train={"max_steps": 10, "eval_every": 5},
+        )
+    )
     offline = list((tmp_path / "sweep" / "cell" / "wandb").glob("offline-run-*"))
     assert len(offline) == 1
     assert list(offline[0].glob("*.wandb"))  # the run's history, ready for `wandb sync`

@@ -43,7 +43,7 @@ class Algorithm:
         self.buffers: list[torch.Tensor] = []
 
     @classmethod
-    def from_config(cls, comm: Communicator, cfg: AlgorithmConfig) -> "Algorithm":
+    def from_config(cls, comm: Communicator, cfg: AlgorithmConfig) -> Algorithm:
         """The algorithm of an ``algorithm`` config section: its fields, but ``name``, are the constructor's."""
         return cls(comm, **{key: value for key, value in asdict(cfg).items() if key != "name"})
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 from ..comm import Communicator
 from ..flat import average_
@@ -12,7 +11,7 @@ from .base import ALGORITHMS, Algorithm, AlgorithmConfig
 
 @dataclass
 class LocalSGDConfig(AlgorithmConfig):
-    period: Optional[int]  # H (configs/algorithm/localsgd.yaml ties it to slowmo.tau, as the paper's presets)
+    period: int | None  # H (configs/algorithm/localsgd.yaml ties it to slowmo.tau, as the paper's presets)
 
 
 @ALGORITHMS.register("localsgd", LocalSGDConfig, label="Local SGD")

@@ -23,9 +23,9 @@ import torch
 
 from ..comm import Communicator
 from ..comm.base import Completed
+from ..flat import flatten, unflatten_
 from ..graphs import GRAPHS, DirectedExponential, GossipGraph
 from ..registry import ConfigError
-from ..flat import flatten, unflatten_
 from .base import ALGORITHMS, Algorithm, AlgorithmConfig
 
 
@@ -53,20 +53,25 @@ class SGP(Algorithm):
         super().__init__(comm, procs_per_node)
         n = self.cross.world_size
         if n < 2:
-            raise ValueError(f"{type(self).__name__} gossips between {'nodes' if procs_per_node > 1 else 'ranks'} "
-                             f"and needs at least 2, got {n}; use LocalSGD or AllReduce on a single "
-                             f"{'node' if procs_per_node > 1 else 'rank'}")
+            raise ValueError(
+                f"{type(self).__name__} gossips between {'nodes' if procs_per_node > 1 else 'ranks'} "
+                f"and needs at least 2, got {n}; use LocalSGD or AllReduce on a single "
+                f"{'node' if procs_per_node > 1 else 'rank'}"
+            )
         self.graph = graph if graph is not None else DirectedExponential(n)
         if self.graph.world_size != n:
-            raise ValueError(f"the gossip graph has {self.graph.world_size} ranks but gossip runs over {n}; "
-                             f"build it with world_size={n}")
+            raise ValueError(
+                f"the gossip graph has {self.graph.world_size} ranks but gossip runs over {n}; "
+                f"build it with world_size={n}"
+            )
         self.weight: torch.Tensor = torch.ones(1)
 
     @classmethod
-    def from_config(cls, comm: Communicator, cfg: SGPConfig) -> "SGP":
+    def from_config(cls, comm: Communicator, cfg: SGPConfig) -> SGP:
         if comm.world_size % cfg.procs_per_node:
-            raise ConfigError(f"world size {comm.world_size} is not divisible by algorithm.procs_per_node="
-                              f"{cfg.procs_per_node}")
+            raise ConfigError(
+                f"world size {comm.world_size} is not divisible by algorithm.procs_per_node={cfg.procs_per_node}"
+            )
         nodes = comm.world_size // cfg.procs_per_node
         return cls(comm, GRAPHS[cfg.graph].build(nodes) if nodes > 1 else None, cfg.procs_per_node)
 
@@ -167,6 +172,7 @@ class OSGP(SGP):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
-        received = [buf.to(dtype=self.weight.dtype, device=self.weight.device).clone()
-                    for buf in state.get("in_flight", [])]
+        received = [
+            buf.to(dtype=self.weight.dtype, device=self.weight.device).clone() for buf in state.get("in_flight", [])
+        ]
         self._in_flight = (None, [], [(buf, Completed()) for buf in received]) if received else None

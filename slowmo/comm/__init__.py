@@ -6,5 +6,14 @@ from .simulated import Simulated
 from .spawn import free_port, spawn
 from .torch_distributed import TorchDistributed
 
-__all__ = ["CommError", "Communicator", "Simulated", "Single", "TorchDistributed", "free_port", "launch",
-           "ring_all_reduce_bytes", "spawn"]
+__all__ = [
+    "CommError",
+    "Communicator",
+    "Simulated",
+    "Single",
+    "TorchDistributed",
+    "free_port",
+    "launch",
+    "ring_all_reduce_bytes",
+    "spawn",
+]

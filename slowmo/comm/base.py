@@ -19,8 +19,9 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections import Counter
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator, Literal, Protocol
+from typing import Literal, Protocol
 
 import torch
 
@@ -141,7 +142,7 @@ class Communicator(ABC):
         self.irecv(tensor, src).wait()
 
     # ----------------------------------------------------------------------------------- groups
-    def split_nodes(self, procs_per_node: int) -> tuple["Communicator", "Communicator"]:
+    def split_nodes(self, procs_per_node: int) -> tuple[Communicator, Communicator]:
         """Split the world into nodes of ``procs_per_node`` consecutive ranks.
 
         Returns ``(node, cross)``: ``node`` groups the ranks of this rank's node; ``cross`` groups the
@@ -219,7 +220,7 @@ class Communicator(ABC):
     def _irecv(self, tensor: torch.Tensor, src: int) -> Work: ...
 
     @abstractmethod
-    def _new_group(self, partition: list[list[int]], label: str) -> "Communicator":
+    def _new_group(self, partition: list[list[int]], label: str) -> Communicator:
         """Every rank calls this with the same partition of the world; returns this rank's group."""
 
 

@@ -15,8 +15,8 @@ import os
 import re
 import socket
 import subprocess
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 import torch
 import torch.distributed as dist
@@ -40,23 +40,36 @@ def detect(environ: Mapping[str, str] | None = None) -> DistEnv:
     """Rank, world and rendezvous of this process, from torchrun's or SLURM's environment variables."""
     env = os.environ if environ is None else environ
     if "RANK" in env and "WORLD_SIZE" in env:
-        return DistEnv(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)),
-                       int(env.get("LOCAL_WORLD_SIZE", 1)), env.get("MASTER_ADDR", "127.0.0.1"),
-                       int(env.get("MASTER_PORT", 29500)), "torchrun")
+        return DistEnv(
+            int(env["RANK"]),
+            int(env["WORLD_SIZE"]),
+            int(env.get("LOCAL_RANK", 0)),
+            int(env.get("LOCAL_WORLD_SIZE", 1)),
+            env.get("MASTER_ADDR", "127.0.0.1"),
+            int(env.get("MASTER_PORT", 29500)),
+            "torchrun",
+        )
     if "SLURM_PROCID" in env and "SLURM_STEP_NUM_TASKS" in env:
         nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST", "127.0.0.1")
         port = env.get("MASTER_PORT") or str(15000 + int(env.get("SLURM_JOB_ID", "0")) % 20000)
-        return DistEnv(int(env["SLURM_PROCID"]), int(env["SLURM_STEP_NUM_TASKS"]),
-                       int(env.get("SLURM_LOCALID", 0)), _first_count(env.get("SLURM_STEP_TASKS_PER_NODE", "1")),
-                       env.get("MASTER_ADDR") or first_host(nodelist), int(port), "slurm")
+        return DistEnv(
+            int(env["SLURM_PROCID"]),
+            int(env["SLURM_STEP_NUM_TASKS"]),
+            int(env.get("SLURM_LOCALID", 0)),
+            _first_count(env.get("SLURM_STEP_TASKS_PER_NODE", "1")),
+            env.get("MASTER_ADDR") or first_host(nodelist),
+            int(port),
+            "slurm",
+        )
     return DistEnv(0, 1, 0, 1, "127.0.0.1", 29500, "single")
 
 
 def first_host(nodelist: str) -> str:
     """First host name of a SLURM node list such as ``gpu[003-010,012],cpu1`` (``scontrol`` when available)."""
     try:
-        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
-                             timeout=10, check=True).stdout.split()
+        out = subprocess.run(
+            ["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=10, check=True
+        ).stdout.split()
         if out:
             return out[0]
     except (OSError, subprocess.SubprocessError):
@@ -81,8 +94,10 @@ def init_distributed(backend: str = "gloo", timeout_s: float = 300.0, env: DistE
         if not torch.cuda.is_available():
             raise ValueError("dist.backend=nccl needs CUDA GPUs, and none is visible; use dist.backend=gloo on CPU")
         if env.local_rank >= torch.cuda.device_count():
-            raise ValueError(f"local rank {env.local_rank} has no GPU: this node shows {torch.cuda.device_count()}; "
-                             "start at most one process per GPU (procs per node <= GPUs per node)")
+            raise ValueError(
+                f"local rank {env.local_rank} has no GPU: this node shows {torch.cuda.device_count()}; "
+                "start at most one process per GPU (procs per node <= GPUs per node)"
+            )
         torch.cuda.set_device(env.local_rank)
     elif backend != "gloo":
         raise ValueError(f"unknown torch.distributed backend {backend!r}; use gloo (CPU) or nccl (GPU)")
@@ -91,14 +106,17 @@ def init_distributed(backend: str = "gloo", timeout_s: float = 300.0, env: DistE
         _check_port_free(env.master_addr, env.master_port)  # rank 0 hosts it
     timeout = datetime.timedelta(seconds=timeout_s)
     try:
-        store = dist.TCPStore(env.master_addr, env.master_port, env.world_size, env.rank == 0 and not agent_store,
-                              timeout)
+        store = dist.TCPStore(
+            env.master_addr, env.master_port, env.world_size, env.rank == 0 and not agent_store, timeout
+        )
         # a restart by torchrun (--max-restarts) meets in the same store: keys of a dead attempt must not be read
         store = dist.PrefixStore(f"slowmo/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
         dist.init_process_group(backend, store=store, rank=env.rank, world_size=env.world_size, timeout=timeout)
     except (RuntimeError, ValueError) as error:
-        raise CommError(f"rank {env.rank}: cannot join the process group at {env.master_addr}:{env.master_port} "
-                        f"({reason(error)}); is the master unreachable or a peer missing?") from error
+        raise CommError(
+            f"rank {env.rank}: cannot join the process group at {env.master_addr}:{env.master_port} "
+            f"({reason(error)}); is the master unreachable or a peer missing?"
+        ) from error
     return TorchDistributed(timeout=timeout_s)
 
 
@@ -108,8 +126,10 @@ def _check_port_free(host: str, port: int) -> None:
             sock.bind((host, port))
         except OSError as error:
             if error.errno == errno.EADDRINUSE:
-                raise ValueError(f"port {port} on {host} is already in use, and rank 0 must host the rendezvous "
-                                 "there; set MASTER_PORT to a free port") from None
+                raise ValueError(
+                    f"port {port} on {host} is already in use, and rank 0 must host the rendezvous "
+                    "there; set MASTER_PORT to a free port"
+                ) from None
 
 
 def check_placement(procs_per_node: int, backend: str, local_world_size: int, gpus: int | None = None) -> None:
@@ -118,11 +138,15 @@ def check_placement(procs_per_node: int, backend: str, local_world_size: int, gp
     gpus = torch.cuda.device_count() if gpus is None else gpus
     wanted = max(procs_per_node, local_world_size)
     if backend == "nccl" and wanted > gpus:
-        raise ValueError(f"{wanted} processes per node need {wanted} GPUs, this node has {gpus}; lower "
-                         "algorithm.procs_per_node (and the processes started per node) to at most the GPUs per node")
+        raise ValueError(
+            f"{wanted} processes per node need {wanted} GPUs, this node has {gpus}; lower "
+            "algorithm.procs_per_node (and the processes started per node) to at most the GPUs per node"
+        )
     if procs_per_node > local_world_size:
-        raise ValueError(f"algorithm.procs_per_node={procs_per_node} is larger than the {local_world_size} processes "
-                         f"started on this node; set it to at most {local_world_size}")
+        raise ValueError(
+            f"algorithm.procs_per_node={procs_per_node} is larger than the {local_world_size} processes "
+            f"started on this node; set it to at most {local_world_size}"
+        )
 
 
 def resolve_device(choice: str, backend: str, local_rank: int = 0) -> torch.device:
@@ -130,20 +154,23 @@ def resolve_device(choice: str, backend: str, local_rank: int = 0) -> torch.devi
 
     ``auto``: the local GPU under NCCL, the CPU otherwise. ``cuda``: a GPU under every backend; ranks that share a
     node's GPUs (gloo processes, simulated ranks) take GPU ``local_rank mod #GPUs``, which is how one GPU tests the
-    multi-rank GPU path. ``cpu``: the CPU (the config refuses it with NCCL, which moves only GPU tensors). Raises ValueError (one line)
-when no GPU is visible for ``cuda``.
+    multi-rank GPU path. ``cpu``: the CPU (the config refuses it with NCCL, which moves only GPU tensors). Raises
+    ValueError (one line) when no GPU is visible for ``cuda``.
     """
     wanted = ("cuda" if backend == "nccl" else "cpu") if choice == "auto" else choice
     if wanted == "cpu":
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        raise ValueError(f"dist.device={choice} needs a CUDA GPU and none is visible (torch.cuda.is_available() is "
-                         f"False); use dist.device=cpu{' with dist.backend=gloo' if backend == 'nccl' else ''}")
+        raise ValueError(
+            f"dist.device={choice} needs a CUDA GPU and none is visible (torch.cuda.is_available() is "
+            f"False); use dist.device=cpu{' with dist.backend=gloo' if backend == 'nccl' else ''}"
+        )
     return torch.device("cuda", local_rank % torch.cuda.device_count())
 
 
-def threads_per_rank(environ: Mapping[str, str] | None = None, local_world_size: int = 1,
-                     cores: int | None = None) -> int:
+def threads_per_rank(
+    environ: Mapping[str, str] | None = None, local_world_size: int = 1, cores: int | None = None
+) -> int:
     """CPU threads for one rank, as torchrun decides them: ``OMP_NUM_THREADS`` when set, else SLURM's
     ``SLURM_CPUS_PER_TASK``, else this process's cores divided by the ranks on the node (torch's default, every
     core in every rank, oversubscribes a node that runs several ranks)."""
@@ -155,23 +182,24 @@ def threads_per_rank(environ: Mapping[str, str] | None = None, local_world_size:
     return max(1, cores // max(1, local_world_size))
 
 
-def check_node_groups(comm: Communicator, procs_per_node: int, device: torch.device,
-                      host: str | None = None) -> None:
+def check_node_groups(comm: Communicator, procs_per_node: int, device: torch.device, host: str | None = None) -> None:
     """A node of the algorithm's hierarchy (``procs_per_node`` consecutive ranks) must be one host: one all-gather of
     the host names (not counted as training traffic). Raises ValueError (one line) when a node group spans hosts,
     e.g. under ``srun -m cyclic``."""
     name = (host or socket.gethostname()).encode()[:255]
     mine = torch.zeros(256, dtype=torch.uint8)
-    mine[0], mine[1:1 + len(name)] = len(name), torch.tensor(list(name), dtype=torch.uint8)
+    mine[0], mine[1 : 1 + len(name)] = len(name), torch.tensor(list(name), dtype=torch.uint8)
     everyone = torch.empty(256 * comm.world_size, dtype=torch.uint8, device=device)
     with comm.uncounted():
         comm.all_gather(everyone, mine.to(device))
     rows = everyone.view(comm.world_size, 256).cpu().tolist()
-    hosts = [bytes(row[1:1 + row[0]]).decode(errors="replace") for row in rows]
+    hosts = [bytes(row[1 : 1 + row[0]]).decode(errors="replace") for row in rows]
     for first in range(0, comm.world_size, procs_per_node):
-        group = hosts[first:first + procs_per_node]
+        group = hosts[first : first + procs_per_node]
         if len(set(group)) > 1:
-            raise ValueError(f"algorithm.procs_per_node={procs_per_node} makes ranks {first}-{first + len(group) - 1} "
-                             f"one node, but they run on hosts {', '.join(sorted(set(group)))}; place consecutive "
-                             "ranks on one host (srun's default block distribution, not -m cyclic) or lower "
-                             "algorithm.procs_per_node")
+            raise ValueError(
+                f"algorithm.procs_per_node={procs_per_node} makes ranks {first}-{first + len(group) - 1} "
+                f"one node, but they run on hosts {', '.join(sorted(set(group)))}; place consecutive "
+                "ranks on one host (srun's default block distribution, not -m cyclic) or lower "
+                "algorithm.procs_per_node"
+            )

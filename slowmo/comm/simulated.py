@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -42,8 +43,9 @@ class _Cluster:
 class Simulated(Communicator):
     """One rank of an in-process simulated cluster; made by :func:`slowmo.comm.spawn` (``backend="simulated"``)."""
 
-    def __init__(self, cluster: _Cluster, ranks: tuple[int, ...], global_rank: int, label: str = "",
-                 counter=None) -> None:
+    def __init__(
+        self, cluster: _Cluster, ranks: tuple[int, ...], global_rank: int, label: str = "", counter=None
+    ) -> None:
         super().__init__(ranks.index(global_rank), len(ranks), label, counter)
         self._cluster = cluster
         self._ranks = ranks
@@ -72,11 +74,14 @@ class Simulated(Communicator):
     def _collective(self, kind: str, contribution: Any, combine: Callable[[list], Any]) -> Any:
         key = (self._group_id, self._seq)
         self._seq += 1
-        slot = self._cluster.slots.setdefault(key, {"kind": kind, "parts": [None] * self.world_size,
-                                                     "result": None, "taken": 0})
+        slot = self._cluster.slots.setdefault(
+            key, {"kind": kind, "parts": [None] * self.world_size, "result": None, "taken": 0}
+        )
         if slot["kind"] != kind:
-            raise CommError(f"rank {self._global_rank}: called {kind} while a peer called {slot['kind']} "
-                            f"(collective #{key[1]}); every rank must issue the same collectives in the same order")
+            raise CommError(
+                f"rank {self._global_rank}: called {kind} while a peer called {slot['kind']} "
+                f"(collective #{key[1]}); every rank must issue the same collectives in the same order"
+            )
         slot["parts"][self.rank] = contribution
         if all(p is not None for p in slot["parts"]):
             slot["result"] = combine(slot["parts"])
@@ -177,8 +182,7 @@ def run_simulated(fn: Callable, world_size: int, args: tuple, timeout: float) ->
                 errors[rank] = error
                 cluster.fail(rank, error)
 
-    threads = [threading.Thread(target=body, args=(r,), name=f"slowmo-rank{r}", daemon=True)
-               for r in range(world_size)]
+    threads = [threading.Thread(target=body, args=(r,), name=f"slowmo-rank{r}", daemon=True) for r in range(world_size)]
     for thread in threads:
         thread.start()
     for thread in threads:

@@ -13,7 +13,8 @@ import signal
 import socket
 import time
 import traceback
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.multiprocessing as mp
@@ -30,8 +31,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def spawn(fn: Callable[..., Any], world_size: int = 4, backend: str = "simulated", args: tuple = (),
-          timeout: float = 300.0) -> list[Any]:
+def spawn(
+    fn: Callable[..., Any], world_size: int = 4, backend: str = "simulated", args: tuple = (), timeout: float = 300.0
+) -> list[Any]:
     """Run ``fn(comm, *args)`` on ``world_size`` ranks; return the list of per-rank results (rank order).
 
     ``timeout`` bounds every wait for a peer (seconds): a rank that dies or hangs makes the others fail with a
@@ -46,8 +48,12 @@ def spawn(fn: Callable[..., Any], world_size: int = 4, backend: str = "simulated
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
     port = free_port()
-    procs = [ctx.Process(target=_process_main, args=(fn, rank, world_size, backend, port, args, timeout, queue),
-                         daemon=False) for rank in range(world_size)]
+    procs = [
+        ctx.Process(
+            target=_process_main, args=(fn, rank, world_size, backend, port, args, timeout, queue), daemon=False
+        )
+        for rank in range(world_size)
+    ]
     for proc in procs:
         proc.start()
     results: list[Any] = [None] * world_size
@@ -74,8 +80,10 @@ def spawn(fn: Callable[..., Any], world_size: int = 4, backend: str = "simulated
         ordered = [failures[r] for r in sorted(failures)]  # by rank number (rank 10 after rank 9)
         summary = "\n".join(f.strip().splitlines()[0] + " " + f.strip().splitlines()[-1] for f in ordered)
         tracebacks = [f for f in ordered if "Traceback" in f]
-        root = next((f for f in tracebacks if "CommError" not in f.strip().splitlines()[-1]),
-                    tracebacks[0] if tracebacks else "")
+        root = next(
+            (f for f in tracebacks if "CommError" not in f.strip().splitlines()[-1]),
+            tracebacks[0] if tracebacks else "",
+        )
         raise RuntimeError(f"{len(failures)} of {world_size} ranks failed:\n{summary}\nfirst cause:\n{root}")
     return results
 
@@ -87,13 +95,14 @@ def _death(exitcode: int) -> str:
 
 
 def _process_main(fn, rank, world_size, backend, port, args, timeout, queue) -> None:
-    from .launch import DistEnv, init_distributed, threads_per_rank  # in the child: keeps spawn importable early
-
     import torch.distributed as dist
 
+    from .launch import DistEnv, init_distributed, threads_per_rank  # in the child: keeps spawn importable early
+
     env = DistEnv(rank, world_size, rank, world_size, "127.0.0.1", port, "spawn")
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
     try:
         torch.set_num_threads(threads_per_rank(local_world_size=world_size))
         comm = init_distributed(backend, timeout, env)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import datetime
 import re
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -28,11 +28,14 @@ class TorchDistributed(Communicator):
         timeout: seconds a point-to-point receive may wait before raising (collectives use the group's).
     """
 
-    def __init__(self, group: dist.ProcessGroup | None = None, timeout: float = 300.0, label: str = "",
-                 counter=None) -> None:
+    def __init__(
+        self, group: dist.ProcessGroup | None = None, timeout: float = 300.0, label: str = "", counter=None
+    ) -> None:
         if not dist.is_initialized():
-            raise RuntimeError("TorchDistributed needs an initialised process group: call "
-                               "slowmo.comm.launch.init_distributed() (or torch.distributed.init_process_group) first")
+            raise RuntimeError(
+                "TorchDistributed needs an initialised process group: call "
+                "slowmo.comm.launch.init_distributed() (or torch.distributed.init_process_group) first"
+            )
         super().__init__(dist.get_rank(group), dist.get_world_size(group), label, counter)
         self.group = group
         self.timeout = timeout
@@ -74,8 +77,13 @@ class TorchDistributed(Communicator):
     def _irecv(self, tensor: torch.Tensor, src: int) -> Work:
         buffer = self._host(tensor)
         work = dist.irecv(buffer, src=self._global[src], group=self.group)
-        return _Timed(work, self, f"recv from rank {self._global[src]}", keep=buffer,
-                      then=None if buffer is tensor else lambda: tensor.copy_(buffer))
+        return _Timed(
+            work,
+            self,
+            f"recv from rank {self._global[src]}",
+            keep=buffer,
+            then=None if buffer is tensor else lambda: tensor.copy_(buffer),
+        )
 
     def _new_group(self, partition: list[list[int]], label: str) -> Communicator:
         mine = None
@@ -89,8 +97,9 @@ class TorchDistributed(Communicator):
         try:
             call()
         except RuntimeError as error:
-            raise CommError(f"rank {dist.get_rank()}: {what} failed (a peer died or timed out): "
-                            f"{reason(error)}") from error
+            raise CommError(
+                f"rank {dist.get_rank()}: {what} failed (a peer died or timed out): {reason(error)}"
+            ) from error
 
 
 def _copy_back(tensor: torch.Tensor, buffer: torch.Tensor) -> None:
@@ -102,8 +111,9 @@ class _Timed:
     """Wraps a torch Work so that ``wait()`` gives up after the communicator's timeout; ``keep`` holds the buffer the
     backend reads or writes until then, and ``then`` runs once the operation is complete (a host copy's way back)."""
 
-    def __init__(self, work, comm: TorchDistributed, what: str, keep: torch.Tensor,
-                 then: Callable[[], object] | None = None) -> None:
+    def __init__(
+        self, work, comm: TorchDistributed, what: str, keep: torch.Tensor, then: Callable[[], object] | None = None
+    ) -> None:
         self._work, self._comm, self._what, self._keep, self._then = work, comm, what, keep, then
 
     def wait(self) -> None:
@@ -112,8 +122,10 @@ class _Timed:
         try:
             self._work.wait(datetime.timedelta(seconds=self._comm.timeout))
         except RuntimeError as error:
-            raise CommError(f"rank {dist.get_rank()}: {self._what} failed (the peer died, or sent nothing "
-                            f"within {self._comm.timeout:g}s): {reason(error)}") from error
+            raise CommError(
+                f"rank {dist.get_rank()}: {self._what} failed (the peer died, or sent nothing "
+                f"within {self._comm.timeout:g}s): {reason(error)}"
+            ) from error
         if self._then is not None:
             self._then()
         self._work = self._keep = self._then = None

@@ -4,15 +4,16 @@ A task registers its name, its two config sections (``task`` and ``data``, both 
 what inputs it gives a model (images, vectors or tokens) and its builder, which receives its own sections, the
 model's section and a :class:`TaskContext` (never the whole run config):
 
-    @TASKS.register("cifar10", TaskConfig, data=CIFAR10Data, inputs="images", needs="an image model")
-    def build(task: TaskConfig, data: CIFAR10Data, model: ModelConfig, ctx: TaskContext) -> Task: ...
+    @TASKS.register("<name>", TaskConfig, data=MyData, inputs="images", needs="an image model")
+    def build(task: TaskConfig, data: MyData, model: ModelConfig, ctx: TaskContext) -> Task: ...
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -83,18 +84,25 @@ class Task:
 def shuffled_batches(n: int, batch_size: int, seed: int, epoch: int, rank: int, world: int) -> list[list[int]]:
     """Shuffle 0..n-1 with (seed, epoch), give rank r every world-th index from r, cut into full batches."""
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
-    mine = order[rank:n - n % world:world]
-    return [mine[i:i + batch_size] for i in range(0, len(mine) - batch_size + 1, batch_size)]
+    mine = order[rank : n - n % world : world]
+    return [mine[i : i + batch_size] for i in range(0, len(mine) - batch_size + 1, batch_size)]
 
 
 def sharded_batches(n: int, batch_size: int, rank: int, world: int) -> list[list[int]]:
     """Evaluation: rank r takes indices r, r + world, ..., in batches (the last one may be short)."""
     mine = list(range(rank, n, world))
-    return [mine[i:i + batch_size] for i in range(0, len(mine), batch_size)]
+    return [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
 
 
-def classification(model: nn.Module, train_set: Dataset, val_set: Dataset, data: ImageData, ctx: TaskContext,
-                   label_smoothing: float = 0.0, topk: int = 1) -> Task:
+def classification(
+    model: nn.Module,
+    train_set: Dataset,
+    val_set: Dataset,
+    data: ImageData,
+    ctx: TaskContext,
+    label_smoothing: float = 0.0,
+    topk: int = 1,
+) -> Task:
     """A Task for image classification: cross-entropy, top-1 (and top-k) accuracy."""
 
     def collate(items: list) -> tuple[torch.Tensor, torch.Tensor]:
@@ -108,8 +116,12 @@ def classification(model: nn.Module, train_set: Dataset, val_set: Dataset, data:
         x, y = batch
         logits = net(x).float()
         top = logits.topk(min(topk, logits.size(1)), dim=1).indices
-        sums = [nn.functional.cross_entropy(logits, y, reduction="sum"), (top[:, 0] == y).sum(),
-                (top == y[:, None]).any(1).sum(), y.new_tensor(len(y))]
+        sums = [
+            nn.functional.cross_entropy(logits, y, reduction="sum"),
+            (top[:, 0] == y).sum(),
+            (top == y[:, None]).any(1).sum(),
+            y.new_tensor(len(y)),
+        ]
         return torch.stack([value.to(torch.float64) for value in sums])  # on the batch's device: no host sync
 
     def metrics(sums: torch.Tensor) -> dict[str, float]:
@@ -122,6 +134,15 @@ def classification(model: nn.Module, train_set: Dataset, val_set: Dataset, data:
     def train_batches(epoch: int) -> list[list[int]]:
         return shuffled_batches(len(train_set), data.batch_size, ctx.seed, epoch, ctx.rank, ctx.world_size)
 
-    return Task(model, train_set, val_set, collate, train_batches,
-                sharded_batches(len(val_set), data.eval_batch_size, ctx.rank, ctx.world_size),
-                loss, eval_sums, metrics, main_metric="val_acc")
+    return Task(
+        model,
+        train_set,
+        val_set,
+        collate,
+        train_batches,
+        sharded_batches(len(val_set), data.eval_batch_size, ctx.rank, ctx.world_size),
+        loss,
+        eval_sums,
+        metrics,
+        main_metric="val_acc",
+    )

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import torchvision
 import torchvision.transforms as T
@@ -31,7 +30,7 @@ class CIFAR10(torchvision.datasets.CIFAR10):
 
 @dataclass
 class CIFAR10Data(ImageData):
-    root: Optional[str]  # the directory holding cifar-10-batches-py/
+    root: str | None  # the directory holding cifar-10-batches-py/
     augment: bool  # random crop (4-pixel padding) and horizontal flip
     download: bool  # fetch the batches when online
     verify_checksums: bool  # torchvision's MD5 check of the batch files
@@ -40,15 +39,19 @@ class CIFAR10Data(ImageData):
 @TASKS.register("cifar10", TaskConfig, data=CIFAR10Data, label="CIFAR-10", inputs="images", needs="an image model")
 def build(task: TaskConfig, data: CIFAR10Data, model: ModelConfig, ctx: TaskContext) -> Task:
     if data.root is None:
-        raise ConfigError("task cifar10 needs data.root: the directory holding cifar-10-batches-py/ "
-                          "(add data.download=true to fetch it when online)")
+        raise ConfigError(
+            "task cifar10 needs data.root: the directory holding cifar-10-batches-py/ "
+            "(add data.download=true to fetch it when online)"
+        )
     root = Path(data.root)
     folder = root / "cifar-10-batches-py"
     names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"]
     missing = [n for n in names if not (folder / n).is_file()]
     if missing and not data.download:
-        raise ConfigError(f"CIFAR-10 files missing under {folder}: {', '.join(missing)}; point data.root at the "
-                          "directory holding cifar-10-batches-py/ or add data.download=true")
+        raise ConfigError(
+            f"CIFAR-10 files missing under {folder}: {', '.join(missing)}; point data.root at the "
+            "directory holding cifar-10-batches-py/ or add data.download=true"
+        )
     normalize = [T.ToTensor(), T.Normalize(MEAN, STD)]
     augment = [T.RandomCrop(32, padding=4), T.RandomHorizontalFlip()] if data.augment else []
     train = CIFAR10(str(root), True, T.Compose(augment + normalize), data.download, data.verify_checksums)

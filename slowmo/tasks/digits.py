@@ -18,8 +18,7 @@ class DigitsData(ImageData):
     val_fraction: float  # held-out share (a fixed split, the same for every seed)
 
 
-@TASKS.register("digits", TaskConfig, data=DigitsData, label="digits", inputs="images",
-                needs="a model for 8x8 images")
+@TASKS.register("digits", TaskConfig, data=DigitsData, label="digits", inputs="images", needs="a model for 8x8 images")
 def build(task: TaskConfig, data: DigitsData, model: ModelConfig, ctx: TaskContext) -> Task:
     images, labels = load_digits(return_X_y=True)
     x = torch.tensor(images, dtype=torch.float32).view(-1, 1, 8, 8) / 16.0
@@ -30,5 +29,6 @@ def build(task: TaskConfig, data: DigitsData, model: ModelConfig, ctx: TaskConte
     mean, std = x[train].mean(), x[train].std()
     x = (x - mean) / std
     net = build_model(model, num_classes=10, input_shape=(1, 8, 8))
-    return classification(net, TensorDataset(x[train], y[train]), TensorDataset(x[val], y[val]), data, ctx,
-                          task.label_smoothing)
+    return classification(
+        net, TensorDataset(x[train], y[train]), TensorDataset(x[val], y[val]), data, ctx, task.label_smoothing
+    )

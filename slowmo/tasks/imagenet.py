@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import torchvision.transforms as T
 from torchvision.datasets import ImageFolder
@@ -19,18 +18,22 @@ MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 def _folder(path: Path, transform) -> ImageFolder:
     if not path.is_dir():
-        raise ConfigError(f"ImageNet split missing: {path} is not a directory; data.root must hold train/ and val/ "
-                          "with one sub-directory of images per class")
+        raise ConfigError(
+            f"ImageNet split missing: {path} is not a directory; data.root must hold train/ and val/ "
+            "with one sub-directory of images per class"
+        )
     try:
         return ImageFolder(str(path), transform=transform)
     except (FileNotFoundError, RuntimeError) as error:
-        raise ConfigError(f"no images under {path} ({str(error).splitlines()[0]}); data.root must hold train/ and "
-                          "val/ with one sub-directory of images per class") from None
+        raise ConfigError(
+            f"no images under {path} ({str(error).splitlines()[0]}); data.root must hold train/ and "
+            "val/ with one sub-directory of images per class"
+        ) from None
 
 
 @dataclass
 class ImageNetData(ImageData):
-    root: Optional[str]  # the directory holding train/ and val/ in ImageFolder layout
+    root: str | None  # the directory holding train/ and val/ in ImageFolder layout
     augment: bool  # random resized crop and flip (else resize and center crop)
     image_size: int  # crop size
 
@@ -41,8 +44,9 @@ def build(task: TaskConfig, data: ImageNetData, model: ModelConfig, ctx: TaskCon
         raise ConfigError("task imagenet needs data.root: the directory holding train/ and val/ in ImageFolder layout")
     root, size = Path(data.root), data.image_size
     normalize = [T.ToTensor(), T.Normalize(MEAN, STD)]
-    augment = [T.RandomResizedCrop(size), T.RandomHorizontalFlip()] if data.augment else \
-        [T.Resize(size), T.CenterCrop(size)]
+    augment = (
+        [T.RandomResizedCrop(size), T.RandomHorizontalFlip()] if data.augment else [T.Resize(size), T.CenterCrop(size)]
+    )
     train = _folder(root / "train", T.Compose(augment + normalize))
     val = _folder(root / "val", T.Compose([T.Resize(int(size * 256 / 224)), T.CenterCrop(size)] + normalize))
     if train.classes != val.classes:

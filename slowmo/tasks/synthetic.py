@@ -14,13 +14,15 @@ from .base import TASKS, ImageData, Task, TaskConfig, TaskContext, classificatio
 DIM, HIDDEN, CLASSES, TRAIN, VAL = 64, 128, 10, 16384, 4096
 
 
-@TASKS.register("synthetic", TaskConfig, data=ImageData, label="teacher-student", inputs="vectors",
-                needs="a model for vectors")
+@TASKS.register(
+    "synthetic", TaskConfig, data=ImageData, label="teacher-student", inputs="vectors", needs="a model for vectors"
+)
 def build(task: TaskConfig, data: ImageData, model: ModelConfig, ctx: TaskContext) -> Task:
     g = torch.Generator().manual_seed(4321)  # the data set is the same for every run and seed
     w1, w2 = torch.randn(DIM, HIDDEN, generator=g) / DIM**0.5, torch.randn(HIDDEN, CLASSES, generator=g)
     x = torch.randn(TRAIN + VAL, DIM, generator=g)
     y = (torch.relu(x @ w1) @ w2).argmax(1)
     net = build_model(model, num_classes=CLASSES, input_shape=(DIM,))
-    return classification(net, TensorDataset(x[:TRAIN], y[:TRAIN]), TensorDataset(x[TRAIN:], y[TRAIN:]), data, ctx,
-                          task.label_smoothing)
+    return classification(
+        net, TensorDataset(x[:TRAIN], y[:TRAIN]), TensorDataset(x[TRAIN:], y[TRAIN:]), data, ctx, task.label_smoothing
+    )

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import sentencepiece as spm
 import torch
@@ -28,19 +27,33 @@ def read_parallel(root: Path, split: str) -> tuple[list[str], list[str]]:
             raise ConfigError(f"WMT file missing: {path}; data.root must hold train.en/train.de and valid.en/valid.de")
     src, tgt = (p.read_text(encoding="utf-8").splitlines() for p in paths)
     if len(src) != len(tgt):
-        raise ConfigError(f"{paths[0].name} has {len(src)} lines but {paths[1].name} has {len(tgt)} under {root}; "
-                          "parallel files must align line by line")
+        raise ConfigError(
+            f"{paths[0].name} has {len(src)} lines but {paths[1].name} has {len(tgt)} under {root}; "
+            "parallel files must align line by line"
+        )
     return src, tgt
 
 
 def train_sentencepiece(texts: list[str], prefix: Path, vocab_size: int) -> Path:
     """A joint BPE model over source and target training text (written to ``prefix``.model)."""
     if not any(line.strip() for line in texts):
-        raise ConfigError("the training text is empty: sentencepiece has nothing to learn from; check train.en/train.de")
+        raise ConfigError(
+            "the training text is empty: sentencepiece has nothing to learn from; check train.en/train.de"
+        )
     prefix.parent.mkdir(parents=True, exist_ok=True)
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(texts), model_prefix=str(prefix), model_type="bpe",
-                                   vocab_size=vocab_size, character_coverage=1.0, hard_vocab_limit=False,
-                                   pad_id=PAD, unk_id=UNK, bos_id=BOS, eos_id=EOS, minloglevel=2)
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts),
+        model_prefix=str(prefix),
+        model_type="bpe",
+        vocab_size=vocab_size,
+        character_coverage=1.0,
+        hard_vocab_limit=False,
+        pad_id=PAD,
+        unk_id=UNK,
+        bos_id=BOS,
+        eos_id=EOS,
+        minloglevel=2,
+    )
     return prefix.with_suffix(".model")
 
 
@@ -75,22 +88,24 @@ def collate(items: list[tuple[list[int], list[int], str]]) -> dict:
 def translation_loss(net: nn.Module, batch: dict, smoothing: float) -> torch.Tensor:
     """Label-smoothed cross-entropy per target token (teacher forcing), padding ignored."""
     logits = net(batch["src"], batch["prev"])
-    return nn.functional.cross_entropy(logits.flatten(0, 1), batch["tgt"].flatten(), ignore_index=PAD,
-                                       label_smoothing=smoothing)
+    return nn.functional.cross_entropy(
+        logits.flatten(0, 1), batch["tgt"].flatten(), ignore_index=PAD, label_smoothing=smoothing
+    )
 
 
 @dataclass
 class WMT16Task(TaskConfig):
     beam: int  # beam size of decoding (1: greedy)
+    lenpen: float  # length penalty: a hypothesis scores sum(log p) / length ** lenpen (fairseq's)
     max_decode_len: int  # target tokens beyond the source length
 
 
 @dataclass
 class WMT16Data(LoaderConfig):
-    root: Optional[str]  # the directory holding train.en/train.de and valid.en/valid.de
+    root: str | None  # the directory holding train.en/train.de and valid.en/valid.de
     max_tokens: int  # tokens per rank per batch (longest sentence x sentences)
     vocab_size: int  # joint sentencepiece BPE vocabulary
-    spm_model: Optional[str]  # an existing sentencepiece model (else one is trained on the training text)
+    spm_model: str | None  # an existing sentencepiece model (else one is trained on the training text)
 
 
 class Pairs(Dataset):
@@ -121,7 +136,7 @@ def build(task: WMT16Task, data: WMT16Data, model: ModelConfig, ctx: TaskContext
     sp = spm.SentencePieceProcessor(model_file=str(model_path))
 
     def encode(src: list[str], tgt: list[str]) -> list[tuple[list[int], list[int]]]:
-        return [(s + [EOS], t + [EOS]) for s, t in zip(sp.encode(src), sp.encode(tgt))]
+        return [(s + [EOS], t + [EOS]) for s, t in zip(sp.encode(src), sp.encode(tgt), strict=True)]
 
     train_set, val_set = encode(train_src, train_tgt), encode(val_src, val_tgt)
     lengths = [max(len(s), len(t)) for s, t in train_set]
@@ -133,12 +148,24 @@ def build(task: WMT16Task, data: WMT16Data, model: ModelConfig, ctx: TaskContext
 
     def eval_sums(net: nn.Module, batch: dict) -> torch.Tensor:
         logits = net(batch["src"], batch["prev"])
-        nll = nn.functional.cross_entropy(logits.flatten(0, 1), batch["tgt"].flatten(), ignore_index=PAD,
-                                          reduction="sum")
-        hyps = [sp.decode(ids) for ids in net.greedy(batch["src"], BOS, EOS, task.max_decode_len)]
+        nll = nn.functional.cross_entropy(
+            logits.flatten(0, 1), batch["tgt"].flatten(), ignore_index=PAD, reduction="sum"
+        )
+        hyps = [
+            sp.decode(ids) for ids in net.generate(batch["src"], BOS, EOS, task.max_decode_len, task.beam, task.lenpen)
+        ]
         stats = bleu.corpus_score(hyps, [batch["refs"]])
-        return torch.tensor([nll.item(), (batch["tgt"] != PAD).sum().item(), *stats.counts, *stats.totals,
-                             stats.sys_len, stats.ref_len], dtype=torch.float64)
+        return torch.tensor(
+            [
+                nll.item(),
+                (batch["tgt"] != PAD).sum().item(),
+                *stats.counts,
+                *stats.totals,
+                stats.sys_len,
+                stats.ref_len,
+            ],
+            dtype=torch.float64,
+        )
 
     def metrics(sums: torch.Tensor) -> dict[str, float]:
         values = sums.tolist()
@@ -150,6 +177,15 @@ def build(task: WMT16Task, data: WMT16Data, model: ModelConfig, ctx: TaskContext
     def train_batches(epoch: int) -> list[list[int]]:
         return token_batches(lengths, data.max_tokens, ctx.seed, epoch, ctx.rank, ctx.world_size)
 
-    return Task(net, Pairs(train_set, train_tgt), Pairs(val_set, val_tgt), collate, train_batches,
-                sharded_batches(len(val_set), data.eval_batch_size, ctx.rank, ctx.world_size),
-                loss, eval_sums, metrics, main_metric="val_bleu")
+    return Task(
+        net,
+        Pairs(train_set, train_tgt),
+        Pairs(val_set, val_tgt),
+        collate,
+        train_batches,
+        sharded_batches(len(val_set), data.eval_batch_size, ctx.rank, ctx.world_size),
+        loss,
+        eval_sums,
+        metrics,
+        main_metric="val_bleu",
+    )

@@ -83,6 +83,8 @@ def candidates(root: Path, world_size: int) -> list[Path]:
         if saved_world == str(world_size):
             out.append(directory)
         else:
-            warnings.warn(f"skipping checkpoint {directory}: saved by {saved_world} ranks, this run has {world_size}",
-                          stacklevel=2)
+            warnings.warn(
+                f"skipping checkpoint {directory}: saved by {saved_world} ranks, this run has {world_size}",
+                stacklevel=2,
+            )
     return out

@@ -5,16 +5,17 @@ key (``+key=value`` included), a wrong type or an unknown name fails at start wi
 
 From the command line Hydra composes the tree (``experiments/<task>/train.py key=value ...``); from Python,
 :func:`compose` does the same, and :func:`validate` (hence :func:`slowmo.train.run`) also takes a plain dict of
-overrides, composed onto the tree first: ``{"algorithm": {"name": "sgp"}}`` selects ``configs/algorithm/sgp.yaml``.
+overrides, composed onto the tree first: ``{"algorithm": {"name": X}}`` selects ``configs/algorithm/X.yaml``.
 """
 
 from __future__ import annotations
 
 import itertools
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any
 
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
@@ -41,8 +42,8 @@ CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 class LoggerConfig:
     wandb: bool
     project: str
-    group: Optional[str]  # default: the sweep's name, or the run directory's parent
-    name: Optional[str]  # default: the run's overrides
+    group: str | None  # default: the sweep's name, or the run directory's parent
+    name: str | None  # default: the run's overrides
     mode: str  # auto (online with an API key, else offline) | online | offline
     log_every: int
     progress: bool
@@ -65,7 +66,7 @@ class TrainConfig:
     resume: str  # auto: newest valid checkpoint in the run dir | never
     signal_check_every: int  # steps between checks for SIGTERM/SIGUSR1 (ranks agree on stopping)
     precision: str  # fp32 | bf16 | fp16 (autocast; fp16 adds a loss scaler agreed by all ranks)
-    channels_last: Optional[bool]  # convolutions in channels-last memory format; null: on for cuda
+    channels_last: bool | None  # convolutions in channels-last memory format; null: on for cuda
     deterministic: bool  # deterministic CUDA kernels (bit-exact resume on GPUs), no cudnn.benchmark
 
 
@@ -86,22 +87,32 @@ class Config:
     train: TrainConfig
     seed: int
     run_dir: str
-    experiment: Optional[str] = None  # the preset's name, recorded in the run
+    experiment: str | None = None  # the preset's name, recorded in the run
 
 
 ConfigStore.instance().store(name="schema", node=Config)  # configs/config.yaml starts from it: Hydra then names
 # the section of a misspelt command-line key (train.max_step: "Key 'max_step' not in 'TrainConfig'")
 
-PLUGINS: dict[str, Registry] = {"task": TASKS, "model": MODELS, "algorithm": ALGORITHMS, "optimizer": OPTIMIZERS,
-                                "schedule": SCHEDULES}
-CHOICES = {("dist", "backend"): BACKENDS, ("dist", "device"): ("auto", "cpu", "cuda"),
-           ("train", "precision"): tuple(DTYPES), ("train", "resume"): ("auto", "never"),
-           ("logger", "mode"): ("auto", "online", "offline")}
+PLUGINS: dict[str, Registry] = {
+    "task": TASKS,
+    "model": MODELS,
+    "algorithm": ALGORITHMS,
+    "optimizer": OPTIMIZERS,
+    "schedule": SCHEDULES,
+}
+CHOICES = {
+    ("dist", "backend"): BACKENDS,
+    ("dist", "device"): ("auto", "cpu", "cuda"),
+    ("train", "precision"): tuple(DTYPES),
+    ("train", "resume"): ("auto", "never"),
+    ("logger", "mode"): ("auto", "online", "offline"),
+}
 
 
-def compose(overrides: list[str] | tuple[str, ...] = (), config_name: str = "config",
-            with_hydra: bool = False) -> DictConfig:
-    """The tree composed with command-line style ``overrides`` (``["algorithm=sgp", "slowmo.beta=0.7",
+def compose(
+    overrides: list[str] | tuple[str, ...] = (), config_name: str = "config", with_hydra: bool = False
+) -> DictConfig:
+    """The tree composed with command-line style ``overrides`` (``["algorithm=<name>", "slowmo.beta=0.7",
     "+experiment=quickstart"]``), as ``experiments/<task>/train.py`` would; not yet checked (see :func:`validate`)."""
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         return hydra_compose(config_name=config_name, overrides=list(overrides), return_hydra_config=with_hydra)
@@ -112,16 +123,24 @@ def sweep(experiment: str) -> list[list[str]]:
     the overrides that make it, in the order Hydra's basic sweeper runs them (the last parameter varies fastest)."""
     params = compose([f"+experiment={experiment}"], with_hydra=True).hydra.sweeper.params or {}
     parsed = OverridesParser.create().parse_overrides([f"{key}={value}" for key, value in params.items()])
-    axes = [[f"{o.key_or_group}={v}" for v in (o.sweep_string_iterator() if o.is_sweep_override()
-                                                else [o.get_value_element_as_str()])] for o in parsed]
+    axes = [
+        [
+            f"{o.key_or_group}={v}"
+            for v in (o.sweep_string_iterator() if o.is_sweep_override() else [o.get_value_element_as_str()])
+        ]
+        for o in parsed
+    ]
     return [list(cell) for cell in itertools.product(*axes)]
 
 
 def from_dict(sections: Mapping[str, Any]) -> dict[str, Any]:
     """The tree composed with the group choices a dict of overrides makes (``name`` of a plug-in section,
     ``experiment``), with the dict merged on top."""
-    choices = [f"{group}={sections[group]['name']}" for group, registry in PLUGINS.items()
-               if isinstance(sections.get(group), Mapping) and sections[group].get("name") in registry]
+    choices = [
+        f"{group}={sections[group]['name']}"
+        for group, registry in PLUGINS.items()
+        if isinstance(sections.get(group), Mapping) and sections[group].get("name") in registry
+    ]
     if sections.get("experiment"):
         choices.append(f"+experiment={sections['experiment']}")
     try:
@@ -166,8 +185,12 @@ def validate(cfg: DictConfig | Mapping[str, Any] | Config) -> Config:
         sections[section] = _typed(entry.config, raw[section], section)
         if section == "task":
             sections["data"] = _typed(entry.extra["data"], raw.get("data", {}), "data")
-    for section, cls in (("slowmo", OuterConfig), ("logger", LoggerConfig), ("dist", DistConfig),
-                         ("train", TrainConfig)):
+    for section, cls in (
+        ("slowmo", OuterConfig),
+        ("logger", LoggerConfig),
+        ("dist", DistConfig),
+        ("train", TrainConfig),
+    ):
         sections[section] = _typed(cls, raw.get(section, {}), section)
     config = _typed(Config, raw, "")  # the top level: unknown keys (+key=value) and the plain values
     for key, value in sections.items():
@@ -183,8 +206,10 @@ def _check(config: Config) -> None:
             raise ConfigError(f"{section}.{key}={value!r} is not one of {', '.join(allowed)}")
     task = TASKS[config.task.name]
     if task.extra["inputs"] not in MODELS[config.model.name].extra["takes"]:
-        raise ConfigError(f"task {config.task.name} needs {task.extra['needs']}: model.name is "
-                          f"{config.model.name!r}, use one of {', '.join(models_taking(task.extra['inputs']))}")
+        raise ConfigError(
+            f"task {config.task.name} needs {task.extra['needs']}: model.name is "
+            f"{config.model.name!r}, use one of {', '.join(models_taking(task.extra['inputs']))}"
+        )
     if config.train.max_steps < 1:
         raise ConfigError(f"train.max_steps must be >= 1, got {config.train.max_steps}")
     if config.dist.world_size < 1:
@@ -193,17 +218,23 @@ def _check(config: Config) -> None:
         raise ConfigError("train.eval_every and train.checkpoint_every must be >= 0 (0 disables)")
     preset_task = _preset_task(config.experiment)
     if preset_task and preset_task != config.task.name:
-        raise ConfigError(f"+experiment={config.experiment} is the preset of task {preset_task}, but the task is "
-                          f"{config.task.name}; run experiments/{preset_task}/train.py")
+        raise ConfigError(
+            f"+experiment={config.experiment} is the preset of task {preset_task}, but the task is "
+            f"{config.task.name}; run experiments/{preset_task}/train.py"
+        )
     if config.dist.backend == "nccl" and config.dist.device == "cpu":
-        raise ConfigError("dist.backend=nccl moves only GPU tensors but dist.device=cpu; use dist.device=cuda (or auto), "
-                          "or dist.backend=gloo to train on the CPU")
+        raise ConfigError(
+            "dist.backend=nccl moves only GPU tensors but dist.device=cpu; use dist.device=cuda (or auto), "
+            "or dist.backend=gloo to train on the CPU"
+        )
     if config.data.num_workers < 0:
-        raise ConfigError(f"data.num_workers must be >= 0 (0 loads batches on the training thread), got "
-                          f"{config.data.num_workers}")
+        raise ConfigError(
+            f"data.num_workers must be >= 0 (0 loads batches on the training thread), got {config.data.num_workers}"
+        )
     if config.data.prefetch_factor < 1:
-        raise ConfigError(f"data.prefetch_factor must be >= 1 (batches each worker loads ahead), got "
-                          f"{config.data.prefetch_factor}")
+        raise ConfigError(
+            f"data.prefetch_factor must be >= 1 (batches each worker loads ahead), got {config.data.prefetch_factor}"
+        )
 
 
 def _preset_task(experiment: str | None) -> str | None:

@@ -13,7 +13,8 @@
 from __future__ import annotations
 
 import multiprocessing
-from typing import Any, Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -66,26 +67,38 @@ class EpochBatches(Sampler):
         self.epoch, self.start = epoch, start
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        for batch in self.batches[self.start:]:
+        for batch in self.batches[self.start :]:
             yield [(self.epoch, index) for index in batch]
 
     def __len__(self) -> int:
         return max(0, len(self.batches) - self.start)
 
 
-def loader(dataset: Dataset, batch_sampler: Iterable[list], collate: Callable[[list], Any], num_workers: int,
-           prefetch_factor: int, pin_memory: bool) -> DataLoader:
+def loader(
+    dataset: Dataset,
+    batch_sampler: Iterable[list],
+    collate: Callable[[list], Any],
+    num_workers: int,
+    prefetch_factor: int,
+    pin_memory: bool,
+) -> DataLoader:
     """A DataLoader over ``batch_sampler``'s batches; its workers persist across passes.
 
     Workers are forked where the platform can (Linux), as DataLoader does by default there: they start at once and
     share the parent's dataset, and a rank started by ``spawn`` (which would make spawning the default) need not
     pickle it. Workers never touch the GPU."""
     workers = num_workers > 0
-    return DataLoader(dataset, batch_sampler=batch_sampler, collate_fn=collate, num_workers=num_workers,
-                      pin_memory=pin_memory, persistent_workers=workers,
-                      prefetch_factor=prefetch_factor if workers else None,
-                      multiprocessing_context=_FORK if workers else None,
-                      generator=torch.Generator())  # its own: creating an iterator draws nothing from torch's stream
+    return DataLoader(
+        dataset,
+        batch_sampler=batch_sampler,
+        collate_fn=collate,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        persistent_workers=workers,
+        prefetch_factor=prefetch_factor if workers else None,
+        multiprocessing_context=_FORK if workers else None,
+        generator=torch.Generator(),
+    )  # its own: creating an iterator draws nothing from torch's stream
 
 
 def close(loader: DataLoader) -> None:

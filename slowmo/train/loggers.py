@@ -38,9 +38,17 @@ class WandbLogger:
         mode = cfg.logger.mode
         if mode == "auto":
             mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
-        self._run = wandb.init(project=cfg.logger.project, group=cfg.logger.group or group,
-                               name=cfg.logger.name or run_name, config=config_dict, dir=str(run_dir), mode=mode,
-                               id=_stable_id(run_dir), resume="allow", reinit=True)
+        self._run = wandb.init(
+            project=cfg.logger.project,
+            group=cfg.logger.group or group,
+            name=cfg.logger.name or run_name,
+            config=config_dict,
+            dir=str(run_dir),
+            mode=mode,
+            id=_stable_id(run_dir),
+            resume="allow",
+            reinit=True,
+        )
 
     def log(self, record: dict[str, Any]) -> None:
         self._run.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])

@@ -54,7 +54,9 @@ def run(cfg: Any, run_name: str | None = None) -> dict[str, Any]:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     if env.source != "single":  # this process is one rank of a torchrun / srun job
         if config.dist.backend == "simulated":
-            raise ConfigError(f"launched by {env.source} with {env.world_size} processes: set dist.backend=gloo or nccl")
+            raise ConfigError(
+                f"launched by {env.source} with {env.world_size} processes: set dist.backend=gloo or nccl"
+            )
         launch.check_placement(config.algorithm.procs_per_node, config.dist.backend, env.local_world_size)
         launch.resolve_device(config.dist.device, config.dist.backend, env.local_rank)
         torch.set_num_threads(launch.threads_per_rank(local_world_size=env.local_world_size))
@@ -66,8 +68,13 @@ def run(cfg: Any, run_name: str | None = None) -> dict[str, Any]:
     if config.dist.backend == "nccl":
         launch.check_placement(config.algorithm.procs_per_node, "nccl", config.dist.world_size)
     launch.resolve_device(config.dist.device, config.dist.backend)  # one line here rather than one per rank
-    results = spawn(train_rank, config.dist.world_size, config.dist.backend, args=(config, run_dir, run_name),
-                    timeout=config.dist.timeout_s)
+    results = spawn(
+        train_rank,
+        config.dist.world_size,
+        config.dist.backend,
+        args=(config, run_dir, run_name),
+        timeout=config.dist.timeout_s,
+    )
     return results[0]
 
 
@@ -79,20 +86,34 @@ def build_optimizer(cfg: Config, model: torch.nn.Module, comm: Communicator) -> 
     outer = cfg.slowmo
     if not outer.enabled:
         return DistributedOptimizer(model, base, algorithm)
-    return OUTER[outer.preset].build(SlowMo, model, base, algorithm=algorithm, **outer.knobs(),
-                                     base_buffers=outer.base_buffers, shard_outer_state=outer.shard_outer_state)
+    return OUTER[outer.preset].build(
+        SlowMo,
+        model,
+        base,
+        algorithm=algorithm,
+        **outer.knobs(),
+        base_buffers=outer.base_buffers,
+        shard_outer_state=outer.shard_outer_state,
+    )
 
 
 def _fingerprint(cfg: Config) -> dict[str, Any]:
     """What a checkpoint must agree on to be resumed."""
-    return {"task": cfg.task.name, "model": cfg.model.name, "width": getattr(cfg.model, "width", None),
-            "algorithm": cfg.algorithm.name, "slowmo": cfg.slowmo.enabled, "shard_outer_state": cfg.slowmo.shard_outer_state}
+    return {
+        "task": cfg.task.name,
+        "model": cfg.model.name,
+        "width": getattr(cfg.model, "width", None),
+        "algorithm": cfg.algorithm.name,
+        "slowmo": cfg.slowmo.enabled,
+        "shard_outer_state": cfg.slowmo.shard_outer_state,
+    }
 
 
 # ------------------------------------------------------------------------------------------------ one rank
 class _Trainer:
-    def __init__(self, comm: Communicator, cfg: Config, run_dir: Path, run_name: str | None,
-                 task: Task | None = None) -> None:
+    def __init__(
+        self, comm: Communicator, cfg: Config, run_dir: Path, run_name: str | None, task: Task | None = None
+    ) -> None:
         self.comm, self.cfg, self.run_dir = comm, cfg, run_dir
         self.rank, self.world = comm.rank, comm.world_size
         self.is_main = self.rank == 0
@@ -105,23 +126,34 @@ class _Trainer:
             comm.barrier()  # the run directory exists before any rank writes into it
         torch.manual_seed(cfg.seed)  # the same initial model on every rank
         self.task: Task = task if task is not None else self._build_task()
-        self.channels_last = cfg.train.channels_last if cfg.train.channels_last is not None else \
-            self.device.type == "cuda"
-        self.model = self.task.model.to(self.device, memory_format=torch.channels_last if self.channels_last
-                                        else torch.preserve_format)  # only 4-D weights (convolutions) change format
+        self.channels_last = (
+            cfg.train.channels_last if cfg.train.channels_last is not None else self.device.type == "cuda"
+        )
+        self.model = self.task.model.to(
+            self.device, memory_format=torch.channels_last if self.channels_last else torch.preserve_format
+        )  # only 4-D weights (convolutions) change format
         self.opt = build_optimizer(cfg, self.model, comm)
         self.precision = Precision(cfg.train.precision, self.device, comm)
         torch.manual_seed(cfg.seed * 1000 + self.rank + 1)  # this rank's stream (dropout); augmentation: data.Seeded
         self.sampler = data.EpochBatches(self.task.train_batches)
         self.steps_per_epoch = len(self.sampler.batches)
         if self.steps_per_epoch == 0:
-            raise ConfigError(f"the training set gives no full batch to each of {self.world} ranks; lower "
-                              "data.batch_size (or data.max_tokens) or the number of ranks")
+            raise ConfigError(
+                f"the training set gives no full batch to each of {self.world} ranks; lower "
+                "data.batch_size (or data.max_tokens) or the number of ranks"
+            )
         pin, workers = self.device.type == "cuda", cfg.data.num_workers
-        self.train_loader = data.loader(data.Seeded(self.task.train_set, cfg.seed), self.sampler, self.task.collate,
-                                        workers, cfg.data.prefetch_factor, pin)
-        self.val_loader = data.loader(self.task.val_set, self.task.val_batches,
-                                      self.task.collate, workers, cfg.data.prefetch_factor, pin)
+        self.train_loader = data.loader(
+            data.Seeded(self.task.train_set, cfg.seed),
+            self.sampler,
+            self.task.collate,
+            workers,
+            cfg.data.prefetch_factor,
+            pin,
+        )
+        self.val_loader = data.loader(
+            self.task.val_set, self.task.val_batches, self.task.collate, workers, cfg.data.prefetch_factor, pin
+        )
         self.lr_factor = SCHEDULES[cfg.schedule.name].build(cfg.schedule, self.steps_per_epoch)
         self.base_lrs = [group["lr"] for group in self.opt.param_groups]
         self.step, self.epoch, self.position, self.elapsed = 0, 0, 0, 0.0
@@ -161,6 +193,7 @@ class _Trainer:
 
         def build() -> Task:
             return TASKS[cfg.task.name].build(cfg.task, cfg.data, cfg.model, context)
+
         if self.is_main:
             task = build()
         with self.comm.uncounted():
@@ -171,8 +204,9 @@ class _Trainer:
         loggers: list = [JsonlLogger(self.run_dir / "metrics.jsonl", self.step)]
         if self.cfg.logger.wandb:
             config = to_dict(self.cfg)
-            loggers.append(WandbLogger(self.cfg, config, self.run_dir, run_name or self.run_dir.name,
-                                       self.run_dir.parent.name))
+            loggers.append(
+                WandbLogger(self.cfg, config, self.run_dir, run_name or self.run_dir.name, self.run_dir.parent.name)
+            )
         return loggers
 
     # ----------------------------------------------------------------------------------- checkpoints
@@ -181,20 +215,33 @@ class _Trainer:
         model_state = self.model.state_dict()
         for name, tensor in model_state.items():
             if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-                raise NonFiniteLoss(f"rank {self.rank}: {name} is not finite at step {self.step}; no checkpoint of it "
-                                    "was written, the last good one is kept (lower optimizer.lr or check the data)")
+                raise NonFiniteLoss(
+                    f"rank {self.rank}: {name} is not finite at step {self.step}; no checkpoint of it "
+                    "was written, the last good one is kept (lower optimizer.lr or check the data)"
+                )
         directory = self.run_dir / "checkpoints" / f"step_{self.step}"
-        state = {"model": model_state, "optimizer": self.opt.state_dict(), "step": self.step,
-                 "epoch": self.epoch, "position": self.position, "rng": torch.get_rng_state(),
-                 "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
-                 "precision": self.precision.state_dict(), "loss_sum": self.loss_sum, "loss_count": self.loss_count,
-                 "elapsed": self.elapsed + time.time() - self.t0, "best": self.best,
-                 "fingerprint": _fingerprint(self.cfg)}
+        state = {
+            "model": model_state,
+            "optimizer": self.opt.state_dict(),
+            "step": self.step,
+            "epoch": self.epoch,
+            "position": self.position,
+            "rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
+            "precision": self.precision.state_dict(),
+            "loss_sum": self.loss_sum,
+            "loss_count": self.loss_count,
+            "elapsed": self.elapsed + time.time() - self.t0,
+            "best": self.best,
+            "fingerprint": _fingerprint(self.cfg),
+        }
         try:
             checkpoint.save_rank(directory, self.rank, state)
         except OSError as error:
-            raise OSError(f"rank {self.rank}: cannot write checkpoint {directory} ({error.strerror}); free space or "
-                          "fix permissions, then resume: the previous checkpoint is still valid") from None
+            raise OSError(
+                f"rank {self.rank}: cannot write checkpoint {directory} ({error.strerror}); free space or "
+                "fix permissions, then resume: the previous checkpoint is still valid"
+            ) from None
         with self.comm.uncounted():
             self.comm.barrier()
         if self.is_main:
@@ -212,8 +259,10 @@ class _Trainer:
             if not agreed:
                 continue
             if state["fingerprint"] != _fingerprint(self.cfg):
-                raise ConfigError(f"the checkpoint in {directory} is of another run ({state['fingerprint']}), this "
-                                  f"run is {_fingerprint(self.cfg)}; use a new run directory or train.resume=never")
+                raise ConfigError(
+                    f"the checkpoint in {directory} is of another run ({state['fingerprint']}), this "
+                    f"run is {_fingerprint(self.cfg)}; use a new run directory or train.resume=never"
+                )
             self.model.load_state_dict(state["model"])
             self.opt.load_state_dict(state["optimizer"])
             self.precision.load_state_dict(state["precision"])
@@ -235,9 +284,10 @@ class _Trainer:
         if averaged:
             with self.comm.uncounted():
                 tensors = self.opt.averaged_parameters()
-            targets = list(self.eval_model.parameters()) + [b for b in self.eval_model.buffers()
-                                                            if b.is_floating_point()]
-            for target, value in zip(targets, tensors):
+            targets = list(self.eval_model.parameters()) + [
+                b for b in self.eval_model.buffers() if b.is_floating_point()
+            ]
+            for target, value in zip(targets, tensors, strict=True):
                 target.detach().copy_(value)
             model = self.eval_model
         was_training = model.training
@@ -268,15 +318,20 @@ class _Trainer:
     def _train(self) -> dict[str, Any]:
         cfg = self.cfg
         self.t0 = time.time()
-        bar = tqdm(total=cfg.train.max_steps, initial=self.step, disable=not (self.is_main and cfg.logger.progress),
-                   dynamic_ncols=True, desc=self.run_dir.name)
+        bar = tqdm(
+            total=cfg.train.max_steps,
+            initial=self.step,
+            disable=not (self.is_main and cfg.logger.progress),
+            dynamic_ncols=True,
+            desc=self.run_dir.name,
+        )
         status = "completed"
         self.model.train()
         while self.step < cfg.train.max_steps and status == "completed":
             self.sampler.set_epoch(self.epoch, self.position)
             for batch in data.on_device(self.train_loader, self.device, self.channels_last):
                 factor = self.lr_factor(self.step)
-                for group, lr in zip(self.opt.param_groups, self.base_lrs):
+                for group, lr in zip(self.opt.param_groups, self.base_lrs, strict=True):
                     group["lr"] = lr * factor
                 with self.precision.autocast():
                     loss = self.task.loss(self.model, batch)
@@ -298,8 +353,11 @@ class _Trainer:
                     else:
                         self.loggers.log(record)
                 checkpoint_due = bool(cfg.train.checkpoint_every) and self.step % cfg.train.checkpoint_every == 0
-                stop = (bool(cfg.train.signal_check_every) and self.step % cfg.train.signal_check_every == 0
-                        and self._stop_agreed())
+                stop = (
+                    bool(cfg.train.signal_check_every)
+                    and self.step % cfg.train.signal_check_every == 0
+                    and self._stop_agreed()
+                )
                 if checkpoint_due or stop:  # one checkpoint even when both fall on this step
                     self._save()
                 if stop:
@@ -326,8 +384,10 @@ class _Trainer:
         first = self.step - len(values)
         for offset, value in enumerate(values):
             if not math.isfinite(value):
-                raise NonFiniteLoss(f"rank {self.rank}: loss is {value} at step {first + offset}; stopped before any "
-                                    "checkpoint of it was written (lower optimizer.lr or check the data)")
+                raise NonFiniteLoss(
+                    f"rank {self.rank}: loss is {value} at step {first + offset}; stopped before any "
+                    "checkpoint of it was written (lower optimizer.lr or check the data)"
+                )
         self.losses.clear()
         self.loss_sum, self.loss_count = self.loss_sum + sum(values), self.loss_count + len(values)
 
@@ -337,9 +397,14 @@ class _Trainer:
         with self.comm.uncounted():
             loss = self.comm.all_reduce(self._tensor([self.loss_sum / self.loss_count], torch.float64), "mean").item()
         self.loss_sum, self.loss_count = 0.0, 0
-        record = {"step": self.step, "epoch": self.step / self.steps_per_epoch, "train_loss": loss,
-                  "lr": self.opt.param_groups[0]["lr"], "comm_bytes": self.comm.stats()["total"],
-                  "wall_time": self.elapsed + time.time() - self.t0}
+        record = {
+            "step": self.step,
+            "epoch": self.step / self.steps_per_epoch,
+            "train_loss": loss,
+            "lr": self.opt.param_groups[0]["lr"],
+            "comm_bytes": self.comm.stats()["total"],
+            "wall_time": self.elapsed + time.time() - self.t0,
+        }
         if self.precision.scaler is not None:
             record.update(loss_scale=self.precision.scale, skipped_steps=self.precision.skipped)
         return record
@@ -357,13 +422,26 @@ class _Trainer:
         self.opt.synchronize()  # the final exact average: every rank holds the averaged model
         final = self._with_best(self.evaluate(averaged=False))
         stats = self.comm.stats()
-        summary = {"status": status, "steps": self.step, "epochs": self.step / self.steps_per_epoch,
-                   "final": final, "best": dict(self.best), "comm_bytes": stats["total"], "comm_bytes_by_kind": stats,
-                   "wall_time": self.elapsed + time.time() - self.t0, "world_size": self.world, "rank": self.rank,
-                   "algorithm": self.cfg.algorithm.name, "slowmo": self.cfg.slowmo.enabled,
-                   "main_metric": self.task.main_metric,
-                   "device": str(self.device), "precision": self.precision.name, "skipped_steps": self.precision.skipped,
-                   "threads": torch.get_num_threads(), "run_dir": str(self.run_dir)}
+        summary = {
+            "status": status,
+            "steps": self.step,
+            "epochs": self.step / self.steps_per_epoch,
+            "final": final,
+            "best": dict(self.best),
+            "comm_bytes": stats["total"],
+            "comm_bytes_by_kind": stats,
+            "wall_time": self.elapsed + time.time() - self.t0,
+            "world_size": self.world,
+            "rank": self.rank,
+            "algorithm": self.cfg.algorithm.name,
+            "slowmo": self.cfg.slowmo.enabled,
+            "main_metric": self.task.main_metric,
+            "device": str(self.device),
+            "precision": self.precision.name,
+            "skipped_steps": self.precision.skipped,
+            "threads": torch.get_num_threads(),
+            "run_dir": str(self.run_dir),
+        }
         if self.is_main:
             self.loggers.log({**self.last_record, "comm_bytes": stats["total"], **final})
             model = {name: tensor.cpu() for name, tensor in self.model.state_dict().items()}
@@ -373,8 +451,9 @@ class _Trainer:
         return summary
 
 
-def train_rank(comm: Communicator, cfg: Config, run_dir: Path, run_name: str | None = None,
-               task: Task | None = None) -> dict[str, Any]:
+def train_rank(
+    comm: Communicator, cfg: Config, run_dir: Path, run_name: str | None = None, task: Task | None = None
+) -> dict[str, Any]:
     """Everything one rank does in a run; returns the run's summary.
 
     ``task``: a task built by the caller (its model, data, loss and metric) instead of ``cfg.task``'s, e.g. a
@@ -390,5 +469,7 @@ def _ensure_writable(run_dir: Path) -> None:
         probe.write_text("")
         probe.unlink()
     except OSError as error:
-        raise ConfigError(f"run directory {run_dir} is not writable ({error.strerror}); set hydra.run.dir "
-                          "(or run_dir) to a writable path") from None
+        raise ConfigError(
+            f"run directory {run_dir} is not writable ({error.strerror}); set hydra.run.dir "
+            "(or run_dir) to a writable path"
+        ) from None

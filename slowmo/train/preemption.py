@@ -50,10 +50,8 @@ def requeue(rank: int) -> None:
     """Called once the preemption checkpoint is written: requeue the job if :func:`requeue_wanted`."""
     if not requeue_wanted():
         return
-    submitit = next((h for h in _previous.values() if getattr(h, "__name__", "") == "checkpoint_and_try_requeue"),
-                    None)
+    submitit = next((h for h in _previous.values() if getattr(h, "__name__", "") == "checkpoint_and_try_requeue"), None)
     if submitit is not None:
         submitit(_received[-1], None)  # rank 0 requeues and exits; the other ranks return
     elif rank == 0:
-        subprocess.run(["scontrol", "requeue", os.environ["SLURM_JOB_ID"]], check=True, timeout=60,
-                       capture_output=True)
+        subprocess.run(["scontrol", "requeue", os.environ["SLURM_JOB_ID"]], check=True, timeout=60, capture_output=True)

@@ -4,8 +4,8 @@ of the inner step k, gamma_k = optimizer.lr * factor(k)."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from ..registry import Registry
 
@@ -53,6 +53,7 @@ def step(cfg: StepConfig, steps_per_epoch: int) -> Callable[[int], float]:
     def factor(k: int) -> float:
         decay = cfg.gamma ** sum(k >= b for b in bounds)
         return _warm(cfg.warmup_init_lr, min(1.0, (k + 1) / warmup)) * decay if k < warmup else decay
+
     return factor
 
 
