@@ -59,7 +59,7 @@ def row(preset: str, cell: list[str], run_dir: Path) -> dict:
         "cell": ",".join(o for o in cell if not o.startswith("seed=")),
         "seed": config["seed"],
         "label": report.label(r),
-        "tau": config["slowmo"]["tau"] if s["slowmo"] else config["algorithm"]["period"],
+        "tau": config["slowmo"]["tau"] if s["slowmo"] else config["algorithm"].get("period"),
         "beta": config["slowmo"]["beta"] if s["slowmo"] else 0.0,
         "final_train_loss": losses[-1],
         "best_train_loss": min(losses),

@@ -45,7 +45,8 @@ class NonFiniteLoss(FloatingPointError):
 
 
 def run(cfg: Any, run_name: str | None = None) -> dict[str, Any]:
-    """Train with ``cfg`` (a Hydra DictConfig, a dict or a :class:`Config`); returns rank 0's summary."""
+    """Train with ``cfg``: a composed config (Hydra's, or :func:`~slowmo.train.compose`'s), a dict of overrides
+    (composed onto ``configs/`` first) or a checked :class:`Config`; returns rank 0's summary."""
     config = cfg if isinstance(cfg, Config) else validate(cfg)
     run_dir = Path(config.run_dir)
     env = launch.detect()
