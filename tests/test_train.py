@@ -153,3 +153,20 @@ def test_wandb_logs_offline_without_an_api_key(tmp_path, monkeypatch):
     offline = list((tmp_path / "sweep" / "cell" / "wandb").glob("offline-run-*"))
     assert len(offline) == 1
     assert list(offline[0].glob("*.wandb"))  # the run's history, ready for `wandb sync`
+
+
+def test_every_cell_of_every_experiment_preset_is_a_valid_config():
+    """The presets that made the committed results (and the paper's) compose and pass every check, cell by cell."""
+    from slowmo.train import compose, validate
+    from slowmo.train.config import CONFIG_DIR, sweep
+
+    presets = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
+    assert {"quickstart", "repro_table1_digits", "paper_cifar10", "paper_wmt16"} <= set(presets)
+    for preset in presets:
+        cells = sweep(preset) or [[]]
+        assert preset.startswith("paper_") or len(cells) >= 5  # the result presets sweep their cells and seeds
+        for cell in cells:
+            config = validate(compose([f"+experiment={preset}", *cell, "run_dir=x"]))
+            assert config.experiment == preset
+            if config.algorithm.name == "localsgd":  # H follows tau, as the paper's presets tie them
+                assert config.algorithm.period == config.slowmo.tau
