@@ -79,7 +79,7 @@ def _memory(comm, mode: str) -> dict:
     peak = 0
     for _ in range(6):
         for p in model.parameters():
-            p.grad = torch.full_like(p, 1e-3)
+            p.grad.fill_(1e-3)
         opt.step()
         peak = max(peak, _resident())
     outer = opt.state_dict().get("outer", {})

@@ -1,4 +1,12 @@
-"""Flat buffers: many tensors as one contiguous 1-D buffer, so that a collective moves them in one call."""
+"""Flat storage: the model's parameters and gradients as views of one contiguous buffer each, so that all-reduce,
+gossip, averaging and the outer step work on the buffer in place (no copy per step), while the model and the base
+optimizer see ordinary parameters (as fairscale's and apex's flat parameters, DDP's gradient bucket views).
+
+:class:`FlatParameters` owns the two buffers; :class:`GradientMean` averages the gradient buffer over a group of
+ranks in buckets launched from per-parameter hooks during the backward pass, overlapping communication with it.
+:func:`flatten` / :func:`average_` remain for the small lists that are not stored flat (floating-point buffers such
+as BatchNorm statistics, optimizer state).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +15,7 @@ from collections.abc import Sequence
 import torch
 
 from .comm import Communicator
+from .comm.base import Work
 
 
 def flatten(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -25,31 +34,146 @@ def unflatten_(flat: torch.Tensor, tensors: Sequence[torch.Tensor]) -> None:
 
 
 def average_(comm: Communicator, tensors: Sequence[torch.Tensor]) -> None:
-    """In place: every tensor becomes its mean over the ranks of ``comm`` (one all-reduce of a flat buffer)."""
+    """In place: every tensor becomes its mean over the ranks of ``comm`` (one all-reduce of a flat copy)."""
     if tensors:
         flat = flatten(tensors)
         comm.all_reduce(flat, "mean")
         unflatten_(flat, tensors)
 
 
-def gradients(params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """The gradients of the trainable ``params``; a missing gradient becomes zeros, so every rank reduces the
-    same buffer (a parameter unused on one rank contributes 0 to the mean, as in DDP)."""
-    grads = []
-    for p in params:
-        if p.requires_grad:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            grads.append(p.grad)
-    return grads
+class FlatParameters:
+    """``params`` moved into one buffer, ``data``, and given gradients that are views of another, ``grad``.
+
+    Each parameter becomes a view of ``data`` with its own strides (a channels-last weight stays channels-last), so
+    the buffer holds the parameters in memory order, the same on every rank; ``data[:numel]`` is all of them and
+    ``ranges`` says where each one lies. The buffers are padded with zeros to a multiple of ``multiple`` elements
+    (the ranks, for a sharded outer state), which no parameter sees. The gradient views stay in place for the whole
+    run (:meth:`zero_grad` zeroes them); a gradient that user code replaced (``p.grad = ...``, or ``None`` then a
+    backward pass) is copied back into its view by :meth:`attach_grads`, which every step calls.
+    """
+
+    def __init__(self, params: Sequence[torch.Tensor], multiple: int = 1) -> None:
+        first = params[0]
+        self.params = list(params)
+        self.numel = sum(p.numel() for p in params)
+        size = -(-self.numel // multiple) * multiple
+        self.data = torch.zeros(size, dtype=first.dtype, device=first.device)
+        self.grad = torch.zeros_like(self.data)
+        self.ranges: list[tuple[int, int]] = []
+        self.grad_views: list[torch.Tensor | None] = []
+        self.generation = 0  # counts zero_grad calls: a new backward pass's gradients
+        offset = 0
+        with torch.no_grad():
+            for p in params:
+                view = self.data.as_strided(p.shape, p.stride(), offset)
+                view.copy_(p)
+                p.data = view
+                grad = self.grad.as_strided(p.shape, p.stride(), offset) if p.requires_grad else None
+                p.grad = grad
+                self.grad_views.append(grad)
+                self.ranges.append((offset, offset + p.numel()))
+                offset += p.numel()
+
+    @property
+    def values(self) -> torch.Tensor:
+        """The parameters' values, flat (``data`` without its padding)."""
+        return self.data[: self.numel]
+
+    def zero_grad(self) -> None:
+        self.grad.zero_()
+        self.generation += 1
+
+    @torch.no_grad()
+    def attach_grad(self, index: int) -> None:
+        """Parameter ``index``'s gradient back in its view of ``grad`` (a copy, if it was replaced; zeros if None)."""
+        p, view = self.params[index], self.grad_views[index]
+        if view is None or p.grad is view:
+            return
+        if p.grad is None:
+            view.zero_()
+        else:
+            view.copy_(p.grad)
+        p.grad = view
+
+    def attach_grads(self) -> None:
+        for index in range(len(self.params)):
+            self.attach_grad(index)
+
+    def runs(self, value_of: Sequence[float]) -> list[tuple[int, int, float]]:
+        """Maximal ranges of consecutive parameters sharing a value (``value_of[i]`` for parameter i, e.g. its
+        param group's lr), as (start, end, value): the outer step then works on a few slices with a scalar each."""
+        runs: list[tuple[int, int, float]] = []
+        for (start, end), value in zip(self.ranges, value_of, strict=True):
+            if runs and runs[-1][2] == value and runs[-1][1] == start:
+                runs[-1] = (runs[-1][0], end, value)
+            else:
+                runs.append((start, end, value))
+        return runs
 
 
-def per_element(tensors: Sequence[torch.Tensor], values: Sequence[float]) -> torch.Tensor:
-    """One value per tensor, repeated over its elements: a vector laid out as :func:`flatten` lays out ``tensors``."""
-    first = tensors[0]
-    return torch.cat(
-        [
-            torch.full((t.numel(),), value, dtype=first.dtype, device=first.device)
-            for t, value in zip(tensors, values, strict=True)
-        ]
-    )
+class GradientMean:
+    """The mean of the flat gradient over the ranks of ``comm``, in buckets of about ``bucket_mb`` MB.
+
+    Buckets are consecutive parameters in reverse order (the order backward produces their gradients, as DDP's).
+    On a communicator that overlaps, a post-accumulate-grad hook counts each bucket's gradients and, once the bucket
+    is complete and every earlier bucket launched (so all ranks issue the same collectives in the same order), starts
+    its asynchronous all-reduce while the backward pass goes on; :meth:`wait` launches what is left, waits for all
+    and divides by the ranks. Elsewhere (the simulator) every bucket is reduced in :meth:`wait`. One backward pass
+    per step: a parameter whose gradient was not computed contributes its zero gradient.
+    """
+
+    def __init__(self, comm: Communicator, flat: FlatParameters, bucket_mb: float = 25.0) -> None:
+        self.comm, self.flat = comm, flat
+        cap = max(1, int(bucket_mb * 2**20) // flat.grad.element_size())
+        self.buckets: list[tuple[int, int]] = []  # (start, end) in the flat gradient, in launch order
+        self._bucket_of: dict[int, int] = {}  # parameter index -> bucket
+        end = None
+        for index in reversed(range(len(flat.params))):
+            start, stop = flat.ranges[index]
+            if end is None or end - start > cap:
+                self.buckets.append((start, stop))
+                end = stop
+            else:
+                self.buckets[-1] = (start, end)
+            self._bucket_of[index] = len(self.buckets) - 1
+        self._size = [0] * len(self.buckets)
+        for index, bucket in self._bucket_of.items():
+            self._size[bucket] += flat.params[index].requires_grad
+        self._reset()
+        self._done = -1  # the gradient generation already averaged
+        if comm.overlaps and comm.world_size > 1:
+            for index, p in enumerate(flat.params):
+                if p.requires_grad:
+                    p.register_post_accumulate_grad_hook(lambda _, index=index: self._ready(index))
+
+    def _reset(self) -> None:
+        self._pending = [0] * len(self.buckets)
+        self._launched = 0
+        self._works: list[Work] = []
+
+    def _ready(self, index: int) -> None:
+        self.flat.attach_grad(index)
+        bucket = self._bucket_of[index]
+        self._pending[bucket] += 1
+        while self._launched < len(self.buckets) and self._pending[self._launched] == self._size[self._launched]:
+            self._launch()
+
+    def _launch(self) -> None:
+        start, end = self.buckets[self._launched]
+        self._works.append(self.comm.all_reduce_async(self.flat.grad[start:end]))
+        self._launched += 1
+
+    def wait(self) -> None:
+        """Every bucket reduced and divided by the ranks: the flat gradient is the mean (once per backward pass:
+        a second call before the next :meth:`FlatParameters.zero_grad` does nothing)."""
+        if self._done == self.flat.generation:
+            return
+        self._done = self.flat.generation
+        self.flat.attach_grads()
+        while self._launched < len(self.buckets):
+            self._launch()
+        for work in self._works:
+            work.wait()
+        if self.comm.world_size > 1:
+            self.flat.grad.div_(self.comm.world_size)
+        self._reset()

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .algorithms.base import Algorithm
-from .flat import average_, flatten, unflatten_
+from .flat import FlatParameters, average_, flatten, unflatten_
 
 STATE_FORMAT = "slowmo/1"
 
@@ -57,8 +57,9 @@ class DistributedOptimizer(torch.optim.Optimizer):
         self.base_optimizer = base_optimizer
         self.algorithm = algorithm
         self.comm = algorithm.comm
+        self.flat = FlatParameters(params, self._flat_multiple())  # the parameters become views of flat.data
         self._params, self._buffers = params, buffers
-        algorithm.bind(params, buffers)
+        algorithm.bind(self.flat, buffers)
         self._step = 0
         self._started = False
 
@@ -67,7 +68,20 @@ class DistributedOptimizer(torch.optim.Optimizer):
         """Number of inner steps taken so far."""
         return self._step
 
+    def _flat_multiple(self) -> int:
+        """The flat buffers are padded to a multiple of this (SlowMo's sharded state: the ranks)."""
+        return 1
+
     # ----------------------------------------------------------------------------------- stepping
+    def zero_grad(self, set_to_none: bool = True) -> None:  # type: ignore[override]
+        """Zero the flat gradient buffer (the gradients are views of it, so they are never set to None)."""
+        self.flat.zero_grad()
+
+    def wait_gradients(self) -> None:
+        """Complete the gradient communication that the backward pass started (e.g. before unscaling fp16
+        gradients); :meth:`step` does it anyway."""
+        self.algorithm.wait_gradients()
+
     @torch.no_grad()
     def step(self, closure=None):  # type: ignore[override]
         loss = None
@@ -76,6 +90,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
                 loss = closure()
         if not self._started:
             self._start()
+        self.flat.attach_grads()
         self.algorithm.before_step(self._step)
         self.base_optimizer.step()
         outer = self._ends_outer_iteration()
@@ -86,9 +101,11 @@ class DistributedOptimizer(torch.optim.Optimizer):
         return loss
 
     def _start(self) -> None:
-        flat = flatten(self._params + self._buffers)
-        self.comm.broadcast(flat, src=0)
-        unflatten_(flat, self._params + self._buffers)
+        self.comm.broadcast(self.flat.values, src=0)
+        if self._buffers:
+            buffers = flatten(self._buffers)
+            self.comm.broadcast(buffers, src=0)
+            unflatten_(buffers, self._buffers)
         self._started = True
 
     def _ends_outer_iteration(self) -> bool:
@@ -96,6 +113,11 @@ class DistributedOptimizer(torch.optim.Optimizer):
 
     def _outer_step(self) -> None:
         raise NotImplementedError
+
+    def learning_rates(self) -> list[float]:
+        """Each parameter's lr now (its base param group's): gamma_t of Algorithm 1, per parameter."""
+        lr_of = {id(p): float(group["lr"]) for group in self.base_optimizer.param_groups for p in group["params"]}
+        return [lr_of[id(p)] for p in self._params]
 
     def _base_state_(self, policy: str) -> None:
         """The base optimizer's state: "keep" it, "reset" it to zero (as a freshly built optimizer: momentum,
@@ -130,7 +152,8 @@ class DistributedOptimizer(torch.optim.Optimizer):
         """Exact average in place: complete in-flight gossip, average parameters and buffers, reset push-sum
         weights (e.g. at the end of training, before saving the final model)."""
         self.algorithm.flush()
-        average_(self.comm, self._params + self._buffers)
+        self.comm.all_reduce(self.flat.values, "mean")
+        average_(self.comm, self._buffers)
         self.algorithm.reset_weights()
 
     # ----------------------------------------------------------------------------------- checkpoints

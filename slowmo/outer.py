@@ -2,9 +2,10 @@
 
     u_0 = 0; x_{0,0} the same on every rank            _start: broadcast by DistributedOptimizer, u = 0
     for k = 0 .. tau-1: x_{t,k+1} = x_{t,k} - gamma_t d_{t,k}   DistributedOptimizer.step (algorithm + base step)
-    x_{t,tau} = (1/m) sum_i x^i_{t,tau}                 _outer_step: flush in-flight gossip, Shard.mean
-    u_{t+1} = beta u_t + (x_{t,0} - x_{t,tau}) / gamma_t   _outer_step: u.mul_(beta).add_(displacement)
-    x_{t+1,0} = x_{t,0} - alpha gamma_t u_{t+1}         _outer_step: x0 - lr * direction, written to the model
+    x_{t,tau} = (1/m) sum_i x^i_{t,tau}                 _outer_step: flush in-flight gossip, Shard.mean_
+                                                        (skipped when the ranks hold equal replicas: AllReduce)
+    u_{t+1} = beta u_t + (x_{t,0} - x_{t,tau}) / gamma_t   _outer_step: u.mul_(beta).add_(Delta, alpha=1/gamma)
+    x_{t+1,0} = x_{t,0} - alpha gamma_t u_{t+1}         _outer_step: x0.add_(u, alpha=-alpha gamma), into the model
 
 gamma_t is the lr of each parameter's base param group at the outer step. ``nesterov=True``: x_{t+1,0} =
 x_{t,0} - alpha gamma_t (beta u_{t+1} + (x_{t,0} - x_{t,tau}) / gamma_t) (DiLoCo's form). At the exact average the
@@ -24,7 +25,7 @@ import torch
 from torch import nn
 
 from .algorithms import Algorithm
-from .flat import average_, flatten, per_element, unflatten_
+from .flat import average_
 from .inner import DistributedOptimizer
 from .presets import Presets, check_settings
 from .shard import Shard
@@ -58,11 +59,11 @@ class SlowMo(Presets, DistributedOptimizer):
         pseudo_gradient: Literal["scaled", "raw"] = "scaled",
     ) -> None:
         check_settings(tau=tau, alpha=alpha, beta=beta, base_buffers=base_buffers, pseudo_gradient=pseudo_gradient)
+        self.shard_outer_state = shard_outer_state  # before the flat buffers are made: they are padded for it
         super().__init__(params, base_optimizer, algorithm)
         self.tau, self.alpha, self.beta, self.nesterov = tau, float(alpha), float(beta), bool(nesterov)
         self.base_buffers, self.pseudo_gradient = base_buffers, pseudo_gradient
-        self.shard_outer_state = shard_outer_state
-        self._shard = Shard(self.comm, sum(p.numel() for p in self._params), shard_outer_state)
+        self._shard = Shard(self.comm, self.flat.numel, shard_outer_state)
         self._x0: torch.Tensor | None = None  # x_{t,0} (this rank's slice when sharded)
         self._u: torch.Tensor | None = None  # u_t (likewise)
         self._outer = 0
@@ -72,9 +73,12 @@ class SlowMo(Presets, DistributedOptimizer):
         """Number of outer iterations completed (t)."""
         return self._outer
 
+    def _flat_multiple(self) -> int:
+        return self.comm.world_size if self.shard_outer_state else 1
+
     def _start(self) -> None:
         super()._start()  # every rank now holds rank 0's parameters: x_{0,0}
-        self._x0 = self._shard.mine(flatten(self._params)).clone()
+        self._x0 = self._shard.mine(self.flat.data).clone()
         self._u = torch.zeros_like(self._x0)
 
     def _ends_outer_iteration(self) -> bool:
@@ -82,32 +86,33 @@ class SlowMo(Presets, DistributedOptimizer):
 
     @torch.no_grad()
     def _outer_step(self) -> None:
+        """Steps 2-5 in place on the flat buffer: 5 passes over this rank's |theta| (7 with ``nesterov``) and no
+        temporary of its size: the buffer holds x_{t,tau}, then Delta = x_{t,0} - x_{t,tau}, then x_{t+1,0}."""
         assert self._x0 is not None and self._u is not None
         self.algorithm.flush()
-        gamma = self._shard.mine(self._learning_rates(), fill=1.0)
-        x_tau = self._shard.mean(flatten(self._params))
-        if self.pseudo_gradient == "scaled":
-            displacement, lr = (self._x0 - x_tau).div_(gamma), self.alpha * gamma
-        else:
-            displacement, lr = self._x0 - x_tau, self.alpha
-        self._u.mul_(self.beta).add_(displacement)
-        direction = self.beta * self._u + displacement if self.nesterov else self._u
-        self._x0.copy_(self._x0 - lr * direction)
-        unflatten_(self._shard.gather(self._x0), self._params)
+        equal = self.algorithm.replicas_equal  # every rank holds x_{t,tau} already (AllReduce): no exact average
+        mine = self._shard.mine(self.flat.data) if equal else self._shard.mean_(self.flat.data)
+        scaled, gammas = self.pseudo_gradient == "scaled", self.learning_rates()
+        if scaled and min(gammas) <= 0:
+            raise ValueError(
+                f"SlowMo divides by the base lr at the outer step, but it is {min(gammas)} at inner step "
+                f"{self._step}; keep the lr schedule above 0 (e.g. start warm-up above 0)"
+            )
+        for a, b, gamma in self._shard.runs(self.flat.runs(gammas)):
+            x0, u, x = self._x0[a:b], self._u[a:b], mine[a:b]
+            scale, lr = (1.0 / gamma, self.alpha * gamma) if scaled else (1.0, self.alpha)
+            torch.sub(x0, x, out=x)  # Delta = x_{t,0} - x_{t,tau}
+            u.mul_(self.beta).add_(x, alpha=scale)  # u_{t+1} = beta u_t + Delta / gamma_t
+            if self.nesterov:
+                x0.add_(u, alpha=-lr * self.beta).add_(x, alpha=-lr * scale)
+            else:
+                x0.add_(u, alpha=-lr)  # x_{t+1,0} = x_{t,0} - alpha gamma_t u_{t+1}
+            x.copy_(x0)
+        self._shard.gather_(self.flat.data)
         average_(self.comm, self._buffers)
         self.algorithm.reset_weights()
         self._base_state_(self.base_buffers)  # step 5: keep, reset or average the base optimizer's buffers
         self._outer += 1
-
-    def _learning_rates(self) -> torch.Tensor:
-        """gamma_t per element of the flat parameters: each parameter's base param group lr, now."""
-        lr_of = {id(p): float(group["lr"]) for group in self.base_optimizer.param_groups for p in group["params"]}
-        if self.pseudo_gradient == "scaled" and min(lr_of.values()) <= 0:
-            raise ValueError(
-                f"SlowMo divides by the base lr at the outer step, but it is {min(lr_of.values())} at "
-                f"inner step {self._step}; keep the lr schedule above 0 (e.g. start warm-up above 0)"
-            )
-        return per_element(self._params, [lr_of[id(p)] for p in self._params])
 
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
         state = super().state_dict()

@@ -12,7 +12,9 @@ Nesterov). ``mixing`` is the base algorithm's communication:
 - ``push_sum_late``: the same, each message mixed one step late (OSGP).
 
 ``procs_per_node`` > 1 averages gradients inside nodes of consecutive ranks and gossips between nodes. ``outer`` is
-SlowMo's settings (tau, alpha, beta, nesterov, pseudo_gradient, base_buffers), None for none.
+SlowMo's settings (tau, alpha, beta, nesterov, pseudo_gradient, base_buffers), None for none. At the inner step
+that ends an outer iteration no gossip round is made (the exact average that follows overwrites it); OSGP's last
+messages are taken in before that average.
 
     from slowmo.reference import Problem, make_data, reference
     theta = reference(Problem("push_sum", outer=dict(tau=4, beta=0.5)))   # (ranks, d + 1)
@@ -98,7 +100,7 @@ def reference(s: Problem) -> np.ndarray:
         outer = cfg is not None and (k + 1) % cfg["tau"] == 0
         if s.mixing == "average" and s.period and (k + 1) % s.period == 0 and not outer:
             theta[:] = theta.mean(axis=0)
-        if s.mixing in ("push_sum", "push_sum_late"):
+        if s.mixing in ("push_sum", "push_sum_late") and not outer:  # an exact average follows: no gossip round
             # node i sends to node i + 2^(k mod ceil(log2 nodes)): ranks shift by that many nodes
             off = _exponential_offset(n // s.procs_per_node, k) * s.procs_per_node
             num = np.concatenate([theta * weight[:, None], weight[:, None]], axis=1) * 0.5  # keep 1/2, send 1/2

@@ -26,8 +26,14 @@ CASES = [  # (setup, bytes per rank over STEPS inner steps, excluding the start-
         Setup("localsgd", period=2, slowmo=dict(tau=4)),  # the Local SGD average at an outer step is skipped
         {"all_reduce": (STEPS // 2) * ring(THETA_BYTES)},
     ),
-    (Setup("sgp", slowmo=dict(tau=4)), {"send": STEPS * (THETA_BYTES + 8), "all_reduce": 3 * ring(THETA_BYTES)}),
-    (Setup("allreduce", slowmo=dict(tau=6)), {"all_reduce": (STEPS + 2) * ring(THETA_BYTES)}),
+    (  # no gossip round at an outer step: the exact average overwrites it
+        Setup("sgp", slowmo=dict(tau=4)),
+        {"send": (STEPS - STEPS // 4) * (THETA_BYTES + 8), "all_reduce": 3 * ring(THETA_BYTES)},
+    ),
+    (  # AllReduce keeps the replicas equal: no exact average at an outer step
+        Setup("allreduce", slowmo=dict(tau=6)),
+        {"all_reduce": STEPS * ring(THETA_BYTES)},
+    ),
     # sharded: reduce-scatter + all-gather of the flat parameters padded to 8 values (a multiple of 4 ranks)
     (
         Setup("localsgd", slowmo=dict(tau=4, shard_outer_state=True)),

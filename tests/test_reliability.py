@@ -78,13 +78,21 @@ def test_a_checkpoint_without_its_complete_marker_is_ignored(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
+def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    build = loop._Trainer._build_task
+
+    def with_a_nan_sample(trainer):  # one training image of NaNs: the loss of the step that meets it is NaN
+        task = build(trainer)
+        task.train_set.tensors[0][700] = float("nan")
+        return task
+
+    monkeypatch.setattr(loop._Trainer, "_build_task", with_a_nan_sample)
     with pytest.raises(
         NonFiniteLoss,
         match=r"^rank \d: loss is (nan|inf) at step \d+; stopped before any checkpoint "
         r"of it was written \(lower optimizer.lr or check the data\)$",
     ) as info:
-        run(cfg(tmp_path, optimizer={"lr": 1e4}, train={"checkpoint_every": 1, "max_steps": 50}))
+        run(cfg(tmp_path, train={"checkpoint_every": 1, "max_steps": 50}))
     bad_step = int(str(info.value).split(" at step ")[1].split(";")[0])
     kept = checkpoint.sorted_checkpoints(tmp_path / "checkpoints")
     # the last good one is that of step bad_step (or bad_step - 1 if a rank stopped before rank 0 marked it)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..flat import average_, gradients
+from ..comm import Communicator
 from .base import ALGORITHMS, Algorithm, AlgorithmConfig
 
 
@@ -10,7 +10,11 @@ from .base import ALGORITHMS, Algorithm, AlgorithmConfig
 class AllReduce(Algorithm):
     """g <- (1/m) sum_i g^i before every base step, so every rank takes the same step (data-parallel SGD).
 
-    With ``procs_per_node`` the mean is still over all ranks (the node split changes nothing here)."""
+    The mean is taken in buckets started during the backward pass (:class:`~slowmo.flat.GradientMean`), as DDP
+    does. With ``procs_per_node`` the mean is still over all ranks (the node split changes nothing here). Every rank
+    holds the same parameters after every step, so SlowMo's exact average is skipped (``replicas_equal``)."""
 
-    def before_step(self, step: int) -> None:
-        average_(self.comm, gradients(self.params))
+    replicas_equal = True
+
+    def gradient_group(self) -> Communicator:
+        return self.comm

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from ..comm import Communicator
-from ..flat import average_, gradients
+from ..flat import FlatParameters, GradientMean
 from ..registry import Registry
 
 ALGORITHMS = Registry("algorithm", "slowmo.algorithms")
@@ -24,13 +24,18 @@ class AlgorithmConfig:
 
 
 class Algorithm:
-    """A base algorithm: the communication of one inner step, around the base optimizer's step.
+    """A base algorithm: the communication of one inner step, around the base optimizer's step, on the model's
+    flat parameters (:class:`~slowmo.flat.FlatParameters`: ``self.flat.values`` and ``self.flat.grad``).
 
     Args:
         comm: the world communicator.
         procs_per_node: ranks per node. With more than one, gradients are averaged inside each node at every step
-            and the algorithm runs on the ``cross`` group (one rank per node), as the paper's 8-GPU DGX-1 nodes.
+            (in buckets overlapped with the backward pass, :class:`~slowmo.flat.GradientMean`) and the algorithm
+            runs on the ``cross`` group (one rank per node), as the paper's 8-GPU DGX-1 nodes.
     """
+
+    replicas_equal = False  # True: every rank holds the same parameters after every step (no exact average needed)
+    bucket_mb = 25.0  # gradient-mean bucket size (MB), as DDP's bucket_cap_mb
 
     def __init__(self, comm: Communicator, procs_per_node: int = 1) -> None:
         self.comm = comm
@@ -41,20 +46,33 @@ class Algorithm:
             self.node, self.cross = comm.split_nodes(procs_per_node)
         self.params: list[torch.Tensor] = []
         self.buffers: list[torch.Tensor] = []
+        self.flat: FlatParameters | None = None
+        self._gradient_mean: GradientMean | None = None
 
     @classmethod
     def from_config(cls, comm: Communicator, cfg: AlgorithmConfig) -> Algorithm:
         """The algorithm of an ``algorithm`` config section: its fields, but ``name``, are the constructor's."""
         return cls(comm, **{key: value for key, value in asdict(cfg).items() if key != "name"})
 
-    def bind(self, params: list[torch.Tensor], buffers: list[torch.Tensor]) -> None:
-        """Called once by the optimizer: the model's parameters and floating-point buffers, in model order."""
-        self.params, self.buffers = params, buffers
+    def bind(self, flat: FlatParameters, buffers: list[torch.Tensor]) -> None:
+        """Called once by the optimizer: the model's flat parameters and its floating-point buffers (model order)."""
+        self.flat, self.params, self.buffers = flat, flat.params, buffers
+        group = self.gradient_group()
+        if group is not None:
+            self._gradient_mean = GradientMean(group, flat, self.bucket_mb)
+
+    def gradient_group(self) -> Communicator | None:
+        """The ranks whose gradients are averaged at every step (default: this rank's node, if any)."""
+        return self.node
+
+    def wait_gradients(self) -> None:
+        """Complete the gradient mean started during the backward pass (nothing without a gradient group)."""
+        if self._gradient_mean is not None:
+            self._gradient_mean.wait()
 
     def before_step(self, step: int) -> None:
         """Communication before the base optimizer's step ``step`` (default: the node's gradient mean)."""
-        if self.node is not None:
-            average_(self.node, gradients(self.params))
+        self.wait_gradients()
 
     def after_step(self, step: int, outer: bool) -> None:
         """Communication after the base optimizer's step ``step``; ``outer``: an exact average follows."""

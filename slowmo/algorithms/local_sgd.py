@@ -32,4 +32,5 @@ class LocalSGD(Algorithm):
     def after_step(self, step: int, outer: bool) -> None:
         # When an exact average follows anyway (SlowMo's outer step), this one would be redundant.
         if self.period is not None and (step + 1) % self.period == 0 and not outer:
-            average_(self.comm, self.params + self.buffers)
+            self.comm.all_reduce(self.flat.values, "mean")
+            average_(self.comm, self.buffers)

@@ -23,7 +23,7 @@ import torch
 
 from ..comm import Communicator
 from ..comm.base import Completed
-from ..flat import flatten, unflatten_
+from ..flat import FlatParameters
 from ..graphs import GRAPHS, DirectedExponential, GossipGraph
 from ..registry import ConfigError
 from .base import ALGORITHMS, Algorithm, AlgorithmConfig
@@ -75,29 +75,35 @@ class SGP(Algorithm):
         nodes = comm.world_size // cfg.procs_per_node
         return cls(comm, GRAPHS[cfg.graph].build(nodes) if nodes > 1 else None, cfg.procs_per_node)
 
-    def bind(self, params: list[torch.Tensor], buffers: list[torch.Tensor]) -> None:
-        super().bind(params, buffers)
-        self.weight = torch.ones(1, dtype=params[0].dtype, device=params[0].device)
+    def bind(self, flat: FlatParameters, buffers: list[torch.Tensor]) -> None:
+        super().bind(flat, buffers)
+        like = flat.data
+        self.weight = torch.ones(1, dtype=like.dtype, device=like.device)
+        self._numerator = like.new_empty(flat.numel + 1)  # [x, w]
+        self._inboxes: list[list[torch.Tensor]] = [[], []]  # receive buffers, reused (two sets: OSGP's rounds overlap)
 
     # ----------------------------------------------------------------------------------- push-sum pieces
-    def _numerator(self) -> torch.Tensor:
-        """[x, w] = [z * w, w] as one flat buffer of |theta| + 1 values."""
-        return torch.cat([flatten(self.params).mul_(self.weight), self.weight])
+    def _fill(self, share: float) -> torch.Tensor:
+        """[x, w] = [z w, w] times ``share``, in the numerator buffer (|theta| + 1 values)."""
+        numerator = self._numerator
+        torch.mul(self.flat.values, self.weight, out=numerator[:-1])
+        numerator[-1:] = self.weight
+        return numerator.mul_(share)
 
     def _post(self, message: torch.Tensor, step: int) -> tuple[list, list]:
         """Send ``message`` to this step's out-peers and post receives from its in-peers (sorted by rank)."""
         rank = self.cross.rank
         sends = [self.cross.isend(message, dst) for dst in self.graph.out_peers(rank, step)]
-        recvs = []
-        for src in self.graph.in_peers(rank, step):
-            buf = torch.empty_like(message)
-            recvs.append((buf, self.cross.irecv(buf, src)))
+        inbox = self._inboxes[step % 2]
+        sources = self.graph.in_peers(rank, step)
+        inbox.extend(torch.empty_like(message) for _ in range(len(sources) - len(inbox)))
+        recvs = [(buf, self.cross.irecv(buf, src)) for buf, src in zip(inbox, sources, strict=False)]
         return sends, recvs
 
     def _set_model(self, numerator: torch.Tensor) -> None:
         """w = the last value; z = x / w into the model."""
-        self.weight = numerator[-1:].clone()
-        unflatten_(numerator[:-1].div_(self.weight), self.params)
+        self.weight.copy_(numerator[-1:])
+        torch.div(numerator[:-1], self.weight, out=self.flat.values)
 
     @staticmethod
     def _absorb(numerator: torch.Tensor, sends: list, recvs: list) -> None:
@@ -109,7 +115,9 @@ class SGP(Algorithm):
 
     # ----------------------------------------------------------------------------------- one inner step
     def after_step(self, step: int, outer: bool) -> None:
-        numerator = self._numerator().mul_(self.graph.keep_weight(self.cross.rank, step))
+        if outer:  # the exact average that follows would overwrite this round: it is not sent
+            return
+        numerator = self._fill(self.graph.keep_weight(self.cross.rank, step))
         sends, recvs = self._post(numerator, step)
         for work in sends:  # the kept share is the message itself: it must not change before the sends end
             work.wait()
@@ -123,7 +131,7 @@ class SGP(Algorithm):
         return {"weight": self.weight.clone()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.weight = state["weight"].to(dtype=self.weight.dtype, device=self.weight.device).clone()
+        self.weight.copy_(state["weight"])
 
 
 @ALGORITHMS.register("osgp", SGPConfig, label="OSGP")
@@ -140,9 +148,15 @@ class OSGP(SGP):
         super().__init__(comm, graph, procs_per_node)
         self._in_flight: tuple[torch.Tensor | None, list, list] | None = None
 
+    def bind(self, flat: FlatParameters, buffers: list[torch.Tensor]) -> None:
+        super().bind(flat, buffers)
+        self._messages = [torch.empty_like(self._numerator) for _ in range(2)]  # sent while the next step computes
+
     def after_step(self, step: int, outer: bool) -> None:
-        numerator = self._numerator().mul_(self.graph.keep_weight(self.cross.rank, step))
-        message = numerator.clone()  # sent while `numerator` absorbs last step's messages
+        if outer:  # the exact average that follows overwrites this round; flush() takes in the last messages
+            return
+        numerator = self._fill(self.graph.keep_weight(self.cross.rank, step))
+        message = self._messages[step % 2].copy_(numerator)  # sent while `numerator` takes in last step's messages
         sends, recvs = self._post(message, step)
         if self._in_flight is not None:
             _, old_sends, old_recvs = self._in_flight
@@ -153,7 +167,7 @@ class OSGP(SGP):
     def flush(self) -> None:
         if self._in_flight is not None:
             _, sends, recvs = self._in_flight
-            numerator = self._numerator()
+            numerator = self._fill(1.0)
             self._absorb(numerator, sends, recvs)
             self._set_model(numerator)
             self._in_flight = None

@@ -61,6 +61,7 @@ class Communicator(ABC):
 
     rank: int
     world_size: int
+    overlaps: bool = False  # whether an operation started now runs while this rank computes (real backends)
 
     def __init__(self, rank: int, world_size: int, label: str = "", counter: Counter | None = None) -> None:
         self.rank = rank
@@ -80,8 +81,17 @@ class Communicator(ABC):
             tensor.div_(self.world_size)
         return tensor
 
+    def all_reduce_async(self, tensor: torch.Tensor) -> Work:
+        """Start summing ``tensor`` over ranks in place; it holds the sum once ``wait()`` returns (and must not be
+        touched before). Backends that cannot overlap (the simulator) complete it at once."""
+        self._count("all_reduce", ring_all_reduce_bytes(_nbytes(tensor), self.world_size))
+        if self.world_size == 1:
+            return Completed()
+        return self._all_reduce_async(tensor)
+
     def reduce_scatter(self, output: torch.Tensor, input: torch.Tensor) -> torch.Tensor:
-        """``output`` (length L) gets slice ``rank`` of the sum over ranks of ``input`` (length n*L)."""
+        """``output`` (length L) gets slice ``rank`` of the sum over ranks of ``input`` (length n*L); ``output`` may be
+        that slice of ``input`` itself (in place)."""
         if input.numel() != output.numel() * self.world_size:
             raise ValueError(
                 f"reduce_scatter: input has {input.numel()} elements, expected world_size * output = "
@@ -96,7 +106,8 @@ class Communicator(ABC):
         return output
 
     def all_gather(self, output: torch.Tensor, input: torch.Tensor) -> torch.Tensor:
-        """``output`` (length n*L) gets the concatenation in rank order of every rank's ``input`` (length L)."""
+        """``output`` (length n*L) gets the concatenation in rank order of every rank's ``input`` (length L); ``input``
+        may be slice ``rank`` of ``output`` itself (in place)."""
         if output.numel() != input.numel() * self.world_size:
             raise ValueError(
                 f"all_gather: output has {output.numel()} elements, expected world_size * input = "
@@ -200,6 +211,11 @@ class Communicator(ABC):
     # ----------------------------------------------------------------------------------- backend primitives
     @abstractmethod
     def _all_reduce(self, tensor: torch.Tensor) -> None: ...
+
+    def _all_reduce_async(self, tensor: torch.Tensor) -> Work:
+        """Default: a blocking all-reduce, complete at once (backends that overlap override this)."""
+        self._all_reduce(tensor)
+        return Completed()
 
     @abstractmethod
     def _reduce_scatter(self, output: torch.Tensor, input: torch.Tensor) -> None: ...

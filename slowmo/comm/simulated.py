@@ -62,6 +62,8 @@ class Simulated(Communicator):
         rng = _rng_states()
         ok = cluster.cond.wait_for(lambda: ready() or cluster.failure is not None, timeout=cluster.timeout)
         _set_rng_states(rng)
+        if ready():  # completed before (or while) a peer failed: this rank goes on, as with a real backend
+            return
         if cluster.failure is not None:
             raise CommError(f"rank {self._global_rank}: {what} aborted because {cluster.failure}")
         if not ok:

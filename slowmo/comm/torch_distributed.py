@@ -19,6 +19,10 @@ import torch.distributed as dist
 
 from .base import CommError, Communicator, Work
 
+# torch 2.14 renames the flat collectives (the old names warn); torch 2.11 has only the old ones
+_REDUCE_SCATTER = getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)
+_ALL_GATHER = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
+
 
 class TorchDistributed(Communicator):
     """A communicator over a ``torch.distributed`` process group (the default group unless ``group`` is given).
@@ -41,6 +45,7 @@ class TorchDistributed(Communicator):
         self.timeout = timeout
         self._global = dist.get_process_group_ranks(group) if group is not None else list(range(self.world_size))
         self._host_only = dist.get_backend(group) == "gloo"
+        self.overlaps = True
 
     def _host(self, tensor: torch.Tensor) -> torch.Tensor:
         """The buffer the backend works on: ``tensor`` itself, or its host copy for gloo and a GPU tensor."""
@@ -51,14 +56,26 @@ class TorchDistributed(Communicator):
         self._guard(lambda: dist.all_reduce(buffer, group=self.group), "all_reduce")
         _copy_back(tensor, buffer)
 
+    def _all_reduce_async(self, tensor: torch.Tensor) -> Work:
+        buffer = self._host(tensor)
+        try:
+            work = dist.all_reduce(buffer, group=self.group, async_op=True)
+        except RuntimeError as error:
+            raise CommError(
+                f"rank {dist.get_rank()}: all_reduce failed (a peer died or timed out): {reason(error)}"
+            ) from error
+        return _Timed(
+            work, self, "all_reduce", keep=buffer, then=None if buffer is tensor else lambda: tensor.copy_(buffer)
+        )
+
     def _reduce_scatter(self, output: torch.Tensor, input: torch.Tensor) -> None:
         out, inp = self._host(output), self._host(input)
-        self._guard(lambda: dist.reduce_scatter_tensor(out, inp, group=self.group), "reduce_scatter")
+        self._guard(lambda: _REDUCE_SCATTER(out, inp, group=self.group), "reduce_scatter")
         _copy_back(output, out)
 
     def _all_gather(self, output: torch.Tensor, input: torch.Tensor) -> None:
         out, inp = self._host(output), self._host(input)
-        self._guard(lambda: dist.all_gather_into_tensor(out, inp, group=self.group), "all_gather")
+        self._guard(lambda: _ALL_GATHER(out, inp, group=self.group), "all_gather")
         _copy_back(output, out)
 
     def _broadcast(self, tensor: torch.Tensor, src: int) -> None:

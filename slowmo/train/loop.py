@@ -378,15 +378,21 @@ class _Trainer:
             return self.comm.all_reduce(self._tensor([1.0 if preemption.STOP.is_set() else 0.0])).item() > 0
 
     def _read_losses(self) -> None:
-        """Bring this rank's pending losses to the host (one sync) and stop at the first one that is not finite."""
+        """Bring this rank's pending losses to the host (one sync); if any rank's is not finite, every rank stops
+        (the ranks agree with one all-gather, so that none goes on to write a checkpoint of that step)."""
         if not self.losses:
             return
         values = torch.stack(self.losses).tolist()
         first = self.step - len(values)
-        for offset, value in enumerate(values):
-            if not math.isfinite(value):
+        bad = next(((first + i, v) for i, v in enumerate(values) if not math.isfinite(v)), None)
+        mine = self._tensor([-1.0, 0.0] if bad is None else [float(bad[0]), bad[1]], torch.float64)
+        everyone = torch.empty(2 * self.world, dtype=torch.float64, device=self.device)
+        with self.comm.uncounted():
+            self.comm.all_gather(everyone, mine)
+        for rank, (step, value) in enumerate(everyone.view(self.world, 2).tolist()):
+            if step >= 0:
                 raise NonFiniteLoss(
-                    f"rank {self.rank}: loss is {value} at step {first + offset}; stopped before any "
+                    f"rank {rank}: loss is {value} at step {int(step)}; stopped before any "
                     "checkpoint of it was written (lower optimizer.lr or check the data)"
                 )
         self.losses.clear()

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from ..comm import Communicator
+from ..inner import DistributedOptimizer
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -40,13 +41,14 @@ class Precision:
     def autocast(self) -> AbstractContextManager:
         return nullcontext() if self.dtype is None else torch.autocast(self.device.type, dtype=self.dtype)
 
-    def backward_and_step(self, loss: torch.Tensor, opt: torch.optim.Optimizer) -> bool:
+    def backward_and_step(self, loss: torch.Tensor, opt: DistributedOptimizer) -> bool:
         """Backward, then the inner step unless some rank's gradients overflowed; True if the step was taken."""
         if self.scaler is None:
             loss.backward()
             opt.step()
             return True
         self.scaler.scale(loss).backward()
+        opt.wait_gradients()  # gradient means started during backward end before the gradients are unscaled
         self.scaler.unscale_(opt)  # the gradients at their true scale; their inf/NaN check is recorded per device
         found = self.scaler._found_inf_per_device(opt)  # GradScaler's record, read by its step() and update()
         flag = torch.zeros(1, device=self.device)

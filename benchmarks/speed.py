@@ -1,0 +1,164 @@
+"""AllReduce against DDP, SlowMo against its base algorithm, and the outer step against one pass over |theta|.
+
+1. Throughput. 4 gloo processes on this machine, torchvision's ResNet-18 (11.7 M parameters) on 32x32 inputs,
+   batch 16 per rank, SGD with momentum 0.9: iterations/s of DDP (torch's DistributedDataParallel, 25 MB buckets),
+   AllReduce (ours: bucketed all-reduces started from gradient hooks during backward), Local SGD (H = 12), Local
+   SGD + SlowMo (tau = 12), SGP and SGP + SlowMo. Every configuration lives in the same 4 processes and they are
+   timed in interleaved rounds of 24 steps (2 outer iterations), so that drifts of the machine hit all alike; the
+   median round counts. Goals: AllReduce / DDP >= 1.0; Local SGD + SlowMo / Local SGD >= 0.99.
+2. The outer step. One process, the same ResNet-18's flat parameters: the time of SlowMo's outer update (steps 3-4
+   and the write into the model, on a single-rank communicator: no communication) against one ``torch.add_`` pass
+   over a buffer of |theta| values. Goal: <= 3 passes' worth.
+
+Writes ``results/bench/speed.csv``. Run: ``python benchmarks/speed.py`` (about 6 minutes on 2 cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from slowmo.comm import Single, spawn
+
+from common import optimizer
+
+CONFIGS = [  # name, algorithm, SlowMo on
+    ("DDP", None, False),
+    ("AllReduce", "allreduce", False),
+    ("Local SGD", "localsgd", False),
+    ("Local SGD + SlowMo", "localsgd", True),
+    ("SGP", "sgp", False),
+    ("SGP + SlowMo", "sgp", True),
+]
+TAU, BATCH = 12, 16
+
+
+def _resnet18() -> torch.nn.Module:
+    import torchvision
+
+    torch.manual_seed(0)
+    return torchvision.models.resnet18(num_classes=10)
+
+
+def _train(comm, rounds: int, steps: int, warmup: int) -> list[list[float]]:
+    """Every configuration on these ranks, in interleaved rounds; returns each one's seconds per round."""
+    x, y = torch.randn(BATCH, 3, 32, 32), torch.randint(0, 10, (BATCH,))
+    runs = []
+    for _, algorithm, slowmo_on in CONFIGS:
+        model = _resnet18()
+        if algorithm is None:
+            model = torch.nn.parallel.DistributedDataParallel(model)
+            opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        else:
+            opt = optimizer(
+                comm, model, algorithm, TAU, lr=0.01, slowmo={"tau": TAU, "beta": 0.5} if slowmo_on else None
+            )
+        runs.append((model, opt))
+
+    def steps_of(model, opt, count: int) -> None:
+        for _ in range(count):
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+
+    for model, opt in runs:
+        steps_of(model, opt, warmup)
+    seconds: list[list[float]] = [[] for _ in runs]
+    for _ in range(rounds):
+        for index, (model, opt) in enumerate(runs):
+            comm.barrier()
+            start = time.perf_counter()
+            steps_of(model, opt, steps)
+            comm.barrier()
+            seconds[index].append(time.perf_counter() - start)
+    return seconds
+
+
+def throughput(rounds: int, steps: int, ranks: int) -> list[dict]:
+    seconds = spawn(_train, ranks, "gloo", args=(rounds, steps, 3), timeout=1800)[0]
+    rate = {name: steps / statistics.median(s) for (name, _, _), s in zip(CONFIGS, seconds, strict=True)}
+    rows = []
+    for name, against, goal in (
+        ("AllReduce", "DDP", 1.0),
+        ("Local SGD + SlowMo", "Local SGD", 0.99),
+        ("SGP + SlowMo", "SGP", None),
+    ):
+        rows.append(
+            {
+                "benchmark": "throughput",
+                "setup": f"{name} vs {against}, {ranks} gloo ranks, ResNet-18",
+                "value": rate[name],
+                "reference": rate[against],
+                "ratio": rate[name] / rate[against],
+                "goal": goal,
+                "unit": "iterations/s",
+            }
+        )
+    return rows
+
+
+def outer_step(repeats: int) -> list[dict]:
+    """The outer update alone (a single rank), against torch.add_ over the same number of values."""
+    from slowmo import LocalSGD, SlowMo
+
+    model = _resnet18()
+    opt = SlowMo(model, torch.optim.SGD(model.parameters(), lr=0.01), LocalSGD(Single()), tau=1, beta=0.5)
+    opt._start()
+    numel = opt.flat.numel
+    a, b = torch.randn(numel), torch.randn(numel)
+
+    def best(fn) -> float:
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    best(opt._outer_step)  # first-touch of every buffer
+    outer, add = best(opt._outer_step), best(lambda: a.add_(b))
+    return [
+        {
+            "benchmark": "outer step",
+            "setup": f"SlowMo's outer update vs one add_ pass, |theta| = {numel}, {torch.get_num_threads()} thread(s)",
+            "value": outer * 1e3,
+            "reference": add * 1e3,
+            "ratio": outer / add,
+            "goal": 3.0,
+            "unit": "ms",
+        }
+    ]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=2 * TAU)
+    parser.add_argument("--ranks", type=int, default=4)
+    parser.add_argument("--out", type=Path, default=Path("results/bench"))
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    rows = outer_step(repeats=20) + throughput(args.rounds, args.steps, args.ranks)
+    args.out.mkdir(parents=True, exist_ok=True)
+    with open(args.out / "speed.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    for row in rows:
+        goal = (
+            "" if row["goal"] is None else f" (goal {'<=' if row['benchmark'] == 'outer step' else '>='} {row['goal']})"
+        )
+        print(
+            f"{row['setup']}: {row['value']:.3f} vs {row['reference']:.3f} {row['unit']}, "
+            f"ratio {row['ratio']:.3f}{goal}"
+        )
+
+
+if __name__ == "__main__":
+    main()
