@@ -11,8 +11,10 @@ inner steps:
 - Local SGD: one call (of the model: parameters + buffers) every H steps;
 - SGP / OSGP: (|θ| + 1) x 4 per step, to one peer (the +1 is the push-sum weight);
 - the one-time broadcast of rank 0's initial parameters (first step) is left out;
-- SlowMo: one exact average (a call of the model) every tau steps; with Local SGD, when an average of its own
-  falls on an outer step it is skipped (the outer one replaces it).
+- SlowMo: one exact average (parameters, then buffers) every tau steps; with Local SGD, when an average of its own
+  falls on an outer step it is skipped (the outer one replaces it); with SGP / OSGP, the gossip round of an outer
+  step is skipped (the exact average overwrites it); with AllReduce, whose ranks hold equal parameters, only the
+  buffers are averaged.
 
 Writes ``results/bench/comm_volume.csv``. Run: ``python benchmarks/comm_volume.py`` (about 10 minutes on 2 cores:
 8 simulated ResNet-18s).
@@ -57,15 +59,18 @@ def measure(comm, model_name: str, algorithm: str, slowmo_on: bool) -> int:
 
 def theory(model: torch.nn.Module, algorithm: str, slowmo_on: bool, n: int) -> float:
     params = sum(p.numel() for p in model.parameters()) * 4
-    state = params + sum(b.numel() for b in model.buffers() if b.is_floating_point()) * 4
+    buffers = sum(b.numel() for b in model.buffers() if b.is_floating_point()) * 4
     ring = 2 * (n - 1) / n  # bytes sent per byte all-reduced (ring)
-    per_step = {"allreduce": ring * params, "localsgd": ring * state / H, "sgp": params + 4, "osgp": params + 4}[
+    gossip = params + 4
+    per_step = {"allreduce": ring * params, "localsgd": ring * (params + buffers) / H, "sgp": gossip, "osgp": gossip}[
         algorithm
     ]
     if slowmo_on:
-        per_step += ring * state / TAU
+        per_step += ring * (buffers if algorithm == "allreduce" else params + buffers) / TAU
         if algorithm == "localsgd":  # the Local SGD averages that fall on an outer step are skipped
-            per_step -= ring * state / math.lcm(H, TAU)
+            per_step -= ring * (params + buffers) / math.lcm(H, TAU)
+        if algorithm in ("sgp", "osgp"):  # so is the gossip round of an outer step
+            per_step -= gossip / TAU
     return per_step
 
 

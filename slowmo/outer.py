@@ -4,16 +4,18 @@
     for k = 0 .. tau-1: x_{t,k+1} = x_{t,k} - gamma_t d_{t,k}   DistributedOptimizer.step (algorithm + base step)
     x_{t,tau} = (1/m) sum_i x^i_{t,tau}                 _outer_step: flush in-flight gossip, Shard.mean_
                                                         (skipped when the ranks hold equal replicas: AllReduce)
-    u_{t+1} = beta u_t + (x_{t,0} - x_{t,tau}) / gamma_t   _outer_step: u.mul_(beta).add_(Delta, alpha=1/gamma)
-    x_{t+1,0} = x_{t,0} - alpha gamma_t u_{t+1}         _outer_step: x0.add_(u, alpha=-alpha gamma), into the model
+    u_{t+1} = beta u_t + (x_{t,0} - x_{t,tau}) / gamma_t   _outer_step: v (below) = Delta + m v
+    x_{t+1,0} = x_{t,0} - alpha gamma_t u_{t+1}         _outer_step: x_{t,0} - alpha v, into the model
 
-gamma_t is the lr of each parameter's base param group at the outer step. ``nesterov=True``: x_{t+1,0} =
-x_{t,0} - alpha gamma_t (beta u_{t+1} + (x_{t,0} - x_{t,tau}) / gamma_t) (DiLoCo's form). At the exact average the
-floating-point buffers (BatchNorm statistics) are averaged and push-sum weights reset to 1; then the base
-optimizer's buffers are kept, reset or averaged (``base_buffers``; the paper zeroes SGD's for images, keeps Adam's
-for WMT). ``pseudo_gradient="raw"`` is BMUF's and DiLoCo's convention: u_{t+1} = beta u_t + (x_{t,0} - x_{t,tau})
-and x_{t+1,0} = x_{t,0} - alpha u_{t+1}, with alpha an absolute lr; the two agree under a constant gamma.
-Presets (``SlowMo.bmuf``, ``.lookahead``, ``.diloco``): :mod:`slowmo.presets`; the sharded state: :mod:`slowmo.shard`.
+u is kept in parameter units, v_t = gamma_{t-1} u_t, which makes steps 3-4 a momentum step on the pseudo-gradient
+Delta = x_{t,0} - x_{t,tau}: v_{t+1} = m v_t + Delta with m = beta gamma_t / gamma_{t-1}, x_{t+1,0} = x_{t,0} -
+alpha v_{t+1}, done in place in 4 passes over |theta|; with alpha = 1 (the paper's), the identity x_{t+1,0} =
+x_{t,tau} - m v_t (slow momentum as an extrapolation from the average) needs 3. gamma_t is the lr of each parameter's
+base param group at the outer step. ``nesterov=True``: x_{t+1,0} = x_{t,0} - alpha gamma_t (beta u_{t+1} + Delta /
+gamma_t) (DiLoCo's form). ``pseudo_gradient="raw"`` (BMUF's and DiLoCo's convention): u_{t+1} = beta u_t + Delta,
+x_{t+1,0} = x_{t,0} - alpha u_{t+1}, alpha an absolute lr (v = u); the two agree under a constant gamma. Buffers
+(BatchNorm statistics) are averaged with x, push-sum weights reset; the base optimizer's state is then kept, reset
+or averaged (``base_buffers``). Presets: :mod:`slowmo.presets`; the sharded state: :mod:`slowmo.shard`.
 """
 
 from __future__ import annotations
@@ -64,8 +66,8 @@ class SlowMo(Presets, DistributedOptimizer):
         self.tau, self.alpha, self.beta, self.nesterov = tau, float(alpha), float(beta), bool(nesterov)
         self.base_buffers, self.pseudo_gradient = base_buffers, pseudo_gradient
         self._shard = Shard(self.comm, self.flat.numel, shard_outer_state)
-        self._x0: torch.Tensor | None = None  # x_{t,0} (this rank's slice when sharded)
-        self._u: torch.Tensor | None = None  # u_t (likewise)
+        self._x0 = self._v = torch.empty(0)  # x_{t,0} and v_t = gamma_{t-1} u_t (this rank's slice when sharded)
+        self._gammas: list[float] | None = None  # gamma_{t-1} of each parameter
         self._outer = 0
 
     @property
@@ -79,35 +81,42 @@ class SlowMo(Presets, DistributedOptimizer):
     def _start(self) -> None:
         super()._start()  # every rank now holds rank 0's parameters: x_{0,0}
         self._x0 = self._shard.mine(self.flat.data).clone()
-        self._u = torch.zeros_like(self._x0)
+        self._v = torch.zeros_like(self._x0)
 
     def _ends_outer_iteration(self) -> bool:
         return (self._step + 1) % self.tau == 0
 
     @torch.no_grad()
     def _outer_step(self) -> None:
-        """Steps 2-5 in place on the flat buffer: 5 passes over this rank's |theta| (7 with ``nesterov``) and no
-        temporary of its size: the buffer holds x_{t,tau}, then Delta = x_{t,0} - x_{t,tau}, then x_{t+1,0}."""
-        assert self._x0 is not None and self._u is not None
+        """Steps 2-5 in place: x_{t,tau} is averaged where the model holds it; 3 passes (alpha = 1) or 4-5."""
         self.algorithm.flush()
         equal = self.algorithm.replicas_equal  # every rank holds x_{t,tau} already (AllReduce): no exact average
-        mine = self._shard.mine(self.flat.data) if equal else self._shard.mean_(self.flat.data)
-        scaled, gammas = self.pseudo_gradient == "scaled", self.learning_rates()
+        x_tau = self._shard.mine(self.flat.data) if equal else self._shard.mean_(self.flat.data)
+        gammas, scaled = self.learning_rates(), self.pseudo_gradient == "scaled"
         if scaled and min(gammas) <= 0:
             raise ValueError(
                 f"SlowMo divides by the base lr at the outer step, but it is {min(gammas)} at inner step "
                 f"{self._step}; keep the lr schedule above 0 (e.g. start warm-up above 0)"
             )
-        for a, b, gamma in self._shard.runs(self.flat.runs(gammas)):
-            x0, u, x = self._x0[a:b], self._u[a:b], mine[a:b]
-            scale, lr = (1.0 / gamma, self.alpha * gamma) if scaled else (1.0, self.alpha)
-            torch.sub(x0, x, out=x)  # Delta = x_{t,0} - x_{t,tau}
-            u.mul_(self.beta).add_(x, alpha=scale)  # u_{t+1} = beta u_t + Delta / gamma_t
-            if self.nesterov:
-                x0.add_(u, alpha=-lr * self.beta).add_(x, alpha=-lr * scale)
+        previous = self._gammas or gammas  # (at t = 0, v = 0: nothing to rescale)
+        extrapolate = self.alpha == 1.0 and not self.nesterov
+        for a, b, (gamma, last) in self._shard.runs(self.flat.runs(list(zip(gammas, previous, strict=True)))):
+            x0, v, x = self._x0[a:b], self._v[a:b], x_tau[a:b]
+            m = self.beta * (gamma / last if scaled else 1.0)  # v_t in the units of gamma_t
+            if extrapolate:
+                x.add_(v, alpha=-m)  # x_{t+1,0} = x_{t,tau} - m v_t
+                x0.sub_(x)  # v_{t+1} = x_{t,0} - x_{t+1,0}, where x_{t,0} was: the two buffers swap roles below
             else:
-                x0.add_(u, alpha=-lr)  # x_{t+1,0} = x_{t,0} - alpha gamma_t u_{t+1}
-            x.copy_(x0)
+                torch.sub(x0, x, out=x)  # Delta
+                torch.add(x, v, alpha=m, out=v)  # v_{t+1} = m v_t + Delta
+                if self.nesterov:  # x_{t+1,0} = x_{t,0} - alpha (beta v_{t+1} + Delta)
+                    torch.add(x0, x, alpha=-self.alpha, out=x).add_(v, alpha=-self.alpha * self.beta)
+                else:
+                    torch.add(x0, v, alpha=-self.alpha, out=x)  # x_{t+1,0} = x_{t,0} - alpha v_{t+1}
+        if extrapolate:
+            self._x0, self._v = self._v, self._x0
+        self._x0.copy_(x_tau)
+        self._gammas = gammas
         self._shard.gather_(self.flat.data)
         average_(self.comm, self._buffers)
         self.algorithm.reset_weights()
@@ -116,13 +125,8 @@ class SlowMo(Presets, DistributedOptimizer):
 
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
         state = super().state_dict()
-        state["outer"] = {
-            "t": self._outer,
-            "x0": None if self._x0 is None else self._x0.clone(),
-            "u": None if self._u is None else self._u.clone(),
-            "shard": self._shard.key,
-            "numel": self._shard.numel,
-        }
+        outer = {"t": self._outer, "gammas": self._gammas, "shard": self._shard.key, "numel": self._shard.numel}
+        state["outer"] = outer | {"x0": self._x0.clone(), "v": self._v.clone()}
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
@@ -134,14 +138,10 @@ class SlowMo(Presets, DistributedOptimizer):
                 f"{outer['shard']}, this run has {self._shard.numel} sharded as {self._shard.key}; "
                 "resume with the same model, world size and shard_outer_state"
             )
-        like = self._params[0]
-        self._outer = outer["t"]
-        self._x0, self._u = (
-            None if outer[k] is None else outer[k].to(dtype=like.dtype, device=like.device).clone() for k in ("x0", "u")
-        )
+        like = self.flat.data
+        self._outer, self._gammas = outer["t"], outer["gammas"]
+        self._x0, self._v = (outer[k].to(dtype=like.dtype, device=like.device).clone() for k in ("x0", "v"))
 
     def __repr__(self) -> str:
-        return (
-            f"SlowMo({type(self.algorithm).__name__}, base={type(self.base_optimizer).__name__}, tau={self.tau}, "
-            f"alpha={self.alpha}, beta={self.beta}, nesterov={self.nesterov}, base_buffers={self.base_buffers!r})"
-        )
+        knobs = f"tau={self.tau}, alpha={self.alpha}, beta={self.beta}, nesterov={self.nesterov}"
+        return f"SlowMo({type(self.algorithm).__name__}, base={type(self.base_optimizer).__name__}, {knobs})"

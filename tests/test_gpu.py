@@ -122,7 +122,7 @@ def test_mixed_precision_on_cuda_trains_with_fp32_state(tmp_path, precision):
     assert curve[-1] < 0.5 * curve[0] and summary["precision"] == precision
     assert summary["skipped_steps"] <= 5  # fp16: the first scales of 2**16 may overflow, then it settles
     state = checkpoint.load_rank(tmp_path / "run" / "checkpoints" / "step_40", 1)
-    assert state["optimizer"]["outer"]["u"].dtype == torch.float32
+    assert state["optimizer"]["outer"]["v"].dtype == torch.float32
     assert all(t.dtype == torch.float32 for t in state["model"].values() if t.is_floating_point())
 
 

@@ -40,7 +40,7 @@ def test_bf16_trains_and_every_state_stays_fp32(tmp_path):
         floats = [t for t in state["model"].values() if t.is_floating_point()]
         assert floats and all(t.dtype == torch.float32 for t in floats)
         outer = state["optimizer"]["outer"]
-        assert outer["u"].dtype == outer["x0"].dtype == torch.float32 and outer["u"].abs().sum() > 0
+        assert outer["v"].dtype == outer["x0"].dtype == torch.float32 and outer["v"].abs().sum() > 0  # v = gamma u
         buffers = [s["momentum_buffer"] for s in state["optimizer"]["base"]["state"].values()]
         assert buffers and all(b.dtype == torch.float32 for b in buffers)
 

@@ -12,6 +12,10 @@ Sums over ranks of x and of w are preserved, so the average is never lost.
 
 OSGP sends without blocking and mixes each message one step late (staleness 1): at step k a rank adds what its
 in-peers sent at step k-1, while the message of step k travels during step k+1's forward and backward passes.
+
+At the inner step that ends an outer iteration no round is made: the exact average that follows would overwrite
+it (OSGP's last messages are taken in first). The numerator, messages and receive buffers are allocated once and
+reused; z is written into the model's flat parameters in place.
 """
 
 from __future__ import annotations

@@ -77,8 +77,8 @@ class Communicator(ABC):
         self._count("all_reduce", ring_all_reduce_bytes(_nbytes(tensor), self.world_size))
         if self.world_size > 1:
             self._all_reduce(tensor)
-        if op == "mean":
-            tensor.div_(self.world_size)
+            if op == "mean":
+                tensor.div_(self.world_size)
         return tensor
 
     def all_reduce_async(self, tensor: torch.Tensor) -> Work:
