@@ -8,8 +8,11 @@ Nesterov). ``mixing`` is the base algorithm's communication:
 
 - ``gradient_mean``: the gradient averaged over all ranks before every step (AR-SGD);
 - ``average``: the parameters averaged every ``period`` steps (Local SGD; None: only the outer step's average);
-- ``push_sum``: push-sum gossip on the time-varying directed exponential graph (keep 1/2, send 1/2; SGP);
-- ``push_sum_late``: the same, each message mixed one step late (OSGP).
+- ``push_sum``: push-sum gossip (SGP, Assran et al. 2019, Algorithm 1): the gradient at z = x / w, the base
+  optimizer's step on the numerator x, then (x, w) <- P(k) (x, w) with P(k) column-stochastic; by default the
+  time-varying directed exponential graph (keep 1/2, send 1/2), or any ``mixing_matrix`` k -> P(k) over the ranks;
+- ``push_sum_late``: the same, each message mixed one step late (OSGP): a rank keeps its diagonal share at step k
+  and adds the off-diagonal shares sent to it at step k - 1.
 
 ``procs_per_node`` > 1 averages gradients inside nodes of consecutive ranks and gossips between nodes. ``outer`` is
 SlowMo's settings (tau, alpha, beta, nesterov, pseudo_gradient, base_buffers), None for none. At the inner step
@@ -23,6 +26,7 @@ messages are taken in before that average.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -43,6 +47,7 @@ class Problem:
     batch: int = 8
     seed: int = 0
     procs_per_node: int = 1
+    mixing_matrix: Callable[[int], np.ndarray] | None = None  # push-sum's P(k) over the ranks; None: exponential
 
     def with_(self, **kw) -> Problem:
         return replace(self, **kw)
@@ -69,6 +74,16 @@ def _exponential_offset(n: int, k: int) -> int:
     return 2 ** (k % levels)
 
 
+def _exponential_matrix(s: Problem, k: int) -> np.ndarray:
+    """Node i sends half of its mass to node i + 2^(k mod ceil(log2 nodes)); ranks shift by that many nodes."""
+    n = s.world_size
+    off = _exponential_offset(n // s.procs_per_node, k) * s.procs_per_node
+    matrix = 0.5 * np.eye(n)
+    for r in range(n):
+        matrix[(r + off) % n, r] += 0.5
+    return matrix
+
+
 def reference(s: Problem) -> np.ndarray:
     """Algorithm 1 (and the base algorithm of ``s.mixing``) on every rank, in plain NumPy; returns theta per rank,
     shape (n, d + 1)."""
@@ -78,7 +93,7 @@ def reference(s: Problem) -> np.ndarray:
     weight = np.ones(n)
     buf = [None] * n
     x0, u = theta0.copy(), np.zeros(dim)
-    pending = None  # OSGP: (numerators sent at the previous step, to whom)
+    pending = None  # OSGP: the [x, w] shares sent to each rank at the previous step
     cfg = s.outer
     for k in range(s.steps):
         lr = lr_at(s, k)
@@ -91,6 +106,9 @@ def reference(s: Problem) -> np.ndarray:
         elif s.procs_per_node > 1:  # gradient mean inside each node of procs_per_node consecutive ranks
             p = s.procs_per_node
             grads = [np.mean(grads[r - r % p : r - r % p + p], axis=0) for r in range(n)]
+        push_sum = s.mixing in ("push_sum", "push_sum_late")
+        if push_sum:  # the base step acts on the numerator x = z w, the gradient having been taken at z
+            theta = theta * weight[:, None]
         for r in range(n):  # torch.optim.SGD semantics
             g = grads[r]
             if s.momentum:
@@ -100,25 +118,20 @@ def reference(s: Problem) -> np.ndarray:
         outer = cfg is not None and (k + 1) % cfg["tau"] == 0
         if s.mixing == "average" and s.period and (k + 1) % s.period == 0 and not outer:
             theta[:] = theta.mean(axis=0)
-        if s.mixing in ("push_sum", "push_sum_late") and not outer:  # an exact average follows: no gossip round
-            # node i sends to node i + 2^(k mod ceil(log2 nodes)): ranks shift by that many nodes
-            off = _exponential_offset(n // s.procs_per_node, k) * s.procs_per_node
-            num = np.concatenate([theta * weight[:, None], weight[:, None]], axis=1) * 0.5  # keep 1/2, send 1/2
-            sent = num.copy()
-            if s.mixing == "push_sum":
-                num = num + np.roll(sent, off, axis=0)  # rank r receives from r - off
-            elif pending is not None:
-                num = num + pending
-            if s.mixing == "push_sum_late":
-                pending = np.roll(sent, off, axis=0)
+        if push_sum:
+            num = np.concatenate([theta, weight[:, None]], axis=1)  # [x, w] per rank
+            if not outer:  # an exact average follows an outer step's last inner step: no gossip round then
+                p = s.mixing_matrix(k) if s.mixing_matrix is not None else _exponential_matrix(s, k)
+                if s.mixing == "push_sum":
+                    num = p @ num
+                else:  # kept now; the shares sent now arrive at the next step
+                    kept = np.diag(p)[:, None] * num
+                    num, pending = kept + (pending if pending is not None else 0.0), (p - np.diag(np.diag(p))) @ num
+            elif s.mixing == "push_sum_late" and pending is not None:  # the last messages, taken in first
+                num, pending = num + pending, None
             weight = num[:, -1].copy()
             theta = num[:, :-1] / weight[:, None]
         if outer:
-            if s.mixing == "push_sum_late" and pending is not None:
-                num = np.concatenate([theta * weight[:, None], weight[:, None]], axis=1) + pending
-                pending = None
-                weight = num[:, -1].copy()
-                theta = num[:, :-1] / weight[:, None]
             x_tau = theta.mean(axis=0)
             alpha, beta = cfg.get("alpha", 1.0), cfg.get("beta", 0.0)
             raw = cfg.get("pseudo_gradient", "scaled") == "raw"

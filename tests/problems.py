@@ -36,8 +36,8 @@ class Setup:
 
     def problem(self) -> Problem:
         """The same run in the reference's terms (its base algorithm as the communication it does)."""
-        if self.graph is not None:
-            raise ValueError("the reference gossips on the directed exponential graph only")
+        if self.graph is not None and self.procs_per_node > 1:
+            raise ValueError("the reference gossips between nodes on the directed exponential graph only")
         return Problem(
             MIXING[self.algorithm],
             self.world_size,
@@ -52,10 +52,37 @@ class Setup:
             self.batch,
             self.seed,
             self.procs_per_node,
+            None if self.graph is None else uniform_mixing(self.graph(self.world_size)),
         )
 
 
 MIXING = {"allreduce": "gradient_mean", "localsgd": "average", "sgp": "push_sum", "osgp": "push_sum_late"}
+
+
+def uniform_mixing(graph: slowmo.GossipGraph):
+    """k -> P(k) of uniform push-sum on ``graph``, written here from its out-peers: rank i keeps 1/(d_i + 1) of its
+    mass and sends 1/(d_i + 1) to each of its d_i out-peers (column i of P)."""
+
+    def matrix(k: int) -> np.ndarray:
+        p = np.zeros((graph.world_size, graph.world_size))
+        for i in range(graph.world_size):
+            targets = [i, *graph.out_peers(i, k)]
+            p[targets, i] = 1.0 / len(targets)
+        return p
+
+    return matrix
+
+
+class Uneven(slowmo.GossipGraph):
+    """Irregular and time-varying: at step k rank r sends to r + 1 and, when r + k is even, also to r + 2 (mod n).
+    Out-degrees 1 or 2, in-degrees 0 to 2: the push-sum weights move away from 1."""
+
+    def out_peers(self, rank: int, step: int) -> list[int]:
+        n = self.world_size
+        return [(rank + 1) % n] + ([(rank + 2) % n] if (rank + step) % 2 == 0 else [])
+
+    def in_peers(self, rank: int, step: int) -> list[int]:
+        return sorted(j for j in range(self.world_size) if rank in self.out_peers(j, step))
 
 
 def reference(s: Setup) -> np.ndarray:

@@ -5,7 +5,7 @@ import pytest
 
 import slowmo
 
-from problems import Setup, reference, run_engine
+from problems import Setup, Uneven, reference, run_engine
 
 CASES = {
     "localsgd_H3": Setup("localsgd", period=3),
@@ -22,6 +22,8 @@ CASES = {
     "osgp+slowmo_outer_nesterov": Setup("osgp", slowmo=dict(tau=4, beta=0.5, nesterov=True)),
     "sgp_8ranks_4nodes": Setup("sgp", world_size=8, procs_per_node=2, slowmo=dict(tau=5, beta=0.3)),
     "osgp_6ranks_non_power_of_2": Setup("osgp", world_size=6, slowmo=dict(tau=5, beta=0.3)),
+    "sgp_uneven_graph": Setup("sgp", world_size=5, graph=Uneven, momentum=0.9),
+    "osgp_uneven_graph+slowmo": Setup("osgp", world_size=5, graph=Uneven, slowmo=dict(tau=5, beta=0.5), steps=13),
     "localsgd_slow_lr_0.5": Setup("localsgd", slowmo=dict(tau=3, alpha=0.5, beta=0.4)),
     "raw_pseudo_gradient": Setup(
         "localsgd", slowmo=dict(tau=4, alpha=0.8, beta=0.4, pseudo_gradient="raw"), decay_at=5
@@ -37,8 +39,9 @@ for name in ("localsgd", "sgp", "osgp"):
     )
 
 
-def engine(s: Setup) -> np.ndarray:
-    return np.stack([r["theta"] for r in slowmo.comm.spawn(run_engine, s.world_size, "simulated", args=(s,))])
+def engine(s: Setup, with_history: bool = False) -> np.ndarray | list[dict]:
+    ranks = slowmo.comm.spawn(run_engine, s.world_size, "simulated", args=(s, with_history))
+    return ranks if with_history else np.stack([r["theta"] for r in ranks])
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -47,6 +50,14 @@ def test_matches_numpy_reference(name):
     got, want = engine(s), reference(s)
     assert np.allclose(got, want, rtol=1e-12, atol=1e-12), np.abs(got - want).max()
     assert not np.allclose(want, reference(s.with_(steps=s.steps - 1)))  # the last step changed something
+
+
+@pytest.mark.parametrize("name", ["osgp", "sgp_uneven_graph", "osgp_uneven_graph+slowmo"])
+def test_push_sum_weights_leave_1_where_stepping_x_and_z_differ(name):
+    """Where every w stays 1 (SGP on the exponential graph) the step on x and on z are the same rule; these cases
+    are the ones that tell the paper's rule (the step on x, in the reference) from the other."""
+    weights = [w for rank in engine(CASES[name], with_history=True) for _, w in rank["history"]]
+    assert max(abs(w - 1.0) for w in weights) > 0.1
 
 
 def test_slow_momentum_changes_the_trajectory():

@@ -90,7 +90,7 @@ def _push_sum_trace(comm, s: Setup):
         grad = np.concatenate([model.x.grad.numpy(), [model.c.grad.item()]])
         trace.append(
             {
-                "x_after_local_step": (theta - lr_at(s, k) * grad) * w,
+                "x_after_local_step": theta * w - lr_at(s, k) * grad,  # the step on the numerator x = z w
                 "theta": model.theta(),
                 "w": opt.algorithm.weight.item(),
             }

@@ -1,21 +1,28 @@
-"""Stochastic Gradient Push (SGP) and its overlapped variant (OSGP), Assran et al. 2019.
+"""Stochastic Gradient Push (SGP) and its overlapped variant (OSGP), Assran et al. 2019, Algorithm 1.
 
-Push-sum: every rank holds numerator x and weight w (w = 1 at the start and after every exact average); the
-model holds the de-biased z = x / w, on which gradients are taken and the base optimizer steps. After the base
-step at inner step k, with P(k) the graph's column-stochastic mixing matrix:
+Push-sum: every rank holds a numerator x and a weight w (w = 1 at the start and after every exact average); the
+model holds the de-biased z = x / w, at which the gradient is taken. The base optimizer's update is applied to the
+numerator, as the paper writes it and as its official code (and fairscale's) does, and then (x, w) is mixed, with
+P(k) the graph's column-stochastic mixing matrix at inner step k:
 
-    x^i <- sum_j P(k)[i, j] x^j,    w^i <- sum_j P(k)[i, j] w^j,    z^i = x^i / w^i
+    x^i_{k+1/2} = x^i_k - gamma d^i_k,   d^i_k the base optimizer's direction from grad F_i(z^i_k)
+    x^i_{k+1} = sum_j P(k)[i, j] x^j_{k+1/2},   w^i_{k+1} = sum_j P(k)[i, j] w^j_k,   z^i_{k+1} = x^i_{k+1} / w^i_{k+1}
 
-Uniform weights: a rank keeps 1/(d+1) of (z w, w) and sends 1/(d+1) to each of its d out-peers (d = 1 on the
+The model holds x during the base step (z times w, :meth:`SGP.before_step`), so the base optimizer's own state
+(momentum, Adam's moments) and its weight decay act on x. While every w is 1 (SGP on a regular graph) this is the
+same as stepping z; under OSGP (the weights settle below 1: one message is always in flight) and on irregular
+graphs, stepping z would move x by w gamma d instead.
+
+Uniform weights: a rank keeps 1/(d+1) of (x, w) and sends 1/(d+1) to each of its d out-peers (d = 1 on the
 directed exponential graph: keep 1/2, send 1/2). One message is the flat vector [x, w]: |theta| + 1 values.
 Sums over ranks of x and of w are preserved, so the average is never lost.
 
 OSGP sends without blocking and mixes each message one step late (staleness 1): at step k a rank adds what its
 in-peers sent at step k-1, while the message of step k travels during step k+1's forward and backward passes.
 
-At the inner step that ends an outer iteration no round is made: the exact average that follows would overwrite
-it (OSGP's last messages are taken in first). The numerator, messages and receive buffers are allocated once and
-reused; z is written into the model's flat parameters in place.
+At the inner step that ends an outer iteration no round is made: the exact average of the de-biased z that follows
+would overwrite it (OSGP's last messages are taken in first). The numerator, messages and receive buffers are
+allocated once and reused; z is written into the model's flat parameters in place.
 """
 
 from __future__ import annotations
@@ -87,12 +94,16 @@ class SGP(Algorithm):
         self._inboxes: list[list[torch.Tensor]] = [[], []]  # receive buffers, reused (two sets: OSGP's rounds overlap)
 
     # ----------------------------------------------------------------------------------- push-sum pieces
-    def _fill(self, share: float) -> torch.Tensor:
-        """[x, w] = [z w, w] times ``share``, in the numerator buffer (|theta| + 1 values)."""
+    def _fill(self, share: float, debiased: bool = False) -> torch.Tensor:
+        """[x, w] times ``share``, in the numerator buffer (|theta| + 1 values); the model holds x (between the base
+        step and the round), or z (``debiased``: x = z w)."""
         numerator = self._numerator
-        torch.mul(self.flat.values, self.weight, out=numerator[:-1])
-        numerator[-1:] = self.weight
-        return numerator.mul_(share)
+        if debiased:
+            torch.mul(self.flat.values, self.weight, out=numerator[:-1]).mul_(share)
+        else:
+            torch.mul(self.flat.values, share, out=numerator[:-1])
+        torch.mul(self.weight, share, out=numerator[-1:])
+        return numerator
 
     def _post(self, message: torch.Tensor, step: int) -> tuple[list, list]:
         """Send ``message`` to this step's out-peers and post receives from its in-peers (sorted by rank)."""
@@ -118,8 +129,14 @@ class SGP(Algorithm):
             work.wait()
 
     # ----------------------------------------------------------------------------------- one inner step
+    def before_step(self, step: int) -> None:
+        """x = z w into the model: the base optimizer steps the numerator."""
+        super().before_step(step)
+        self.flat.values.mul_(self.weight)
+
     def after_step(self, step: int, outer: bool) -> None:
         if outer:  # the exact average that follows would overwrite this round: it is not sent
+            self.flat.values.div_(self.weight)
             return
         numerator = self._fill(self.graph.keep_weight(self.cross.rank, step))
         sends, recvs = self._post(numerator, step)
@@ -158,6 +175,7 @@ class OSGP(SGP):
 
     def after_step(self, step: int, outer: bool) -> None:
         if outer:  # the exact average that follows overwrites this round; flush() takes in the last messages
+            self.flat.values.div_(self.weight)
             return
         numerator = self._fill(self.graph.keep_weight(self.cross.rank, step))
         message = self._messages[step % 2].copy_(numerator)  # sent while `numerator` takes in last step's messages
@@ -171,7 +189,7 @@ class OSGP(SGP):
     def flush(self) -> None:
         if self._in_flight is not None:
             _, sends, recvs = self._in_flight
-            numerator = self._fill(1.0)
+            numerator = self._fill(1.0, debiased=True)
             self._absorb(numerator, sends, recvs)
             self._set_model(numerator)
             self._in_flight = None
