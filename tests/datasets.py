@@ -51,11 +51,14 @@ WORDS_EN = ["the", "cat", "dog", "house", "green", "small", "sees", "likes", "a"
 WORDS_DE = ["die", "katze", "hund", "haus", "grün", "klein", "sieht", "mag", "eine", "groß"]
 
 
-def write_parallel(root: Path, n_train: int = 64, n_valid: int = 8, seed: int = 0) -> Path:
-    """train.en/train.de and valid.en/valid.de: a word-for-word toy language pair, one sentence per line."""
+def write_parallel(root: Path, n_train: int = 64, n_valid: int = 8, seed: int = 0, n_test: int = 0) -> Path:
+    """train.en/train.de, valid.en/valid.de (and newstest2014.en/.de with ``n_test`` lines): a word-for-word toy
+    language pair, one sentence per line."""
     rng = np.random.default_rng(seed)
     root.mkdir(parents=True, exist_ok=True)
-    for split, n in (("train", n_train), ("valid", n_valid)):
+    for split, n in (("train", n_train), ("valid", n_valid), ("newstest2014", n_test)):
+        if n == 0:
+            continue
         idx = [rng.integers(0, len(WORDS_EN), rng.integers(3, 7)) for _ in range(n)]
         (root / f"{split}.en").write_text("\n".join(" ".join(WORDS_EN[i] for i in s) for s in idx) + "\n")
         (root / f"{split}.de").write_text("\n".join(" ".join(WORDS_DE[i] for i in s) for s in idx) + "\n")

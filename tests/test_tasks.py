@@ -73,22 +73,32 @@ def test_imagenet_from_an_imagefolder_of_pngs(tmp_path):
 
 @pytest.mark.parametrize("beam", [1, 3])
 def test_wmt16_from_parallel_text_with_sentencepiece_and_sacrebleu(tmp_path, beam):
-    root = write_parallel(tmp_path / "wmt")
+    root = write_parallel(tmp_path / "wmt", n_test=6)
     summary = run(
         cfg(
             tmp_path,
             "wmt16",
-            {"root": str(root), "max_tokens": 64, "vocab_size": 40, "eval_batch_size": 4},
+            {
+                "root": str(root),
+                "max_tokens": 64,
+                "vocab_size": 40,
+                "eval_batch_size": 4,
+                "test_prefix": "newstest2014",
+            },
             {"name": "transformer_tiny"},
             task={"name": "wmt16", "label_smoothing": 0.1, "max_decode_len": 4, "beam": beam, "lenpen": 0.6},
             optimizer={"name": "adam", "lr": 0.001},
             train={"max_steps": 4, "eval_every": 2},
         )
     )
-    assert 0.0 <= summary["final"]["val_bleu"] <= 100.0 and summary["final"]["val_loss"] > 0
+    final = summary["final"]
+    assert 0.0 <= final["val_bleu"] <= 100.0 and 0.0 <= final["val_bleu_tok"] <= 100.0 and final["val_loss"] > 0
+    assert {"test_bleu", "test_bleu_tok", "test_loss"} <= set(final)  # the test set, scored the same way
+    assert {"test_bleu", "test_bleu_tok"} <= set(summary["best"])  # at the best val_bleu
+    assert summary["notes"]["val_bleu"].startswith("sacreBLEU nrefs:1|case:mixed|eff:no|tok:13a|smooth:exp|version:")
     assert list((tmp_path / "run").glob("spm_bpe40.model"))
     lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert "val_bleu" in lines[1] and "val_bleu" in lines[-1]
+    assert {"val_bleu", "val_bleu_tok", "test_bleu"} <= set(lines[1]) and "val_bleu" in lines[-1]
 
 
 def test_the_synthetic_task_is_a_fixed_teacher_that_a_student_learns(tmp_path):
@@ -116,3 +126,50 @@ def test_the_synthetic_task_is_a_fixed_teacher_that_a_student_learns(tmp_path):
         )
     )
     assert summary["final"]["val_acc"] > majority + 15  # well above always answering the commonest class
+
+
+def test_mnist1d_is_the_packages_generator_split_into_train_val_and_a_held_out_test(tmp_path):
+    import numpy as np
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    from slowmo.tasks import TASKS, TaskContext
+    from slowmo.tasks.mnist1d import generate
+    from slowmo.train import validate
+
+    c = validate({"task": {"name": "mnist1d"}, "data": {"num_samples": 600}, "seed": 3})
+    task = TASKS["mnist1d"].build(c.task, c.data, c.model, TaskContext(0, 1, 3, tmp_path))
+    args = get_dataset_args()  # mnist1d's own generator, called here with its defaults but the size
+    args.num_samples = 600
+    native = make_dataset(args)
+    train_x, train_y = task.train_set.tensors
+    val_x, val_y = task.val_set.tensors
+    test_x, test_y = task.test_set.tensors
+    assert train_x.shape == (420, 1, 40) and val_x.shape == (60, 1, 40) and test_x.shape == (120, 1, 40)
+    assert np.allclose(torch.cat([train_x, val_x])[:, 0].numpy(), native["x"], atol=1e-6)
+    assert np.array_equal(torch.cat([train_y, val_y]).numpy(), native["y"])
+    assert np.allclose(test_x[:, 0].numpy(), native["x_test"], atol=1e-6)  # the package's own held-out split
+    assert np.array_equal(test_y.numpy(), native["y_test"])
+    again = generate.__wrapped__(600, 42)  # a fresh generation from the same seed: the same signals
+    assert torch.equal(again["x"][:5], train_x[:5]) and torch.equal(again["y_test"], test_y)
+    other = generate.__wrapped__(600, 7)
+    assert not torch.allclose(other["x"][:5], train_x[:5])
+    assert train_y.unique().numel() == 10 and test_y.unique().numel() == 10
+
+    summary = run(
+        cfg(
+            tmp_path,
+            "mnist1d",
+            {"num_samples": 600, "batch_size": 16},
+            {"name": "cnn1d", "width": 8},
+            train={"max_steps": 6, "eval_every": 3},
+            dist={"world_size": 2},
+        )
+    )
+    final = summary["final"]
+    assert {"val_acc", "test_acc", "test_loss"} <= set(final) and 0.0 <= final["test_acc"] <= 100.0
+    evals = [
+        r for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) if "val_acc" in r
+    ]
+    assert len(evals) == 2 and all("test_acc" in r for r in evals)
+    at_best = next(r for r in evals if r["val_acc"] == max(e["val_acc"] for e in evals))  # the first best
+    assert summary["best"]["test_acc"] == at_best["test_acc"]  # the test score at the best validation point

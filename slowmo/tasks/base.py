@@ -1,7 +1,7 @@
 """What a task provides to the shared loop (data, model, loss, metric), and the task registry.
 
 A task registers its name, its two config sections (``task`` and ``data``, both in ``configs/task/<name>.yaml``),
-what inputs it gives a model (images, vectors or tokens) and its builder, which receives its own sections, the
+what inputs it gives a model (images, vectors, signals or tokens) and its builder, which receives its own sections, the
 model's section and a :class:`TaskContext` (never the whole run config):
 
     @TASKS.register("<name>", TaskConfig, data=MyData, inputs="images", needs="an image model")
@@ -11,7 +11,7 @@ model's section and a :class:`TaskContext` (never the whole run config):
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -66,7 +66,10 @@ class Task:
     many, so collectives stay aligned; deterministic in seed and epoch, so a resumed run sees the same data);
     ``val_batches`` is this rank's share of the validation set. ``eval_sums(model, batch)`` returns a vector of sums
     that add up over batches and ranks; ``metrics(sums)`` turns the total into named numbers, among them
-    ``main_metric`` (the one tables and figures show).
+    ``main_metric`` (the one tables and figures show). A task with a held-out ``test_set`` (``test_batches``: this
+    rank's share) has it scored with the same ``eval_sums``/``metrics`` at every evaluation, its metrics named
+    ``test_*``; no choice of the loop looks at them. ``notes`` say how the metrics were computed (e.g. sacreBLEU's
+    signature); they go into ``summary.json``.
     """
 
     model: nn.Module
@@ -79,6 +82,9 @@ class Task:
     eval_sums: Callable[[nn.Module, Batch], torch.Tensor]
     metrics: Callable[[torch.Tensor], dict[str, float]]
     main_metric: str
+    test_set: Dataset | None = None
+    test_batches: list[list[int]] | None = None
+    notes: dict[str, str] = field(default_factory=dict)
 
 
 def shuffled_batches(n: int, batch_size: int, seed: int, epoch: int, rank: int, world: int) -> list[list[int]]:
@@ -102,8 +108,10 @@ def classification(
     ctx: TaskContext,
     label_smoothing: float = 0.0,
     topk: int = 1,
+    test_set: Dataset | None = None,
 ) -> Task:
-    """A Task for image classification: cross-entropy, top-1 (and top-k) accuracy."""
+    """A Task for classification (images, vectors, signals): cross-entropy, top-1 (and top-k) accuracy; with a
+    ``test_set``, the same metrics on it as ``test_*``."""
 
     def collate(items: list) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.stack([x for x, _ in items]), torch.tensor([int(y) for _, y in items])
@@ -145,4 +153,8 @@ def classification(
         eval_sums,
         metrics,
         main_metric="val_acc",
+        test_set=test_set,
+        test_batches=None
+        if test_set is None
+        else sharded_batches(len(test_set), data.eval_batch_size, ctx.rank, ctx.world_size),
     )

@@ -1,15 +1,26 @@
-"""WMT'16 En-De: parallel text (``train.en``/``train.de``, ``valid.en``/``valid.de`` under ``data.root``), a joint
-sentencepiece BPE model (trained on the training text unless ``data.spm_model`` is given), the Transformer,
-label-smoothed cross-entropy, token-based batching, greedy decoding and sacreBLEU on the detokenized output."""
+"""WMT'16 En-De: parallel text (``train.en``/``train.de``, ``valid.en``/``valid.de`` and optionally a test set such
+as ``newstest2014.en``/``.de`` under ``data.root``), a joint sentencepiece BPE model (trained on the training text
+unless ``data.spm_model`` is given), the Transformer, label-smoothed cross-entropy, token-based batching, beam search
+with fairseq's length penalty, and two BLEU scores of the decoded (BPE-removed) text:
+
+- ``val_bleu``: sacreBLEU on the detokenized text (13a tokenizer, exp smoothing), the modern standard; its signature
+  is in ``summary.json`` (``notes``);
+- ``val_bleu_tok``: tokenized BLEU with compound splitting, as the paper's numbers (fairseq's
+  ``compound_split_bleu.sh``: every ``a-b`` becomes ``a ##AT##-##AT## b``, then BLEU-4 over whitespace tokens with
+  no smoothing, as ``fairseq-score``). fairseq's data is Moses-tokenized; here the text is tokenized with the 13a
+  (mteval) tokenizer, which keeps hyphens inside words as Moses does.
+"""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import sentencepiece as spm
 import torch
 from sacrebleu.metrics import BLEU
+from sacrebleu.tokenizers.tokenizer_13a import Tokenizer13a
 from torch import nn
 from torch.utils.data import Dataset
 
@@ -24,7 +35,10 @@ def read_parallel(root: Path, split: str) -> tuple[list[str], list[str]]:
     paths = [root / f"{split}.en", root / f"{split}.de"]
     for path in paths:
         if not path.is_file():
-            raise ConfigError(f"WMT file missing: {path}; data.root must hold train.en/train.de and valid.en/valid.de")
+            raise ConfigError(
+                f"WMT file missing: {path}; data.root must hold train.en/train.de, valid.en/valid.de and, with "
+                "data.test_prefix=P, P.en/P.de"
+            )
     src, tgt = (p.read_text(encoding="utf-8").splitlines() for p in paths)
     if len(src) != len(tgt):
         raise ConfigError(
@@ -76,6 +90,47 @@ def token_batches(lengths: list[int], max_tokens: int, seed: int, epoch: int, ra
     return [batches[perm[j]] for j in range(rank, per_rank * world, world)]
 
 
+SACREBLEU = BLEU()  # detokenized: 13a tokenizer, exp smoothing
+TOKENIZED_BLEU = BLEU(
+    tokenize="none", smooth_method="none", force=True
+)  # BLEU-4 over the given tokens, as fairseq-score
+_tokenize_13a = Tokenizer13a()
+_COMPOUND = re.compile(r"(\S)-(\S)")
+
+
+def compound_split(text: str) -> str:
+    r"""The tokenized text of fairseq's ``compound_split_bleu.sh``: tokens, then ``a-b`` -> ``a ##AT##-##AT## b`` (left
+    to right, non-overlapping, as perl's ``s{(\S)-(\S)}{$1 ##AT##-##AT## $2}g``)."""
+    return _COMPOUND.sub(r"\1 ##AT##-##AT## \2", _tokenize_13a(text))
+
+
+def bleu_sums(hyps: list[str], refs: list[str]) -> list[float]:
+    """The sufficient statistics of both scores (n-gram matches and totals for n = 1..4, hypothesis and reference
+    lengths; sacreBLEU's then the tokenized one's): they add up over batches and ranks into corpus BLEU."""
+    sums: list[float] = []
+    for metric, prepare in ((SACREBLEU, str), (TOKENIZED_BLEU, compound_split)):
+        stats = metric.corpus_score([prepare(h) for h in hyps], [[prepare(r) for r in refs]])
+        sums += [*stats.counts, *stats.totals, stats.sys_len, stats.ref_len]
+    return sums
+
+
+def sacrebleu_signature() -> str:
+    """``val_bleu``'s sacreBLEU signature (nrefs:1|case:mixed|eff:no|tok:13a|smooth:exp|version:...)."""
+    metric = BLEU()
+    metric.corpus_score(["-"], [["-"]])  # sacreBLEU knows the number of references only once it has scored
+    return str(metric.get_signature())
+
+
+def bleu_scores(sums: list[float]) -> dict[str, float]:
+    """Corpus ``val_bleu`` (sacreBLEU, detokenized) and ``val_bleu_tok`` (tokenized, compound-split) of summed
+    :func:`bleu_sums`."""
+    scores = {}
+    for name, smoothing, part in (("val_bleu", "exp", sums[:10]), ("val_bleu_tok", "none", sums[10:])):
+        values = [int(v) for v in part]
+        scores[name] = BLEU.compute_bleu(values[:4], values[4:8], values[8], values[9], smooth_method=smoothing).score
+    return scores
+
+
 def collate(items: list[tuple[list[int], list[int], str]]) -> dict:
     """(source ids, target ids, reference text) triples -> padded ``src``, ``tgt``, ``prev`` (the target shifted right
     behind BOS: teacher forcing) and the ``refs``."""
@@ -106,6 +161,7 @@ class WMT16Data(LoaderConfig):
     max_tokens: int  # tokens per rank per batch (longest sentence x sentences)
     vocab_size: int  # joint sentencepiece BPE vocabulary
     spm_model: str | None  # an existing sentencepiece model (else one is trained on the training text)
+    test_prefix: str | None  # a test set P.en/P.de under root (e.g. newstest2014), scored as test_bleu, test_bleu_tok
 
 
 class Pairs(Dataset):
@@ -128,6 +184,7 @@ def build(task: WMT16Task, data: WMT16Data, model: ModelConfig, ctx: TaskContext
     root = Path(data.root)
     train_src, train_tgt = read_parallel(root, "train")
     val_src, val_tgt = read_parallel(root, "valid")
+    test_src, test_tgt = read_parallel(root, data.test_prefix) if data.test_prefix else ([], [])
     model_path = Path(data.spm_model) if data.spm_model else ctx.shared_dir / f"spm_bpe{data.vocab_size}.model"
     if not model_path.is_file():
         if data.spm_model:
@@ -138,10 +195,11 @@ def build(task: WMT16Task, data: WMT16Data, model: ModelConfig, ctx: TaskContext
     def encode(src: list[str], tgt: list[str]) -> list[tuple[list[int], list[int]]]:
         return [(s + [EOS], t + [EOS]) for s, t in zip(sp.encode(src), sp.encode(tgt), strict=True)]
 
-    train_set, val_set = encode(train_src, train_tgt), encode(val_src, val_tgt)
+    train_set, val_set, test_set = (
+        encode(*split) for split in ((train_src, train_tgt), (val_src, val_tgt), (test_src, test_tgt))
+    )
     lengths = [max(len(s), len(t)) for s, t in train_set]
     net = build_model(model, vocab_size=sp.get_piece_size(), pad_id=PAD)
-    bleu = BLEU()
 
     def loss(net: nn.Module, batch: dict) -> torch.Tensor:
         return translation_loss(net, batch, task.label_smoothing)
@@ -154,25 +212,12 @@ def build(task: WMT16Task, data: WMT16Data, model: ModelConfig, ctx: TaskContext
         hyps = [
             sp.decode(ids) for ids in net.generate(batch["src"], BOS, EOS, task.max_decode_len, task.beam, task.lenpen)
         ]
-        stats = bleu.corpus_score(hyps, [batch["refs"]])
-        return torch.tensor(
-            [
-                nll.item(),
-                (batch["tgt"] != PAD).sum().item(),
-                *stats.counts,
-                *stats.totals,
-                stats.sys_len,
-                stats.ref_len,
-            ],
-            dtype=torch.float64,
-        )
+        tokens = (batch["tgt"] != PAD).sum().item()
+        return torch.tensor([nll.item(), tokens, *bleu_sums(hyps, batch["refs"])], dtype=torch.float64)
 
     def metrics(sums: torch.Tensor) -> dict[str, float]:
         values = sums.tolist()
-        nll, tokens = values[0], values[1]
-        counts, totals = [int(v) for v in values[2:6]], [int(v) for v in values[6:10]]
-        score = BLEU.compute_bleu(counts, totals, int(values[10]), int(values[11]), smooth_method="exp")
-        return {"val_loss": nll / tokens, "val_bleu": score.score}
+        return {"val_loss": values[0] / values[1], **bleu_scores(values[2:])}
 
     def train_batches(epoch: int) -> list[list[int]]:
         return token_batches(lengths, data.max_tokens, ctx.seed, epoch, ctx.rank, ctx.world_size)
@@ -188,4 +233,11 @@ def build(task: WMT16Task, data: WMT16Data, model: ModelConfig, ctx: TaskContext
         eval_sums,
         metrics,
         main_metric="val_bleu",
+        test_set=Pairs(test_set, test_tgt) if data.test_prefix else None,
+        test_batches=sharded_batches(len(test_set), data.eval_batch_size, ctx.rank, ctx.world_size),
+        notes={
+            "val_bleu": f"sacreBLEU {sacrebleu_signature()}",
+            "val_bleu_tok": "tokenized BLEU-4 (13a tokens, compound-split as fairseq's compound_split_bleu.sh, "
+            "no smoothing)",
+        },
     )

@@ -152,9 +152,14 @@ class _Trainer:
             cfg.data.prefetch_factor,
             pin,
         )
-        self.val_loader = data.loader(
-            self.task.val_set, self.task.val_batches, self.task.collate, workers, cfg.data.prefetch_factor, pin
-        )
+        self.eval_loaders = {
+            split: data.loader(dataset, batches, self.task.collate, workers, cfg.data.prefetch_factor, pin)
+            for split, dataset, batches in (
+                ("val", self.task.val_set, self.task.val_batches),
+                ("test", self.task.test_set, self.task.test_batches),
+            )
+            if dataset is not None
+        }
         self.lr_factor = SCHEDULES[cfg.schedule.name].build(cfg.schedule, self.steps_per_epoch)
         self.base_lrs = [group["lr"] for group in self.opt.param_groups]
         self.step, self.epoch, self.position, self.elapsed = 0, 0, 0, 0.0
@@ -280,7 +285,8 @@ class _Trainer:
     # ----------------------------------------------------------------------------------- evaluation
     @torch.no_grad()
     def evaluate(self, averaged: bool = True) -> dict[str, float]:
-        """The main metric of the model averaged over ranks (the training state is left untouched)."""
+        """The task's metrics of the model averaged over ranks, on the validation split (``val_*``) and, if the task
+        has one, the test split (``test_*``); the training state is left untouched."""
         model = self.model
         if averaged:
             with self.comm.uncounted():
@@ -293,18 +299,23 @@ class _Trainer:
             model = self.eval_model
         was_training = model.training
         model.eval()
-        sums = None
-        with self.precision.autocast():
-            for batch in data.on_device(self.val_loader, self.device, self.channels_last):
-                batch_sums = self.task.eval_sums(model, batch).to(self.device, torch.float64)
-                sums = batch_sums if sums is None else sums + batch_sums
-            if sums is None:  # this rank had no validation example: its share of every sum is 0
-                first = data.to_device(self.task.collate([self.task.val_set[0]]), self.device, self.channels_last)
-                sums = torch.zeros_like(self.task.eval_sums(model, first), dtype=torch.float64, device=self.device)
+        metrics: dict[str, float] = {}
+        for split, loader in self.eval_loaders.items():
+            sums = None
+            with self.precision.autocast():
+                for batch in data.on_device(loader, self.device, self.channels_last):
+                    batch_sums = self.task.eval_sums(model, batch).to(self.device, torch.float64)
+                    sums = batch_sums if sums is None else sums + batch_sums
+                if sums is None:  # this rank had no example of the split: its share of every sum is 0
+                    dataset = self.task.val_set if split == "val" else self.task.test_set
+                    first = data.to_device(self.task.collate([dataset[0]]), self.device, self.channels_last)
+                    sums = torch.zeros_like(self.task.eval_sums(model, first), dtype=torch.float64, device=self.device)
+            with self.comm.uncounted():
+                self.comm.all_reduce(sums)
+            for name, value in self.task.metrics(sums.cpu()).items():
+                metrics[name if split == "val" else "test_" + name.removeprefix("val_")] = value
         model.train(was_training)
-        with self.comm.uncounted():
-            self.comm.all_reduce(sums)
-        return self.task.metrics(sums.cpu())
+        return metrics
 
     # ----------------------------------------------------------------------------------- the loop
     def train(self) -> dict[str, Any]:
@@ -313,8 +324,8 @@ class _Trainer:
         except CommError as error:  # a peer died or hung: every surviving rank says where it was
             raise CommError(f"{error} (during step {self.step + 1})") from None
         finally:
-            data.close(self.train_loader)
-            data.close(self.val_loader)
+            for loader in (self.train_loader, *self.eval_loaders.values()):
+                data.close(loader)
 
     def _train(self) -> dict[str, Any]:
         cfg = self.cfg
@@ -417,9 +428,18 @@ class _Trainer:
         return record
 
     def _with_best(self, metrics: dict[str, float]) -> dict[str, float]:
+        """The best value of every validation metric so far; the test metrics are those of the evaluation with the
+        best main metric (the test split chooses nothing)."""
+        main = self.task.main_metric
+        if main in metrics and (
+            main not in self.best
+            or (metrics[main] < self.best[main] if main.endswith("loss") else metrics[main] > self.best[main])
+        ):
+            self.best.update({key: value for key, value in metrics.items() if key.startswith("test_")})
         for key, value in metrics.items():
-            better = min if key.endswith("loss") else max
-            self.best[key] = better(self.best.get(key, value), value)
+            if not key.startswith("test_"):
+                better = min if key.endswith("loss") else max
+                self.best[key] = better(self.best.get(key, value), value)
         return metrics
 
     def _finish(self, status: str) -> dict[str, Any]:
@@ -443,6 +463,7 @@ class _Trainer:
             "algorithm": self.cfg.algorithm.name,
             "slowmo": self.cfg.slowmo.enabled,
             "main_metric": self.task.main_metric,
+            **({"notes": self.task.notes} if self.task.notes else {}),
             "device": str(self.device),
             "precision": self.precision.name,
             "skipped_steps": self.precision.skipped,
