@@ -61,7 +61,7 @@ class FlatParameters:
         self.grad = torch.zeros_like(self.data)
         self.ranges: list[tuple[int, int]] = []
         self.grad_views: list[torch.Tensor | None] = []
-        self.generation = 0  # counts zero_grad calls: a new backward pass's gradients
+        self.generation = 0  # counts what brings new gradients: zero_grad calls and replaced gradients
         offset = 0
         with torch.no_grad():
             for p in params:
@@ -94,6 +94,7 @@ class FlatParameters:
         else:
             view.copy_(p.grad)
         p.grad = view
+        self.generation += 1
 
     def attach_grads(self) -> None:
         for index in range(len(self.params)):
@@ -120,6 +121,10 @@ class GradientMean:
     its asynchronous all-reduce while the backward pass goes on; :meth:`wait` launches what is left, waits for all
     and divides by the ranks. Elsewhere (the simulator) every bucket is reduced in :meth:`wait`. One backward pass
     per step: a parameter whose gradient was not computed contributes its zero gradient.
+
+    :meth:`wait` averages once per set of gradients, however they came: a backward pass (the hooks say so, whether
+    the gradients were zeroed by the optimizer, by the model or set to None), gradients assigned by hand (found
+    replaced), or :meth:`FlatParameters.zero_grad`; a second call with nothing new does nothing.
     """
 
     def __init__(self, comm: Communicator, flat: FlatParameters, bucket_mb: float = 25.0) -> None:
@@ -140,8 +145,9 @@ class GradientMean:
         for index, bucket in self._bucket_of.items():
             self._size[bucket] += flat.params[index].requires_grad
         self._reset()
-        self._done = -1  # the gradient generation already averaged
-        if comm.overlaps and comm.world_size > 1:
+        self._generation = -1  # the FlatParameters.zero_grad generation last averaged
+        self._fresh = True  # gradients not averaged yet
+        if comm.world_size > 1:
             for index, p in enumerate(flat.params):
                 if p.requires_grad:
                     p.register_post_accumulate_grad_hook(lambda _, index=index: self._ready(index))
@@ -152,7 +158,10 @@ class GradientMean:
         self._works: list[Work] = []
 
     def _ready(self, index: int) -> None:
+        self._fresh = True
         self.flat.attach_grad(index)
+        if not self.comm.overlaps:
+            return
         bucket = self._bucket_of[index]
         self._pending[bucket] += 1
         while self._launched < len(self.buckets) and self._pending[self._launched] == self._size[self._launched]:
@@ -164,12 +173,12 @@ class GradientMean:
         self._launched += 1
 
     def wait(self) -> None:
-        """Every bucket reduced and divided by the ranks: the flat gradient is the mean (once per backward pass:
-        a second call before the next :meth:`FlatParameters.zero_grad` does nothing)."""
-        if self._done == self.flat.generation:
-            return
-        self._done = self.flat.generation
+        """Every bucket reduced and divided by the ranks: the flat gradient is the mean (once per set of gradients:
+        a second call with nothing new does nothing)."""
         self.flat.attach_grads()
+        if not (self._fresh or self._generation != self.flat.generation):
+            return
+        self._fresh, self._generation = False, self.flat.generation
         while self._launched < len(self.buckets):
             self._launch()
         for work in self._works:

@@ -154,3 +154,28 @@ def run_engine(comm, s: Setup, with_history: bool = False) -> dict:
     opt.algorithm.flush()  # receive OSGP's last messages, so that a later run on this communicator starts clean
     comm.reset_stats()
     return out
+
+
+def run_clearing_grads(comm, s: Setup, how: str) -> dict:
+    """``run_engine``'s loop, with the gradients cleared ``how`` a user's loop might: ``optimizer`` (opt.zero_grad()),
+    ``model`` (model.zero_grad(set_to_none=False), in place), ``none`` (p.grad = None) or ``by hand`` (the gradients
+    computed by torch.autograd.grad and assigned to p.grad, no backward pass)."""
+    a, y, theta0 = make_data(s)
+    model, opt = build(comm, s, theta0)
+    for k in range(s.steps):
+        lrs = lr_at(s, k)
+        opt.param_groups[0]["lr"], opt.param_groups[1]["lr"] = float(lrs[0]), float(lrs[-1])
+        if how == "optimizer":
+            opt.zero_grad()
+        elif how == "model":
+            model.zero_grad(set_to_none=False)
+        elif how == "none":
+            for p in model.parameters():
+                p.grad = None
+        loss = model.loss(a[comm.rank, k], y[comm.rank, k])
+        if how == "by hand":
+            model.x.grad, model.c.grad = torch.autograd.grad(loss, [model.x, model.c])
+        else:
+            loss.backward()
+        opt.step()
+    return {"theta": model.theta()}
