@@ -215,7 +215,6 @@ def transformer(size: dict, device: torch.device, workdir: Path) -> dict:
         Repeat(pairs, example),
         collate,
         batches,
-        [list(range(pairs))],
         loss,
         eval_sums,
         lambda sums: {"val_loss": float(sums[0] / sums[1])},

@@ -63,12 +63,12 @@ class Task:
     """A task's pieces.
 
     ``train_batches(epoch)`` gives this rank's batches of the epoch as lists of dataset indices (every rank gets as
-    many, so collectives stay aligned; deterministic in seed and epoch, so a resumed run sees the same data);
-    ``val_batches`` is this rank's share of the validation set. ``eval_sums(model, batch)`` returns a vector of sums
-    that add up over batches and ranks; ``metrics(sums)`` turns the total into named numbers, among them
-    ``main_metric`` (the one tables and figures show). A task with a held-out ``test_set`` (``test_batches``: this
-    rank's share) has it scored with the same ``eval_sums``/``metrics`` at every evaluation, its metrics named
-    ``test_*``; no choice of the loop looks at them. ``notes`` say how the metrics were computed (e.g. sacreBLEU's
+    many, so collectives stay aligned; deterministic in seed and epoch, so a resumed run sees the same data). The
+    loop evaluates every split the same way (:func:`sharded_batches` of ``data.eval_batch_size``):
+    ``eval_sums(model, batch)`` returns a vector of sums that add up over batches and ranks; ``metrics(sums)`` turns
+    the total into named numbers, among them ``main_metric`` (the one tables and figures show). A task with a
+    held-out ``test_set`` has it scored with the same ``eval_sums``/``metrics`` at every evaluation, its metrics
+    named ``test_*``; no choice of the loop looks at them. ``notes`` say how the metrics were computed (e.g. sacreBLEU's
     signature); they go into ``summary.json``.
     """
 
@@ -77,13 +77,11 @@ class Task:
     val_set: Dataset
     collate: Callable[[list], Batch]
     train_batches: Callable[[int], list[list[int]]]
-    val_batches: list[list[int]]
     loss: Callable[[nn.Module, Batch], torch.Tensor]
     eval_sums: Callable[[nn.Module, Batch], torch.Tensor]
     metrics: Callable[[torch.Tensor], dict[str, float]]
     main_metric: str
     test_set: Dataset | None = None
-    test_batches: list[list[int]] | None = None
     notes: dict[str, str] = field(default_factory=dict)
 
 
@@ -95,7 +93,8 @@ def shuffled_batches(n: int, batch_size: int, seed: int, epoch: int, rank: int, 
 
 
 def sharded_batches(n: int, batch_size: int, rank: int, world: int) -> list[list[int]]:
-    """Evaluation: rank r takes indices r, r + world, ..., in batches (the last one may be short)."""
+    """Evaluation (every split, by the loop): rank r takes indices r, r + world, ..., in batches (the last one may be
+    short)."""
     mine = list(range(rank, n, world))
     return [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
 
@@ -148,13 +147,9 @@ def classification(
         val_set,
         collate,
         train_batches,
-        sharded_batches(len(val_set), data.eval_batch_size, ctx.rank, ctx.world_size),
         loss,
         eval_sums,
         metrics,
         main_metric="val_acc",
         test_set=test_set,
-        test_batches=None
-        if test_set is None
-        else sharded_batches(len(test_set), data.eval_batch_size, ctx.rank, ctx.world_size),
     )

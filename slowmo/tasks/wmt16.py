@@ -26,7 +26,7 @@ from torch.utils.data import Dataset
 
 from ..models import ModelConfig, build_model
 from ..registry import ConfigError
-from .base import TASKS, LoaderConfig, Task, TaskConfig, TaskContext, sharded_batches
+from .base import TASKS, LoaderConfig, Task, TaskConfig, TaskContext
 
 PAD, UNK, BOS, EOS = 0, 1, 2, 3
 
@@ -228,13 +228,11 @@ def build(task: WMT16Task, data: WMT16Data, model: ModelConfig, ctx: TaskContext
         Pairs(val_set, val_tgt),
         collate,
         train_batches,
-        sharded_batches(len(val_set), data.eval_batch_size, ctx.rank, ctx.world_size),
         loss,
         eval_sums,
         metrics,
         main_metric="val_bleu",
         test_set=Pairs(test_set, test_tgt) if data.test_prefix else None,
-        test_batches=sharded_batches(len(test_set), data.eval_batch_size, ctx.rank, ctx.world_size),
         notes={
             "val_bleu": f"sacreBLEU {sacrebleu_signature()}",
             "val_bleu_tok": "tokenized BLEU-4 (13a tokens, compound-split as fairseq's compound_split_bleu.sh, "

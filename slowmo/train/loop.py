@@ -32,6 +32,7 @@ from ..outer import SlowMo
 from ..presets import OUTER
 from ..registry import ConfigError
 from ..tasks import TASKS, Task, TaskContext
+from ..tasks.base import sharded_batches
 from . import checkpoint, data, preemption
 from .config import Config, to_dict, validate
 from .loggers import JsonlLogger, Loggers, WandbLogger
@@ -152,12 +153,19 @@ class _Trainer:
             cfg.data.prefetch_factor,
             pin,
         )
-        self.eval_loaders = {
-            split: data.loader(dataset, batches, self.task.collate, workers, cfg.data.prefetch_factor, pin)
-            for split, dataset, batches in (
-                ("val", self.task.val_set, self.task.val_batches),
-                ("test", self.task.test_set, self.task.test_batches),
+        self.eval_loaders = {  # split -> (its dataset, this rank's loader of it)
+            split: (
+                dataset,
+                data.loader(
+                    dataset,
+                    sharded_batches(len(dataset), cfg.data.eval_batch_size, self.rank, self.world),
+                    self.task.collate,
+                    workers,
+                    cfg.data.prefetch_factor,
+                    pin,
+                ),
             )
+            for split, dataset in (("val", self.task.val_set), ("test", self.task.test_set))
             if dataset is not None
         }
         self.lr_factor = SCHEDULES[cfg.schedule.name].build(cfg.schedule, self.steps_per_epoch)
@@ -300,14 +308,13 @@ class _Trainer:
         was_training = model.training
         model.eval()
         metrics: dict[str, float] = {}
-        for split, loader in self.eval_loaders.items():
+        for split, (dataset, loader) in self.eval_loaders.items():
             sums = None
             with self.precision.autocast():
                 for batch in data.on_device(loader, self.device, self.channels_last):
                     batch_sums = self.task.eval_sums(model, batch).to(self.device, torch.float64)
                     sums = batch_sums if sums is None else sums + batch_sums
                 if sums is None:  # this rank had no example of the split: its share of every sum is 0
-                    dataset = self.task.val_set if split == "val" else self.task.test_set
                     first = data.to_device(self.task.collate([dataset[0]]), self.device, self.channels_last)
                     sums = torch.zeros_like(self.task.eval_sums(model, first), dtype=torch.float64, device=self.device)
             with self.comm.uncounted():
@@ -324,7 +331,7 @@ class _Trainer:
         except CommError as error:  # a peer died or hung: every surviving rank says where it was
             raise CommError(f"{error} (during step {self.step + 1})") from None
         finally:
-            for loader in (self.train_loader, *self.eval_loaders.values()):
+            for loader in (self.train_loader, *(loader for _, loader in self.eval_loaders.values())):
                 data.close(loader)
 
     def _train(self) -> dict[str, Any]:
