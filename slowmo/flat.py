@@ -61,7 +61,7 @@ class FlatParameters:
         self.grad = torch.zeros_like(self.data)
         self.ranges: list[tuple[int, int]] = []
         self.grad_views: list[torch.Tensor | None] = []
-        self.generation = 0  # counts what brings new gradients: zero_grad calls and replaced gradients
+        self.generation = 0  # counts what brings new gradients: zero_grad, replaced gradients, backward (GradientMean)
         offset = 0
         with torch.no_grad():
             for p in params:
@@ -122,9 +122,10 @@ class GradientMean:
     and divides by the ranks. Elsewhere (the simulator) every bucket is reduced in :meth:`wait`. One backward pass
     per step: a parameter whose gradient was not computed contributes its zero gradient.
 
-    :meth:`wait` averages once per set of gradients, however they came: a backward pass (the hooks say so, whether
-    the gradients were zeroed by the optimizer, by the model or set to None), gradients assigned by hand (found
-    replaced), or :meth:`FlatParameters.zero_grad`; a second call with nothing new does nothing.
+    :meth:`wait` averages once per set of gradients, however they came: each of them moves
+    :attr:`FlatParameters.generation` on (a backward pass through the hooks, whether the gradients were zeroed by
+    the optimizer, by the model or set to None; gradients assigned by hand, found replaced; ``zero_grad``); a second
+    call with nothing new does nothing.
     """
 
     def __init__(self, comm: Communicator, flat: FlatParameters, bucket_mb: float = 25.0) -> None:
@@ -145,8 +146,7 @@ class GradientMean:
         for index, bucket in self._bucket_of.items():
             self._size[bucket] += flat.params[index].requires_grad
         self._reset()
-        self._generation = -1  # the FlatParameters.zero_grad generation last averaged
-        self._fresh = True  # gradients not averaged yet
+        self._generation = -1  # the FlatParameters.generation last averaged
         if comm.world_size > 1:
             for index, p in enumerate(flat.params):
                 if p.requires_grad:
@@ -158,7 +158,7 @@ class GradientMean:
         self._works: list[Work] = []
 
     def _ready(self, index: int) -> None:
-        self._fresh = True
+        self.flat.generation += 1  # backward brought new gradients
         self.flat.attach_grad(index)
         if not self.comm.overlaps:
             return
@@ -176,9 +176,9 @@ class GradientMean:
         """Every bucket reduced and divided by the ranks: the flat gradient is the mean (once per set of gradients:
         a second call with nothing new does nothing)."""
         self.flat.attach_grads()
-        if not (self._fresh or self._generation != self.flat.generation):
+        if self._generation == self.flat.generation:
             return
-        self._fresh, self._generation = False, self.flat.generation
+        self._generation = self.flat.generation
         while self._launched < len(self.buckets):
             self._launch()
         for work in self._works:
