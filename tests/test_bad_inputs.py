@@ -147,6 +147,16 @@ CASES = [
         "bad config key 'data.max_tokens': Key 'max_tokens' not in 'DigitsData'",
     ),
     Case(
+        "MNIST-1D validation share out of range",
+        lambda t: {"task": {"name": "mnist1d"}, "data": {"val_fraction": 1.5}},
+        "data.val_fraction=1.5 must be in (0, 1)",
+    ),
+    Case(
+        "MNIST-1D generator seed numpy cannot take",
+        lambda t: {"task": {"name": "mnist1d"}, "data": {"generator_seed": -1}},
+        "data.generator_seed=-1 must be in [0, 2**32) (numpy's seeds)",
+    ),
+    Case(
         "unknown algorithm",
         lambda t: {"algorithm": {"name": "gossip"}},
         "algorithm.name='gossip' is not one of allreduce, localsgd, sgp, osgp",

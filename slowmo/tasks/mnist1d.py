@@ -32,6 +32,8 @@ class MNIST1DData(ImageData):
             raise ConfigError(f"data.val_fraction={self.val_fraction} must be in (0, 1)")
         if self.num_samples < 50:
             raise ConfigError(f"data.num_samples={self.num_samples} is too few for 10 classes; use at least 50")
+        if not 0 <= self.generator_seed < 2**32:
+            raise ConfigError(f"data.generator_seed={self.generator_seed} must be in [0, 2**32) (numpy's seeds)")
 
 
 @functools.cache
