@@ -313,6 +313,11 @@ CASES = [
         "train.precision='fp8' is not one of fp32, bf16, fp16",
     ),
     Case(
+        "gradient clipping at a norm <= 0",
+        lambda t: {"train": {"clip_grad_norm": 0.0}},
+        "train.clip_grad_norm must be > 0 or null (no clipping), got 0.0",
+    ),
+    Case(
         "procs_per_node above the GPUs",
         lambda t: {"algorithm": {"procs_per_node": 2}, "dist": {"backend": "nccl"}},
         "2 processes per node need 2 GPUs, this node has 0; lower algorithm.procs_per_node (and the processes "

@@ -4,12 +4,15 @@ when one rank's gradient overflows, and the skipped step is not an inner step.""
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
 from slowmo.comm import ring_all_reduce_bytes, spawn
 from slowmo.train import checkpoint, loop, run, validate
 from slowmo.train.precision import Precision
+
+from problems import Setup, build, lr_at, make_data
 
 
 def cfg(run_dir, **sections):
@@ -160,3 +163,45 @@ def test_the_transformer_trains_and_decodes_under_cpu_autocast(tmp_path, precisi
     )
     assert summary["precision"] == precision and 0 <= summary["final"]["val_bleu"] <= 100
     assert math.isfinite(summary["final"]["val_loss"])
+
+
+def _clipped_run(comm, s, max_norm):
+    a, y, theta0 = make_data(s)
+    model, opt = build(comm, s, theta0)
+    precision = Precision("fp32", torch.device("cpu"), comm, clip_grad_norm=max_norm)
+    for k in range(s.steps):
+        lrs = lr_at(s, k)
+        opt.param_groups[0]["lr"], opt.param_groups[1]["lr"] = float(lrs[0]), float(lrs[-1])
+        opt.zero_grad()
+        precision.backward_and_step(model.loss(a[comm.rank, k], y[comm.rank, k]), opt)
+    return model.theta()
+
+
+def _clipped_reference(s, max_norm):
+    """SGD with Nesterov momentum on g * min(1, c / ||g||), g the mean gradient (AR-SGD) or each rank's own (Local SGD,
+    averaged every H steps), written from the definitions; also how many gradients were clipped."""
+    a, y, theta0 = make_data(s)
+    n = s.world_size
+    theta, buf, clipped = np.tile(theta0, (n, 1)), np.zeros((n, s.d + 1)), 0
+    for k in range(s.steps):
+        resid = np.einsum("rbd,rd->rb", a[:, k], theta[:, :-1]) + theta[:, -1:] - y[:, k]
+        grads = np.concatenate([np.einsum("rbd,rb->rd", a[:, k], resid), resid.sum(1, keepdims=True)], 1) / s.batch
+        if s.algorithm == "allreduce":
+            grads = np.tile(grads.mean(0), (n, 1))
+        norms = np.linalg.norm(grads, axis=1, keepdims=True)
+        clipped += int((norms > max_norm).sum())
+        grads = grads * np.minimum(1.0, max_norm / (norms + 1e-6))  # torch adds 1e-6 too
+        buf = s.momentum * buf + grads
+        theta = theta - lr_at(s, k) * (grads + s.momentum * buf)
+        if s.algorithm == "localsgd" and (k + 1) % s.period == 0:
+            theta[:] = theta.mean(0)
+    return theta, clipped
+
+
+@pytest.mark.parametrize("algorithm", ["allreduce", "localsgd"])
+def test_gradient_clipping_clips_the_gradient_the_base_step_uses(algorithm):
+    s = Setup(algorithm, period=3, momentum=0.9, nesterov=True, steps=10, lr=(0.1, 0.05))
+    expected, clipped = _clipped_reference(s, max_norm=2.0)
+    assert 0 < clipped < s.steps * s.world_size  # the bound is active on some steps only
+    got = np.stack(spawn(_clipped_run, s.world_size, "simulated", args=(s, 2.0)))
+    assert np.allclose(got, expected, rtol=0, atol=1e-12)

@@ -66,6 +66,7 @@ class TrainConfig:
     resume: str  # auto: newest valid checkpoint in the run dir | never
     signal_check_every: int  # steps between checks for SIGTERM/SIGUSR1 (ranks agree on stopping)
     precision: str  # fp32 | bf16 | fp16 (autocast; fp16 adds a loss scaler agreed by all ranks)
+    clip_grad_norm: float | None  # max L2 norm of the gradient each rank's base step uses; null: no clipping
     channels_last: bool | None  # convolutions in channels-last memory format; null: on for cuda
     deterministic: bool  # deterministic CUDA kernels (bit-exact resume on GPUs), no cudnn.benchmark
 
@@ -214,6 +215,8 @@ def _check(config: Config) -> None:
         raise ConfigError(f"train.max_steps must be >= 1, got {config.train.max_steps}")
     if config.dist.world_size < 1:
         raise ConfigError(f"dist.world_size must be >= 1, got {config.dist.world_size}")
+    if config.train.clip_grad_norm is not None and not config.train.clip_grad_norm > 0:
+        raise ConfigError(f"train.clip_grad_norm must be > 0 or null (no clipping), got {config.train.clip_grad_norm}")
     if config.train.eval_every < 0 or config.train.checkpoint_every < 0:
         raise ConfigError("train.eval_every and train.checkpoint_every must be >= 0 (0 disables)")
     preset_task = _preset_task(config.experiment)

@@ -135,7 +135,7 @@ class _Trainer:
             self.device, memory_format=torch.channels_last if self.channels_last else torch.preserve_format
         )  # only 4-D weights (convolutions) change format
         self.opt = build_optimizer(cfg, self.model, comm)
-        self.precision = Precision(cfg.train.precision, self.device, comm)
+        self.precision = Precision(cfg.train.precision, self.device, comm, cfg.train.clip_grad_norm)
         torch.manual_seed(cfg.seed * 1000 + self.rank + 1)  # this rank's stream (dropout); augmentation: data.Seeded
         self.sampler = data.EpochBatches(self.task.train_batches)
         self.steps_per_epoch = len(self.sampler.batches)

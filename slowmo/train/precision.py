@@ -32,8 +32,10 @@ DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 class Precision:
     """The forward pass's autocast and, for fp16, the agreed loss scaling around ``backward`` and ``opt.step``."""
 
-    def __init__(self, name: str, device: torch.device, comm: Communicator) -> None:
-        self.name, self.device, self.comm = name, device, comm
+    def __init__(
+        self, name: str, device: torch.device, comm: Communicator, clip_grad_norm: float | None = None
+    ) -> None:
+        self.name, self.device, self.comm, self.clip_grad_norm = name, device, comm, clip_grad_norm
         self.dtype = DTYPES[name]
         self.scaler = torch.amp.GradScaler(device.type) if name == "fp16" else None
         self.skipped = 0  # steps skipped for an overflow, over the whole run
@@ -42,9 +44,12 @@ class Precision:
         return nullcontext() if self.dtype is None else torch.autocast(self.device.type, dtype=self.dtype)
 
     def backward_and_step(self, loss: torch.Tensor, opt: DistributedOptimizer) -> bool:
-        """Backward, then the inner step unless some rank's gradients overflowed; True if the step was taken."""
+        """Backward, the gradient clipped to ``clip_grad_norm`` (if set), then the inner step unless some rank's
+        gradients overflowed; True if the step was taken."""
         if self.scaler is None:
             loss.backward()
+            if self.clip_grad_norm is not None:
+                opt.clip_grad_norm_(self.clip_grad_norm)
             opt.step()
             return True
         self.scaler.scale(loss).backward()
@@ -59,6 +64,8 @@ class Precision:
         for value in found.values():  # every rank now skips, and backs off its scale, on the same steps
             value.copy_(flag[0])
         taken = flag.item() == 0
+        if taken and self.clip_grad_norm is not None:
+            opt.clip_grad_norm_(self.clip_grad_norm)  # on the unscaled gradients
         self.scaler.step(opt)  # calls opt.step() only when taken
         self.scaler.update()
         self.skipped += not taken
