@@ -126,10 +126,15 @@ class GradientMean:
     :attr:`FlatParameters.generation` on (a backward pass through the hooks, whether the gradients were zeroed by
     the optimizer, by the model or set to None; gradients assigned by hand, found replaced; ``zero_grad``); a second
     call with nothing new does nothing.
+
+    :attr:`enabled` (True) is the switch of the hooks: while False they launch nothing (they still record that new
+    gradients came), so a backward pass sends no bytes; set it between steps only (LocalSGD's warm-up turns the
+    gradient mean over all ranks off after its last warm-up step). :meth:`wait` still averages if called.
     """
 
     def __init__(self, comm: Communicator, flat: FlatParameters, bucket_mb: float = 25.0) -> None:
         self.comm, self.flat = comm, flat
+        self.enabled = True
         cap = max(1, int(bucket_mb * 2**20) // flat.grad.element_size())
         self.buckets: list[tuple[int, int]] = []  # (start, end) in the flat gradient, in launch order
         self._bucket_of: dict[int, int] = {}  # parameter index -> bucket
@@ -160,7 +165,7 @@ class GradientMean:
     def _ready(self, index: int) -> None:
         self.flat.generation += 1  # backward brought new gradients
         self.flat.attach_grad(index)
-        if not self.comm.overlaps:
+        if not self.comm.overlaps or not self.enabled:
             return
         bucket = self._bucket_of[index]
         self._pending[bucket] += 1
