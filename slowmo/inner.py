@@ -86,7 +86,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
         """Scale this rank's gradient g by min(1, max_norm / ||g||_2) before the step (the gradient the base
         optimizer will use: the mean over ranks for AllReduce, the local one for Local SGD and SGP); returns ||g||_2
-        before clipping. As ``torch.nn.utils.clip_grad_norm_``: the factor is max_norm / (||g||_2 + 1e-6), capped at 1."""
+        before clipping. As ``torch.nn.utils.clip_grad_norm_``, the factor is max_norm / (||g||_2 + 1e-6), at most 1."""
         self.wait_gradients()
         norm = torch.linalg.vector_norm(self.flat.grad)
         self.flat.grad.mul_(torch.clamp(max_norm / (norm + 1e-6), max=1.0))

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from .algorithms import Algorithm
+from .compress import Codec, compressed_mean_
 from .flat import average_
 from .inner import DistributedOptimizer
 from .presets import Presets, check_settings
@@ -59,14 +60,42 @@ class SlowMo(Presets, DistributedOptimizer):
         base_buffers: Literal["keep", "reset", "average"] = "keep",
         shard_outer_state: bool = False,
         pseudo_gradient: Literal["scaled", "raw"] = "scaled",
+        outer_optimizer: Literal["sgd", "nesterov", "adam"] = "sgd",
+        clip_norm: float | None = None,
+        compression: Literal["none", "fp16", "bf16", "int8", "fp8"] = "none",
+        error_feedback: bool = False,
+        adam_beta2: float | None = None,
+        adam_eps: float | None = None,
     ) -> None:
-        check_settings(tau=tau, alpha=alpha, beta=beta, base_buffers=base_buffers, pseudo_gradient=pseudo_gradient)
+        check_settings(
+            tau=tau,
+            alpha=alpha,
+            beta=beta,
+            nesterov=nesterov,
+            base_buffers=base_buffers,
+            pseudo_gradient=pseudo_gradient,
+            outer_optimizer=outer_optimizer,
+            clip_norm=clip_norm,
+            compression=compression,
+            error_feedback=error_feedback,
+            shard_outer_state=shard_outer_state,
+            adam_beta2=adam_beta2,
+            adam_eps=adam_eps,
+        )
         self.shard_outer_state = shard_outer_state  # before the flat buffers are made: they are padded for it
+        self.compression = compression
         super().__init__(params, base_optimizer, algorithm)
         self.tau, self.alpha, self.beta, self.nesterov = tau, float(alpha), float(beta), bool(nesterov)
         self.base_buffers, self.pseudo_gradient = base_buffers, pseudo_gradient
+        self.outer_optimizer, self.clip_norm, self.error_feedback = outer_optimizer, clip_norm, bool(error_feedback)
+        self.adam_beta2 = 0.999 if adam_beta2 is None else float(adam_beta2)
+        self.adam_eps = 1e-8 if adam_eps is None else float(adam_eps)
+        self._codec = None if compression == "none" else Codec(compression)
+        self._closed_form = outer_optimizer == "sgd" and clip_norm is None and self._codec is None
         self._shard = Shard(self.comm, self.flat.numel, shard_outer_state)
         self._x0 = self._v = torch.empty(0)  # x_{t,0} and v_t = gamma_{t-1} u_t (this rank's slice when sharded)
+        self._residual = torch.empty(0)  # e_i, error feedback's residual (the padded flat length)
+        self._torch_outer: torch.optim.Optimizer | None = None  # outer_optimizer = nesterov | adam, over x_{t,0}
         self._gammas: list[float] | None = None  # gamma_{t-1} of each parameter
         self._outer = 0
 
@@ -76,22 +105,23 @@ class SlowMo(Presets, DistributedOptimizer):
         return self._outer
 
     def _flat_multiple(self) -> int:
-        return self.comm.world_size if self.shard_outer_state else 1
+        return self.comm.world_size if self.shard_outer_state or self.compression != "none" else 1
 
     def _start(self) -> None:
         super()._start()  # every rank now holds rank 0's parameters: x_{0,0}
         self._x0 = self._shard.mine(self.flat.data).clone()
         self._v = torch.zeros_like(self._x0)
+        if self.error_feedback:
+            self._residual = torch.zeros_like(self.flat.data)
 
     def _ends_outer_iteration(self) -> bool:
         return (self._step + 1) % self.tau == 0
 
     @torch.no_grad()
     def _outer_step(self) -> None:
-        """Steps 2-5 in place: x_{t,tau} is averaged where the model holds it; 3 passes (alpha = 1) or 4-5."""
+        """Steps 2-5 in place, where the model holds x_{t,tau}: Algorithm 1's closed form in 3 passes (alpha = 1) or
+        4-5; with compression, clipping or a torch outer optimizer, the mean pseudo-gradient first, then its step."""
         self.algorithm.flush()
-        equal = self.algorithm.replicas_equal  # every rank holds x_{t,tau} already (AllReduce): no exact average
-        x_tau = self._shard.mine(self.flat.data) if equal else self._shard.mean_(self.flat.data)
         gammas, scaled = self.learning_rates(), self.pseudo_gradient == "scaled"
         if scaled and min(gammas) <= 0:
             raise ValueError(
@@ -99,23 +129,16 @@ class SlowMo(Presets, DistributedOptimizer):
                 f"{self._step}; keep the lr schedule above 0 (e.g. start warm-up above 0)"
             )
         previous = self._gammas or gammas  # (at t = 0, v = 0: nothing to rescale)
-        extrapolate = self.alpha == 1.0 and not self.nesterov
-        for a, b, (gamma, last) in self._shard.runs(self.flat.runs(list(zip(gammas, previous, strict=True)))):
-            x0, v, x = self._x0[a:b], self._v[a:b], x_tau[a:b]
-            m = self.beta * (gamma / last if scaled else 1.0)  # v_t in the units of gamma_t
-            if extrapolate:
-                x.add_(v, alpha=-m)  # x_{t+1,0} = x_{t,tau} - m v_t
-                x0.sub_(x)  # v_{t+1} = x_{t,0} - x_{t+1,0}, where x_{t,0} was: the two buffers swap roles below
+        if self._closed_form:
+            x = self._algorithm_1(gammas, previous)
+        else:
+            x = self._mean_pseudo_gradient()  # Delta_bar, where the model's values are
+            self._clip(x)
+            if self.outer_optimizer == "sgd":
+                self._momentum_step(x, gammas, previous)
             else:
-                torch.sub(x0, x, out=x)  # Delta
-                torch.add(x, v, alpha=m, out=v)  # v_{t+1} = m v_t + Delta
-                if self.nesterov:  # x_{t+1,0} = x_{t,0} - alpha (beta v_{t+1} + Delta)
-                    torch.add(x0, x, alpha=-self.alpha, out=x).add_(v, alpha=-self.alpha * self.beta)
-                else:
-                    torch.add(x0, v, alpha=-self.alpha, out=x)  # x_{t+1,0} = x_{t,0} - alpha v_{t+1}
-        if extrapolate:
-            self._x0, self._v = self._v, self._x0
-        self._x0.copy_(x_tau)
+                self._torch_step(x, gammas)
+        self._x0.copy_(x)
         self._gammas = gammas
         self._shard.gather_(self.flat.data)
         average_(self.comm, self._buffers)
@@ -123,10 +146,98 @@ class SlowMo(Presets, DistributedOptimizer):
         self._base_state_(self.base_buffers)  # step 5: keep, reset or average the base optimizer's buffers
         self._outer += 1
 
+    def _algorithm_1(self, gammas: list[float], previous: list[float]) -> torch.Tensor:
+        """The exact average, then steps 3-4 in closed form; returns the slice holding x_{t+1,0}."""
+        equal = self.algorithm.replicas_equal  # every rank holds x_{t,tau} already (AllReduce): no exact average
+        x_tau = self._shard.mine(self.flat.data) if equal else self._shard.mean_(self.flat.data)
+        if not (self.alpha == 1.0 and not self.nesterov):
+            torch.sub(self._x0, x_tau, out=x_tau)  # Delta
+            self._momentum_step(x_tau, gammas, previous)
+            return x_tau
+        for a, b, m in self._momenta(gammas, previous):
+            x0, v, x = self._x0[a:b], self._v[a:b], x_tau[a:b]
+            x.add_(v, alpha=-m)  # x_{t+1,0} = x_{t,tau} - m v_t
+            x0.sub_(x)  # v_{t+1} = x_{t,0} - x_{t+1,0}, where x_{t,0} was: the two buffers swap roles
+        self._x0, self._v = self._v, self._x0
+        return x_tau
+
+    def _momenta(self, gammas: list[float], previous: list[float]) -> list[tuple[int, int, float]]:
+        """(start, end, m) over this rank's slice: m = beta gamma_t / gamma_{t-1} (v_t in the units of gamma_t), or
+        beta for the raw pseudo-gradient."""
+        scaled = self.pseudo_gradient == "scaled"
+        runs = self._shard.runs(self.flat.runs(list(zip(gammas, previous, strict=True))))
+        return [(a, b, self.beta * (gamma / last if scaled else 1.0)) for a, b, (gamma, last) in runs]
+
+    def _momentum_step(self, x: torch.Tensor, gammas: list[float], previous: list[float]) -> None:
+        """``x`` holds Delta; it receives x_{t+1,0}: v_{t+1} = m v_t + Delta, x_{t+1,0} = x_{t,0} - alpha v_{t+1}
+        (Nesterov: x_{t,0} - alpha (beta v_{t+1} + Delta))."""
+        for a, b, m in self._momenta(gammas, previous):
+            x0, v, delta = self._x0[a:b], self._v[a:b], x[a:b]
+            torch.add(delta, v, alpha=m, out=v)  # v_{t+1} = m v_t + Delta
+            if self.nesterov:  # x_{t+1,0} = x_{t,0} - alpha (beta v_{t+1} + Delta)
+                torch.add(x0, delta, alpha=-self.alpha, out=delta).add_(v, alpha=-self.alpha * self.beta)
+            else:
+                torch.add(x0, v, alpha=-self.alpha, out=delta)  # x_{t+1,0} = x_{t,0} - alpha v_{t+1}
+
+    def _mean_pseudo_gradient(self) -> torch.Tensor:
+        """Delta_bar = mean_i (x_{t,0} - x^i_{t,tau}) into this rank's slice of the model's buffer, returned: from the
+        exact average, or compressed (:func:`~slowmo.compress.compressed_mean_`, with error feedback's residual)."""
+        data = self.flat.data
+        if self._codec is None or self.algorithm.replicas_equal:  # equal replicas: nothing to average or send
+            x = self._shard.mine(data) if self.algorithm.replicas_equal else self._shard.mean_(data)
+            return torch.sub(self._x0, x, out=x)
+        x = data[: self.flat.numel]
+        torch.sub(self._x0, x, out=x)  # p_i = Delta_i (+ e_i); the padding stays 0
+        if self.error_feedback:
+            data.add_(self._residual)
+        compressed_mean_(self.comm, data, self._codec, self._residual if self.error_feedback else None)
+        return x
+
+    def _clip(self, delta: torch.Tensor) -> None:
+        """Delta_bar <- Delta_bar min(1, clip_norm / (||Delta_bar||_2 + 1e-6)), the norm over all parameters."""
+        if self.clip_norm is None:
+            return
+        square = delta.pow(2).sum().reshape(1)
+        if self.shard_outer_state:  # this rank holds one slice: the norm's square is the sum over the ranks
+            self.comm.all_reduce(square)
+        delta.mul_(torch.clamp(self.clip_norm / (square.sqrt() + 1e-6), max=1.0))
+
+    def _torch_step(self, delta: torch.Tensor, gammas: list[float]) -> None:
+        """One step of torch's optimizer over x_{t,0} with the gradient Delta_bar / gamma_t and the lr alpha gamma_t
+        (raw: Delta_bar and alpha); ``delta`` then receives x_{t+1,0}."""
+        scaled = self.pseudo_gradient == "scaled"
+        runs = self._shard.runs(self.flat.runs(gammas))
+        optimizer = self._outer_torch_optimizer(len(runs))
+        for (a, b, gamma), group in zip(runs, optimizer.param_groups, strict=True):
+            group["lr"] = self.alpha * gamma if scaled else self.alpha
+            group["params"][0].grad = delta[a:b] / gamma if scaled else delta[a:b]
+        optimizer.step()
+        delta.copy_(self._x0)
+
+    def _outer_torch_optimizer(self, groups: int) -> torch.optim.Optimizer:
+        """torch's SGD with Nesterov momentum beta, or Adam with betas (beta, adam_beta2), over x_{t,0}: one param
+        group per run of equal base lrs (built at the first outer step, or when a checkpoint is loaded)."""
+        runs = self._shard.runs(self.flat.runs(self.learning_rates()))
+        if self._torch_outer is not None and len(self._torch_outer.param_groups) == groups:
+            return self._torch_outer
+        if self._torch_outer is not None:
+            raise ValueError(
+                "the base param groups' lrs became equal or different during training, which changes how "
+                f"outer_optimizer={self.outer_optimizer} splits x_{{t,0}}; keep the groups' lrs distinct or equal"
+            )
+        params = [{"params": [self._x0[a:b]]} for a, b, _ in runs]
+        if self.outer_optimizer == "nesterov":
+            self._torch_outer = torch.optim.SGD(params, lr=self.alpha, momentum=self.beta, nesterov=True)
+        else:
+            betas = (self.beta, self.adam_beta2)
+            self._torch_outer = torch.optim.Adam(params, lr=self.alpha, betas=betas, eps=self.adam_eps)
+        return self._torch_outer
+
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
         state = super().state_dict()
         outer = {"t": self._outer, "gammas": self._gammas, "shard": self._shard.key, "numel": self._shard.numel}
-        state["outer"] = outer | {"x0": self._x0.clone(), "v": self._v.clone()}
+        state["outer"] = outer | {"x0": self._x0.clone(), "v": self._v.clone(), "residual": self._residual.clone()}
+        state["outer"]["optimizer"] = None if self._torch_outer is None else self._torch_outer.state_dict()
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
@@ -140,7 +251,12 @@ class SlowMo(Presets, DistributedOptimizer):
             )
         like = self.flat.data
         self._outer, self._gammas = outer["t"], outer["gammas"]
-        self._x0, self._v = (outer[k].to(dtype=like.dtype, device=like.device).clone() for k in ("x0", "v"))
+        self._x0, self._v, self._residual = (
+            outer[k].to(dtype=like.dtype, device=like.device).clone() for k in ("x0", "v", "residual")
+        )
+        self._torch_outer = None  # over the loaded x_{t,0}
+        if outer["optimizer"] is not None:
+            self._outer_torch_optimizer(len(outer["optimizer"]["param_groups"])).load_state_dict(outer["optimizer"])
 
     def __repr__(self) -> str:
         knobs = f"tau={self.tau}, alpha={self.alpha}, beta={self.beta}, nesterov={self.nesterov}"

@@ -15,11 +15,13 @@ from typing import Any
 
 from .algorithms import Algorithm, LocalSGD
 from .comm import Single
+from .compress import CODECS
 from .registry import ConfigError, Registry
 
 OUTER = Registry("outer preset", "slowmo.presets")
 BASE_BUFFERS = ("keep", "reset", "average")
 PSEUDO_GRADIENTS = ("scaled", "raw")
+OUTER_OPTIMIZERS = ("sgd", "nesterov", "adam")
 
 
 def check_settings(**settings: Any) -> None:
@@ -37,6 +39,44 @@ def check_settings(**settings: Any) -> None:
         raise ValueError(
             f"pseudo_gradient must be 'scaled' (SlowMo) or 'raw' (BMUF/DiLoCo), got {settings['pseudo_gradient']!r}"
         )
+    _check_beyond(settings, beta)
+
+
+def _check_beyond(settings: dict[str, Any], beta: float) -> None:
+    """The settings beyond Algorithm 1: the outer optimizer, clipping, compression and error feedback."""
+    outer = settings.get("outer_optimizer", "sgd")
+    if outer not in OUTER_OPTIMIZERS:
+        raise ValueError(f"outer_optimizer must be one of {', '.join(OUTER_OPTIMIZERS)}, got {outer!r}")
+    if outer != "sgd" and settings.get("nesterov"):
+        raise ValueError(
+            f"nesterov=True is the Nesterov form of the sgd outer step; with outer_optimizer={outer} leave it false "
+            "(outer_optimizer=nesterov is torch's SGD with Nesterov momentum beta)"
+        )
+    if outer == "nesterov" and beta == 0:
+        raise ValueError("outer_optimizer=nesterov needs a momentum beta > 0 (Nesterov momentum 0 is plain sgd)")
+    for knob in ("adam_beta2", "adam_eps"):
+        value = settings.get(knob)
+        if value is not None and outer != "adam":
+            raise ValueError(f"{knob} is Adam's; set outer_optimizer=adam or leave {knob} unset (null)")
+        if value is not None and not (0 <= value < 1 if knob == "adam_beta2" else value > 0):
+            raise ValueError(f"{knob} must be {'in [0, 1)' if knob == 'adam_beta2' else '> 0'}, got {value!r}")
+    clip = settings.get("clip_norm")
+    if clip is not None and not (isinstance(clip, int | float) and clip > 0):
+        raise ValueError(f"clip_norm must be > 0 or None (no clipping of the pseudo-gradient), got {clip!r}")
+    compression = settings.get("compression", "none")
+    if compression not in CODECS:
+        raise ValueError(f"compression must be one of {', '.join(CODECS)}, got {compression!r}")
+    if settings.get("error_feedback") and compression == "none":
+        raise ValueError("error_feedback needs a compression (int8, fp8, fp16 or bf16): with none there is no error")
+    if compression != "none" and settings.get("shard_outer_state"):
+        raise ValueError(
+            "compression with shard_outer_state is not supported (the sharded outer step gathers parameters, not "
+            "the compressed pseudo-gradient); choose one of the two"
+        )
+
+
+KNOBS = ("tau", "alpha", "beta", "nesterov", "pseudo_gradient", "outer_optimizer", "adam_beta2", "adam_eps")
+COMMON = ("base_buffers", "shard_outer_state", "clip_norm", "compression", "error_feedback")
 
 
 @dataclass
@@ -51,17 +91,19 @@ class OuterConfig:
     beta: float | None
     nesterov: bool | None
     pseudo_gradient: str | None
+    outer_optimizer: str | None  # sgd | nesterov | adam (slowmo=on)
+    adam_beta2: float | None
+    adam_eps: float | None
     base_buffers: str  # keep | reset | average
     shard_outer_state: bool
+    clip_norm: float | None
+    compression: str  # none | fp16 | bf16 | int8 | fp8
+    error_feedback: bool
 
     def knobs(self) -> dict[str, Any]:
         """The preset's arguments from the knobs set here; a knob the preset fixes is refused (one line)."""
         names = OUTER[self.preset].extra["knobs"]
-        given = {
-            knob: getattr(self, knob)
-            for knob in ("tau", "alpha", "beta", "nesterov", "pseudo_gradient")
-            if getattr(self, knob) is not None
-        }
+        given = {knob: getattr(self, knob) for knob in KNOBS if getattr(self, knob) is not None}
         for knob in given:
             if knob not in names:
                 raise ConfigError(
@@ -70,10 +112,14 @@ class OuterConfig:
                 )
         return {names[knob]: value for knob, value in given.items()}
 
+    def common(self) -> dict[str, Any]:
+        """The settings every preset takes (``configs/config.yaml``'s ``slowmo`` section), as SlowMo's arguments."""
+        return {key: getattr(self, key) for key in COMMON}
+
     def check(self) -> None:
         if self.preset not in OUTER:
             raise ConfigError(f"slowmo.preset={self.preset!r} is not one of {', '.join(OUTER.names())}")
-        settings = {key: getattr(self, key) for key in ("tau", "alpha", "beta", "base_buffers", "pseudo_gradient")}
+        settings = {key: getattr(self, key) for key in (*KNOBS, *COMMON)}
         try:
             check_settings(**{key: value for key, value in settings.items() if value is not None})
         except ValueError as error:
@@ -170,6 +216,9 @@ OUTER.register(
         "beta": "beta",
         "nesterov": "nesterov",
         "pseudo_gradient": "pseudo_gradient",
+        "outer_optimizer": "outer_optimizer",
+        "adam_beta2": "adam_beta2",
+        "adam_eps": "adam_eps",
     },
 )(_algorithm_1)
 OUTER.register(

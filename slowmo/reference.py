@@ -93,6 +93,7 @@ def reference(s: Problem) -> np.ndarray:
     weight = np.ones(n)
     buf = [None] * n
     x0, u = theta0.copy(), np.zeros(dim)
+    second, t_adam, residual = np.zeros(dim), 0, np.zeros((n, dim))  # outer Adam's v and t; error feedback's e_i
     pending = None  # OSGP: the [x, w] shares sent to each rank at the previous step
     cfg = s.outer
     for k in range(s.steps):
@@ -132,13 +133,31 @@ def reference(s: Problem) -> np.ndarray:
             weight = num[:, -1].copy()
             theta = num[:, :-1] / weight[:, None]
         if outer:
-            x_tau = theta.mean(axis=0)
             alpha, beta = cfg.get("alpha", 1.0), cfg.get("beta", 0.0)
             raw = cfg.get("pseudo_gradient", "scaled") == "raw"
-            disp = (x0 - x_tau) if raw else (x0 - x_tau) / lr
-            u = beta * u + disp
-            step_dir = beta * u + disp if cfg.get("nesterov", False) else u
-            x0 = x0 - (alpha if raw else alpha * lr) * step_dir
+            compression = cfg.get("compression", "none")
+            if compression == "none" or s.mixing == "gradient_mean":  # (equal replicas: nothing to compress)
+                delta = x0 - theta.mean(axis=0)
+            else:
+                sent = x0 - theta + residual
+                delta, decoded = _compressed_mean(sent, compression)
+                residual = sent - decoded if cfg.get("error_feedback", False) else residual
+            if cfg.get("clip_norm") is not None:
+                delta = delta * min(1.0, cfg["clip_norm"] / (np.linalg.norm(delta) + 1e-6))
+            disp = delta if raw else delta / lr  # the gradient of the outer step
+            outer_lr = alpha if raw else alpha * lr
+            optimizer = cfg.get("outer_optimizer", "sgd")
+            if optimizer == "adam":  # Kingma & Ba, with bias correction
+                t_adam += 1
+                beta2, eps = cfg.get("adam_beta2") or 0.999, cfg.get("adam_eps") or 1e-8
+                u = beta * u + (1 - beta) * disp
+                second = beta2 * second + (1 - beta2) * disp**2
+                m_hat, v_hat = u / (1 - beta**t_adam), second / (1 - beta2**t_adam)
+                x0 = x0 - outer_lr * m_hat / (np.sqrt(v_hat) + eps)
+            else:  # sgd (nesterov=True: its Nesterov form) or nesterov: heavy-ball momentum on the outer gradient
+                u = beta * u + disp
+                nesterov = cfg.get("nesterov", False) or optimizer == "nesterov"
+                x0 = x0 - outer_lr * (beta * u + disp if nesterov else u)
             theta = np.tile(x0, (n, 1))
             weight = np.ones(n)
             policy = cfg.get("base_buffers", "keep")
@@ -148,3 +167,65 @@ def reference(s: Problem) -> np.ndarray:
                 mean = np.mean(buf, axis=0)
                 buf = [mean.copy() for _ in range(n)]
     return theta
+
+
+# ------------------------------------------------------------------------------------------------ compression
+CHUNK = 256  # values per scale
+
+
+def _round_float32(values: np.ndarray) -> np.ndarray:
+    """float64 -> float32, as torch converts before any narrower float format."""
+    return values.astype(np.float32).astype(np.float64)
+
+
+def _bf16(values: np.ndarray) -> np.ndarray:
+    """Round to bfloat16 (8 significant bits, to nearest, ties to even) through float32's bit pattern."""
+    bits = _round_float32(values).astype(np.float32).view(np.uint32).astype(np.uint64)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16 << 16
+    return bits.astype(np.uint32).view(np.float32).astype(np.float64)
+
+
+def _e4m3(values: np.ndarray) -> np.ndarray:
+    """Round to float8 e4m3 (3 mantissa bits, exponents down to -6, subnormals spaced 2^-9; |v| <= 448 here)."""
+    v = _round_float32(values)
+    exponent = np.floor(np.log2(np.maximum(np.abs(v), 2.0**-6)))
+    spacing = 2.0 ** (exponent - 3)
+    return np.rint(v / spacing) * spacing
+
+
+def _roundtrip(values: np.ndarray, compression: str) -> np.ndarray:
+    """D(Q(values)) of one shard, from the definitions in slowmo.compress's docstring."""
+    if compression == "fp16":
+        return _round_float32(values).astype(np.float16).astype(np.float64)
+    if compression == "bf16":
+        return _bf16(values)
+    top = 127.0 if compression == "int8" else 448.0
+    out = np.empty_like(values)
+    for start in range(0, len(values), CHUNK):
+        chunk = values[start : start + CHUNK]
+        scale = float(np.float32(np.abs(chunk).max() / top))
+        scaled = chunk / scale if scale > 0 else chunk
+        codes = np.clip(np.rint(scaled) if compression == "int8" else _e4m3(np.clip(scaled, -top, top)), -top, top)
+        out[start : start + CHUNK] = codes * scale
+    return out
+
+
+def _compressed_mean(sent: np.ndarray, compression: str) -> tuple[np.ndarray, np.ndarray]:
+    """The two-phase compressed mean over the ranks of ``sent`` (ranks, dim): every shard of every rank's vector
+    decoded and added in rank order, the mean re-encoded; returns (that mean, each rank's decoded vector)."""
+    n, dim = sent.shape
+    length = -(-dim // n)
+    padded = np.zeros((n, n * length))
+    padded[:, :dim] = sent
+    decoded = np.stack(
+        [
+            np.concatenate([_roundtrip(row[j * length : (j + 1) * length], compression) for j in range(n)])
+            for row in padded
+        ]
+    )
+    total = decoded[0].copy()
+    for row in decoded[1:]:
+        total = total + row
+    mean = total / n
+    mean = np.concatenate([_roundtrip(mean[j * length : (j + 1) * length], compression) for j in range(n)])
+    return mean[:dim], decoded[:, :dim]

@@ -9,6 +9,7 @@ bandwidth-optimal algorithm for each collective (n = group size, B = the buffer'
     all_reduce      2 (n-1)/n * B          (ring: reduce-scatter then all-gather)
     reduce_scatter    (n-1)/n * B_in
     all_gather        (n-1)/n * B_out
+    all_to_all        (n-1)/n * B_in       (every rank keeps one of its n slices)
     broadcast       B on every rank but the last of the chain that starts at the root (n-1 sends in all)
     send / isend    B                      (point to point: exactly what goes on the wire)
 
@@ -121,6 +122,22 @@ class Communicator(ABC):
             output.copy_(input)
         return output
 
+    def all_to_all(self, output: torch.Tensor, input: torch.Tensor) -> torch.Tensor:
+        """``input`` and ``output`` are n equal slices; slice j of ``input`` goes to rank j, and slice i of ``output``
+        receives rank i's slice ``rank``. Returns ``output``."""
+        if input.numel() != output.numel() or input.numel() % self.world_size:
+            raise ValueError(
+                f"all_to_all: input ({input.numel()}) and output ({output.numel()}) must have the same number of "
+                f"elements, a multiple of world_size {self.world_size}"
+            )
+        _same_dtype("all_to_all", output, input)
+        self._count("all_to_all", (self.world_size - 1) * _nbytes(input) // self.world_size)
+        if self.world_size > 1:
+            self._all_to_all(output, input)
+        else:
+            output.copy_(input)
+        return output
+
     def broadcast(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
         """In place: every rank gets rank ``src``'s ``tensor``."""
         last_of_chain = (src - 1) % self.world_size
@@ -224,6 +241,9 @@ class Communicator(ABC):
     def _all_gather(self, output: torch.Tensor, input: torch.Tensor) -> None: ...
 
     @abstractmethod
+    def _all_to_all(self, output: torch.Tensor, input: torch.Tensor) -> None: ...
+
+    @abstractmethod
     def _broadcast(self, tensor: torch.Tensor, src: int) -> None: ...
 
     @abstractmethod
@@ -249,7 +269,7 @@ class Single(Communicator):
     def _all_reduce(self, tensor: torch.Tensor) -> None:  # pragma: no cover - world_size 1 never calls
         pass
 
-    _reduce_scatter = _all_gather = _broadcast = _barrier = _all_reduce  # type: ignore[assignment]
+    _reduce_scatter = _all_gather = _all_to_all = _broadcast = _barrier = _all_reduce  # type: ignore[assignment]
 
     def _isend(self, tensor: torch.Tensor, dst: int) -> Work:  # pragma: no cover - _check_peer rejects
         raise ValueError("a single-rank communicator has no peers")

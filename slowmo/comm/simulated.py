@@ -107,6 +107,10 @@ class Simulated(Communicator):
     def _all_gather(self, output: torch.Tensor, input: torch.Tensor) -> None:
         output.copy_(self._collective("all_gather", input, torch.cat))
 
+    def _all_to_all(self, output: torch.Tensor, input: torch.Tensor) -> None:
+        parts = self._collective("all_to_all", input, lambda parts: [part.clone() for part in parts])
+        output.copy_(torch.cat([part.view(self.world_size, -1)[self.rank] for part in parts]))
+
     def _broadcast(self, tensor: torch.Tensor, src: int) -> None:
         tensor.copy_(self._collective("broadcast", tensor, lambda parts: parts[src].clone()))
 

@@ -78,6 +78,11 @@ class TorchDistributed(Communicator):
         self._guard(lambda: _ALL_GATHER(out, inp, group=self.group), "all_gather")
         _copy_back(output, out)
 
+    def _all_to_all(self, output: torch.Tensor, input: torch.Tensor) -> None:
+        out, inp = self._host(output), self._host(input)
+        self._guard(lambda: dist.all_to_all_single(out, inp, group=self.group), "all_to_all")
+        _copy_back(output, out)
+
     def _broadcast(self, tensor: torch.Tensor, src: int) -> None:
         buffer = self._host(tensor)
         self._guard(lambda: dist.broadcast(buffer, src=self._global[src], group=self.group), "broadcast")

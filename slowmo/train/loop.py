@@ -94,8 +94,7 @@ def build_optimizer(cfg: Config, model: torch.nn.Module, comm: Communicator) -> 
         base,
         algorithm=algorithm,
         **outer.knobs(),
-        base_buffers=outer.base_buffers,
-        shard_outer_state=outer.shard_outer_state,
+        **outer.common(),
     )
 
 

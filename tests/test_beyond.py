@@ -1,0 +1,120 @@
+"""Beyond Algorithm 1 (issue: the SlowMo family since 2020): any outer optimizer, a clipped pseudo-gradient and a
+compressed outer average with error feedback, each against the plain-NumPy reference (slowmo.reference, written from
+the papers' equations and slowmo.compress's format table), on 4 ranks with different data per rank."""
+
+import numpy as np
+import pytest
+import torch
+
+import slowmo
+from slowmo.compress import Codec, compressed_mean_
+
+from problems import Setup, reference, run_engine
+
+BIG = 1100  # |theta| = 1101 values: 4 shards of 276, two int8/fp8 chunks each (256 + 20), 3 values of padding
+
+
+def thetas(s: Setup) -> np.ndarray:
+    return np.stack([r["theta"] for r in slowmo.comm.spawn(run_engine, s.world_size, "simulated", args=(s,))])
+
+
+def setup(algorithm: str, **outer) -> Setup:
+    d = BIG if outer.get("compression", "none") != "none" else 5
+    return Setup(algorithm, slowmo=dict(tau=4, beta=0.5) | outer, momentum=0.9, decay_at=6, steps=13, d=d)
+
+
+REFERENCE_CASES = [
+    *[dict(compression=c) for c in ("fp16", "bf16", "int8", "fp8")],
+    *[dict(compression=c, error_feedback=True) for c in ("fp16", "bf16", "int8", "fp8")],
+    dict(outer_optimizer="nesterov", beta=0.6),
+    dict(outer_optimizer="adam", beta=0.6, alpha=0.3, adam_beta2=0.99, adam_eps=1e-6),
+    dict(outer_optimizer="adam", beta=0.9, alpha=0.01, pseudo_gradient="raw"),
+    dict(clip_norm=0.05, tau=3),
+    dict(  # Streaming-DiLoCo-like: Nesterov on the raw, clipped, int8-compressed pseudo-gradient with error feedback
+        outer_optimizer="nesterov",
+        beta=0.6,
+        alpha=0.7,
+        pseudo_gradient="raw",
+        compression="int8",
+        error_feedback=True,
+        clip_norm=0.1,
+    ),
+]
+
+
+@pytest.mark.parametrize("algorithm", ["localsgd", "sgp", "osgp"])
+@pytest.mark.parametrize("outer", REFERENCE_CASES, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
+def test_outer_step_equals_the_numpy_reference(algorithm, outer):
+    s = setup(algorithm, **outer)
+    expected = reference(s)
+    assert np.allclose(thetas(s), expected, rtol=0, atol=1e-12)
+    # the option changes the run (the reference of plain SlowMo is not also the answer)
+    plain = {k: v for k, v in s.slowmo.items() if k in ("tau", "alpha", "beta", "pseudo_gradient")}
+    assert np.abs(reference(s.with_(slowmo=plain)) - expected).max() > 1e-6
+
+
+def test_error_feedback_keeps_what_compression_lost():
+    s = setup("localsgd", compression="int8")
+    exact = reference(s.with_(slowmo=dict(tau=4, beta=0.5)))
+    without = np.abs(thetas(s) - exact).max()
+    with_ = np.abs(thetas(s.with_(slowmo=s.slowmo | dict(error_feedback=True))) - exact).max()
+    assert 0 < without and 0 < with_ != without
+
+
+def test_options_at_their_defaults_are_bit_identical_to_algorithm_1():
+    for algorithm in ("localsgd", "sgp", "osgp", "allreduce"):
+        s = setup(algorithm, alpha=0.8, nesterov=True)
+        explicit = s.slowmo | dict(outer_optimizer="sgd", compression="none", error_feedback=False, clip_norm=None)
+        assert np.array_equal(thetas(s), thetas(s.with_(slowmo=explicit)))
+
+
+def test_torch_nesterov_equals_the_closed_form_nesterov_and_diloco():
+    s = setup("localsgd", beta=0.6, alpha=0.7, outer_optimizer="nesterov", pseudo_gradient="raw")
+    closed = s.with_(slowmo=dict(tau=4, beta=0.6, alpha=0.7, nesterov=True, pseudo_gradient="raw"))
+    assert np.allclose(thetas(s), thetas(closed), rtol=0, atol=1e-13)
+
+
+def test_allreduce_sends_no_compressed_average_its_replicas_are_equal():
+    s = setup("allreduce", compression="int8", error_feedback=True)
+    assert np.allclose(thetas(s), reference(s), rtol=0, atol=1e-12)
+    stats = slowmo.comm.spawn(run_engine, 4, "simulated", args=(s,))[0]["stats"]
+    assert "all_to_all" not in stats and "all_gather" not in stats
+
+
+def _codec_roundtrip(name, values):
+    return Codec(name).roundtrip(torch.from_numpy(values)).numpy()
+
+
+@pytest.mark.parametrize("name", ["int8", "fp8"])
+def test_scaled_codes_stay_within_half_a_step_of_their_chunk_scale(name):
+    rng = np.random.default_rng(1)
+    values = rng.normal(size=700) * np.repeat([1e-4, 1.0, 30.0], [256, 256, 188])
+    error = np.abs(_codec_roundtrip(name, values) - values)
+    for start in range(0, 700, 256):
+        chunk, err = values[start : start + 256], error[start : start + 256]
+        top = np.abs(chunk).max()
+        # int8: half a step of max/127; e4m3: half a unit in the last of 3 mantissa bits (relative 2^-4), at most
+        # half the subnormal spacing 2^-10 of the scale max/448 near 0
+        bound = top / 127 / 2 if name == "int8" else np.maximum(np.abs(chunk) * 2.0**-4, top / 448 * 2.0**-10)
+        assert np.all(err <= bound * (1 + 1e-6))
+    assert np.all(_codec_roundtrip(name, np.zeros(10)) == 0)
+
+
+def _mean_of_ones(comm, name):
+    values = torch.full((8,), float(comm.rank + 1), dtype=torch.float64)
+    residual = torch.empty(8, dtype=torch.float64)
+    compressed_mean_(comm, values, Codec(name), residual)
+    return values.numpy(), residual.numpy(), comm.stats()
+
+
+@pytest.mark.parametrize("name,size", [("int8", 2 + 4), ("fp8", 2 + 4), ("fp16", 4), ("bf16", 4)])
+def test_compressed_mean_is_the_same_on_every_rank_and_sends_the_formula(name, size):
+    # ranks hold 1, 2, 3, 4: exact in the casts (so is the mean 2.5); within a code step with a scale; S(L = 2) bytes
+    results = slowmo.comm.spawn(_mean_of_ones, 4, "simulated", args=(name,))
+    for rank, (values, residual, stats) in enumerate(results):
+        assert np.array_equal(values, results[0][0])
+        if name in ("fp16", "bf16"):
+            assert np.all(values == 2.5) and np.all(residual == 0)
+        else:
+            assert np.allclose(values, 2.5, rtol=2**-4, atol=0) and np.all(np.abs(residual) <= (rank + 1) / 2**4)
+        assert stats == {"all_to_all": 3 * size, "all_gather": 3 * size, "total": 6 * size}
