@@ -313,6 +313,26 @@ CASES = [
         "train.precision='fp8' is not one of fp32, bf16, fp16",
     ),
     Case(
+        "an unknown compression",
+        lambda t: {"slowmo": {"enabled": True, "compression": "int4"}},
+        "compression must be one of none, fp16, bf16, int8, fp8, got 'int4'",
+    ),
+    Case(
+        "error feedback without compression",
+        lambda t: {"slowmo": {"enabled": True, "error_feedback": True}},
+        "error_feedback needs a compression (int8, fp8, fp16 or bf16): with none there is no error",
+    ),
+    Case(
+        "an Adam knob without outer Adam",
+        lambda t: {"slowmo": {"enabled": True, "adam_beta2": 0.9}},
+        "adam_beta2 is Adam's; set outer_optimizer=adam or leave adam_beta2 unset (null)",
+    ),
+    Case(
+        "outer Nesterov without momentum",
+        lambda t: {"slowmo": {"enabled": True, "outer_optimizer": "nesterov", "beta": 0.0}},
+        "outer_optimizer=nesterov needs a momentum beta > 0 (Nesterov momentum 0 is plain sgd)",
+    ),
+    Case(
         "gradient clipping at a norm <= 0",
         lambda t: {"train": {"clip_grad_norm": 0.0}},
         "train.clip_grad_norm must be > 0 or null (no clipping), got 0.0",
@@ -380,6 +400,11 @@ def test_the_command_line_prints_the_one_line_and_exits_2(tmp_path):
         (
             ["slowmo=diloco", "slowmo.pseudo_gradient=scaled"],
             "error: slowmo.pseudo_gradient is fixed by the diloco preset; leave it unset (null) or choose "
+            "slowmo=on for Algorithm 1 with every knob free",
+        ),
+        (
+            ["slowmo=diloco", "slowmo.outer_optimizer=adam"],
+            "error: slowmo.outer_optimizer is fixed by the diloco preset; leave it unset (null) or choose "
             "slowmo=on for Algorithm 1 with every knob free",
         ),
     ):

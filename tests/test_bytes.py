@@ -39,6 +39,16 @@ CASES = [  # (setup, bytes per rank over STEPS inner steps, excluding the start-
         Setup("localsgd", slowmo=dict(tau=4, shard_outer_state=True)),
         {"reduce_scatter": 3 * (3 * 64 // 4), "all_gather": 3 * (3 * 64 // 4)},
     ),
+    # compressed outer average (slowmo/compress.py): 6 values padded to 8, shards of L = 2; each outer step sends
+    # (n - 1) S(L) in the all-to-all and in the all-gather, S(2) = 2 int8 codes + one float32 scale, or 2 fp16 values
+    (
+        Setup("localsgd", slowmo=dict(tau=4, compression="int8", error_feedback=True)),
+        {"all_to_all": 3 * 3 * (2 + 4), "all_gather": 3 * 3 * (2 + 4)},
+    ),
+    (
+        Setup("sgp", slowmo=dict(tau=4, compression="fp16")),
+        {"send": (STEPS - STEPS // 4) * (THETA_BYTES + 8), "all_to_all": 3 * 3 * 4, "all_gather": 3 * 3 * 4},
+    ),
 ]
 
 

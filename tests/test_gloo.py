@@ -19,6 +19,12 @@ SETUPS = [
     Setup("osgp"),
     Setup("osgp", slowmo=dict(tau=4, beta=0.5, nesterov=True, shard_outer_state=True)),
     Setup("sgp", procs_per_node=2, slowmo=dict(tau=4, beta=0.5)),
+    Setup(  # the compressed average (all-to-all, all-gather of int8 codes) with outer Adam
+        "localsgd",
+        slowmo=dict(tau=4, beta=0.5, alpha=0.3, outer_optimizer="adam", compression="int8", error_feedback=True),
+        d=40,
+    ),
+    Setup("sgp", slowmo=dict(tau=4, beta=0.6, outer_optimizer="nesterov", compression="fp8", clip_norm=0.05), d=40),
 ]
 
 

@@ -17,6 +17,14 @@ CASES = {
     "osgp": Setup("osgp", momentum=0.9),
     "sgp+slowmo sharded": Setup("sgp", slowmo=dict(tau=4, beta=0.5, shard_outer_state=True)),
     "allreduce": Setup("allreduce", momentum=0.9),
+    "localsgd+slowmo int8 error feedback, outer adam": Setup(
+        "localsgd",
+        slowmo=dict(tau=4, beta=0.5, alpha=0.3, outer_optimizer="adam", compression="int8", error_feedback=True),
+        d=40,
+    ),
+    "sgp+slowmo outer nesterov, clipped": Setup(
+        "sgp", slowmo=dict(tau=4, beta=0.6, outer_optimizer="nesterov", clip_norm=0.05), momentum=0.9
+    ),
 }
 
 
