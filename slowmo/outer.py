@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from .algorithms import Algorithm
+from .comm.base import Work
 from .compress import Codec, compressed_mean_
 from .flat import average_
 from .inner import DistributedOptimizer
@@ -66,6 +67,7 @@ class SlowMo(Presets, DistributedOptimizer):
         error_feedback: bool = False,
         adam_beta2: float | None = None,
         adam_eps: float | None = None,
+        eager: bool = False,
     ) -> None:
         check_settings(
             tau=tau,
@@ -81,6 +83,7 @@ class SlowMo(Presets, DistributedOptimizer):
             shard_outer_state=shard_outer_state,
             adam_beta2=adam_beta2,
             adam_eps=adam_eps,
+            eager=eager,
         )
         self.shard_outer_state = shard_outer_state  # before the flat buffers are made: they are padded for it
         self.compression = compression
@@ -91,11 +94,14 @@ class SlowMo(Presets, DistributedOptimizer):
         self.adam_beta2 = 0.999 if adam_beta2 is None else float(adam_beta2)
         self.adam_eps = 1e-8 if adam_eps is None else float(adam_eps)
         self._codec = None if compression == "none" else Codec(compression)
-        self._closed_form = outer_optimizer == "sgd" and clip_norm is None and self._codec is None
+        self.eager = bool(eager)
+        self._closed_form = outer_optimizer == "sgd" and clip_norm is None and self._codec is None and not eager
         self._shard = Shard(self.comm, self.flat.numel, shard_outer_state)
         self._x0 = self._v = torch.empty(0)  # x_{t,0} and v_t = gamma_{t-1} u_t (this rank's slice when sharded)
         self._residual = torch.empty(0)  # e_i, error feedback's residual (the padded flat length)
         self._torch_outer: torch.optim.Optimizer | None = None  # outer_optimizer = nesterov | adam, over x_{t,0}
+        self._sent = self._own = torch.empty(0)  # eager: sum_j Delta_j^{t-1} (all-reduced in flight), Delta_i^{t-1}
+        self._in_flight: Work | None = None  # eager: the all-reduce of the last outer step
         self._gammas: list[float] | None = None  # gamma_{t-1} of each parameter
         self._outer = 0
 
@@ -113,6 +119,8 @@ class SlowMo(Presets, DistributedOptimizer):
         self._v = torch.zeros_like(self._x0)
         if self.error_feedback:
             self._residual = torch.zeros_like(self.flat.data)
+        if self.eager:
+            self._sent, self._own = torch.zeros_like(self._x0), torch.zeros_like(self._x0)
 
     def _ends_outer_iteration(self) -> bool:
         return (self._step + 1) % self.tau == 0
@@ -132,7 +140,7 @@ class SlowMo(Presets, DistributedOptimizer):
         if self._closed_form:
             x = self._algorithm_1(gammas, previous)
         else:
-            x = self._mean_pseudo_gradient()  # Delta_bar, where the model's values are
+            x = self._eager_pseudo_gradient() if self.eager else self._mean_pseudo_gradient()  # where the model is
             self._clip(x)
             if self.outer_optimizer == "sgd":
                 self._momentum_step(x, gammas, previous)
@@ -193,6 +201,30 @@ class SlowMo(Presets, DistributedOptimizer):
         compressed_mean_(self.comm, data, self._codec, self._residual if self.error_feedback else None)
         return x
 
+    def _eager_pseudo_gradient(self) -> torch.Tensor:
+        """Eager updates (Kale, Douillard & Donchev 2025, arXiv 2502.12996): the all-reduce of Delta_i^t is started
+        now and completes during round t + 1; the outer step uses this rank's fresh Delta_i^t in place of its share
+        of the missing mean: Delta~_i^t = (Delta_i^t + sum_{j != i} Delta_j^{t-1}) / m (Delta^{-1} = 0), returned in
+        the model's buffer. The ranks' x_{t+1,0} then differ by their own terms, and agree again on the true means."""
+        x = self.flat.values
+        torch.sub(self._x0, x, out=x)  # Delta_i^t
+        self._wait_in_flight()  # self._sent: sum_j Delta_j^{t-1}
+        self._sent.sub_(self._own)  # the others' sum
+        self._own.copy_(x)
+        x.add_(self._sent).div_(self.comm.world_size)  # Delta~_i^t
+        self._sent.copy_(self._own)
+        self._in_flight = self.comm.all_reduce_async(self._sent)
+        return x
+
+    def _wait_in_flight(self) -> None:
+        if self._in_flight is not None:
+            self._in_flight.wait()
+            self._in_flight = None
+
+    def synchronize(self) -> None:
+        self._wait_in_flight()
+        super().synchronize()
+
     def _clip(self, delta: torch.Tensor) -> None:
         """Delta_bar <- Delta_bar min(1, clip_norm / (||Delta_bar||_2 + 1e-6)), the norm over all parameters."""
         if self.clip_norm is None:
@@ -234,9 +266,11 @@ class SlowMo(Presets, DistributedOptimizer):
         return self._torch_outer
 
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
+        self._wait_in_flight()  # (an eager all-reduce in flight is saved completed: its result is the same)
         state = super().state_dict()
         outer = {"t": self._outer, "gammas": self._gammas, "shard": self._shard.key, "numel": self._shard.numel}
-        state["outer"] = outer | {"x0": self._x0.clone(), "v": self._v.clone(), "residual": self._residual.clone()}
+        buffers = {"x0": self._x0, "v": self._v, "residual": self._residual, "sent": self._sent, "own": self._own}
+        state["outer"] = outer | {key: value.clone() for key, value in buffers.items()}
         state["outer"]["optimizer"] = None if self._torch_outer is None else self._torch_outer.state_dict()
         return state
 
@@ -251,9 +285,10 @@ class SlowMo(Presets, DistributedOptimizer):
             )
         like = self.flat.data
         self._outer, self._gammas = outer["t"], outer["gammas"]
-        self._x0, self._v, self._residual = (
-            outer[k].to(dtype=like.dtype, device=like.device).clone() for k in ("x0", "v", "residual")
+        self._x0, self._v, self._residual, self._sent, self._own = (
+            outer[k].to(dtype=like.dtype, device=like.device).clone() for k in ("x0", "v", "residual", "sent", "own")
         )
+        self._in_flight = None
         self._torch_outer = None  # over the loaded x_{t,0}
         if outer["optimizer"] is not None:
             self._outer_torch_optimizer(len(outer["optimizer"]["param_groups"])).load_state_dict(outer["optimizer"])

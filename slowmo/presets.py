@@ -68,6 +68,11 @@ def _check_beyond(settings: dict[str, Any], beta: float) -> None:
         raise ValueError(f"compression must be one of {', '.join(CODECS)}, got {compression!r}")
     if settings.get("error_feedback") and compression == "none":
         raise ValueError("error_feedback needs a compression (int8, fp8, fp16 or bf16): with none there is no error")
+    if settings.get("eager") and (compression != "none" or settings.get("shard_outer_state")):
+        raise ValueError(
+            "eager=True overlaps one all-reduce of the pseudo-gradient with the next round; it does not combine "
+            "with compression or shard_outer_state yet: choose one"
+        )
     if compression != "none" and settings.get("shard_outer_state"):
         raise ValueError(
             "compression with shard_outer_state is not supported (the sharded outer step gathers parameters, not "
@@ -76,7 +81,7 @@ def _check_beyond(settings: dict[str, Any], beta: float) -> None:
 
 
 KNOBS = ("tau", "alpha", "beta", "nesterov", "pseudo_gradient", "outer_optimizer", "adam_beta2", "adam_eps")
-COMMON = ("base_buffers", "shard_outer_state", "clip_norm", "compression", "error_feedback")
+COMMON = ("base_buffers", "shard_outer_state", "clip_norm", "compression", "error_feedback", "eager")
 
 
 @dataclass
@@ -99,6 +104,7 @@ class OuterConfig:
     clip_norm: float | None
     compression: str  # none | fp16 | bf16 | int8 | fp8
     error_feedback: bool
+    eager: bool
 
     def knobs(self) -> dict[str, Any]:
         """The preset's arguments from the knobs set here; a knob the preset fixes is refused (one line)."""

@@ -92,8 +92,9 @@ def reference(s: Problem) -> np.ndarray:
     theta = np.tile(theta0, (n, 1))
     weight = np.ones(n)
     buf = [None] * n
-    x0, u = theta0.copy(), np.zeros(dim)
-    second, t_adam, residual = np.zeros(dim), 0, np.zeros((n, dim))  # outer Adam's v and t; error feedback's e_i
+    x0, u = np.tile(theta0, (n, 1)), np.zeros((n, dim))
+    second, t_adam = np.zeros((n, dim)), 0  # outer Adam's v and t
+    residual, previous = np.zeros((n, dim)), np.zeros((n, dim))  # error feedback's e_i; eager's Delta_i^{t-1}
     pending = None  # OSGP: the [x, w] shares sent to each rank at the previous step
     cfg = s.outer
     for k in range(s.steps):
@@ -132,18 +133,24 @@ def reference(s: Problem) -> np.ndarray:
                 num, pending = num + pending, None
             weight = num[:, -1].copy()
             theta = num[:, :-1] / weight[:, None]
-        if outer:
+        if outer:  # x0, u, second: one row per rank (equal rows, but under eager updates)
             alpha, beta = cfg.get("alpha", 1.0), cfg.get("beta", 0.0)
             raw = cfg.get("pseudo_gradient", "scaled") == "raw"
             compression = cfg.get("compression", "none")
-            if compression == "none" or s.mixing == "gradient_mean":  # (equal replicas: nothing to compress)
-                delta = x0 - theta.mean(axis=0)
+            if cfg.get("eager", False):  # this rank's fresh Delta_i^t, the others' Delta_j^{t-1}
+                fresh = x0 - theta
+                delta = (fresh + (previous.sum(axis=0) - previous)) / n
+                previous = fresh
+            elif compression == "none" or s.mixing == "gradient_mean":  # (equal replicas: nothing to compress)
+                delta = np.tile(x0[0] - theta.mean(axis=0), (n, 1))
             else:
                 sent = x0 - theta + residual
-                delta, decoded = _compressed_mean(sent, compression)
+                mean, decoded = _compressed_mean(sent, compression)
+                delta = np.tile(mean, (n, 1))
                 residual = sent - decoded if cfg.get("error_feedback", False) else residual
             if cfg.get("clip_norm") is not None:
-                delta = delta * min(1.0, cfg["clip_norm"] / (np.linalg.norm(delta) + 1e-6))
+                norms = np.linalg.norm(delta, axis=1, keepdims=True)
+                delta = delta * np.minimum(1.0, cfg["clip_norm"] / (norms + 1e-6))
             disp = delta if raw else delta / lr  # the gradient of the outer step
             outer_lr = alpha if raw else alpha * lr
             optimizer = cfg.get("outer_optimizer", "sgd")
@@ -158,7 +165,7 @@ def reference(s: Problem) -> np.ndarray:
                 u = beta * u + disp
                 nesterov = cfg.get("nesterov", False) or optimizer == "nesterov"
                 x0 = x0 - outer_lr * (beta * u + disp if nesterov else u)
-            theta = np.tile(x0, (n, 1))
+            theta = x0.copy()
             weight = np.ones(n)
             policy = cfg.get("base_buffers", "keep")
             if policy == "reset" and s.momentum:

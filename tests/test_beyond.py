@@ -1,6 +1,7 @@
-"""Beyond Algorithm 1 (issue: the SlowMo family since 2020): any outer optimizer, a clipped pseudo-gradient and a
-compressed outer average with error feedback, each against the plain-NumPy reference (slowmo.reference, written from
-the papers' equations and slowmo.compress's format table), on 4 ranks with different data per rank."""
+"""Beyond Algorithm 1 (the SlowMo family since 2020): any outer optimizer, a clipped pseudo-gradient, a compressed
+outer average with error feedback and the eager (overlapped) outer step, each against the plain-NumPy reference
+(slowmo.reference, written from the papers' equations and slowmo.compress's format table), on 4 ranks with different
+data per rank."""
 
 import numpy as np
 import pytest
@@ -30,6 +31,8 @@ REFERENCE_CASES = [
     dict(outer_optimizer="adam", beta=0.6, alpha=0.3, adam_beta2=0.99, adam_eps=1e-6),
     dict(outer_optimizer="adam", beta=0.9, alpha=0.01, pseudo_gradient="raw"),
     dict(clip_norm=0.05, tau=3),
+    dict(eager=True),
+    dict(eager=True, outer_optimizer="nesterov", beta=0.6, alpha=0.7, pseudo_gradient="raw"),
     dict(  # Streaming-DiLoCo-like: Nesterov on the raw, clipped, int8-compressed pseudo-gradient with error feedback
         outer_optimizer="nesterov",
         beta=0.6,
@@ -64,7 +67,9 @@ def test_error_feedback_keeps_what_compression_lost():
 def test_options_at_their_defaults_are_bit_identical_to_algorithm_1():
     for algorithm in ("localsgd", "sgp", "osgp", "allreduce"):
         s = setup(algorithm, alpha=0.8, nesterov=True)
-        explicit = s.slowmo | dict(outer_optimizer="sgd", compression="none", error_feedback=False, clip_norm=None)
+        explicit = s.slowmo | dict(
+            outer_optimizer="sgd", compression="none", error_feedback=False, clip_norm=None, eager=False
+        )
         assert np.array_equal(thetas(s), thetas(s.with_(slowmo=explicit)))
 
 
@@ -118,3 +123,12 @@ def test_compressed_mean_is_the_same_on_every_rank_and_sends_the_formula(name, s
         else:
             assert np.allclose(values, 2.5, rtol=2**-4, atol=0) and np.all(np.abs(residual) <= (rank + 1) / 2**4)
         assert stats == {"all_to_all": 3 * size, "all_gather": 3 * size, "total": 6 * size}
+
+
+def test_eager_ranks_differ_by_their_own_terms_and_send_plain_slowmo_bytes():
+    s = setup("localsgd", eager=True).with_(steps=12)  # ends on an outer step
+    runs = slowmo.comm.spawn(run_engine, 4, "simulated", args=(s,))
+    theta = np.stack([r["theta"] for r in runs])
+    assert np.abs(theta - theta[0]).max() > 1e-6  # each rank's x_{t+1,0} has its own fresh term
+    plain = slowmo.comm.spawn(run_engine, 4, "simulated", args=(s.with_(slowmo=dict(tau=4, beta=0.5)),))
+    assert [r["stats"] for r in runs] == [r["stats"] for r in plain]

@@ -25,6 +25,7 @@ SETUPS = [
         d=40,
     ),
     Setup("sgp", slowmo=dict(tau=4, beta=0.6, outer_optimizer="nesterov", compression="fp8", clip_norm=0.05), d=40),
+    Setup("osgp", slowmo=dict(tau=4, beta=0.5, eager=True), momentum=0.9),  # the all-reduce in flight for real
 ]
 
 

@@ -22,6 +22,7 @@ CASES = {
         slowmo=dict(tau=4, beta=0.5, alpha=0.3, outer_optimizer="adam", compression="int8", error_feedback=True),
         d=40,
     ),
+    "localsgd+slowmo eager (an all-reduce in flight)": Setup("localsgd", slowmo=dict(tau=4, beta=0.5, eager=True)),
     "sgp+slowmo outer nesterov, clipped": Setup(
         "sgp", slowmo=dict(tau=4, beta=0.6, outer_optimizer="nesterov", clip_norm=0.05), momentum=0.9
     ),
