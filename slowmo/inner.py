@@ -106,8 +106,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
         outer = self._ends_outer_iteration()
         self.algorithm.after_step(self._step, outer)
         self._step += 1
-        if outer:
-            self._outer_step()
+        self._after_inner_step(outer)
         return loss
 
     def _start(self) -> None:
@@ -121,6 +120,11 @@ class DistributedOptimizer(torch.optim.Optimizer):
     def _ends_outer_iteration(self) -> bool:
         return False
 
+    def _after_inner_step(self, outer: bool) -> None:
+        """After every inner step: the outer step when one ends the outer iteration."""
+        if outer:
+            self._outer_step()
+
     def _outer_step(self) -> None:
         raise NotImplementedError
 
@@ -129,16 +133,16 @@ class DistributedOptimizer(torch.optim.Optimizer):
         lr_of = {id(p): float(group["lr"]) for group in self.base_optimizer.param_groups for p in group["params"]}
         return [lr_of[id(p)] for p in self._params]
 
-    def _base_state_(self, policy: str) -> None:
-        """The base optimizer's state: "keep" it, "reset" it to zero (as a freshly built optimizer: momentum,
-        moments and step counts) or "average" its per-parameter buffers over the ranks (momentum, moments; step
-        counts are equal on all ranks anyway)."""
+    def _base_state_(self, policy: str, params: list[torch.Tensor] | None = None) -> None:
+        """The base optimizer's state of ``params`` (default: all): "keep" it, "reset" it to zero (as a freshly built
+        optimizer: momentum, moments and step counts) or "average" its per-parameter buffers over the ranks
+        (momentum, moments; step counts are equal on all ranks anyway)."""
         if policy == "keep":
             return
         state = self.base_optimizer.state
         entries = [
             (p, value)
-            for p in self._params
+            for p in (self._params if params is None else params)
             for _, value in sorted(state.get(p, {}).items())
             if torch.is_tensor(value) and value.is_floating_point()
         ]

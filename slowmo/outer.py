@@ -26,13 +26,14 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from .algorithms import Algorithm
+from .algorithms import Algorithm, AllReduce, LocalSGD
 from .comm.base import Work
 from .compress import Codec, compressed_mean_
 from .flat import average_
 from .inner import DistributedOptimizer
 from .presets import Presets, check_settings
 from .shard import Shard
+from .streaming import Fragments, layers_of
 
 
 class SlowMo(Presets, DistributedOptimizer):
@@ -68,6 +69,9 @@ class SlowMo(Presets, DistributedOptimizer):
         adam_beta2: float | None = None,
         adam_eps: float | None = None,
         eager: bool = False,
+        fragments: int = 1,
+        sync_delay: int = 0,
+        fragment_mix: float = 1.0,
     ) -> None:
         check_settings(
             tau=tau,
@@ -84,7 +88,17 @@ class SlowMo(Presets, DistributedOptimizer):
             adam_beta2=adam_beta2,
             adam_eps=adam_eps,
             eager=eager,
+            fragments=fragments,
+            sync_delay=sync_delay,
+            fragment_mix=fragment_mix,
         )
+        streaming = fragments > 1 or sync_delay > 0 or fragment_mix != 1.0
+        if streaming and not isinstance(algorithm, LocalSGD | AllReduce):
+            raise ValueError(
+                f"streaming fragments need Local SGD or AR-SGD as the base algorithm, not {type(algorithm).__name__} "
+                "(push-sum weights belong to a rank's whole model)"
+            )
+        layers = layers_of(params) if isinstance(params, nn.Module) else None
         self.shard_outer_state = shard_outer_state  # before the flat buffers are made: they are padded for it
         self.compression = compression
         super().__init__(params, base_optimizer, algorithm)
@@ -95,7 +109,13 @@ class SlowMo(Presets, DistributedOptimizer):
         self.adam_eps = 1e-8 if adam_eps is None else float(adam_eps)
         self._codec = None if compression == "none" else Codec(compression)
         self.eager = bool(eager)
-        self._closed_form = outer_optimizer == "sgd" and clip_norm is None and self._codec is None and not eager
+        self.fragments, self.sync_delay, self.fragment_mix = fragments, sync_delay, float(fragment_mix)
+        self._streaming = None  # the fragments when streaming
+        if streaming:
+            self._streaming = Fragments(layers or list(range(len(self._params))), fragments, tau, sync_delay)
+        self._closed_form = (
+            outer_optimizer == "sgd" and clip_norm is None and self._codec is None and not eager and not streaming
+        )
         self._shard = Shard(self.comm, self.flat.numel, shard_outer_state)
         self._x0 = self._v = torch.empty(0)  # x_{t,0} and v_t = gamma_{t-1} u_t (this rank's slice when sharded)
         self._residual = torch.empty(0)  # e_i, error feedback's residual (the padded flat length)
@@ -125,17 +145,28 @@ class SlowMo(Presets, DistributedOptimizer):
     def _ends_outer_iteration(self) -> bool:
         return (self._step + 1) % self.tau == 0
 
+    def _after_inner_step(self, outer: bool) -> None:
+        if self._streaming is not None:
+            self._stream(self._step - 1)
+        elif outer:
+            self._outer_step()
+
+    def _scaled_gammas(self) -> list[float]:
+        """Each parameter's gamma_t; SlowMo's scaled pseudo-gradient divides by it, so it must be > 0."""
+        gammas = self.learning_rates()
+        if self.pseudo_gradient == "scaled" and min(gammas) <= 0:
+            raise ValueError(
+                f"SlowMo divides by the base lr at the outer step, but it is {min(gammas)} at inner step "
+                f"{self._step}; keep the lr schedule above 0 (e.g. start warm-up above 0)"
+            )
+        return gammas
+
     @torch.no_grad()
     def _outer_step(self) -> None:
         """Steps 2-5 in place, where the model holds x_{t,tau}: Algorithm 1's closed form in 3 passes (alpha = 1) or
         4-5; with compression, clipping or a torch outer optimizer, the mean pseudo-gradient first, then its step."""
         self.algorithm.flush()
-        gammas, scaled = self.learning_rates(), self.pseudo_gradient == "scaled"
-        if scaled and min(gammas) <= 0:
-            raise ValueError(
-                f"SlowMo divides by the base lr at the outer step, but it is {min(gammas)} at inner step "
-                f"{self._step}; keep the lr schedule above 0 (e.g. start warm-up above 0)"
-            )
+        gammas = self._scaled_gammas()
         previous = self._gammas or gammas  # (at t = 0, v = 0: nothing to rescale)
         if self._closed_form:
             x = self._algorithm_1(gammas, previous)
@@ -223,7 +254,65 @@ class SlowMo(Presets, DistributedOptimizer):
 
     def synchronize(self) -> None:
         self._wait_in_flight()
+        if self._streaming is not None:
+            self._streaming.state_dict(self.comm.world_size)  # complete the launched fragments' all-reduces
         super().synchronize()
+
+    @torch.no_grad()
+    def _stream(self, step: int) -> None:
+        """After inner step ``step``: launch the fragments due, then merge those launched d steps before
+        (:mod:`slowmo.streaming`)."""
+        fragments, gammas = self._streaming, self._scaled_gammas()
+        for p in fragments.due(step):
+            equal = self.algorithm.replicas_equal
+            fragments.launch(p, step, self._x0, self.flat.data, self.flat.ranges, gammas, self.comm, equal)
+        for p in fragments.ready(step):
+            self._merge(p)
+        if (step + 1) % self.tau == 0:
+            average_(self.comm, self._buffers)
+            self._outer += 1
+
+    def _merge(self, fragment: int) -> None:
+        """Fragment p's outer step on its mean pseudo-gradient, mixed into the model (alpha_mix)."""
+        flight = self._streaming.in_flight.pop(fragment)
+        delta = flight.complete(self.comm.world_size)
+        self._clip(delta)
+        members = self._streaming.members[fragment]
+        ranges = [self.flat.ranges[i] for i in members]
+        self._gammas = self._gammas or list(self.learning_rates())
+        scaled, offset, pieces = self.pseudo_gradient == "scaled", 0, []
+        for a, b in ranges:  # each parameter's piece of the fragment's Delta_bar
+            pieces.append(delta[offset : offset + b - a])
+            offset += b - a
+        if self.outer_optimizer == "sgd":
+            for i, (a, b), gamma, piece in zip(members, ranges, flight.gammas, pieces, strict=True):
+                m = self.beta * (gamma / self._gammas[i] if scaled else 1.0)
+                x0, v = self._x0[a:b], self._v[a:b]
+                torch.add(piece, v, alpha=m, out=v)  # v_{t+1} = m v_t + Delta
+                if self.nesterov:
+                    torch.add(x0, piece, alpha=-self.alpha, out=piece).add_(v, alpha=-self.alpha * self.beta)
+                else:
+                    torch.add(x0, v, alpha=-self.alpha, out=piece)  # x~_p
+        else:
+            optimizer = self._outer_torch_optimizer(self.flat.ranges)
+            for group in optimizer.param_groups:  # only the fragment's parameters step
+                group["params"][0].grad = None
+            for i, gamma, piece in zip(members, flight.gammas, pieces, strict=True):
+                group = optimizer.param_groups[i]
+                group["lr"] = self.alpha * gamma if scaled else self.alpha
+                group["params"][0].grad = piece / gamma if scaled else piece
+            optimizer.step()
+            for (a, b), piece in zip(ranges, pieces, strict=True):
+                piece.copy_(self._x0[a:b])
+        for i, (a, b), gamma, piece in zip(members, ranges, flight.gammas, pieces, strict=True):
+            x = self.flat.data[a:b]
+            if self.fragment_mix == 1.0:
+                x.copy_(piece)
+            else:  # x_p <- alpha_mix x~_p + (1 - alpha_mix) x_p
+                x.mul_(1.0 - self.fragment_mix).add_(piece, alpha=self.fragment_mix)
+            self._x0[a:b].copy_(piece)
+            self._gammas[i] = gamma
+        self._base_state_(self.base_buffers, [self._params[i] for i in members])
 
     def _clip(self, delta: torch.Tensor) -> None:
         """Delta_bar <- Delta_bar min(1, clip_norm / (||Delta_bar||_2 + 1e-6)), the norm over all parameters."""
@@ -239,25 +328,25 @@ class SlowMo(Presets, DistributedOptimizer):
         (raw: Delta_bar and alpha); ``delta`` then receives x_{t+1,0}."""
         scaled = self.pseudo_gradient == "scaled"
         runs = self._shard.runs(self.flat.runs(gammas))
-        optimizer = self._outer_torch_optimizer(len(runs))
+        optimizer = self._outer_torch_optimizer([(a, b) for a, b, _ in runs])
         for (a, b, gamma), group in zip(runs, optimizer.param_groups, strict=True):
             group["lr"] = self.alpha * gamma if scaled else self.alpha
             group["params"][0].grad = delta[a:b] / gamma if scaled else delta[a:b]
         optimizer.step()
         delta.copy_(self._x0)
 
-    def _outer_torch_optimizer(self, groups: int) -> torch.optim.Optimizer:
+    def _outer_torch_optimizer(self, ranges: list[tuple[int, int]]) -> torch.optim.Optimizer:
         """torch's SGD with Nesterov momentum beta, or Adam with betas (beta, adam_beta2), over x_{t,0}: one param
-        group per run of equal base lrs (built at the first outer step, or when a checkpoint is loaded)."""
-        runs = self._shard.runs(self.flat.runs(self.learning_rates()))
-        if self._torch_outer is not None and len(self._torch_outer.param_groups) == groups:
+        group per range (per run of equal base lrs; per parameter when streaming), built at the first outer step or
+        when a checkpoint is loaded."""
+        if self._torch_outer is not None and len(self._torch_outer.param_groups) == len(ranges):
             return self._torch_outer
         if self._torch_outer is not None:
             raise ValueError(
                 "the base param groups' lrs became equal or different during training, which changes how "
                 f"outer_optimizer={self.outer_optimizer} splits x_{{t,0}}; keep the groups' lrs distinct or equal"
             )
-        params = [{"params": [self._x0[a:b]]} for a, b, _ in runs]
+        params = [{"params": [self._x0[a:b]]} for a, b in ranges]
         if self.outer_optimizer == "nesterov":
             self._torch_outer = torch.optim.SGD(params, lr=self.alpha, momentum=self.beta, nesterov=True)
         else:
@@ -272,6 +361,8 @@ class SlowMo(Presets, DistributedOptimizer):
         buffers = {"x0": self._x0, "v": self._v, "residual": self._residual, "sent": self._sent, "own": self._own}
         state["outer"] = outer | {key: value.clone() for key, value in buffers.items()}
         state["outer"]["optimizer"] = None if self._torch_outer is None else self._torch_outer.state_dict()
+        if self._streaming is not None:
+            state["outer"]["fragments"] = self._streaming.state_dict(self.comm.world_size)
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
@@ -291,7 +382,13 @@ class SlowMo(Presets, DistributedOptimizer):
         self._in_flight = None
         self._torch_outer = None  # over the loaded x_{t,0}
         if outer["optimizer"] is not None:
-            self._outer_torch_optimizer(len(outer["optimizer"]["param_groups"])).load_state_dict(outer["optimizer"])
+            if self._streaming is not None:
+                ranges = self.flat.ranges
+            else:
+                ranges = [(a, b) for a, b, _ in self._shard.runs(self.flat.runs(self.learning_rates()))]
+            self._outer_torch_optimizer(ranges).load_state_dict(outer["optimizer"])
+        if self._streaming is not None:
+            self._streaming.load_state_dict(outer["fragments"], like)
 
     def __repr__(self) -> str:
         knobs = f"tau={self.tau}, alpha={self.alpha}, beta={self.beta}, nesterov={self.nesterov}"

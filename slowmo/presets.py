@@ -73,6 +73,26 @@ def _check_beyond(settings: dict[str, Any], beta: float) -> None:
             "eager=True overlaps one all-reduce of the pseudo-gradient with the next round; it does not combine "
             "with compression or shard_outer_state yet: choose one"
         )
+    fragments, delay, mix = (
+        settings.get("fragments", 1),
+        settings.get("sync_delay", 0),
+        settings.get("fragment_mix", 1.0),
+    )
+    tau = settings.get("tau", 1)
+    if isinstance(fragments, bool) or not isinstance(fragments, int) or fragments < 1 or tau % fragments:
+        raise ValueError(f"fragments must be an integer >= 1 that divides tau = {tau}, got {fragments!r}")
+    if isinstance(delay, bool) or not isinstance(delay, int) or not 0 <= delay < tau:
+        raise ValueError(f"sync_delay must be an integer in [0, tau) = [0, {tau}) inner steps, got {delay!r}")
+    if not 0 <= mix <= 1:
+        raise ValueError(
+            f"fragment_mix must be in [0, 1] (1: the outer-updated fragment replaces the local one), got {mix!r}"
+        )
+    streaming = fragments > 1 or delay > 0 or mix != 1.0
+    if streaming and (compression != "none" or settings.get("eager") or settings.get("shard_outer_state")):
+        raise ValueError(
+            "streaming fragments (fragments, sync_delay, fragment_mix) do not combine with compression, eager or "
+            "shard_outer_state yet: choose one"
+        )
     if compression != "none" and settings.get("shard_outer_state"):
         raise ValueError(
             "compression with shard_outer_state is not supported (the sharded outer step gathers parameters, not "
@@ -81,7 +101,17 @@ def _check_beyond(settings: dict[str, Any], beta: float) -> None:
 
 
 KNOBS = ("tau", "alpha", "beta", "nesterov", "pseudo_gradient", "outer_optimizer", "adam_beta2", "adam_eps")
-COMMON = ("base_buffers", "shard_outer_state", "clip_norm", "compression", "error_feedback", "eager")
+COMMON = (
+    "base_buffers",
+    "shard_outer_state",
+    "clip_norm",
+    "compression",
+    "error_feedback",
+    "eager",
+    "fragments",
+    "sync_delay",
+    "fragment_mix",
+)
 
 
 @dataclass
@@ -105,6 +135,9 @@ class OuterConfig:
     compression: str  # none | fp16 | bf16 | int8 | fp8
     error_feedback: bool
     eager: bool
+    fragments: int
+    sync_delay: int
+    fragment_mix: float
 
     def knobs(self) -> dict[str, Any]:
         """The preset's arguments from the knobs set here; a knob the preset fixes is refused (one line)."""

@@ -93,10 +93,14 @@ def reference(s: Problem) -> np.ndarray:
     weight = np.ones(n)
     buf = [None] * n
     x0, u = np.tile(theta0, (n, 1)), np.zeros((n, dim))
-    second, t_adam = np.zeros((n, dim)), 0  # outer Adam's v and t
+    second, t_adam = np.zeros((n, dim)), np.zeros(dim)  # outer Adam's v and its step count (per value)
     residual, previous = np.zeros((n, dim)), np.zeros((n, dim))  # error feedback's e_i; eager's Delta_i^{t-1}
     pending = None  # OSGP: the [x, w] shares sent to each rank at the previous step
     cfg = s.outer
+    streaming = cfg is not None and (
+        cfg.get("fragments", 1) > 1 or cfg.get("sync_delay", 0) > 0 or cfg.get("fragment_mix", 1.0) != 1.0
+    )
+    in_flight: dict[int, tuple[int, np.ndarray, np.ndarray]] = {}  # streaming: fragment -> (step, Delta_bar, lr)
     for k in range(s.steps):
         lr = lr_at(s, k)
         grads = []
@@ -121,6 +125,8 @@ def reference(s: Problem) -> np.ndarray:
         if s.mixing == "average" and s.period and (k + 1) % s.period == 0 and not outer:
             theta[:] = theta.mean(axis=0)
         if push_sum:
+            if streaming:
+                raise ValueError("the reference streams fragments over Local SGD and AR-SGD only")
             num = np.concatenate([theta, weight[:, None]], axis=1)  # [x, w] per rank
             if not outer:  # an exact average follows an outer step's last inner step: no gossip round then
                 p = s.mixing_matrix(k) if s.mixing_matrix is not None else _exponential_matrix(s, k)
@@ -133,7 +139,9 @@ def reference(s: Problem) -> np.ndarray:
                 num, pending = num + pending, None
             weight = num[:, -1].copy()
             theta = num[:, :-1] / weight[:, None]
-        if outer:  # x0, u, second: one row per rank (equal rows, but under eager updates)
+        if streaming:
+            theta, x0, u, second, t_adam, buf = _stream(s, k, lr, theta, x0, u, second, t_adam, buf, in_flight)
+        elif outer:  # x0, u, second: one row per rank (equal rows, but under eager updates)
             alpha, beta = cfg.get("alpha", 1.0), cfg.get("beta", 0.0)
             raw = cfg.get("pseudo_gradient", "scaled") == "raw"
             compression = cfg.get("compression", "none")
@@ -155,7 +163,7 @@ def reference(s: Problem) -> np.ndarray:
             outer_lr = alpha if raw else alpha * lr
             optimizer = cfg.get("outer_optimizer", "sgd")
             if optimizer == "adam":  # Kingma & Ba, with bias correction
-                t_adam += 1
+                t_adam = t_adam + 1
                 beta2, eps = cfg.get("adam_beta2") or 0.999, cfg.get("adam_eps") or 1e-8
                 u = beta * u + (1 - beta) * disp
                 second = beta2 * second + (1 - beta2) * disp**2
@@ -174,6 +182,56 @@ def reference(s: Problem) -> np.ndarray:
                 mean = np.mean(buf, axis=0)
                 buf = [mean.copy() for _ in range(n)]
     return theta
+
+
+def _stream(s: Problem, k, lr, theta, x0, u, second, t_adam, buf, in_flight):
+    """Streaming fragments (Douillard et al. 2025, arXiv 2501.18512) after inner step k: parameter j (here x, then
+    c) is in fragment j mod P; fragment p's mean pseudo-gradient is taken after the steps k with (k + 1) mod tau =
+    p tau / P and applied d = sync_delay steps later, mixed: x_p <- mix x~_p + (1 - mix) x_p, x_{0,p} <- x~_p."""
+    cfg, n = s.outer, s.world_size
+    tau, fragments, delay = cfg["tau"], cfg.get("fragments", 1), cfg.get("sync_delay", 0)
+    alpha, beta, mix = cfg.get("alpha", 1.0), cfg.get("beta", 0.0), cfg.get("fragment_mix", 1.0)
+    raw = cfg.get("pseudo_gradient", "scaled") == "raw"
+    members = [np.arange(s.d), np.array([s.d])]  # the parameters' values: x, c
+    values = {
+        p: np.concatenate([members[j] for j in range(len(members)) if j % fragments == p]) for p in range(fragments)
+    }
+    due = [p for p in range(fragments) if (k + 1) % tau == p * tau // fragments]
+    for p in due:  # launch: the mean over ranks of x_{0,p} - x^i_p
+        e = values[p]
+        in_flight[p] = (k, (x0[:, e] - theta[:, e]).sum(axis=0) / n, lr[e])
+    for p in sorted(in_flight):
+        start, delta, gamma = in_flight[p]
+        if start + delay != k:
+            continue
+        del in_flight[p]
+        e = values[p]
+        if cfg.get("clip_norm") is not None:
+            delta = delta * min(1.0, cfg["clip_norm"] / (np.linalg.norm(delta) + 1e-6))
+        disp = delta if raw else delta / gamma
+        outer_lr = alpha if raw else alpha * gamma
+        optimizer = cfg.get("outer_optimizer", "sgd")
+        if optimizer == "adam":
+            t_adam = t_adam.copy()
+            t_adam[e] += 1
+            beta2, eps = cfg.get("adam_beta2") or 0.999, cfg.get("adam_eps") or 1e-8
+            u[:, e] = beta * u[:, e] + (1 - beta) * disp
+            second[:, e] = beta2 * second[:, e] + (1 - beta2) * disp**2
+            m_hat, v_hat = u[:, e] / (1 - beta ** t_adam[e]), second[:, e] / (1 - beta2 ** t_adam[e])
+            new = x0[:, e] - outer_lr * m_hat / (np.sqrt(v_hat) + eps)
+        else:
+            u[:, e] = beta * u[:, e] + disp
+            nesterov = cfg.get("nesterov", False) or optimizer == "nesterov"
+            new = x0[:, e] - outer_lr * (beta * u[:, e] + disp if nesterov else u[:, e])
+        theta[:, e] = mix * new + (1 - mix) * theta[:, e]
+        x0[:, e] = new
+        policy = cfg.get("base_buffers", "keep")
+        if s.momentum and policy != "keep":
+            mean = np.mean([b[e] for b in buf], axis=0)
+            for r in range(n):
+                buf[r] = buf[r].copy()
+                buf[r][e] = 0.0 if policy == "reset" else mean
+    return theta, x0, u, second, t_adam, buf
 
 
 # ------------------------------------------------------------------------------------------------ compression

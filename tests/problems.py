@@ -122,7 +122,9 @@ def build(comm, s: Setup, theta0: np.ndarray):
     if s.slowmo is None:
         opt = slowmo.DistributedOptimizer(model, base, algorithm)
     else:
-        opt = slowmo.SlowMo(model, base, algorithm, **s.slowmo)
+        # streaming fragments deal layers: x and c, one module's, are two layers when given as a list
+        streamed = s.slowmo.get("fragments", 1) > 1
+        opt = slowmo.SlowMo([model.x, model.c] if streamed else model, base, algorithm, **s.slowmo)
     return model, opt
 
 

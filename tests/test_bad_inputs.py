@@ -333,6 +333,17 @@ CASES = [
         "outer_optimizer=nesterov needs a momentum beta > 0 (Nesterov momentum 0 is plain sgd)",
     ),
     Case(
+        "fragments that do not divide tau",
+        lambda t: {"slowmo": {"enabled": True, "tau": 12, "fragments": 5}},
+        "fragments must be an integer >= 1 that divides tau = 12, got 5",
+    ),
+    Case(
+        "streaming fragments over gossip",
+        lambda t: {"algorithm": {"name": "sgp"}, "slowmo": {"enabled": True, "fragments": 2}},
+        "streaming fragments need algorithm=localsgd or allreduce, not sgp (push-sum weights belong to a rank's "
+        "whole model); set slowmo.fragments=1, sync_delay=0, fragment_mix=1.0",
+    ),
+    Case(
         "gradient clipping at a norm <= 0",
         lambda t: {"train": {"clip_grad_norm": 0.0}},
         "train.clip_grad_norm must be > 0 or null (no clipping), got 0.0",

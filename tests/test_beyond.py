@@ -43,16 +43,33 @@ REFERENCE_CASES = [
         clip_norm=0.1,
     ),
 ]
+STREAMING_CASES = [  # fragments: x and c (two layers), each with its own outer iterations
+    dict(fragments=2),
+    dict(fragments=2, sync_delay=1),
+    dict(fragments=2, sync_delay=3, fragment_mix=0.5),
+    dict(sync_delay=2),  # one fragment, its all-reduce overlapped with 2 inner steps
+    dict(fragments=2, sync_delay=1, outer_optimizer="nesterov", beta=0.6, alpha=0.7, pseudo_gradient="raw"),
+    dict(fragments=2, sync_delay=2, outer_optimizer="adam", beta=0.9, alpha=0.1, clip_norm=0.05, base_buffers="reset"),
+    dict(fragments=2, sync_delay=1, tau=6, nesterov=True, base_buffers="average"),
+]
 
 
-@pytest.mark.parametrize("algorithm", ["localsgd", "sgp", "osgp"])
-@pytest.mark.parametrize("outer", REFERENCE_CASES, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
+def _case_id(outer: dict) -> str:
+    return ",".join(f"{k}={v}" for k, v in outer.items())
+
+
+@pytest.mark.parametrize(
+    "algorithm,outer",
+    [(a, o) for o in REFERENCE_CASES for a in ("localsgd", "sgp", "osgp")]
+    + [(a, o) for o in STREAMING_CASES for a in ("localsgd", "allreduce")],
+    ids=lambda v: _case_id(v) if isinstance(v, dict) else v,
+)
 def test_outer_step_equals_the_numpy_reference(algorithm, outer):
-    s = setup(algorithm, **outer)
+    s = setup(algorithm, **outer).with_(steps=15)
     expected = reference(s)
     assert np.allclose(thetas(s), expected, rtol=0, atol=1e-12)
     # the option changes the run (the reference of plain SlowMo is not also the answer)
-    plain = {k: v for k, v in s.slowmo.items() if k in ("tau", "alpha", "beta", "pseudo_gradient")}
+    plain = {k: v for k, v in s.slowmo.items() if k in ("tau", "alpha", "beta", "pseudo_gradient", "base_buffers")}
     assert np.abs(reference(s.with_(slowmo=plain)) - expected).max() > 1e-6
 
 
@@ -68,7 +85,14 @@ def test_options_at_their_defaults_are_bit_identical_to_algorithm_1():
     for algorithm in ("localsgd", "sgp", "osgp", "allreduce"):
         s = setup(algorithm, alpha=0.8, nesterov=True)
         explicit = s.slowmo | dict(
-            outer_optimizer="sgd", compression="none", error_feedback=False, clip_norm=None, eager=False
+            outer_optimizer="sgd",
+            compression="none",
+            error_feedback=False,
+            clip_norm=None,
+            eager=False,
+            fragments=1,
+            sync_delay=0,
+            fragment_mix=1.0,
         )
         assert np.array_equal(thetas(s), thetas(s.with_(slowmo=explicit)))
 
@@ -132,3 +156,33 @@ def test_eager_ranks_differ_by_their_own_terms_and_send_plain_slowmo_bytes():
     assert np.abs(theta - theta[0]).max() > 1e-6  # each rank's x_{t+1,0} has its own fresh term
     plain = slowmo.comm.spawn(run_engine, 4, "simulated", args=(s.with_(slowmo=dict(tau=4, beta=0.5)),))
     assert [r["stats"] for r in runs] == [r["stats"] for r in plain]
+
+
+def _four_layers(comm, fragments):
+    """A 4-layer MLP (4 x 72 values) under SlowMo, tau = 4: the bytes each inner step sends."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Linear(8, 8) for _ in range(4)])
+    base = torch.optim.SGD(model.parameters(), lr=0.1)
+    opt = slowmo.SlowMo(model, base, slowmo.LocalSGD(comm), tau=4, beta=0.5, fragments=fragments, sync_delay=1)
+    data = torch.Generator().manual_seed(comm.rank)
+    sent = []
+    for _ in range(12):
+        before = comm.stats()["total"]
+        opt.zero_grad()
+        model(torch.randn(4, 8, generator=data)).pow(2).mean().backward()
+        opt.step()
+        sent.append(comm.stats()["total"] - before)
+    return sent
+
+
+def test_streaming_sends_one_fragment_at_a_time_and_the_peak_per_step_falls_by_p():
+    layer = 72 * 4  # bytes of one Linear(8, 8) in fp32
+    plain = slowmo.comm.spawn(_four_layers, 4, "simulated", args=(1,))[0]
+    streamed = slowmo.comm.spawn(_four_layers, 4, "simulated", args=(4,))[0]
+    ring = lambda nbytes: 2 * 3 * nbytes // 4  # noqa: E731
+    # one fragment (sync_delay=1 makes it streaming too): all 4 layers every 4th step (after step 0's broadcast)
+    assert plain[1:] == [ring(4 * layer) if (k + 1) % 4 == 0 else 0 for k in range(1, 12)]
+    # 4 fragments: layer p after the steps k with (k + 1) mod 4 = p, one layer per step
+    assert streamed[1:] == [ring(layer)] * 11
+    assert max(plain[1:]) == 4 * max(streamed[1:]) and sum(plain) == sum(streamed)  # (step 0: the broadcast and
+    # fragment 1's first sync; the same bytes in all over 12 steps)

@@ -26,6 +26,7 @@ SETUPS = [
     ),
     Setup("sgp", slowmo=dict(tau=4, beta=0.6, outer_optimizer="nesterov", compression="fp8", clip_norm=0.05), d=40),
     Setup("osgp", slowmo=dict(tau=4, beta=0.5, eager=True), momentum=0.9),  # the all-reduce in flight for real
+    Setup("localsgd", slowmo=dict(tau=4, beta=0.5, fragments=2, sync_delay=2, fragment_mix=0.5), momentum=0.9),
 ]
 
 

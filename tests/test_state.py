@@ -23,6 +23,11 @@ CASES = {
         d=40,
     ),
     "localsgd+slowmo eager (an all-reduce in flight)": Setup("localsgd", slowmo=dict(tau=4, beta=0.5, eager=True)),
+    "localsgd+slowmo streaming (a fragment in flight)": Setup(
+        "localsgd",
+        slowmo=dict(tau=4, beta=0.9, alpha=0.1, fragments=2, sync_delay=1, fragment_mix=0.6, outer_optimizer="adam"),
+        momentum=0.9,
+    ),
     "sgp+slowmo outer nesterov, clipped": Setup(
         "sgp", slowmo=dict(tau=4, beta=0.6, outer_optimizer="nesterov", clip_norm=0.05), momentum=0.9
     ),

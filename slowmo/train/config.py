@@ -217,6 +217,13 @@ def _check(config: Config) -> None:
         raise ConfigError(f"dist.world_size must be >= 1, got {config.dist.world_size}")
     if config.train.clip_grad_norm is not None and not config.train.clip_grad_norm > 0:
         raise ConfigError(f"train.clip_grad_norm must be > 0 or null (no clipping), got {config.train.clip_grad_norm}")
+    outer = config.slowmo
+    streaming = outer.fragments > 1 or outer.sync_delay > 0 or outer.fragment_mix != 1.0
+    if outer.enabled and streaming and config.algorithm.name not in ("localsgd", "allreduce"):
+        raise ConfigError(
+            f"streaming fragments need algorithm=localsgd or allreduce, not {config.algorithm.name} (push-sum "
+            "weights belong to a rank's whole model); set slowmo.fragments=1, sync_delay=0, fragment_mix=1.0"
+        )
     if config.train.eval_every < 0 or config.train.checkpoint_every < 0:
         raise ConfigError("train.eval_every and train.checkpoint_every must be >= 0 (0 disables)")
     preset_task = _preset_task(config.experiment)
