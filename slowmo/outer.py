@@ -16,6 +16,18 @@ gamma_t) (DiLoCo's form). ``pseudo_gradient="raw"`` (BMUF's and DiLoCo's convent
 x_{t+1,0} = x_{t,0} - alpha u_{t+1}, alpha an absolute lr (v = u); the two agree under a constant gamma. Buffers
 (BatchNorm statistics) are averaged with x, push-sum weights reset; the base optimizer's state is then kept, reset
 or averaged (``base_buffers``). Presets: :mod:`slowmo.presets`; the sharded state: :mod:`slowmo.shard`.
+
+Beyond Algorithm 1 (each off by default, and then the path above runs unchanged): with G = Delta_bar / gamma_t and
+lr alpha gamma_t (raw: G = Delta_bar, lr alpha), Delta_bar the mean pseudo-gradient,
+- ``outer_optimizer="nesterov"`` / ``"adam"``: torch's SGD with Nesterov momentum beta / Adam with betas (beta,
+  adam_beta2) steps x_{t,0} along G (DiLoCo's outer Nesterov; outer Adam);
+- ``clip_norm=c``: Delta_bar <- Delta_bar min(1, c / ||Delta_bar||_2) first;
+- ``compression`` and ``error_feedback``: Delta_bar is the two-phase compressed mean of Delta_i + e_i
+  (:mod:`slowmo.compress`);
+- ``eager=True``: Delta_bar is replaced by (Delta_i^t + sum_{j != i} Delta_j^{t-1}) / m, the all-reduce of round t
+  overlapping round t + 1 (Kale, Douillard & Donchev 2025);
+- ``fragments``, ``sync_delay``, ``fragment_mix``: the outer step per fragment, staggered and overlapped
+  (Streaming DiLoCo, :mod:`slowmo.streaming`).
 """
 
 from __future__ import annotations
@@ -48,6 +60,12 @@ class SlowMo(Presets, DistributedOptimizer):
         base_buffers: "keep", "reset" or "average" the base optimizer's state at each outer step.
         shard_outer_state: keep u and x_{t,0} for this rank's 1/m of the parameters only (same result).
         pseudo_gradient: "scaled" (SlowMo's) or "raw" (BMUF's and DiLoCo's).
+        outer_optimizer: "sgd" (Algorithm 1's closed form), "nesterov" or "adam" (torch's, on the pseudo-gradient);
+            adam_beta2, adam_eps: Adam's (default 0.999, 1e-8). clip_norm: max L2 norm of the mean pseudo-gradient.
+        compression: "none", "fp16", "bf16", "int8" or "fp8": the format of the outer average; error_feedback: add
+            each rank's last encoding error to its next pseudo-gradient.
+        eager: overlap the outer all-reduce with the next outer iteration (eager updates).
+        fragments, sync_delay, fragment_mix: streaming fragments P, their delay d and mixing factor.
     """
 
     def __init__(
