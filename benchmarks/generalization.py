@@ -25,7 +25,7 @@ Writes ``results/generalization/``: ``runs.csv`` (every run: its overrides, stat
 to ``runs/generalization/`` (not committed); a finished run is not run again. One run:
 ``python experiments/mnist1d/train.py +experiment=generalization_mnist1d <its overrides>``.
 
-    python benchmarks/generalization.py            # 206 runs, 56 minutes on 2 CPU cores
+    python benchmarks/generalization.py            # 110 runs, 81 minutes on 2 CPU cores
 """
 
 from __future__ import annotations
@@ -49,10 +49,10 @@ from slowmo.train.loop import NonFiniteLoss
 
 PRESET = "generalization_mnist1d"
 ALGORITHMS = ("allreduce", "localsgd", "sgp", "osgp")
-LRS = (0.05, 0.1, 0.2)
+LRS = (0.1, 0.2)  # 0.05 under-fits every cell in 60 epochs (first pass: never chosen, 78-83 % for AR-SGD)
 BETAS = (0.4, 0.5, 0.6, 0.7, 0.8)
 SEEDS = (0, 1, 2, 3, 4)
-TUNE_SEEDS = (0, 1)
+TUNE_SEEDS = (0,)
 TAUS = (6, 12, 24, 48)
 LABELS = {"allreduce": "AR-SGD", "localsgd": "Local SGD", "sgp": "SGP", "osgp": "OSGP"}
 
@@ -158,6 +158,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time (one CPU thread each)")
     parser.add_argument("--runs", type=Path, default=Path("runs/generalization"))
     parser.add_argument("--out", type=Path, default=Path("results/generalization"))
+    parser.add_argument(
+        "--no-ablations", action="store_true", help="skip the tau and pseudo-gradient ablations (beta's is free)"
+    )
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     start = time.time()
@@ -209,22 +212,36 @@ def main(argv: list[str] | None = None) -> None:
     (args.out / "paired.md").write_text(paired_md)
 
     # 4. ablations: beta (the tuning runs), tau, and the two pseudo-gradient conventions
-    taus = {
-        (tau, s): runner(
-            [
-                overrides(
-                    "localsgd", s, *(tuned[("localsgd", s)]), seed, **({"slowmo.tau": str(tau)} if tau != 12 else {})
-                )
-                for seed in SEEDS[:3]
-            ]
-        )
-        for tau in TAUS
-        for s in (False, True)
-    }
-    raw = {
-        a: runner([overrides(a, True, *tuned[(a, True)], seed, **{"slowmo.pseudo_gradient": "raw"}) for seed in SEEDS])
-        for a in ALGORITHMS
-    }
+    taus = (
+        {}
+        if args.no_ablations
+        else {
+            (tau, s): runner(
+                [
+                    overrides(
+                        "localsgd",
+                        s,
+                        *(tuned[("localsgd", s)]),
+                        seed,
+                        **({"slowmo.tau": str(tau)} if tau != 12 else {}),
+                    )
+                    for seed in SEEDS[:3]
+                ]
+            )
+            for tau in TAUS
+            for s in (False, True)
+        }
+    )
+    raw = (
+        {}
+        if args.no_ablations
+        else {
+            a: runner(
+                [overrides(a, True, *tuned[(a, True)], seed, **{"slowmo.pseudo_gradient": "raw"}) for seed in SEEDS[:3]]
+            )
+            for a in ALGORITHMS
+        }
+    )
     ab = ["| ablation | setting | best train loss | test acc at best val (%) |", "|---|---|---|---|"]
     for a in ALGORITHMS:
         lr = tuned[(a, True)][0]
@@ -233,10 +250,10 @@ def main(argv: list[str] | None = None) -> None:
             ab.append(f"| beta, {LABELS[a]} + SlowMo (lr {lr}, {len(rs)} seeds) | {b} | {loss_and_accuracy(rs)} |")
     for (tau, s), rs in taus.items():
         ab.append(f"| tau, Local SGD{' + SlowMo' if s else ''} (H = tau, 3 seeds) | {tau} | {loss_and_accuracy(rs)} |")
-    for a in ALGORITHMS:
-        mean, low, high, p = paired([r["test_acc_at_best_val"] for r in raw[a]], test_accs((a, True)))
+    for a in raw:
+        mean, low, high, p = paired([r["test_acc_at_best_val"] for r in raw[a]], test_accs((a, True))[:3])
         ab.append(
-            f"| raw Δ instead of Δ/γ, {LABELS[a]} + SlowMo (5 seeds; test acc paired: {mean:+.2f} "
+            f"| raw Δ instead of Δ/γ, {LABELS[a]} + SlowMo (3 seeds; test acc paired: {mean:+.2f} "
             f"[{low:+.2f}, {high:+.2f}], p = {p:.3f}) | raw | {loss_and_accuracy(raw[a])} |"
         )
     ablations = "\n".join(ab) + "\n"
@@ -248,7 +265,8 @@ def main(argv: list[str] | None = None) -> None:
     tau_lines = {
         f"Local SGD{' + SlowMo' if s else ''}": (list(TAUS), [taus[(t, s)] for t in TAUS]) for s in (False, True)
     }
-    ablation_figure(tau_lines, "tau", args.out / "tau.png")
+    if taus:
+        ablation_figure(tau_lines, "tau", args.out / "tau.png")
     (args.out / "ablations.md").write_text(ablations)
 
     with open(args.out / "runs.csv", "w", newline="") as f:
@@ -271,13 +289,20 @@ def main(argv: list[str] | None = None) -> None:
     (args.out / "provenance.json").write_text(
         json.dumps(
             {
-                "command": "python benchmarks/generalization.py",
+                "command": "python benchmarks/generalization.py" + (" --no-ablations" if args.no_ablations else ""),
                 "preset": f"configs/experiment/{PRESET}.yaml",
                 "runs": len(runner.done),
                 "tuned": {f"{a}{'+slowmo' if s else ''}": {"lr": p[0], "beta": p[1]} for (a, s), p in tuned.items()},
                 "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
                 f"{args.jobs} runs at a time",
-                "wall_time_s": round(wall),
+                "wall_time_s": round(wall),  # of this invocation (finished runs are not run again)
+                "run_time_s": round(  # every run's own time, summed (diverged runs excluded)
+                    sum(
+                        json.loads((args.runs / key / "summary.json").read_text())["wall_time"]
+                        for key in runner.done
+                        if (args.runs / key / "summary.json").is_file()
+                    )
+                ),
             },
             indent=2,
         )
