@@ -229,12 +229,16 @@ class SlowMo(Presets, DistributedOptimizer):
         """``x`` holds Delta; it receives x_{t+1,0}: v_{t+1} = m v_t + Delta, x_{t+1,0} = x_{t,0} - alpha v_{t+1}
         (Nesterov: x_{t,0} - alpha (beta v_{t+1} + Delta))."""
         for a, b, m in self._momenta(gammas, previous):
-            x0, v, delta = self._x0[a:b], self._v[a:b], x[a:b]
-            torch.add(delta, v, alpha=m, out=v)  # v_{t+1} = m v_t + Delta
-            if self.nesterov:  # x_{t+1,0} = x_{t,0} - alpha (beta v_{t+1} + Delta)
-                torch.add(x0, delta, alpha=-self.alpha, out=delta).add_(v, alpha=-self.alpha * self.beta)
-            else:
-                torch.add(x0, v, alpha=-self.alpha, out=delta)  # x_{t+1,0} = x_{t,0} - alpha v_{t+1}
+            self._momentum_range(a, b, x[a:b], m)
+
+    def _momentum_range(self, a: int, b: int, delta: torch.Tensor, m: float) -> None:
+        """On [a, b): ``delta`` holds Delta and receives x_{t+1,0}; v_{t+1} = m v_t + Delta."""
+        x0, v = self._x0[a:b], self._v[a:b]
+        torch.add(delta, v, alpha=m, out=v)  # v_{t+1} = m v_t + Delta
+        if self.nesterov:  # x_{t+1,0} = x_{t,0} - alpha (beta v_{t+1} + Delta)
+            torch.add(x0, delta, alpha=-self.alpha, out=delta).add_(v, alpha=-self.alpha * self.beta)
+        else:
+            torch.add(x0, v, alpha=-self.alpha, out=delta)  # x_{t+1,0} = x_{t,0} - alpha v_{t+1}
 
     def _mean_pseudo_gradient(self) -> torch.Tensor:
         """Delta_bar = mean_i (x_{t,0} - x^i_{t,tau}) into this rank's slice of the model's buffer, returned: from the
@@ -273,7 +277,7 @@ class SlowMo(Presets, DistributedOptimizer):
     def synchronize(self) -> None:
         self._wait_in_flight()
         if self._streaming is not None:
-            self._streaming.state_dict(self.comm.world_size)  # complete the launched fragments' all-reduces
+            self._streaming.complete(self.comm.world_size)
         super().synchronize()
 
     @torch.no_grad()
@@ -304,13 +308,7 @@ class SlowMo(Presets, DistributedOptimizer):
             offset += b - a
         if self.outer_optimizer == "sgd":
             for i, (a, b), gamma, piece in zip(members, ranges, flight.gammas, pieces, strict=True):
-                m = self.beta * (gamma / self._gammas[i] if scaled else 1.0)
-                x0, v = self._x0[a:b], self._v[a:b]
-                torch.add(piece, v, alpha=m, out=v)  # v_{t+1} = m v_t + Delta
-                if self.nesterov:
-                    torch.add(x0, piece, alpha=-self.alpha, out=piece).add_(v, alpha=-self.alpha * self.beta)
-                else:
-                    torch.add(x0, v, alpha=-self.alpha, out=piece)  # x~_p
+                self._momentum_range(a, b, piece, self.beta * (gamma / self._gammas[i] if scaled else 1.0))
         else:
             optimizer = self._outer_torch_optimizer(self.flat.ranges)
             for group in optimizer.param_groups:  # only the fragment's parameters step

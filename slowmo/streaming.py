@@ -99,13 +99,17 @@ class Fragments:
         """The launched fragments to merge after inner step ``step`` (launched d steps before)."""
         return [p for p in sorted(self.in_flight) if self.in_flight[p].start + self.delay == step]
 
+    def complete(self, world_size: int) -> None:
+        """Complete every launched fragment's all-reduce (the same numbers as when merged later)."""
+        for flight in self.in_flight.values():
+            flight.complete(world_size)
+
     def state_dict(self, world_size: int) -> dict[int, dict]:
-        """The launched fragments, their all-reduces completed (the same numbers as when merged later)."""
-        out = {}
-        for p, flight in self.in_flight.items():
-            delta = flight.complete(world_size)
-            out[p] = {"start": flight.start, "delta": delta.clone(), "gammas": list(flight.gammas)}
-        return out
+        """The launched fragments, their all-reduces completed."""
+        self.complete(world_size)
+        return {
+            p: {"start": f.start, "delta": f.delta.clone(), "gammas": list(f.gammas)} for p, f in self.in_flight.items()
+        }
 
     def load_state_dict(self, state: dict[int, dict], like: torch.Tensor) -> None:
         self.in_flight = {
