@@ -19,10 +19,15 @@ Codes (C = ``CHUNK`` values share one float32 scale s_c, rounding to nearest, ti
     fp16, bf16   a cast of each value (no scale; fp16 saturates to +-inf past 65504)
     int8         s_c = max|p_c| / 127,  q = round(p / s_c) in [-127, 127],  D(q) = q s_c
     fp8          s_c = max|p_c| / 448,  q = e4m3(p / s_c) (float8_e4m3fn),  D(q) = q s_c
+    fp4          s_c = max|p_c| / 6,    q = e2m1(p / s_c),                   D(q) = q s_c
 
-A shard of L values encodes to S(L) = L b + 4 ceil(L / C) bytes (b = 2 for fp16/bf16, 1 for int8/fp8, no scales for
-the casts), and each rank sends (n - 1) S(L) in each phase: 2 (n - 1) S(L) per outer step, against 2 (n - 1) L B for
-the uncompressed all-reduce of B-byte values.
+e2m1 is the OCP Microscaling (MX v1.0) FP4 element: a sign bit and 3 bits of magnitude, 0, 0.5, 1, 1.5, 2, 3, 4 or
+6 (codes 0-7, in that order); a value rounds to the nearest magnitude, a tie to the even code, and two codes share a
+byte (the first in the low 4 bits; an odd length ends with a 0 nibble), as torch's ``float4_e2m1fn_x2`` packs them.
+
+A shard of L values encodes to S(L) = ceil(L b) + 4 ceil(L / C) bytes (b = 2 for fp16/bf16, 1 for int8/fp8, 1/2 for
+fp4, no scales for the casts), and each rank sends (n - 1) S(L) in each phase: 2 (n - 1) S(L) per outer step, against
+2 (n - 1) L B for the uncompressed all-reduce of B-byte values.
 """
 
 from __future__ import annotations
@@ -31,10 +36,11 @@ import torch
 
 from .comm import Communicator
 
-CODECS = ("none", "fp16", "bf16", "int8", "fp8")
-CHUNK = 256  # values per scale (int8, fp8)
+CODECS = ("none", "fp16", "bf16", "int8", "fp8", "fp4")
+CHUNK = 256  # values per scale (int8, fp8, fp4)
 _CASTS = {"fp16": torch.float16, "bf16": torch.bfloat16}
-_SCALED = {"int8": (torch.int8, 127.0), "fp8": (torch.float8_e4m3fn, 448.0)}
+_SCALED = {"int8": (torch.int8, 127.0), "fp8": (torch.float8_e4m3fn, 448.0), "fp4": (torch.uint8, 6.0)}
+E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)  # the FP4 magnitudes of codes 0-7
 
 
 class Codec:
@@ -45,12 +51,16 @@ class Codec:
             raise ValueError(f"compression must be one of {', '.join(CODECS)}, got {name!r}")
         self.name, self.chunk = name, chunk
         self.code_dtype = _CASTS[name] if name in _CASTS else _SCALED[name][0]
-        self.width = torch.empty(0, dtype=self.code_dtype).element_size()
+
+    def _code_bytes(self, length: int) -> int:
+        if self.name == "fp4":
+            return -(-length // 2)
+        return length * torch.empty(0, dtype=self.code_dtype).element_size()
 
     def nbytes(self, length: int) -> int:
         """S(L): the bytes one shard of ``length`` values encodes to."""
         scales = 0 if self.name in _CASTS else 4 * -(-length // self.chunk)
-        return length * self.width + scales
+        return self._code_bytes(length) + scales
 
     def encode(self, values: torch.Tensor) -> torch.Tensor:
         """``values`` (1-D) as ``nbytes(len(values))`` bytes: the codes, then the float32 scales."""
@@ -61,10 +71,14 @@ class Codec:
 
     def decode(self, data: torch.Tensor, length: int, dtype: torch.dtype) -> torch.Tensor:
         """The ``length`` values that ``data`` encodes, in ``dtype``."""
-        codes = data[: length * self.width].view(self.code_dtype).to(dtype)
+        end = self._code_bytes(length)
+        if self.name == "fp4":
+            codes = _e2m1_decode(data[:end], length, dtype)
+        else:
+            codes = data[:end].view(self.code_dtype).to(dtype)
         if self.name in _CASTS:
             return codes
-        scales = data[length * self.width :].clone().view(torch.float32).to(dtype)  # (a copy: 4-byte aligned)
+        scales = data[end:].clone().view(torch.float32).to(dtype)  # (a copy: 4-byte aligned)
         return (codes.view(-1) * scales.repeat_interleave(self.chunk)[:length]).view(-1)
 
     def roundtrip(self, values: torch.Tensor) -> torch.Tensor:
@@ -78,8 +92,28 @@ class Codec:
         scales = (padded.abs().amax(dim=1) / top).to(torch.float32)  # s_c, stored as float32
         divisor = scales.to(values.dtype).where(scales > 0, torch.ones((), dtype=values.dtype, device=values.device))
         scaled = (padded / divisor[:, None]).reshape(-1)[:length]
-        codes = scaled.round() if self.name == "int8" else scaled
-        return codes.clamp_(-top, top).to(self.code_dtype), scales  # (the clamp: s_c was rounded to float32)
+        scaled = scaled.clamp(-top, top)  # (s_c was rounded to float32)
+        if self.name == "fp4":
+            return _e2m1_encode(scaled), scales
+        return (scaled.round() if self.name == "int8" else scaled).to(self.code_dtype), scales
+
+
+def _e2m1_encode(values: torch.Tensor) -> torch.Tensor:
+    """The packed FP4 codes of ``values`` (|v| <= 6): nearest magnitude, ties to the even code, two per byte."""
+    grid = torch.tensor(E2M1, dtype=values.dtype, device=values.device)
+    midpoints = (grid[1:] + grid[:-1]) / 2
+    magnitude = values.abs()
+    code = torch.bucketize(magnitude, midpoints)  # a value on a midpoint gets the lower code
+    code += (code % 2 == 1) & (magnitude == midpoints[code.clamp(max=len(midpoints) - 1)])  # ... ties go to even
+    code = (code | (values < 0).long() << 3).to(torch.uint8)
+    code = torch.nn.functional.pad(code, (0, code.numel() % 2))
+    return code[0::2] | code[1::2] << 4
+
+
+def _e2m1_decode(data: torch.Tensor, length: int, dtype: torch.dtype) -> torch.Tensor:
+    code = torch.stack([data & 0xF, data >> 4], dim=1).reshape(-1)[:length].long()
+    magnitude = torch.tensor(E2M1, dtype=dtype, device=data.device)[code & 7]
+    return torch.where(code >= 8, -magnitude, magnitude)
 
 
 def compressed_mean_(

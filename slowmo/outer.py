@@ -62,8 +62,8 @@ class SlowMo(Presets, DistributedOptimizer):
         pseudo_gradient: "scaled" (SlowMo's) or "raw" (BMUF's and DiLoCo's).
         outer_optimizer: "sgd" (Algorithm 1's closed form), "nesterov" or "adam" (torch's, on the pseudo-gradient);
             adam_beta2, adam_eps: Adam's (default 0.999, 1e-8). clip_norm: max L2 norm of the mean pseudo-gradient.
-        compression: "none", "fp16", "bf16", "int8" or "fp8": the format of the outer average; error_feedback: add
-            each rank's last encoding error to its next pseudo-gradient.
+        compression: "none", "fp16", "bf16", "int8", "fp8" or "fp4": the format of the outer average;
+            error_feedback: add each rank's last encoding error to its next pseudo-gradient.
         eager: overlap the outer all-reduce with the next outer iteration (eager updates).
         fragments, sync_delay, fragment_mix: streaming fragments P, their delay d and mixing factor.
     """
@@ -82,7 +82,7 @@ class SlowMo(Presets, DistributedOptimizer):
         pseudo_gradient: Literal["scaled", "raw"] = "scaled",
         outer_optimizer: Literal["sgd", "nesterov", "adam"] = "sgd",
         clip_norm: float | None = None,
-        compression: Literal["none", "fp16", "bf16", "int8", "fp8"] = "none",
+        compression: Literal["none", "fp16", "bf16", "int8", "fp8", "fp4"] = "none",
         error_feedback: bool = False,
         adam_beta2: float | None = None,
         adam_eps: float | None = None,

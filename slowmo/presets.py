@@ -67,7 +67,9 @@ def _check_beyond(settings: dict[str, Any], beta: float) -> None:
     if compression not in CODECS:
         raise ValueError(f"compression must be one of {', '.join(CODECS)}, got {compression!r}")
     if settings.get("error_feedback") and compression == "none":
-        raise ValueError("error_feedback needs a compression (int8, fp8, fp16 or bf16): with none there is no error")
+        raise ValueError(
+            "error_feedback needs a compression (int8, fp8, fp4, fp16 or bf16): with none there is no error"
+        )
     if settings.get("eager") and (compression != "none" or settings.get("shard_outer_state")):
         raise ValueError(
             "eager=True overlaps one all-reduce of the pseudo-gradient with the next round; it does not combine "
@@ -132,7 +134,7 @@ class OuterConfig:
     base_buffers: str  # keep | reset | average
     shard_outer_state: bool
     clip_norm: float | None
-    compression: str  # none | fp16 | bf16 | int8 | fp8
+    compression: str  # none | fp16 | bf16 | int8 | fp8 | fp4
     error_feedback: bool
     eager: bool
     fragments: int

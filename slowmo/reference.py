@@ -258,19 +258,32 @@ def _e4m3(values: np.ndarray) -> np.ndarray:
     return np.rint(v / spacing) * spacing
 
 
+def _e2m1(values: np.ndarray) -> np.ndarray:
+    """Round to FP4 e2m1 (|v| <= 6): the nearest of 0, 0.5, 1, 1.5, 2, 3, 4, 6 (codes 0-7), a tie to the even code."""
+    grid = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
+    out = np.empty_like(values)
+    for i, v in enumerate(values):
+        distance = np.abs(grid - abs(v))
+        nearest = [code for code in range(8) if distance[code] == distance.min()]
+        code = nearest[0] if len(nearest) == 1 else next(c for c in nearest if c % 2 == 0)
+        out[i] = -grid[code] if v < 0 else grid[code]
+    return out
+
+
 def _roundtrip(values: np.ndarray, compression: str) -> np.ndarray:
     """D(Q(values)) of one shard, from the definitions in slowmo.compress's docstring."""
     if compression == "fp16":
         return _round_float32(values).astype(np.float16).astype(np.float64)
     if compression == "bf16":
         return _bf16(values)
-    top = 127.0 if compression == "int8" else 448.0
+    top = {"int8": 127.0, "fp8": 448.0, "fp4": 6.0}[compression]
+    rounding = {"int8": np.rint, "fp8": _e4m3, "fp4": _e2m1}[compression]
     out = np.empty_like(values)
     for start in range(0, len(values), CHUNK):
         chunk = values[start : start + CHUNK]
         scale = float(np.float32(np.abs(chunk).max() / top))
         scaled = chunk / scale if scale > 0 else chunk
-        codes = np.clip(np.rint(scaled) if compression == "int8" else _e4m3(np.clip(scaled, -top, top)), -top, top)
+        codes = np.clip(rounding(np.clip(scaled, -top, top)), -top, top)
         out[start : start + CHUNK] = codes * scale
     return out
 

@@ -315,12 +315,12 @@ CASES = [
     Case(
         "an unknown compression",
         lambda t: {"slowmo": {"enabled": True, "compression": "int4"}},
-        "compression must be one of none, fp16, bf16, int8, fp8, got 'int4'",
+        "compression must be one of none, fp16, bf16, int8, fp8, fp4, got 'int4'",
     ),
     Case(
         "error feedback without compression",
         lambda t: {"slowmo": {"enabled": True, "error_feedback": True}},
-        "error_feedback needs a compression (int8, fp8, fp16 or bf16): with none there is no error",
+        "error_feedback needs a compression (int8, fp8, fp4, fp16 or bf16): with none there is no error",
     ),
     Case(
         "an Adam knob without outer Adam",

@@ -12,7 +12,7 @@ from slowmo.compress import Codec, compressed_mean_
 
 from problems import Setup, reference, run_engine
 
-BIG = 1100  # |theta| = 1101 values: 4 shards of 276, two int8/fp8 chunks each (256 + 20), 3 values of padding
+BIG = 1100  # |theta| = 1101 values: 4 shards of 276, two scaled chunks each (256 + 20), 3 values of padding
 
 
 def thetas(s: Setup) -> np.ndarray:
@@ -25,8 +25,8 @@ def setup(algorithm: str, **outer) -> Setup:
 
 
 REFERENCE_CASES = [
-    *[dict(compression=c) for c in ("fp16", "bf16", "int8", "fp8")],
-    *[dict(compression=c, error_feedback=True) for c in ("fp16", "bf16", "int8", "fp8")],
+    *[dict(compression=c) for c in ("fp16", "bf16", "int8", "fp8", "fp4")],
+    *[dict(compression=c, error_feedback=True) for c in ("fp16", "bf16", "int8", "fp8", "fp4")],
     dict(outer_optimizer="nesterov", beta=0.6),
     dict(outer_optimizer="adam", beta=0.6, alpha=0.3, adam_beta2=0.99, adam_eps=1e-6),
     dict(outer_optimizer="adam", beta=0.9, alpha=0.01, pseudo_gradient="raw"),
@@ -114,7 +114,7 @@ def _codec_roundtrip(name, values):
     return Codec(name).roundtrip(torch.from_numpy(values)).numpy()
 
 
-@pytest.mark.parametrize("name", ["int8", "fp8"])
+@pytest.mark.parametrize("name", ["int8", "fp8", "fp4"])
 def test_scaled_codes_stay_within_half_a_step_of_their_chunk_scale(name):
     rng = np.random.default_rng(1)
     values = rng.normal(size=700) * np.repeat([1e-4, 1.0, 30.0], [256, 256, 188])
@@ -124,7 +124,14 @@ def test_scaled_codes_stay_within_half_a_step_of_their_chunk_scale(name):
         top = np.abs(chunk).max()
         # int8: half a step of max/127; e4m3: half a unit in the last of 3 mantissa bits (relative 2^-4), at most
         # half the subnormal spacing 2^-10 of the scale max/448 near 0
-        bound = top / 127 / 2 if name == "int8" else np.maximum(np.abs(chunk) * 2.0**-4, top / 448 * 2.0**-10)
+        # fp4: half the gap between neighbouring e2m1 magnitudes (0.5 below 2, 1 below 4, 2 above) of max/6
+        if name == "int8":
+            bound = top / 127 / 2
+        elif name == "fp8":
+            bound = np.maximum(np.abs(chunk) * 2.0**-4, top / 448 * 2.0**-10)
+        else:
+            scaled = np.abs(chunk) / (top / 6)
+            bound = top / 6 * np.where(scaled < 2, 0.25, np.where(scaled < 4, 0.5, 1.0))
         assert np.all(err <= bound * (1 + 1e-6))
     assert np.all(_codec_roundtrip(name, np.zeros(10)) == 0)
 
@@ -136,7 +143,20 @@ def _mean_of_ones(comm, name):
     return values.numpy(), residual.numpy(), comm.stats()
 
 
-@pytest.mark.parametrize("name,size", [("int8", 2 + 4), ("fp8", 2 + 4), ("fp16", 4), ("bf16", 4)])
+def test_fp4_rounds_ties_to_the_even_code_and_packs_two_codes_a_byte():
+    # scale 1 (max 6): each midpoint between e2m1 magnitudes goes to the neighbour with the even code (0, 2, 4, 6)
+    values = torch.tensor([6.0, 0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, -0.75, 0.26, -5.1])
+    expected = [6.0, 0.0, 1.0, 1.0, 2.0, 2.0, 4.0, 4.0, -1.0, 0.5, -6.0]
+    codec = Codec("fp4")
+    data = codec.encode(values)
+    assert data.numel() == codec.nbytes(11) == 6 + 4  # 11 codes in 6 bytes (a 0 nibble last), one float32 scale
+    assert codec.decode(data, 11, torch.float64).tolist() == expected
+    # codes 7 (6.0) and 0 (0.25 -> 0), then 2 (1.0) and 2, ...: the first of each pair in the low nibble
+    assert data[:2].tolist() == [0x07, 0x22] and data[5].item() == 0x0F  # -6.0: sign bit 8 + code 7, no partner
+    assert data[6:].clone().view(torch.float32).item() == 1.0
+
+
+@pytest.mark.parametrize("name,size", [("int8", 2 + 4), ("fp8", 2 + 4), ("fp4", 1 + 4), ("fp16", 4), ("bf16", 4)])
 def test_compressed_mean_is_the_same_on_every_rank_and_sends_the_formula(name, size):
     # ranks hold 1, 2, 3, 4: exact in the casts (so is the mean 2.5); within a code step with a scale; S(L = 2) bytes
     results = slowmo.comm.spawn(_mean_of_ones, 4, "simulated", args=(name,))
@@ -186,3 +206,20 @@ def test_streaming_sends_one_fragment_at_a_time_and_the_peak_per_step_falls_by_p
     assert streamed[1:] == [ring(layer)] * 11
     assert max(plain[1:]) == 4 * max(streamed[1:]) and sum(plain) == sum(streamed)  # (step 0: the broadcast and
     # fragment 1's first sync; the same bytes in all over 12 steps)
+
+
+def test_a_fragment_layer_is_a_weight_with_the_normalization_after_it():
+    from slowmo.streaming import layers_of
+
+    model = torch.nn.Sequential(
+        torch.nn.LayerNorm(3),  # vectors before the first weight join the first layer
+        torch.nn.Conv2d(3, 4, 3),
+        torch.nn.BatchNorm2d(4),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(4, 4, 3, bias=False),
+        torch.nn.BatchNorm2d(4),
+        torch.nn.Flatten(),
+        torch.nn.Linear(4, 2),
+    )
+    # parameters in order: LN (w, b), conv (w, b), BN (w, b), conv (w), BN (w, b), linear (w, b)
+    assert layers_of(model) == [0, 0, 0, 0, 0, 0, 1, 1, 1, 2, 2]
