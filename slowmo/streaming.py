@@ -2,9 +2,10 @@
 model at a time, its all-reduce overlapped with the following inner steps (``slowmo.fragments`` = P,
 ``slowmo.sync_delay`` = d, ``slowmo.fragment_mix`` = alpha_mix).
 
-The model's layers (the modules that own parameters, in order; each parameter is a layer when SlowMo is given a
-list of tensors) are dealt into P fragments in a strided pattern, layer l to fragment l mod P, so that every
-fragment spans the whole depth (the paper's strided fragments). Fragment p has its own outer iterations:
+The model's layers (each module owning a weight, with the normalizations after it, in order: :func:`layers_of`;
+each parameter is a layer when SlowMo is given a list of tensors) are dealt into P fragments in a strided pattern,
+layer l to fragment l mod P, so that every fragment spans the whole depth (the paper's strided fragments).
+Fragment p has its own outer iterations:
 
     launch after inner step k when (k + 1) mod tau = p tau / P:
         Delta_p = mean_i (x_{0,p} - x^i_p)              an asynchronous all-reduce, gamma_p = the base lr now
@@ -14,7 +15,8 @@ fragment spans the whole depth (the paper's strided fragments). Fragment p has i
         x_{0,p} <- x~_p
 
 so each fragment is synchronized once every tau inner steps, and a step sends at most one fragment's bytes (peak
-bytes per step fall by P). P = 1, d = 0, alpha_mix = 1 is Algorithm 1 (SlowMo then runs its usual path, bit for
+bytes per step fall by P for fragments of equal size, as a Transformer's blocks; by |theta| / |largest fragment| in
+general). P = 1, d = 0, alpha_mix = 1 is Algorithm 1 (SlowMo then runs its usual path, bit for
 bit). BatchNorm-style buffers are averaged every tau steps (when fragment 0 launches). The base algorithm must be
 Local SGD or AR-SGD: push-sum weights belong to a rank's whole model, not to a fragment.
 """
@@ -31,12 +33,17 @@ from .comm.base import Work
 
 
 def layers_of(model: nn.Module) -> list[int]:
-    """The layer index of each of ``model.parameters()``: the modules that own parameters directly, in order."""
+    """The layer index of each of ``model.parameters()``. A layer is a module that owns a weight (a parameter of 2
+    or more dimensions: a convolution, a linear map, an embedding) together with the modules owning only vectors
+    (normalizations, biases) that follow it before the next weight, so that a BatchNorm travels with its
+    convolution; vectors before the first weight join the first layer."""
     layers: list[int] = []
+    current = -1
     for module in model.modules():
         own = list(module.parameters(recurse=False))
-        if own:
-            layers.extend([len(set(layers))] * len(own))
+        if any(p.dim() >= 2 for p in own):
+            current += 1
+        layers.extend([max(current, 0)] * len(own))
     return layers
 
 
