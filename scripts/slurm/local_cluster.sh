@@ -99,6 +99,8 @@ ClusterName=local
 SlurmctldHost=localhost
 SlurmUser=root
 AuthType=auth/munge
+# a requeued (preempted) job waits cred_expire seconds before it may start again: 120 by default
+AuthInfo=cred_expire=20
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SelectType=select/cons_tres
