@@ -25,17 +25,27 @@ def optimizer(
     return build_optimizer(cfg, model, comm)
 
 
-def timed_steps(comm, model: torch.nn.Module, opt, batch: int, steps: int, warmup: int) -> tuple[float, float]:
+def timed_steps(
+    comm, model: torch.nn.Module, opt, batch: int, steps: int, warmup: int, sent: list[int] | None = None
+) -> tuple[float, float]:
     """Train on one fixed random CIFAR-shaped batch; returns (start, end) of the ``steps`` timed steps on this
-    rank's clock (the first ``warmup`` steps, which include the broadcast of rank 0's model, are not timed)."""
+    rank's clock: start after a barrier, end when this rank's last step returns (communication still in flight then,
+    as an eager all-reduce, is not waited for: its steady-state cost is the wait in a later step). The first
+    ``warmup`` steps, which include the broadcast of rank 0's model, are not timed. ``sent``, if given, receives the
+    bytes this rank sent in each timed step."""
     x, y = torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
     for step in range(warmup + steps):
         if step == warmup:
             comm.barrier()
             start = time.perf_counter()
+        before = comm.stats()["total"]
         loss = torch.nn.functional.cross_entropy(model(x), y)
         opt.zero_grad()
         loss.backward()
         opt.step()
+        if sent is not None and step >= warmup:
+            sent.append(comm.stats()["total"] - before)
+    end = time.perf_counter()
+    opt.state_dict()  # completes the communication still in flight (its state is saved complete)
     comm.barrier()
-    return start, time.perf_counter()
+    return start, end

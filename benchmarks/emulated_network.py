@@ -1,18 +1,27 @@
-"""Iterations/s of each algorithm, with and without SlowMo, over an emulated network.
+"""Iterations/s over an emulated network: each algorithm with and without SlowMo, and the options beyond SlowMo.
 
 The script creates a network namespace (``ip netns add``; root needed), brings its loopback up and shapes it with
 a token bucket (``tc qdisc ... tbf``: netem does not exist on these kernels), then runs 4 gloo ranks inside it,
 all on 127.0.0.1: no other address is ever used, and the namespace is deleted on exit, also on error. In one run of
-the 4 processes it times every configuration on torchvision's ResNet-18 (11.7 M parameters, 32x32 inputs, batch
-16 per rank), so the ratios compare like with like:
+the 4 processes it times every configuration of a suite on torchvision's ResNet-18 (11.7 M parameters, 32x32
+inputs, batch 16 per rank), so the ratios compare like with like. Each configuration first takes ``tau`` untimed
+steps (one whole outer iteration, with its outer step), then ``steps`` timed ones; the time is from a barrier to the
+last rank's last step, and the bytes are those each rank sends (the mean over the timed steps and the peak of one
+step).
 
-- compute only (no communication), AR-SGD, Local SGD (H = 12), SGP and OSGP, each without and with SlowMo
-  (tau = 12).
+- ``--suite algorithms`` (issue 5): compute only (no communication), AR-SGD, Local SGD (H = 12), SGP and OSGP, each
+  without and with SlowMo (tau = 12). Targets: Local SGD + SlowMo >= 3x AR-SGD's iterations/s at 1 Gbit/s; OSGP
+  within 1.1x of compute only; X + SlowMo >= 0.99x X.
+- ``--suite beyond`` (issue 14): compute only, then Local SGD + SlowMo (tau = 12) as Algorithm 1, with streaming
+  fragments (P = 4, d = 3), with the eager outer step, and with int8 or fp4 pseudo-gradients (error feedback). The outer
+  communication's exposed time is (t - t_compute) per step; the fraction of plain SlowMo's removed is 1 - exposed /
+  exposed_SlowMo: by overlap for streaming and eager (same total bytes), by fewer bytes for int8 and fp4. Goal: eager or
+  streaming keeps >= 0.95x compute-only iterations/s at 1 Gbit/s, where plain SlowMo does not.
 
-Targets (issue 5): Local SGD + SlowMo >= 3x AR-SGD's iterations/s at 1 Gbit/s; OSGP within 1.1x of compute only;
-X + SlowMo >= 0.99x X. Writes ``results/bench/emulated_network.csv`` and ``emulated_network.png``.
+Writes ``results/bench/emulated_network[_beyond].csv`` and ``.png``.
 
-    sudo .venv/bin/python benchmarks/emulated_network.py              # 1 and 10 Gbit/s, about 10 minutes
+    sudo .venv/bin/python benchmarks/emulated_network.py                                     # 1 and 10 Gbit/s, 10 min
+    sudo .venv/bin/python benchmarks/emulated_network.py --suite beyond --rates 1gbit 100mbit  # about 15 minutes
 """
 
 from __future__ import annotations
@@ -30,44 +39,56 @@ from slowmo.comm import spawn
 
 from common import optimizer, timed_steps
 
-CONFIGS = [
-    ("compute", False),
-    ("allreduce", False),
-    ("allreduce", True),
-    ("localsgd", False),
-    ("localsgd", True),
-    ("sgp", False),
-    ("sgp", True),
-    ("osgp", False),
-    ("osgp", True),
-]
 TAU = 12
+SUITES = {  # suite -> (label, algorithm, SlowMo's settings or None)
+    "algorithms": [
+        ("compute only", "compute", None),
+        ("AR-SGD", "allreduce", None),
+        ("AR-SGD + SlowMo", "allreduce", {}),
+        ("Local SGD", "localsgd", None),
+        ("Local SGD + SlowMo", "localsgd", {}),
+        ("SGP", "sgp", None),
+        ("SGP + SlowMo", "sgp", {}),
+        ("OSGP", "osgp", None),
+        ("OSGP + SlowMo", "osgp", {}),
+    ],
+    "beyond": [
+        ("compute only", "compute", None),
+        ("Local SGD + SlowMo", "localsgd", {}),
+        ("streaming P=4 d=3", "localsgd", {"fragments": 4, "sync_delay": 3}),
+        ("eager", "localsgd", {"eager": True}),
+        ("int8 + EF", "localsgd", {"compression": "int8", "error_feedback": True}),
+        ("fp4 + EF", "localsgd", {"compression": "fp4", "error_feedback": True}),
+    ],
+}
 
 
-def _time_all(comm, steps: int, batch: int) -> list[float]:
-    """Every configuration in turn on these ranks; returns the seconds of ``steps`` measured steps of each."""
+def _time_all(comm, suite: str, steps: int, batch: int) -> list[tuple[float, float, list[int]]]:
+    """Every configuration of ``suite`` in turn on these ranks: (start, end, bytes sent per step) of each."""
     import torchvision
 
     results = []
-    for algorithm, slowmo_on in CONFIGS:
+    for _, algorithm, slowmo in SUITES[suite]:
         torch.manual_seed(0)
         model = torchvision.models.resnet18(num_classes=10)
         if algorithm == "compute":  # Local SGD that never averages: no communication at all
             opt = optimizer(comm, model, "localsgd", None, lr=0.01)
         else:
-            opt = optimizer(
-                comm, model, algorithm, TAU, lr=0.01, slowmo={"tau": TAU, "beta": 0.5} if slowmo_on else None
-            )
-        start, end = timed_steps(comm, model, opt, batch, steps, warmup=3)
-        results.append(end - start)
+            settings = None if slowmo is None else {"tau": TAU, "beta": 0.5, **slowmo}
+            opt = optimizer(comm, model, algorithm, TAU, lr=0.01, slowmo=settings)
+        sent: list[int] = []
+        start, end = timed_steps(comm, model, opt, batch, steps, warmup=TAU, sent=sent)
+        results.append((start, end, sent))
     return results
 
 
 def worker(args: argparse.Namespace) -> None:
     """Inside the namespace: 4 gloo ranks on 127.0.0.1; prints one CSV line per configuration."""
-    seconds = spawn(_time_all, 4, "gloo", args=(args.steps, args.batch), timeout=600)[0]
-    for (algorithm, slowmo_on), s in zip(CONFIGS, seconds, strict=True):
-        print(f"ROW,{algorithm},{slowmo_on},{args.steps / s}", flush=True)
+    ranks = spawn(_time_all, 4, "gloo", args=(args.suite, args.steps, args.batch), timeout=600)
+    for i, (label, _, _) in enumerate(SUITES[args.suite]):
+        seconds = max(rank[i][1] for rank in ranks) - min(rank[i][0] for rank in ranks)
+        sent = [sum(rank[i][2][k] for rank in ranks) / len(ranks) for k in range(args.steps)]
+        print(f"ROW;{label};{args.steps / seconds};{sum(sent) / args.steps};{max(sent)}", flush=True)
 
 
 def shaped_run(rate: str, args: argparse.Namespace) -> list[dict]:
@@ -97,8 +118,9 @@ def shaped_run(rate: str, args: argparse.Namespace) -> list[dict]:
             ],
             check=True,
         )
+        command = [sys.executable, __file__, "--worker", "--suite", args.suite]
         out = subprocess.run(
-            [*inside, sys.executable, __file__, "--worker", "--steps", str(args.steps), "--batch", str(args.batch)],
+            [*inside, *command, "--steps", str(args.steps), "--batch", str(args.batch)],
             check=True,
             capture_output=True,
             text=True,
@@ -107,35 +129,48 @@ def shaped_run(rate: str, args: argparse.Namespace) -> list[dict]:
         subprocess.run(["ip", "netns", "del", namespace], capture_output=True)
     rows = []
     for line in out.splitlines():
-        if line.startswith("ROW,"):
-            _, algorithm, slowmo_on, its = line.split(",")
-            rows.append({"rate": rate, "algorithm": algorithm, "slowmo": slowmo_on == "True", "its_per_s": float(its)})
-    by = {(r["algorithm"], r["slowmo"]): r["its_per_s"] for r in rows}
+        if line.startswith("ROW;"):
+            _, label, its, mean_bytes, peak_bytes = line.split(";")
+            rows.append(
+                {
+                    "rate": rate,
+                    "config": label,
+                    "its_per_s": float(its),
+                    "mean_bytes_per_step": round(float(mean_bytes)),
+                    "peak_bytes_per_step": round(float(peak_bytes)),
+                }
+            )
+    by = {r["config"]: r for r in rows}
+    compute = by["compute only"]["its_per_s"]
     for r in rows:
-        r["vs_ar_sgd"] = r["its_per_s"] / by[("allreduce", False)]
-        r["vs_compute_only"] = r["its_per_s"] / by[("compute", False)]
-        r["vs_without_slowmo"] = r["its_per_s"] / by[(r["algorithm"], False)] if r["slowmo"] else ""
+        r["vs_compute_only"] = r["its_per_s"] / compute
+        r["exposed_comm_s_per_step"] = 1 / r["its_per_s"] - 1 / compute
+    for r in rows:
+        if args.suite == "algorithms":
+            r["vs_ar_sgd"] = r["its_per_s"] / by["AR-SGD"]["its_per_s"]
+            without = r["config"].removesuffix(" + SlowMo")
+            r["vs_without_slowmo"] = r["its_per_s"] / by[without]["its_per_s"] if without != r["config"] else ""
+        else:
+            plain = by["Local SGD + SlowMo"]["exposed_comm_s_per_step"]
+            removed = r["config"] not in ("compute only", "Local SGD + SlowMo")
+            r["comm_removed_vs_slowmo"] = 1 - r["exposed_comm_s_per_step"] / plain if removed else ""
     return rows
 
 
-def bar_chart(rows: list[dict], path: Path) -> None:
+def bar_chart(rows: list[dict], suite: str, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rates = list(dict.fromkeys(r["rate"] for r in rows))
-    names = {"compute": "compute only", "allreduce": "AR-SGD", "localsgd": "Local SGD", "sgp": "SGP", "osgp": "OSGP"}
-    labels = [names[a] + (" + SlowMo" if s else "") for a, s in CONFIGS]
-    fig, ax = plt.subplots(figsize=(11, 4))
+    labels = [label for label, _, _ in SUITES[suite]]
+    fig, ax = plt.subplots(figsize=(11 if suite == "algorithms" else 8, 4))
     width = 0.8 / len(rates)
     for i, rate in enumerate(rates):
-        values = [
-            next(r["its_per_s"] for r in rows if r["rate"] == rate and (r["algorithm"], r["slowmo"]) == c)
-            for c in CONFIGS
-        ]
-        ax.bar([k + i * width for k in range(len(CONFIGS))], values, width, label=rate.replace("bit", "bit/s"))
-    ax.set_xticks([k + width * (len(rates) - 1) / 2 for k in range(len(CONFIGS))], labels, rotation=20, ha="right")
+        values = [next(r["its_per_s"] for r in rows if r["rate"] == rate and r["config"] == c) for c in labels]
+        ax.bar([k + i * width for k in range(len(labels))], values, width, label=rate.replace("bit", "bit/s"))
+    ax.set_xticks([k + width * (len(rates) - 1) / 2 for k in range(len(labels))], labels, rotation=20, ha="right")
     ax.set(ylabel="iterations / s", title="4 gloo ranks on a shaped loopback, ResNet-18 (11.7 M), batch 16 per rank")
     ax.grid(axis="y", alpha=0.3)
     ax.legend()
@@ -146,8 +181,9 @@ def bar_chart(rows: list[dict], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--suite", choices=sorted(SUITES), default="algorithms")
     parser.add_argument("--rates", nargs="+", default=["1gbit", "10gbit"])
-    parser.add_argument("--steps", type=int, default=24)
+    parser.add_argument("--steps", type=int, default=24, help="timed steps (a multiple of tau = 12)")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--out", type=Path, default=Path("results/bench"))
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -159,19 +195,20 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for rate in args.rates:
         rows += shaped_run(rate, args)
-        for r in rows[-len(CONFIGS) :]:
+        for r in rows[-len(SUITES[args.suite]) :]:
             print(
-                f"{rate:>7} {r['algorithm']:>9}{' + SlowMo' if r['slowmo'] else '         '} "
-                f"{r['its_per_s']:7.2f} it/s  x{r['vs_ar_sgd']:.2f} AR-SGD  x{r['vs_compute_only']:.2f} compute",
+                f"{rate:>7} {r['config']:>20} {r['its_per_s']:7.2f} it/s  x{r['vs_compute_only']:.2f} compute  "
+                f"{r['mean_bytes_per_step'] / 2**20:8.2f} MiB/step (peak {r['peak_bytes_per_step'] / 2**20:.2f})",
                 flush=True,
             )
     args.out.mkdir(parents=True, exist_ok=True)
-    with open(args.out / "emulated_network.csv", "w", newline="") as f:
+    name = "emulated_network" if args.suite == "algorithms" else f"emulated_network_{args.suite}"
+    with open(args.out / f"{name}.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    bar_chart(rows, args.out / "emulated_network.png")
-    print(f"wrote {args.out}/emulated_network.csv and emulated_network.png")
+    bar_chart(rows, args.suite, args.out / f"{name}.png")
+    print(f"wrote {args.out}/{name}.csv and {name}.png")
 
 
 if __name__ == "__main__":
