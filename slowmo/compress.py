@@ -100,20 +100,21 @@ class Codec:
 
 def _e2m1_encode(values: torch.Tensor) -> torch.Tensor:
     """The packed FP4 codes of ``values`` (|v| <= 6): nearest magnitude, ties to the even code, two per byte."""
-    grid = torch.tensor(E2M1, dtype=values.dtype, device=values.device)
-    midpoints = (grid[1:] + grid[:-1]) / 2
     magnitude = values.abs()
-    code = torch.bucketize(magnitude, midpoints)  # a value on a midpoint gets the lower code
-    code += (code % 2 == 1) & (magnitude == midpoints[code.clamp(max=len(midpoints) - 1)])  # ... ties go to even
-    code = (code | (values < 0).long() << 3).to(torch.uint8)
+    code = torch.zeros(values.shape, dtype=torch.uint8, device=values.device)
+    for c in range(7):  # past the midpoint of codes c and c + 1: c + 1; on it, the even one
+        midpoint = (E2M1[c] + E2M1[c + 1]) / 2
+        code += magnitude >= midpoint if c % 2 else magnitude > midpoint
+    code |= (values < 0).to(torch.uint8) << 3
     code = torch.nn.functional.pad(code, (0, code.numel() % 2))
     return code[0::2] | code[1::2] << 4
 
 
 def _e2m1_decode(data: torch.Tensor, length: int, dtype: torch.dtype) -> torch.Tensor:
-    code = torch.stack([data & 0xF, data >> 4], dim=1).reshape(-1)[:length].long()
-    magnitude = torch.tensor(E2M1, dtype=dtype, device=data.device)[code & 7]
-    return torch.where(code >= 8, -magnitude, magnitude)
+    grid = torch.tensor(E2M1, dtype=dtype, device=data.device)
+    signed = torch.cat([grid, -grid])  # codes 0-15
+    pairs = torch.stack([signed.repeat(16), signed.repeat_interleave(16)], dim=1)  # byte b: codes b & 15, b >> 4
+    return pairs[data.long()].reshape(-1)[:length]
 
 
 def compressed_mean_(
