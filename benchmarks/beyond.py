@@ -11,7 +11,7 @@ over the seeds and the seed-by-seed (paired) difference in test accuracy against
 interval and p-value. Eager and streaming at d = 2 are then tuned (``TUNED``: beta, outer Nesterov, the mixing
 factor; the grid on seed 0, the best validation accuracy chosen) and the chosen setting is run on every seed.
 
-Writes ``results/beyond/``: ``table.md``, ``runs.csv`` and ``provenance.json``. Run directories go to
+Writes ``results/beyond/``: ``table.md``, ``accuracy.png``, ``runs.csv`` and ``provenance.json``. Run directories go to
 ``runs/generalization/`` (shared with benchmarks/generalization.py; a finished run is not run again).
 
     python benchmarks/beyond.py            # 38 runs, about 22 minutes on 2 CPU cores
@@ -60,6 +60,31 @@ TUNED = {  # name -> the grid of overrides tried on seed 0; the best validation 
 }
 
 
+def figure(by_name: dict[str, list[dict]], path: Path) -> None:
+    """Each variant's test accuracy minus plain SlowMo's, seed by seed (dots) and their mean (bar)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plain = np.array([r["test_acc_at_best_val"] for r in by_name["SlowMo (Algorithm 1)"]])
+    names = [name for name in by_name if name != "SlowMo (Algorithm 1)"]
+    fig, ax = plt.subplots(figsize=(8, 0.45 * len(names) + 1.2))
+    for y, name in enumerate(names):
+        diff = np.array([r["test_acc_at_best_val"] for r in by_name[name]]) - plain
+        ax.barh(y, diff.mean(), color="tab:blue" if diff.mean() >= 0 else "tab:red", alpha=0.4)
+        ax.plot(diff, [y] * len(diff), "k.")
+    ax.axvline(0, color="k", lw=0.8)
+    ax.set_yticks(range(len(names)), names, fontsize=8)
+    ax.invert_yaxis()
+    ax.set(xlabel="test accuracy minus plain SlowMo's (points; dots: seeds)", xscale="symlog")
+    ax.set_title("MNIST-1D, 16 simulated ranks, Local SGD + SlowMo, equal inner steps", fontsize=9)
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def cell(extra: list[str], seed: int) -> list[str]:
     """BASE with ``extra`` on top (an extra key replaces BASE's), then the seed."""
     keys = {o.split("=")[0] for o in extra}
@@ -104,6 +129,7 @@ def main(argv: list[str] | None = None) -> None:
             lines.append(row + f" {mean:+.2f} | [{low:+.2f}, {high:+.2f}] | {p:.3f} |")
     table = "\n".join(lines) + "\n\nTuning (seed 0):\n\n" + "\n".join(tuning_lines) + "\n"
     (args.out / "table.md").write_text(table)
+    figure(by_name, args.out / "accuracy.png")
     with open(args.out / "runs.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, list(results[0]))
         writer.writeheader()

@@ -26,17 +26,29 @@ def optimizer(
 
 
 def timed_steps(
-    comm, model: torch.nn.Module, opt, batch: int, steps: int, warmup: int, sent: list[int] | None = None
+    comm,
+    model: torch.nn.Module,
+    opt,
+    batch: int,
+    steps: int,
+    warmup: int,
+    sent: list[int] | None = None,
+    sync_start: bool = True,
 ) -> tuple[float, float]:
     """Train on one fixed random CIFAR-shaped batch; returns (start, end) of the ``steps`` timed steps on this
-    rank's clock: start after a barrier, end when this rank's last step returns (communication still in flight then,
-    as an eager all-reduce, is not waited for: its steady-state cost is the wait in a later step). The first
-    ``warmup`` steps, which include the broadcast of rank 0's model, are not timed. ``sent``, if given, receives the
-    bytes this rank sent in each timed step."""
+    rank's clock, end when this rank's last step returns. The first ``warmup`` steps, which include the broadcast of
+    rank 0's model, are not timed. ``sync_start``: the ranks pass a barrier before the timed steps; without it they
+    pass one before the warm-up and each starts its clock at its own first timed step, so that communication left in
+    flight by the warm-up (an eager all-reduce, overlapped gossip) is not waited for outside the window: each rank's
+    window is then ``steps`` steps of the steady state. ``sent``, if given, receives the bytes this rank sent in each
+    timed step."""
     x, y = torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
+    if not sync_start:
+        comm.barrier()
     for step in range(warmup + steps):
         if step == warmup:
-            comm.barrier()
+            if sync_start:
+                comm.barrier()
             start = time.perf_counter()
         before = comm.stats()["total"]
         loss = torch.nn.functional.cross_entropy(model(x), y)

@@ -5,9 +5,10 @@ a token bucket (``tc qdisc ... tbf``: netem does not exist on these kernels), th
 all on 127.0.0.1: no other address is ever used, and the namespace is deleted on exit, also on error. In one run of
 the 4 processes it times every configuration of a suite on torchvision's ResNet-18 (11.7 M parameters, 32x32
 inputs, batch 16 per rank), so the ratios compare like with like. Each configuration first takes ``tau`` untimed
-steps (one whole outer iteration, with its outer step), then ``steps`` timed ones; the time is from a barrier to the
-last rank's last step, and the bytes are those each rank sends (the mean over the timed steps and the peak of one
-step).
+steps (one whole outer iteration, with its outer step), then ``steps`` timed ones; the time is the slowest rank's,
+from its first timed step to its last (no barrier at the start, which would wait for communication left in flight
+by the warm-up: each window holds whole outer iterations of the steady state), and the bytes are those each rank
+sends (the mean over the timed steps and the peak of one step).
 
 - ``--suite algorithms`` (issue 5): compute only (no communication), AR-SGD, Local SGD (H = 12), SGP and OSGP, each
   without and with SlowMo (tau = 12). Targets: Local SGD + SlowMo >= 3x AR-SGD's iterations/s at 1 Gbit/s; OSGP
@@ -77,7 +78,7 @@ def _time_all(comm, suite: str, steps: int, batch: int) -> list[tuple[float, flo
             settings = None if slowmo is None else {"tau": TAU, "beta": 0.5, **slowmo}
             opt = optimizer(comm, model, algorithm, TAU, lr=0.01, slowmo=settings)
         sent: list[int] = []
-        start, end = timed_steps(comm, model, opt, batch, steps, warmup=TAU, sent=sent)
+        start, end = timed_steps(comm, model, opt, batch, steps, warmup=TAU, sent=sent, sync_start=False)
         results.append((start, end, sent))
     return results
 
@@ -86,7 +87,7 @@ def worker(args: argparse.Namespace) -> None:
     """Inside the namespace: 4 gloo ranks on 127.0.0.1; prints one CSV line per configuration."""
     ranks = spawn(_time_all, 4, "gloo", args=(args.suite, args.steps, args.batch), timeout=600)
     for i, (label, _, _) in enumerate(SUITES[args.suite]):
-        seconds = max(rank[i][1] for rank in ranks) - min(rank[i][0] for rank in ranks)
+        seconds = max(rank[i][1] - rank[i][0] for rank in ranks)  # the slowest rank's steady-state window
         sent = [sum(rank[i][2][k] for rank in ranks) / len(ranks) for k in range(args.steps)]
         print(f"ROW;{label};{args.steps / seconds};{sum(sent) / args.steps};{max(sent)}", flush=True)
 

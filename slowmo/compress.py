@@ -23,7 +23,7 @@ Codes (C = ``CHUNK`` values share one float32 scale s_c, rounding to nearest, ti
 
 e2m1 is the OCP Microscaling (MX v1.0) FP4 element: a sign bit and 3 bits of magnitude, 0, 0.5, 1, 1.5, 2, 3, 4 or
 6 (codes 0-7, in that order); a value rounds to the nearest magnitude, a tie to the even code, and two codes share a
-byte (the first in the low 4 bits; an odd length ends with a 0 nibble), as torch's ``float4_e2m1fn_x2`` packs them.
+byte (the first in the low 4 bits; an odd length ends with a 0 nibble), as NVIDIA's ``__nv_fp4x2_e2m1`` packs them.
 
 A shard of L values encodes to S(L) = ceil(L b) + 4 ceil(L / C) bytes (b = 2 for fp16/bf16, 1 for int8/fp8, 1/2 for
 fp4, no scales for the casts), and each rank sends (n - 1) S(L) in each phase: 2 (n - 1) S(L) per outer step, against
