@@ -10,7 +10,7 @@ import torch
 import slowmo
 from slowmo.compress import Codec, compressed_mean_
 
-from problems import Setup, reference, run_engine
+from problems import Setup, make_data, reference, run_engine
 
 BIG = 1100  # |theta| = 1101 values: 4 shards of 276, two scaled chunks each (256 + 20), 3 values of padding
 
@@ -223,3 +223,21 @@ def test_a_fragment_layer_is_a_weight_with_the_normalization_after_it():
     )
     # parameters in order: LN (w, b), conv (w, b), BN (w, b), conv (w), BN (w, b), linear (w, b)
     assert layers_of(model) == [0, 0, 0, 0, 0, 0, 1, 1, 1, 2, 2]
+
+
+def _mean_squared_error(s: Setup) -> tuple[float, float]:
+    """The loss over every rank's samples at the ranks' mean theta after the run, and at the start."""
+    runs = slowmo.comm.spawn(run_engine, s.world_size, "simulated", args=(s,))
+    a, y, theta0 = make_data(s)
+    loss = lambda theta: float(np.mean((a @ theta[:-1] + theta[-1] - y) ** 2))  # noqa: E731
+    return loss(np.mean([r["theta"] for r in runs], axis=0)), loss(theta0)
+
+
+def test_eager_without_momentum_converges_where_plain_slowmo_does():
+    # least squares, 16 ranks with their own optima: the one-round-late mean that eager applies is stable without
+    # slow momentum (the README's check of the engine behind the MNIST-1D figures)
+    s = Setup("localsgd", world_size=16, steps=600, d=5, slowmo=dict(tau=12, beta=0.0))
+    plain, start = _mean_squared_error(s)
+    eager, _ = _mean_squared_error(s.with_(slowmo=dict(tau=12, beta=0.0, eager=True)))
+    assert plain < 0.5 * start  # it has trained
+    assert abs(eager - plain) < 0.01 * plain
