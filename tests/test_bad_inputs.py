@@ -421,3 +421,21 @@ def test_the_command_line_prints_the_one_line_and_exits_2(tmp_path):
     ):
         out = _cli(*args, f"hydra.run.dir={tmp_path}")
         assert out.returncode == 2 and out.stderr.strip().splitlines()[-1] == line, out.stderr
+
+
+def test_a_port_left_in_time_wait_by_a_preempted_job_is_free_again():
+    # a requeued job's rank 0 finds the last attempt's rendezvous port in TIME_WAIT; torch's TCPStore binds it with
+    # SO_REUSEADDR, so the check must not call it in use (only a listening socket is)
+    from slowmo.comm.launch import _check_port_free
+
+    listener = socket.socket()  # the last attempt's store, with the option TCPStore sets
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    port = listener.getsockname()[1]
+    client = socket.create_connection(("127.0.0.1", port))
+    accepted, _ = listener.accept()
+    accepted.close()  # the server side closes first: its end of the connection stays in TIME_WAIT on the port
+    client.close()
+    listener.close()
+    _check_port_free("127.0.0.1", port)

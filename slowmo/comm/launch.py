@@ -121,7 +121,10 @@ def init_distributed(backend: str = "gloo", timeout_s: float = 300.0, env: DistE
 
 
 def _check_port_free(host: str, port: int) -> None:
+    """Raise when something listens on ``port``. Bound as torch's TCPStore binds it (SO_REUSEADDR), so that a port
+    left in TIME_WAIT by a preempted attempt of the same job is free, as it is to the store."""
     with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
         except OSError as error:
