@@ -50,12 +50,13 @@ def timed_steps(
             if sync_start:
                 comm.barrier()
             start = time.perf_counter()
-        before = comm.stats()["total"]
+        counted = sent is not None and step >= warmup
+        before = comm.stats()["total"] if counted else 0
         loss = torch.nn.functional.cross_entropy(model(x), y)
         opt.zero_grad()
         loss.backward()
         opt.step()
-        if sent is not None and step >= warmup:
+        if counted:
             sent.append(comm.stats()["total"] - before)
     end = time.perf_counter()
     opt.state_dict()  # completes the communication still in flight (its state is saved complete)
