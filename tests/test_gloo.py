@@ -1,5 +1,7 @@
 """Real processes over gloo on 127.0.0.1: the same numbers as the simulator, and no hang when a rank dies."""
 
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -68,3 +70,62 @@ def test_a_dead_rank_makes_the_others_fail_within_the_timeout(what):
         slowmo.comm.spawn(_one_rank_dies, 3, "gloo", args=(what,), timeout=3)
     assert "CommError" in str(info.value)
     assert time.time() - start < 60
+
+
+# ------------------------------------------------------------------------------------- what the ranks cannot import
+def test_a_function_the_ranks_cannot_import_is_refused_before_any_process_starts():
+    with pytest.raises(ValueError) as info:
+        slowmo.comm.spawn(lambda comm: comm.rank, 2, "gloo")
+    assert str(info.value) == (
+        "spawn(backend='gloo') runs test_a_function_the_ranks_cannot_import_is_refused_before_any_process_starts."
+        "<locals>.<lambda> in new processes, which import it by name; define it with def at the top level of a "
+        "module file (or use backend='simulated')"
+    )
+
+
+SCRIPT = """import slowmo
+
+def rank(comm):
+    return comm.rank
+
+print(slowmo.comm.spawn(rank, world_size=2, backend="gloo"))
+"""
+
+
+@pytest.mark.parametrize("how", ["a script without the main guard", "standard input"])
+def test_a_script_the_ranks_cannot_import_gets_one_line_that_says_what_to_do(how, tmp_path):
+    (tmp_path / "train.py").write_text(SCRIPT)
+    command = [sys.executable, "train.py"] if how.startswith("a script") else [sys.executable, "-"]
+    out = subprocess.run(command, input=SCRIPT, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1
+    assert "bootstrapping" not in out.stderr and out.stderr.count("Traceback") == 1  # ours, once; no rank started
+    assert out.stderr.strip().splitlines()[-1] == (
+        "ValueError: train.py, line 6: spawn(backend='gloo') is called at the top level of the script, and every "
+        "rank process imports the script (to find rank), which would start the ranks again; put the call under "
+        'if __name__ == "__main__":'
+        if how.startswith("a script")
+        else "ValueError: spawn(backend='gloo') runs rank in new processes, which import it from the script, but "
+        "this __main__ has no file (python -c, standard input, a notebook); put it in a .py file, or use "
+        "backend='simulated'"
+    )
+
+
+def _rank_1_refuses(comm):
+    import torch
+
+    if comm.rank == 1:
+        raise slowmo.train.ConfigError("rank 1 refuses")
+    comm.all_reduce(torch.ones(2))
+
+
+def test_an_error_a_rank_raises_comes_back_as_itself_with_every_ranks_outcome():
+    import slowmo.train
+
+    with pytest.raises(slowmo.train.ConfigError) as info:
+        slowmo.comm.spawn(_rank_1_refuses, 3, "gloo", timeout=30)
+    assert str(info.value) == "rank 1 refuses"  # what the command line prints, in one line
+    outcomes, traceback = info.value.__notes__
+    lines = outcomes.splitlines()
+    assert lines[0] == "3 of 3 ranks failed:" and lines[2] == "rank 1: slowmo.registry.ConfigError: rank 1 refuses"
+    assert lines[1].startswith("rank 0: slowmo.comm.base.CommError: rank 0: all_reduce failed")
+    assert traceback.startswith("rank 1's traceback:\nTraceback") and "_rank_1_refuses" in traceback
