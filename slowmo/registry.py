@@ -18,12 +18,19 @@ from __future__ import annotations
 import importlib
 import pkgutil
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field
 from typing import Any
 
 
 class ConfigError(ValueError):
     """A configuration that cannot run; its message is one line that says what to change."""
+
+
+def run_control(default: Any = MISSING) -> Any:
+    """A config field that says how a run is carried out (where its data lie, how its batches are loaded, how long it
+    goes on, when it evaluates, logs or checkpoints), not what it computes: it may change when the run is resumed.
+    Every other field must stay as the run directory's run had it (:mod:`slowmo.train.rundir`)."""
+    return field(default=default, metadata={"run_control": True})
 
 
 @dataclass(frozen=True)

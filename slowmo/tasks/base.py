@@ -6,6 +6,10 @@ model's section and a :class:`TaskContext` (never the whole run config):
 
     @TASKS.register("<name>", TaskConfig, data=MyData, inputs="images", needs="an image model")
     def build(task: TaskConfig, data: MyData, model: ModelConfig, ctx: TaskContext) -> Task: ...
+
+A task imports its heavy libraries (torchvision, scikit-learn, sacreBLEU) inside its builder, so that checking a
+config takes no seconds of them, and names them in ``imports=(...)``: the local launcher's fork server imports them
+once for all ranks (:func:`slowmo.comm.spawn`).
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from ..registry import Registry
+from ..registry import Registry, run_control
 
 TASKS = Registry("task", "slowmo.tasks")
 Batch = Any
@@ -37,9 +41,9 @@ class TaskConfig:
 class LoaderConfig:
     """The ``data`` keys every task has: how its batches are loaded (see :mod:`slowmo.train.data`)."""
 
-    eval_batch_size: int
-    num_workers: int  # DataLoader worker processes per rank (0: load on the training thread)
-    prefetch_factor: int  # batches each worker loads ahead
+    eval_batch_size: int = run_control()
+    num_workers: int = run_control()  # DataLoader worker processes per rank (0: load on the training thread)
+    prefetch_factor: int = run_control()  # batches each worker loads ahead
 
 
 @dataclass

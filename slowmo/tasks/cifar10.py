@@ -6,55 +6,81 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import torchvision
-import torchvision.transforms as T
-
 from ..models import ModelConfig, build_model
-from ..registry import ConfigError
+from ..registry import ConfigError, run_control
 from .base import TASKS, ImageData, Task, TaskConfig, TaskContext, classification
 
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+HAND_WRITTEN = "files written by hand, not the official batches, need data.verify_checksums=false"
 
 
-class CIFAR10(torchvision.datasets.CIFAR10):
-    """torchvision's loader; with ``verify_checksums=False`` only the MD5 check is skipped (files written by tests
-    or converted by hand), the reading is torchvision's own."""
+def _cifar10(root: str, train: bool, transform, download: bool):
+    """torchvision's ``CIFAR10``, reading only: the MD5 check is :func:`_check_files`'s, so that files written by tests
+    or converted by hand can be read with ``data.verify_checksums=false``. (torchvision is imported here: it takes
+    seconds, and a config check or a run of another task needs none of it.)"""
+    from torchvision.datasets import CIFAR10
 
-    def __init__(self, root: str, train: bool, transform, download: bool, verify_checksums: bool) -> None:
-        if not verify_checksums:
-            self.train_list = [[name, None] for name, _ in self.train_list]
-            self.test_list = [[name, None] for name, _ in self.test_list]
-            self.meta = dict(self.meta, md5=None)
-        super().__init__(root, train=train, transform=transform, download=download)
+    dataset = CIFAR10.__new__(CIFAR10)  # its lists of files without their MD5s, before its __init__ checks them
+    dataset.train_list = [[name, None] for name, _ in CIFAR10.train_list]
+    dataset.test_list = [[name, None] for name, _ in CIFAR10.test_list]
+    dataset.meta = dict(CIFAR10.meta, md5=None)
+    dataset.__init__(root, train=train, transform=transform, download=download)
+    return dataset
+
+
+def _check_files(folder: Path, download: bool, verify_checksums: bool) -> None:
+    """One line for missing batch files, or for files that fail torchvision's MD5 check (torchvision's own error,
+    "Dataset not found or corrupted", names neither the files nor the way out)."""
+    from torchvision.datasets import CIFAR10
+    from torchvision.datasets.utils import check_integrity
+
+    expected = [*CIFAR10.train_list, *CIFAR10.test_list, [CIFAR10.meta["filename"], CIFAR10.meta["md5"]]]
+    missing = [name for name, _ in expected if not (folder / name).is_file()]
+    if missing and not download:
+        raise ConfigError(
+            f"CIFAR-10 files missing under {folder}: {', '.join(missing)}; point data.root at the directory holding "
+            f"cifar-10-batches-py/ or add data.download=true ({HAND_WRITTEN})"
+        )
+    corrupt = [
+        n for n, md5 in expected if verify_checksums and n not in missing and not check_integrity(folder / n, md5)
+    ]
+    if corrupt:
+        raise ConfigError(
+            f"CIFAR-10 files under {folder} fail torchvision's MD5 check: {', '.join(corrupt)}; download the official "
+            f"batches again (data.download=true fetches them) ({HAND_WRITTEN})"
+        )
 
 
 @dataclass
 class CIFAR10Data(ImageData):
-    root: str | None  # the directory holding cifar-10-batches-py/
+    root: str | None = run_control()  # the directory holding cifar-10-batches-py/
     augment: bool  # random crop (4-pixel padding) and horizontal flip
-    download: bool  # fetch the batches when online
-    verify_checksums: bool  # torchvision's MD5 check of the batch files
+    download: bool = run_control()  # fetch the batches when online
+    verify_checksums: bool = run_control()  # torchvision's MD5 check of the batch files
 
 
-@TASKS.register("cifar10", TaskConfig, data=CIFAR10Data, label="CIFAR-10", inputs="images", needs="an image model")
+@TASKS.register(
+    "cifar10",
+    TaskConfig,
+    data=CIFAR10Data,
+    label="CIFAR-10",
+    inputs="images",
+    needs="an image model",
+    imports=("torchvision",),
+)
 def build(task: TaskConfig, data: CIFAR10Data, model: ModelConfig, ctx: TaskContext) -> Task:
     if data.root is None:
         raise ConfigError(
             "task cifar10 needs data.root: the directory holding cifar-10-batches-py/ "
             "(add data.download=true to fetch it when online)"
         )
+    import torchvision.transforms as T
+
     root = Path(data.root)
-    folder = root / "cifar-10-batches-py"
-    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"]
-    missing = [n for n in names if not (folder / n).is_file()]
-    if missing and not data.download:
-        raise ConfigError(
-            f"CIFAR-10 files missing under {folder}: {', '.join(missing)}; point data.root at the "
-            "directory holding cifar-10-batches-py/ or add data.download=true"
-        )
+    _check_files(root / "cifar-10-batches-py", data.download, data.verify_checksums)
     normalize = [T.ToTensor(), T.Normalize(MEAN, STD)]
     augment = [T.RandomCrop(32, padding=4), T.RandomHorizontalFlip()] if data.augment else []
-    train = CIFAR10(str(root), True, T.Compose(augment + normalize), data.download, data.verify_checksums)
-    val = CIFAR10(str(root), False, T.Compose(normalize), False, data.verify_checksums)
+    train = _cifar10(str(root), True, T.Compose(augment + normalize), data.download)
+    val = _cifar10(str(root), False, T.Compose(normalize), False)
     net = build_model(model, num_classes=10, input_shape=(3, 32, 32))
     return classification(net, train, val, data, ctx, task.label_smoothing)

@@ -6,7 +6,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from sklearn.datasets import load_digits
 from torch.utils.data import TensorDataset
 
 from ..models import ModelConfig, build_model
@@ -18,8 +17,18 @@ class DigitsData(ImageData):
     val_fraction: float  # held-out share (a fixed split, the same for every seed)
 
 
-@TASKS.register("digits", TaskConfig, data=DigitsData, label="digits", inputs="images", needs="a model for 8x8 images")
+@TASKS.register(
+    "digits",
+    TaskConfig,
+    data=DigitsData,
+    label="digits",
+    inputs="images",
+    needs="a model for 8x8 images",
+    imports=("sklearn.datasets",),
+)
 def build(task: TaskConfig, data: DigitsData, model: ModelConfig, ctx: TaskContext) -> Task:
+    from sklearn.datasets import load_digits  # here: scikit-learn takes seconds to import, a config check none
+
     images, labels = load_digits(return_X_y=True)
     x = torch.tensor(images, dtype=torch.float32).view(-1, 1, 8, 8) / 16.0
     y = torch.tensor(labels)

@@ -6,17 +6,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import torchvision.transforms as T
-from torchvision.datasets import ImageFolder
-
 from ..models import ModelConfig, build_model
-from ..registry import ConfigError
+from ..registry import ConfigError, run_control
 from .base import TASKS, ImageData, Task, TaskConfig, TaskContext, classification
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
-def _folder(path: Path, transform) -> ImageFolder:
+def _folder(path: Path, transform):
+    from torchvision.datasets import ImageFolder  # here: torchvision takes seconds to import, a config check none
+
     if not path.is_dir():
         raise ConfigError(
             f"ImageNet split missing: {path} is not a directory; data.root must hold train/ and val/ "
@@ -33,15 +32,25 @@ def _folder(path: Path, transform) -> ImageFolder:
 
 @dataclass
 class ImageNetData(ImageData):
-    root: str | None  # the directory holding train/ and val/ in ImageFolder layout
+    root: str | None = run_control()  # the directory holding train/ and val/ in ImageFolder layout
     augment: bool  # random resized crop and flip (else resize and center crop)
     image_size: int  # crop size
 
 
-@TASKS.register("imagenet", TaskConfig, data=ImageNetData, label="ImageNet", inputs="images", needs="an image model")
+@TASKS.register(
+    "imagenet",
+    TaskConfig,
+    data=ImageNetData,
+    label="ImageNet",
+    inputs="images",
+    needs="an image model",
+    imports=("torchvision",),
+)
 def build(task: TaskConfig, data: ImageNetData, model: ModelConfig, ctx: TaskContext) -> Task:
     if data.root is None:
         raise ConfigError("task imagenet needs data.root: the directory holding train/ and val/ in ImageFolder layout")
+    import torchvision.transforms as T
+
     root, size = Path(data.root), data.image_size
     normalize = [T.ToTensor(), T.Normalize(MEAN, STD)]
     augment = (

@@ -54,7 +54,13 @@ def generate(num_samples: int, seed: int) -> dict[str, torch.Tensor]:
 
 
 @TASKS.register(
-    "mnist1d", TaskConfig, data=MNIST1DData, label="MNIST-1D", inputs="signals", needs="a model for 1D signals"
+    "mnist1d",
+    TaskConfig,
+    data=MNIST1DData,
+    label="MNIST-1D",
+    inputs="signals",
+    needs="a model for 1D signals",
+    imports=("mnist1d.data",),
 )
 def build(task: TaskConfig, data: MNIST1DData, model: ModelConfig, ctx: TaskContext) -> Task:
     d = generate(data.num_samples, data.generator_seed)

@@ -13,19 +13,17 @@ with fairseq's length penalty, and two BLEU scores of the decoded (BPE-removed) 
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import sentencepiece as spm
 import torch
-from sacrebleu.metrics import BLEU
-from sacrebleu.tokenizers.tokenizer_13a import Tokenizer13a
 from torch import nn
 from torch.utils.data import Dataset
 
 from ..models import ModelConfig, build_model
-from ..registry import ConfigError
+from ..registry import ConfigError, run_control
 from .base import TASKS, LoaderConfig, Task, TaskConfig, TaskContext
 
 PAD, UNK, BOS, EOS = 0, 1, 2, 3
@@ -54,6 +52,8 @@ def train_sentencepiece(texts: list[str], prefix: Path, vocab_size: int) -> Path
         raise ConfigError(
             "the training text is empty: sentencepiece has nothing to learn from; check train.en/train.de"
         )
+    import sentencepiece as spm  # here and below: sentencepiece and sacreBLEU take a second to import, a check none
+
     prefix.parent.mkdir(parents=True, exist_ok=True)
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(texts),
@@ -90,25 +90,31 @@ def token_batches(lengths: list[int], max_tokens: int, seed: int, epoch: int, ra
     return [batches[perm[j]] for j in range(rank, per_rank * world, world)]
 
 
-SACREBLEU = BLEU()  # detokenized: 13a tokenizer, exp smoothing
-TOKENIZED_BLEU = BLEU(
-    tokenize="none", smooth_method="none", force=True
-)  # BLEU-4 over the given tokens, as fairseq-score
-_tokenize_13a = Tokenizer13a()
 _COMPOUND = re.compile(r"(\S)-(\S)")
+
+
+@functools.cache
+def _bleu() -> tuple:
+    """sacreBLEU's scorers: detokenized (13a tokenizer, exp smoothing), BLEU-4 over the given tokens (as fairseq-score),
+    and the 13a tokenizer."""
+    from sacrebleu.metrics import BLEU
+    from sacrebleu.tokenizers.tokenizer_13a import Tokenizer13a
+
+    return BLEU(), BLEU(tokenize="none", smooth_method="none", force=True), Tokenizer13a()
 
 
 def compound_split(text: str) -> str:
     r"""The tokenized text of fairseq's ``compound_split_bleu.sh``: tokens, then ``a-b`` -> ``a ##AT##-##AT## b`` (left
     to right, non-overlapping, as perl's ``s{(\S)-(\S)}{$1 ##AT##-##AT## $2}g``)."""
-    return _COMPOUND.sub(r"\1 ##AT##-##AT## \2", _tokenize_13a(text))
+    return _COMPOUND.sub(r"\1 ##AT##-##AT## \2", _bleu()[2](text))
 
 
 def bleu_sums(hyps: list[str], refs: list[str]) -> list[float]:
     """The sufficient statistics of both scores (n-gram matches and totals for n = 1..4, hypothesis and reference
     lengths; sacreBLEU's then the tokenized one's): they add up over batches and ranks into corpus BLEU."""
     sums: list[float] = []
-    for metric, prepare in ((SACREBLEU, str), (TOKENIZED_BLEU, compound_split)):
+    detokenized, tokenized, _ = _bleu()
+    for metric, prepare in ((detokenized, str), (tokenized, compound_split)):
         stats = metric.corpus_score([prepare(h) for h in hyps], [[prepare(r) for r in refs]])
         sums += [*stats.counts, *stats.totals, stats.sys_len, stats.ref_len]
     return sums
@@ -116,6 +122,8 @@ def bleu_sums(hyps: list[str], refs: list[str]) -> list[float]:
 
 def sacrebleu_signature() -> str:
     """``val_bleu``'s sacreBLEU signature (nrefs:1|case:mixed|eff:no|tok:13a|smooth:exp|version:...)."""
+    from sacrebleu.metrics import BLEU
+
     metric = BLEU()
     metric.corpus_score(["-"], [["-"]])  # sacreBLEU knows the number of references only once it has scored
     return str(metric.get_signature())
@@ -124,6 +132,8 @@ def sacrebleu_signature() -> str:
 def bleu_scores(sums: list[float]) -> dict[str, float]:
     """Corpus ``val_bleu`` (sacreBLEU, detokenized) and ``val_bleu_tok`` (tokenized, compound-split) of summed
     :func:`bleu_sums`."""
+    from sacrebleu.metrics import BLEU
+
     scores = {}
     for name, smoothing, part in (("val_bleu", "exp", sums[:10]), ("val_bleu_tok", "none", sums[10:])):
         values = [int(v) for v in part]
@@ -157,7 +167,7 @@ class WMT16Task(TaskConfig):
 
 @dataclass
 class WMT16Data(LoaderConfig):
-    root: str | None  # the directory holding train.en/train.de and valid.en/valid.de
+    root: str | None = run_control()  # the directory holding train.en/train.de and valid.en/valid.de
     max_tokens: int  # tokens per rank per batch (longest sentence x sentences)
     vocab_size: int  # joint sentencepiece BPE vocabulary
     spm_model: str | None  # an existing sentencepiece model (else one is trained on the training text)
@@ -177,7 +187,15 @@ class Pairs(Dataset):
         return self.pairs[i][0], self.pairs[i][1], self.refs[i]
 
 
-@TASKS.register("wmt16", WMT16Task, data=WMT16Data, label="WMT'16 En-De", inputs="tokens", needs="a Transformer")
+@TASKS.register(
+    "wmt16",
+    WMT16Task,
+    data=WMT16Data,
+    label="WMT'16 En-De",
+    inputs="tokens",
+    needs="a Transformer",
+    imports=("sentencepiece", "sacrebleu.metrics"),
+)
 def build(task: WMT16Task, data: WMT16Data, model: ModelConfig, ctx: TaskContext) -> Task:
     if data.root is None:
         raise ConfigError("task wmt16 needs data.root: the directory holding train.en/train.de and valid.en/valid.de")
@@ -190,6 +208,8 @@ def build(task: WMT16Task, data: WMT16Data, model: ModelConfig, ctx: TaskContext
         if data.spm_model:
             raise ConfigError(f"data.spm_model={data.spm_model} does not exist")
         train_sentencepiece(train_src + train_tgt, model_path.with_suffix(""), data.vocab_size)
+    import sentencepiece as spm
+
     sp = spm.SentencePieceProcessor(model_file=str(model_path))
 
     def encode(src: list[str], tgt: list[str]) -> list[tuple[list[int], list[int]]]:
