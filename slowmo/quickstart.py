@@ -3,9 +3,9 @@
 Runs every cell of the ``quickstart`` preset's sweep (``configs/experiment/quickstart.yaml``: 8 simulated ranks on
 scikit-learn's digits, AR-SGD / Local SGD / SGP, each without and with SlowMo, 3 seeds, equal steps), then prints a
 table (train loss and validation accuracy, mean ± std over seeds; bytes each rank sent; time) and draws the train
-loss. The runs go to ``--runs`` (default ``runs/quickstart``, not committed); the table (``table.md``, ``table.csv``)
-and ``loss.png`` to ``--out`` (default: the same). The committed ``results/quickstart/`` is refreshed only by
-``slowmo-quickstart --out results/quickstart``.
+loss. The runs go to ``--runs`` (default ``runs/quickstart``, not committed; a second call runs them again, in place,
+``train.overwrite=true``); the table (``table.md``, ``table.csv``) and ``loss.png`` to ``--out`` (default: the same).
+The committed ``results/quickstart/`` is refreshed only by ``slowmo-quickstart --out results/quickstart``.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> None:
     for cell in sweep(PRESET):
         run_dir = args.runs / ",".join(cell)
         t = time.time()
-        summary = run(compose([f"+experiment={PRESET}", *cell, f"run_dir='{run_dir}'"]))
+        summary = run(compose([f"+experiment={PRESET}", *cell, "train.overwrite=true", f"run_dir='{run_dir}'"]))
         print(f"{run_dir.name:>40}: val_acc {summary['final']['val_acc']:.2f} %  ({time.time() - t:.1f} s)", flush=True)
         runs.append(report.load_run(run_dir))
     command = f"slowmo-quickstart (+experiment={PRESET}, the preset's sweep)"

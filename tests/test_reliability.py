@@ -205,7 +205,11 @@ def test_sigusr1_checkpoints_exits_3_and_the_rerun_ends_where_an_uninterrupted_r
     job.send_signal(signal.SIGUSR1)
     _, err = job.communicate(timeout=300)
     assert job.returncode == 3, err[-3000:]
-    stopped = int(re.search(r"^preempted at step (\d+): checkpoint written to \S+$", err, re.M).group(1))
+    stopped = int(
+        re.search(
+            r"^preempted at step (\d+): checkpoint written to \S+; rerun with hydra.run.dir=\S+ to resume$", err, re.M
+        ).group(1)
+    )
     assert 5 <= stopped < 400 and stopped % 5 == 0  # the ranks agree every train.signal_check_every = 5 steps
     assert [d.name for d in checkpoint.sorted_checkpoints(tmp_path / "run" / "checkpoints")] == [f"step_{stopped}"]
     for run_dir in ("run", "straight"):

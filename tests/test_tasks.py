@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from slowmo.train import run
+from slowmo.train import loop, run
 
 from datasets import write_cifar10, write_imagefolder, write_parallel
 
@@ -72,7 +72,8 @@ def test_imagenet_from_an_imagefolder_of_pngs(tmp_path):
 
 
 @pytest.mark.parametrize("beam", [1, 3])
-def test_wmt16_from_parallel_text_with_sentencepiece_and_sacrebleu(tmp_path, beam):
+def test_wmt16_from_parallel_text_with_sentencepiece_and_sacrebleu(tmp_path, beam, monkeypatch, capsys):
+    monkeypatch.setattr(loop, "EVAL_PROGRESS_AFTER_S", 0.0)  # as if decoding took seconds, as beam search does
     root = write_parallel(tmp_path / "wmt", n_test=6)
     summary = run(
         cfg(
@@ -89,8 +90,11 @@ def test_wmt16_from_parallel_text_with_sentencepiece_and_sacrebleu(tmp_path, bea
             task={"name": "wmt16", "label_smoothing": 0.1, "max_decode_len": 4, "beam": beam, "lenpen": 0.6},
             optimizer={"name": "adam", "lr": 0.001},
             train={"max_steps": 4, "eval_every": 2},
+            logger={"progress": True, "log_every": 1},
         )
     )
+    err = capsys.readouterr().err
+    assert "evaluating val: " in err and "evaluating test: " in err  # its progress shows
     final = summary["final"]
     assert 0.0 <= final["val_bleu"] <= 100.0 and 0.0 <= final["val_bleu_tok"] <= 100.0 and final["val_loss"] > 0
     assert {"test_bleu", "test_bleu_tok", "test_loss"} <= set(final)  # the test set, scored the same way

@@ -9,7 +9,6 @@ import hashlib
 import io
 import os
 import shutil
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -76,15 +75,13 @@ def sorted_checkpoints(root: Path) -> list[Path]:
 
 
 def candidates(root: Path, world_size: int) -> list[Path]:
-    """Complete checkpoints saved by ``world_size`` ranks, newest first; warns about each one of another size."""
-    out = []
-    for directory in reversed(sorted_checkpoints(root)):
+    """Complete checkpoints, newest first; one saved by another number of ranks belongs to another run (ValueError)."""
+    out = list(reversed(sorted_checkpoints(root)))
+    for directory in out:
         saved_world = (directory / MARKER).read_text().strip()
-        if saved_world == str(world_size):
-            out.append(directory)
-        else:
-            warnings.warn(
-                f"skipping checkpoint {directory}: saved by {saved_world} ranks, this run has {world_size}",
-                stacklevel=2,
+        if saved_world != str(world_size):
+            raise ValueError(
+                f"checkpoint {directory} was saved by {saved_world} ranks, this run has {world_size}; resume it with "
+                f"{saved_world} ranks, or start this run in another directory"
             )
     return out

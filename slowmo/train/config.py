@@ -10,6 +10,8 @@ overrides, composed onto the tree first: ``{"algorithm": {"name": X}}`` selects 
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import itertools
 import re
 from collections.abc import Mapping
@@ -29,7 +31,7 @@ from ..algorithms import ALGORITHMS
 from ..comm.spawn import BACKENDS
 from ..models import MODELS, models_taking
 from ..presets import OuterConfig
-from ..registry import ConfigError, Registry
+from ..registry import ConfigError, Registry, run_control
 from ..tasks import TASKS
 from .optimizers import OPTIMIZERS
 from .precision import DTYPES
@@ -51,24 +53,26 @@ class LoggerConfig:
 
 @dataclass
 class DistConfig:
-    backend: str  # simulated | gloo | nccl
-    device: str  # auto (the local GPU under nccl, else the CPU) | cpu | cuda
-    world_size: int  # ranks to simulate or to spawn locally (ignored under torchrun/srun)
-    timeout_s: float
+    backend: str = run_control()  # simulated | gloo | nccl
+    device: str = run_control()  # auto (the local GPU under nccl, else the CPU) | cpu | cuda
+    world_size: int  # ranks to simulate or to spawn locally (under torchrun/srun: the job's, recorded as such)
+    timeout_s: float = run_control()
 
 
 @dataclass
 class TrainConfig:
-    max_steps: int
-    eval_every: int  # 0: only at the end
-    checkpoint_every: int  # 0: no periodic checkpoints
-    keep_checkpoints: int
-    resume: str  # auto: newest valid checkpoint in the run dir | never
-    signal_check_every: int  # steps between checks for SIGTERM/SIGUSR1 (ranks agree on stopping)
+    max_steps: int = run_control()
+    eval_every: int = run_control()  # 0: only at the end
+    checkpoint_every: int = run_control()  # 0: no periodic checkpoints
+    keep_checkpoints: int = run_control()
+    resume: str = run_control()  # auto: this run's newest valid checkpoint | never: refuse a directory with a run
+    overwrite: bool = run_control()  # discard what the run directory holds and start at step 0
+    signal_check_every: int = run_control()  # steps between checks for SIGTERM/SIGUSR1/SIGINT (ranks agree)
+    stop_on_divergence: bool = run_control()  # end a run whose train loss climbs back to its start (see divergence.py)
     precision: str  # fp32 | bf16 | fp16 (autocast; fp16 adds a loss scaler agreed by all ranks)
     clip_grad_norm: float | None  # max L2 norm of the gradient each rank's base step uses; null: no clipping
-    channels_last: bool | None  # convolutions in channels-last memory format; null: on for cuda
-    deterministic: bool  # deterministic CUDA kernels (bit-exact resume on GPUs), no cudnn.benchmark
+    channels_last: bool | None = run_control()  # convolutions in channels-last memory format; null: on for cuda
+    deterministic: bool = run_control()  # deterministic CUDA kernels (bit-exact resume on GPUs), no cudnn.benchmark
 
 
 @dataclass
@@ -83,12 +87,12 @@ class Config:
     slowmo: OuterConfig
     optimizer: Any
     schedule: Any
-    logger: LoggerConfig
+    logger: LoggerConfig = run_control()
     dist: DistConfig
     train: TrainConfig
     seed: int
-    run_dir: str
-    experiment: str | None = None  # the preset's name, recorded in the run
+    run_dir: str = run_control()
+    experiment: str | None = run_control(default=None)  # the preset's name, recorded in the run
 
 
 ConfigStore.instance().store(name="schema", node=Config)  # configs/config.yaml starts from it: Hydra then names
@@ -158,8 +162,10 @@ def _typed(cls: type, values: Any, section: str) -> Any:
         typed = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls), values))
     except OmegaConfBaseException as error:
         key = getattr(error, "full_key", None)
+        near = difflib.get_close_matches(str(key), [f.name for f in dataclasses.fields(cls)], n=1, cutoff=0.6)
+        hint = f"; did you mean {'.'.join(p for p in (section, near[0]) if p)}?" if near and near[0] != key else ""
         key = ".".join(part for part in (section, key) if part)
-        raise ConfigError(f"bad config key {key!r}: {str(error).splitlines()[0]}") from None
+        raise ConfigError(f"bad config key {key!r}: {str(error).splitlines()[0]}{hint}") from None
     if hasattr(typed, "check"):
         typed.check()
     return typed

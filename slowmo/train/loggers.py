@@ -30,9 +30,11 @@ class JsonlLogger:
 
 
 class WandbLogger:
-    """A W&B run: grouped by sweep, named by its overrides, with the full config; offline when no API key."""
+    """A W&B run: grouped by sweep, named by its overrides, with the full config; offline when no API key. ``run_id``
+    is the run's own (kept in its checkpoints), so a resumed run continues its W&B run and a run that starts again at
+    step 0, or replaces a discarded one, gets a new one."""
 
-    def __init__(self, cfg: Config, config_dict: dict, run_dir: Path, run_name: str, group: str) -> None:
+    def __init__(self, cfg: Config, config_dict: dict, run_dir: Path, run_name: str, group: str, run_id: str) -> None:
         import wandb
 
         mode = cfg.logger.mode
@@ -45,7 +47,7 @@ class WandbLogger:
             config=config_dict,
             dir=str(run_dir),
             mode=mode,
-            id=_stable_id(run_dir),
+            id=run_id,
             resume="allow",
             reinit=True,
         )
@@ -55,13 +57,6 @@ class WandbLogger:
 
     def close(self) -> None:
         self._run.finish()
-
-
-def _stable_id(run_dir: Path) -> str:
-    """The same W&B run id for the same run directory, so a resumed job continues its run."""
-    import hashlib
-
-    return hashlib.sha1(str(run_dir.resolve()).encode()).hexdigest()[:16]
 
 
 class Loggers:

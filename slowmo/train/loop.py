@@ -12,11 +12,14 @@ A run directory ends up holding ``config.yaml``, ``metrics.jsonl``, ``checkpoint
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import os
+import signal
 import sys
 import time
+import uuid
 import warnings
 from pathlib import Path
 from typing import Any
@@ -33,51 +36,62 @@ from ..presets import OUTER
 from ..registry import ConfigError
 from ..tasks import TASKS, Task, TaskContext
 from ..tasks.base import sharded_batches
-from . import checkpoint, data, preemption
+from . import checkpoint, data, preemption, rundir
 from .config import Config, to_dict, validate
+from .divergence import Divergence
 from .loggers import JsonlLogger, Loggers, WandbLogger
 from .optimizers import OPTIMIZERS
 from .precision import Precision
 from .schedule import SCHEDULES
+
+EVAL_PROGRESS_AFTER_S = 2.0  # an evaluation shows its progress once it has taken this long (beam search does)
 
 
 class NonFiniteLoss(FloatingPointError):
     """The loss (or, at a checkpoint, a parameter) became NaN or infinite; the last good checkpoint is kept."""
 
 
-def run(cfg: Any, run_name: str | None = None) -> dict[str, Any]:
+def run(cfg: Any, run_name: str | None = None, rerun: str | None = None) -> dict[str, Any]:
     """Train with ``cfg``: a composed config (Hydra's, or :func:`~slowmo.train.compose`'s), a dict of overrides
-    (composed onto ``configs/`` first) or a checked :class:`Config`; returns rank 0's summary."""
+    (composed onto ``configs/`` first) or a checked :class:`Config`; returns rank 0's summary.
+
+    Before anything in the run directory is touched, :func:`~slowmo.train.rundir.claim` decides what this run does with
+    it (a new run, the same run resumed, nothing to do, or a refusal), and the run's first line says so, with ``rerun``
+    (default ``run_dir=<the run directory>``): the setting that resumes the run after a stop."""
     config = cfg if isinstance(cfg, Config) else validate(cfg)
     run_dir = Path(config.run_dir)
     env = launch.detect()
-    preemption.install()
     if config.train.deterministic:  # read when cuBLAS starts, so before any rank touches the GPU
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    if env.source != "single":  # this process is one rank of a torchrun / srun job
+    if env.source != "single":  # this process is one rank of a torchrun / srun job, whose size the run records
         if config.dist.backend == "simulated":
             raise ConfigError(
                 f"launched by {env.source} with {env.world_size} processes: set dist.backend=gloo or nccl"
             )
+        config = dataclasses.replace(config, dist=dataclasses.replace(config.dist, world_size=env.world_size))
         launch.check_placement(config.algorithm.procs_per_node, config.dist.backend, env.local_world_size)
         launch.resolve_device(config.dist.device, config.dist.backend, env.local_rank)
+    else:
+        if config.dist.backend == "nccl":
+            launch.check_placement(config.algorithm.procs_per_node, "nccl", config.dist.world_size)
+        launch.resolve_device(config.dist.device, config.dist.backend)  # one line here rather than one per rank
+    claim = rundir.claim(config)
+    if env.rank == 0:
+        print(claim.describe(run_dir, rerun or f"run_dir={run_dir}"), file=sys.stderr, flush=True)
+    if claim.action == "complete":
+        return claim.summary
+    with preemption.caught(announce=env.rank == 0):
+        if env.source == "single":
+            args, imports = (config, run_dir, run_name), TASKS[config.task.name].extra.get("imports", ())
+            return spawn(train_rank, config.dist.world_size, config.dist.backend, args, config.dist.timeout_s, imports)[
+                0
+            ]
         torch.set_num_threads(launch.threads_per_rank(local_world_size=env.local_world_size))
         comm = launch.init_distributed(config.dist.backend, config.dist.timeout_s, env)
         try:
             return train_rank(comm, config, run_dir, run_name)
         finally:
             torch.distributed.destroy_process_group()
-    if config.dist.backend == "nccl":
-        launch.check_placement(config.algorithm.procs_per_node, "nccl", config.dist.world_size)
-    launch.resolve_device(config.dist.device, config.dist.backend)  # one line here rather than one per rank
-    results = spawn(
-        train_rank,
-        config.dist.world_size,
-        config.dist.backend,
-        args=(config, run_dir, run_name),
-        timeout=config.dist.timeout_s,
-    )
-    return results[0]
 
 
 # ------------------------------------------------------------------------------------------------ builders
@@ -174,10 +188,18 @@ class _Trainer:
         self.last_record: dict[str, Any] = {}
         self.losses: list[torch.Tensor] = []  # this rank's losses since the last read: one host sync per read
         self.loss_sum, self.loss_count = 0.0, 0
+        self.divergence = Divergence()
+        self.stopped_by: str | None = None  # the stop signal the ranks agreed on
+        self.run_id = uuid.uuid4().hex[:16]  # names the run in W&B; a resumed run keeps its own
         self.eval_model = copy.deepcopy(self.model)
-        if cfg.train.resume == "auto":
+        discarding = rundir.discarding(cfg)
+        if not discarding:
             self._resume()
-        if self.is_main:  # written only now: an attempt that fails its checks leaves an existing run untouched
+        with comm.uncounted():
+            comm.barrier()  # every rank has passed its checks: only now is an existing run discarded or changed
+        if self.is_main:
+            if discarding:
+                rundir.discard(run_dir)
             (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(to_dict(cfg)))
         self.loggers = Loggers(self._make_loggers(run_name) if self.is_main else [])
 
@@ -218,7 +240,9 @@ class _Trainer:
         if self.cfg.logger.wandb:
             config = to_dict(self.cfg)
             loggers.append(
-                WandbLogger(self.cfg, config, self.run_dir, run_name or self.run_dir.name, self.run_dir.parent.name)
+                WandbLogger(
+                    self.cfg, config, self.run_dir, run_name or self.run_dir.name, self.run_dir.parent.name, self.run_id
+                )
             )
         return loggers
 
@@ -246,6 +270,8 @@ class _Trainer:
             "loss_count": self.loss_count,
             "elapsed": self.elapsed + time.time() - self.t0,
             "best": self.best,
+            "divergence": self.divergence.state_dict(),
+            "run_id": self.run_id,
             "fingerprint": _fingerprint(self.cfg),
         }
         try:
@@ -282,6 +308,8 @@ class _Trainer:
             self.step, self.epoch, self.position = state["step"], state["epoch"], state["position"]
             self.loss_sum, self.loss_count = state["loss_sum"], state["loss_count"]
             self.elapsed, self.best = state["elapsed"], state["best"]
+            self.divergence.load_state_dict(state.get("divergence", {}))  # absent from checkpoints made before it
+            self.run_id = state.get("run_id", self.run_id)
             torch.set_rng_state(state["rng"])
             if self.device.type == "cuda" and state["cuda_rng"] is not None:
                 torch.cuda.set_rng_state(state["cuda_rng"], self.device)
@@ -309,8 +337,17 @@ class _Trainer:
         metrics: dict[str, float] = {}
         for split, (dataset, loader) in self.eval_loaders.items():
             sums = None
+            batches = tqdm(  # shown only for an evaluation that takes seconds (beam search)
+                data.on_device(loader, self.device, self.channels_last),
+                total=len(loader),
+                desc=f"evaluating {split}",
+                leave=False,
+                delay=EVAL_PROGRESS_AFTER_S,
+                disable=not (self.is_main and self.cfg.logger.progress),
+                dynamic_ncols=True,
+            )
             with self.precision.autocast():
-                for batch in data.on_device(loader, self.device, self.channels_last):
+                for batch in batches:
                     batch_sums = self.task.eval_sums(model, batch).to(self.device, torch.float64)
                     sums = batch_sums if sums is None else sums + batch_sums
                 if sums is None:  # this rank had no example of the split: its share of every sum is 0
@@ -366,20 +403,23 @@ class _Trainer:
                     record.update(self._with_best(self.evaluate()))
                 if record is not None:
                     bar.set_postfix(loss=f"{record['train_loss']:.3f}")
-                    if self.step == cfg.train.max_steps:
+                    if self.step == cfg.train.max_steps or self.divergence.stopped:
                         self.last_record = record  # logged with the final metrics
                     else:
                         self.loggers.log(record)
+                if self.divergence.stopped:  # every rank logged the same loss: they stop together
+                    status = "diverged"
+                    break
                 checkpoint_due = bool(cfg.train.checkpoint_every) and self.step % cfg.train.checkpoint_every == 0
                 stop = (
-                    bool(cfg.train.signal_check_every)
-                    and self.step % cfg.train.signal_check_every == 0
-                    and self._stop_agreed()
+                    self._stop_signal()
+                    if cfg.train.signal_check_every and self.step % cfg.train.signal_check_every == 0
+                    else None
                 )
                 if checkpoint_due or stop:  # one checkpoint even when both fall on this step
                     self._save()
                 if stop:
-                    status = "preempted"
+                    status, self.stopped_by = ("interrupted" if stop == "SIGINT" else "preempted"), stop
                 if stop or self.step == cfg.train.max_steps:
                     break
             if self.position >= len(self.sampler.batches):
@@ -390,9 +430,15 @@ class _Trainer:
     def _eval_due(self) -> bool:
         return bool(self.cfg.train.eval_every) and self.step % self.cfg.train.eval_every == 0
 
-    def _stop_agreed(self) -> bool:
+    def _stop_signal(self) -> str | None:
+        """The stop signal the ranks agree on (the lowest rank's that received one), or None: one all-gather."""
+        received = preemption.received() if preemption.STOP.is_set() else None
+        mine = self._tensor([float(signal.Signals[received].value if received else 0)])
+        everyone = torch.empty(self.world, device=self.device)
         with self.comm.uncounted():
-            return self.comm.all_reduce(self._tensor([1.0 if preemption.STOP.is_set() else 0.0])).item() > 0
+            self.comm.all_gather(everyone, mine)
+        agreed = next((int(code) for code in everyone.tolist() if code), 0)
+        return signal.Signals(agreed).name if agreed else None
 
     def _read_losses(self) -> None:
         """Bring this rank's pending losses to the host (one sync); if any rank's is not finite, every rank stops
@@ -421,6 +467,10 @@ class _Trainer:
         with self.comm.uncounted():
             loss = self.comm.all_reduce(self._tensor([self.loss_sum / self.loss_count], torch.float64), "mean").item()
         self.loss_sum, self.loss_count = 0.0, 0
+        if self.divergence.update(self.step, loss):
+            self.divergence.stopped = self.cfg.train.stop_on_divergence
+            if self.is_main:
+                print(f"warning: {self.divergence.message()}", file=sys.stderr, flush=True)
         record = {
             "step": self.step,
             "epoch": self.step / self.steps_per_epoch,
@@ -449,14 +499,21 @@ class _Trainer:
         return metrics
 
     def _finish(self, status: str) -> dict[str, Any]:
-        if status == "preempted":
+        if status in ("preempted", "interrupted"):
             self.loggers.close()
-            return {"status": status, "step": self.step, "rank": self.rank, "run_dir": str(self.run_dir)}
+            return {
+                "status": status,
+                "signal": self.stopped_by,
+                "step": self.step,
+                "rank": self.rank,
+                "run_dir": str(self.run_dir),
+            }
         self.opt.synchronize()  # the final exact average: every rank holds the averaged model
         final = self._with_best(self.evaluate(averaged=False))
         stats = self.comm.stats()
         summary = {
-            "status": status,
+            "status": "diverged" if self.divergence.record() else status,
+            "diverged": self.divergence.record(),
             "steps": self.step,
             "epochs": self.step / self.steps_per_epoch,
             "final": final,
@@ -493,7 +550,8 @@ def train_rank(
     ``task``: a task built by the caller (its model, data, loss and metric) instead of ``cfg.task``'s, e.g. a
     benchmark's in-memory data; with an in-process communicator (simulated ranks, or a process group this process
     has joined)."""
-    return _Trainer(comm, cfg, run_dir, run_name, task).train()
+    with preemption.caught(announce=comm.rank == 0):  # a rank process of the local launcher catches its own
+        return _Trainer(comm, cfg, run_dir, run_name, task).train()
 
 
 def _ensure_writable(run_dir: Path) -> None:

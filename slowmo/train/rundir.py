@@ -1,0 +1,182 @@
+"""What a run directory holds, and what a new attempt may do with it.
+
+A run directory holds one run: ``config.yaml`` (the settings of its last attempt that started), ``metrics.jsonl``,
+``checkpoints/``, ``summary.json``, ``final.pt`` and, with W&B, ``wandb/``. Before anything in it is touched,
+:func:`claim` compares what it holds with the run about to start:
+
+- nothing: a new run;
+- the same run (every setting that says what a run computes is equal; the run-control settings, marked with
+  :func:`slowmo.registry.run_control`, may differ): it is resumed from its newest valid checkpoint, or there is nothing
+  to do when it has completed ``train.max_steps``;
+- another run (another world size, algorithm, model, seed, ...), a run longer than ``train.max_steps``, or any run under
+  ``train.resume=never``: refused with one line that names what differs, unless ``train.overwrite=true``, which discards
+  it (:func:`discard`) once this run has passed its own checks. A requeued or restarted attempt of the same job
+  (``SLURM_RESTART_COUNT``, torchrun's restart count) resumes instead of discarding what its first attempt wrote.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..registry import ConfigError
+from . import checkpoint
+from .config import Config
+
+RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "final.pt", "checkpoints", "wandb")
+_LISTED = 4  # differences named in a refusal
+_SECTIONS = {"task", "model", "algorithm", "optimizer", "train", "dist"}  # a slowmo run's config.yaml has them
+
+
+@dataclass(frozen=True)
+class Claim:
+    """What this attempt does with its run directory."""
+
+    action: str  # new | resume | complete | overwrite
+    newest: int | None = None  # the newest complete checkpoint's step (resume)
+    summary: dict[str, Any] | None = None  # the completed run's summary.json (complete)
+
+    def describe(self, run_dir: Path, rerun: str) -> str:
+        """The first line a run prints: where it runs, what it does there, and how to resume it."""
+        where = f"run directory {run_dir}"
+        again = f"if it stops, rerun with {rerun} to resume it"
+        if self.action == "complete":
+            return (
+                f"{where}: its run completed {self.summary['steps']} steps, nothing to do (raise train.max_steps to "
+                "train on, or add train.overwrite=true to start again)"
+            )
+        if self.action == "resume":
+            point = f"its newest complete checkpoint (step {self.newest})" if self.newest is not None else "step 0"
+            return f"{where}: continuing the run it holds from {point}; {again}"
+        if self.action == "overwrite":
+            return f"{where}: discarding the run it holds once this run has passed its checks, then a new run; {again}"
+        return f"{where}: a new run; {again}"
+
+
+def settings(config: Config) -> dict[str, Any]:
+    """What a run computes: every setting but the run-control ones, as ``{"section.key": value}``."""
+    flat: dict[str, Any] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        for field in dataclasses.fields(node):
+            if field.metadata.get("run_control"):
+                continue
+            value = getattr(node, field.name)
+            if dataclasses.is_dataclass(value):
+                walk(value, f"{prefix}{field.name}.")
+            else:
+                flat[prefix + field.name] = value
+
+    walk(config, "")
+    return flat
+
+
+def first_attempt() -> bool:
+    """Whether this is a job's first attempt, not a SLURM requeue or a torchrun restart of it."""
+    return all(os.environ.get(key, "0") == "0" for key in ("SLURM_RESTART_COUNT", "TORCHELASTIC_RESTART_COUNT"))
+
+
+def discarding(config: Config) -> bool:
+    """``train.overwrite=true`` on a job's first attempt: what the run directory holds goes, nothing is resumed."""
+    return config.train.overwrite and first_attempt()
+
+
+def claim(config: Config) -> Claim:
+    """What this run does with ``config.run_dir``; raises ConfigError (one line) where it would lose another run."""
+    run_dir = Path(config.run_dir)
+    present = [name for name in RUN_FILES if (run_dir / name).exists()]
+    if not present:
+        return Claim("new")
+    if discarding(config):
+        return Claim("overwrite")
+    complete = checkpoint.sorted_checkpoints(run_dir / "checkpoints")
+    newest = int(complete[-1].name[5:]) if complete else None
+    differences = _differences(run_dir, config, complete)
+    if differences:
+        listed = "; ".join(differences[:_LISTED]) + (
+            f"; and {len(differences) - _LISTED} more" if len(differences) > _LISTED else ""
+        )
+        _refuse(run_dir, f"holds another run ({listed})", "resume it with its own settings")
+    summary = _summary(run_dir)
+    done = summary.get("steps", 0) if summary else 0
+    reached = max(done, newest or 0)
+    if reached > config.train.max_steps:
+        _refuse(
+            run_dir,
+            f"holds a run that reached step {reached}, beyond train.max_steps={config.train.max_steps}",
+            f"raise train.max_steps to {reached} or more",
+        )
+    if config.train.resume == "never":
+        _refuse(run_dir, "holds a run and train.resume=never", "resume it (train.resume=auto)")
+    stopped = summary is not None and (summary.get("diverged") or {}).get("stopped") and config.train.stop_on_divergence
+    if summary is not None and (done == config.train.max_steps or stopped):
+        return Claim("complete", newest, summary)
+    return Claim("resume", newest)
+
+
+def discard(run_dir: Path) -> None:
+    """Remove what a run wrote into ``run_dir`` (nothing else that lies there)."""
+    for name in RUN_FILES:
+        path = run_dir / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
+def _refuse(run_dir: Path, what: str, keep: str) -> None:
+    raise ConfigError(
+        f"run directory {run_dir} {what}; {keep}, run this one in another directory (hydra.run.dir= or run_dir=), "
+        "or add train.overwrite=true to discard it"
+    )
+
+
+def _differences(run_dir: Path, config: Config, complete: list[Path]) -> list[str]:
+    """``"key: theirs there, ours here"`` for every setting in which the directory's run differs from this one."""
+    found = []
+    path = run_dir / "config.yaml"
+    try:
+        recorded = yaml.safe_load(path.read_text()) if path.is_file() else None
+    except (OSError, yaml.YAMLError):
+        recorded = None
+    if not isinstance(recorded, dict) or not _SECTIONS <= recorded.keys():
+        found.append(f"no readable {path.name} of a slowmo run" if path.exists() else f"no {path.name}")
+    else:
+        theirs = _flatten(recorded)
+        for key, value in settings(config).items():
+            if key in theirs and theirs[key] != value:  # a key the recorded run lacks is one added since: not compared
+                found.append(f"{key}: {_show(theirs[key])} there, {_show(value)} here")
+    for directory in complete if not any(f.startswith("dist.world_size:") for f in found) else []:
+        ranks = (directory / checkpoint.MARKER).read_text().strip()
+        if ranks != str(config.dist.world_size):
+            found.append(f"{directory.name} saved by {ranks} ranks, this run has {config.dist.world_size}")
+            break
+    return found
+
+
+def _summary(run_dir: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((run_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + str(key)] = value
+    return flat
+
+
+def _show(value: Any) -> str:
+    return "null" if value is None else str(value)
