@@ -136,8 +136,8 @@ def _compose(overrides: list[str], config_name: str) -> None:
 def _unknown_key(key: str, overrides: list[str], config_name: str) -> str:
     """``train.max_step is not a key of train; did you mean train.max_steps?``"""
     section, _, name = key.rpartition(".")
-    named = [(o, o.lstrip("+~").split("=")[0]) for o in overrides]
-    others = [o for o, name in named if name != key and not name.startswith(f"{key}.")]
+    said = [(o, o.lstrip("+~").split("=")[0]) for o in overrides]
+    others = [o for o, target in said if target != key and not target.startswith(f"{key}.")]  # all but the culprit
     tree = OmegaConf.to_container(compose(others, config_name=config_name, with_hydra=True), resolve=False)
     for part in section.split(".") if section else []:
         tree = tree.get(part, {}) if isinstance(tree, dict) else {}

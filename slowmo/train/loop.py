@@ -81,11 +81,13 @@ def run(cfg: Any, run_name: str | None = None, rerun: str | None = None) -> dict
     if claim.action == "complete":
         return claim.summary
     with preemption.caught(announce=env.rank == 0):
-        if env.source == "single":
-            args, imports = (config, run_dir, run_name), TASKS[config.task.name].extra.get("imports", ())
-            return spawn(train_rank, config.dist.world_size, config.dist.backend, args, config.dist.timeout_s, imports)[
-                0
-            ]
+        if env.source == "single":  # simulated ranks, or local processes (the task's heavy imports done once)
+            imports = TASKS[config.task.name].extra.get("imports", ())
+            dist = config.dist
+            ranks = spawn(
+                train_rank, dist.world_size, dist.backend, (config, run_dir, run_name), dist.timeout_s, imports
+            )
+            return ranks[0]
         torch.set_num_threads(launch.threads_per_rank(local_world_size=env.local_world_size))
         comm = launch.init_distributed(config.dist.backend, config.dist.timeout_s, env)
         try:
