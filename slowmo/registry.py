@@ -18,7 +18,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 from collections.abc import Callable, Iterator
-from dataclasses import MISSING, dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
 
@@ -26,11 +26,26 @@ class ConfigError(ValueError):
     """A configuration that cannot run; its message is one line that says what to change."""
 
 
-def run_control(default: Any = MISSING) -> Any:
-    """A config field that says how a run is carried out (where its data lie, how its batches are loaded, how long it
-    goes on, when it evaluates, logs or checkpoints), not what it computes: it may change when the run is resumed.
-    Every other field must stay as the run directory's run had it (:mod:`slowmo.train.rundir`)."""
-    return field(default=default, metadata={"run_control": True})
+def setting(*, run_control: bool = False, minimum: float | None = None, why: str = "", default: Any = MISSING) -> Any:
+    """A config field with what the harness must know of it beyond its type:
+
+    - ``run_control``: it says how a run is carried out (where its data lie, how its batches are loaded, how long it
+      goes on, when it evaluates, logs or checkpoints), not what it computes, so it may change when the run is
+      resumed; every other field must stay as the run directory's run had it (:mod:`slowmo.train.rundir`);
+    - ``minimum``: a count or a size below which the value means nothing; a smaller one is refused in one line,
+      ``"<section>.<key> must be >= <minimum> (<why>), got <value>"``, before anything runs (``None`` passes).
+    """
+    return field(default=default, metadata={"run_control": run_control, "minimum": minimum, "why": why})
+
+
+def check_minimums(values: Any, section: str) -> None:
+    """ConfigError (one line) for the first field of the dataclass ``values`` below its ``setting(minimum=...)``."""
+    for spec in fields(values):
+        value, minimum = getattr(values, spec.name), spec.metadata.get("minimum")
+        if minimum is not None and value is not None and value < minimum:
+            why = f" ({spec.metadata['why']})" if spec.metadata.get("why") else ""
+            key = ".".join(part for part in (section, spec.name) if part)
+            raise ConfigError(f"{key} must be >= {minimum}{why}, got {value}")
 
 
 @dataclass(frozen=True)

@@ -174,6 +174,18 @@ CASES = [
         gloo=False,
     ),
     Case("no steps", lambda t: {"train": {"max_steps": 0}}, "train.max_steps must be >= 1, got 0"),
+    Case("a batch of 0", lambda t: {"data": {"batch_size": 0}}, "data.batch_size must be >= 1, got 0"),
+    Case(
+        "an evaluation batch of 0",
+        lambda t: {"data": {"eval_batch_size": 0}},
+        "data.eval_batch_size must be >= 1, got 0",
+    ),
+    Case("logging every 0 steps", lambda t: {"logger": {"log_every": 0}}, "logger.log_every must be >= 1, got 0"),
+    Case(
+        "a Local SGD period of 0",
+        lambda t: {"algorithm": {"name": "localsgd", "period": 0}},
+        "algorithm.period must be >= 1, got 0",
+    ),
     Case(
         "preset of another task",
         lambda t: {"experiment": "paper_imagenet", "task": {"name": "digits"}},

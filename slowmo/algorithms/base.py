@@ -10,7 +10,7 @@ import torch
 
 from ..comm import Communicator
 from ..flat import FlatParameters, GradientMean
-from ..registry import Registry
+from ..registry import Registry, setting
 
 ALGORITHMS = Registry("algorithm", "slowmo.algorithms")
 
@@ -20,7 +20,7 @@ class AlgorithmConfig:
     """The ``algorithm`` section every base algorithm's config has (``configs/algorithm/<name>.yaml``)."""
 
     name: str
-    procs_per_node: int  # ranks per node: gradients averaged inside a node, the algorithm runs between nodes
+    procs_per_node: int = setting(minimum=1)  # ranks per node: gradient mean inside a node, the algorithm between nodes
 
 
 class Algorithm:

@@ -10,7 +10,7 @@ import torch
 
 from ..comm import Communicator
 from ..flat import FlatParameters, GradientMean, average_
-from ..registry import ConfigError
+from ..registry import ConfigError, setting
 from .base import ALGORITHMS, Algorithm, AlgorithmConfig
 
 
@@ -20,7 +20,7 @@ def _bad_warmup(value: Any) -> bool:
 
 @dataclass
 class LocalSGDConfig(AlgorithmConfig):
-    period: int | None  # H (configs/algorithm/localsgd.yaml ties it to slowmo.tau, as the paper's presets)
+    period: int | None = setting(minimum=1)  # H (configs/algorithm/localsgd.yaml ties it to slowmo.tau, as the paper)
     warmup_steps: int = 0  # K: the gradient mean over all ranks at inner steps k < K, then Local SGD (post-local SGD)
 
     def check(self) -> None:

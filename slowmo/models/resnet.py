@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 from torch import nn
 
+from ..registry import setting
 from .base import MODELS, ModelConfig
 
 
@@ -49,7 +50,7 @@ class ResNet20(nn.Module):
 
 @dataclass
 class ResNet20Config(ModelConfig):
-    width: int  # w: stage widths w, 2w, 4w (16 in He et al.)
+    width: int = setting(minimum=1)  # w: stage widths w, 2w, 4w (16 in He et al.)
 
 
 @MODELS.register("resnet20", ResNet20Config, label="ResNet-20", takes=("images",))

@@ -8,12 +8,14 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from ..registry import setting
 from .base import MODELS, ModelConfig
 
 
 @dataclass
 class SmallConfig(ModelConfig):
-    width: int  # hidden width (the CNN's second convolution, its first has width / 2; cnn1d: every convolution)
+    # hidden width (the CNN's second convolution, its first has width / 2; cnn1d: every convolution)
+    width: int = setting(minimum=2)
 
 
 @MODELS.register("mlp", SmallConfig, label="MLP", takes=("images", "vectors", "signals"))

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from ..registry import Registry, run_control
+from ..registry import Registry, setting
 
 TASKS = Registry("task", "slowmo.tasks")
 Batch = Any
@@ -41,14 +41,14 @@ class TaskConfig:
 class LoaderConfig:
     """The ``data`` keys every task has: how its batches are loaded (see :mod:`slowmo.train.data`)."""
 
-    eval_batch_size: int = run_control()
-    num_workers: int = run_control()  # DataLoader worker processes per rank (0: load on the training thread)
-    prefetch_factor: int = run_control()  # batches each worker loads ahead
+    eval_batch_size: int = setting(run_control=True, minimum=1)
+    num_workers: int = setting(run_control=True, minimum=0, why="0 loads batches on the training thread")
+    prefetch_factor: int = setting(run_control=True, minimum=1, why="batches each worker loads ahead")
 
 
 @dataclass
 class ImageData(LoaderConfig):
-    batch_size: int  # images per rank per step
+    batch_size: int = setting(minimum=1)  # images per rank per step
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..models import ModelConfig, build_model
-from ..registry import ConfigError, run_control
+from ..registry import ConfigError, setting
 from .base import TASKS, ImageData, Task, TaskConfig, TaskContext, classification
 
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
@@ -53,10 +53,10 @@ def _check_files(folder: Path, download: bool, verify_checksums: bool) -> None:
 
 @dataclass
 class CIFAR10Data(ImageData):
-    root: str | None = run_control()  # the directory holding cifar-10-batches-py/
+    root: str | None = setting(run_control=True)  # the directory holding cifar-10-batches-py/
     augment: bool  # random crop (4-pixel padding) and horizontal flip
-    download: bool = run_control()  # fetch the batches when online
-    verify_checksums: bool = run_control()  # torchvision's MD5 check of the batch files
+    download: bool = setting(run_control=True)  # fetch the batches when online
+    verify_checksums: bool = setting(run_control=True)  # torchvision's MD5 check of the batch files
 
 
 @TASKS.register(

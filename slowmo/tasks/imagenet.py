@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..models import ModelConfig, build_model
-from ..registry import ConfigError, run_control
+from ..registry import ConfigError, setting
 from .base import TASKS, ImageData, Task, TaskConfig, TaskContext, classification
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -32,9 +32,9 @@ def _folder(path: Path, transform):
 
 @dataclass
 class ImageNetData(ImageData):
-    root: str | None = run_control()  # the directory holding train/ and val/ in ImageFolder layout
+    root: str | None = setting(run_control=True)  # the directory holding train/ and val/ in ImageFolder layout
     augment: bool  # random resized crop and flip (else resize and center crop)
-    image_size: int  # crop size
+    image_size: int = setting(minimum=1)  # crop size
 
 
 @TASKS.register(

@@ -23,7 +23,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from ..models import ModelConfig, build_model
-from ..registry import ConfigError, run_control
+from ..registry import ConfigError, setting
 from .base import TASKS, LoaderConfig, Task, TaskConfig, TaskContext
 
 PAD, UNK, BOS, EOS = 0, 1, 2, 3
@@ -160,16 +160,16 @@ def translation_loss(net: nn.Module, batch: dict, smoothing: float) -> torch.Ten
 
 @dataclass
 class WMT16Task(TaskConfig):
-    beam: int  # beam size of decoding (1: greedy)
+    beam: int = setting(minimum=1)  # beam size of decoding (1: greedy)
     lenpen: float  # length penalty: a hypothesis scores sum(log p) / length ** lenpen (fairseq's)
-    max_decode_len: int  # target tokens beyond the source length
+    max_decode_len: int = setting(minimum=0)  # target tokens beyond the source length
 
 
 @dataclass
 class WMT16Data(LoaderConfig):
-    root: str | None = run_control()  # the directory holding train.en/train.de and valid.en/valid.de
-    max_tokens: int  # tokens per rank per batch (longest sentence x sentences)
-    vocab_size: int  # joint sentencepiece BPE vocabulary
+    root: str | None = setting(run_control=True)  # the directory holding train.en/train.de and valid.en/valid.de
+    max_tokens: int = setting(minimum=1)  # tokens per rank per batch (longest sentence x sentences)
+    vocab_size: int = setting(minimum=8)  # joint sentencepiece BPE vocabulary (its 4 control tokens and more)
     spm_model: str | None  # an existing sentencepiece model (else one is trained on the training text)
     test_prefix: str | None  # a test set P.en/P.de under root (e.g. newstest2014), scored as test_bleu, test_bleu_tok
 

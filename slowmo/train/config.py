@@ -31,7 +31,7 @@ from ..algorithms import ALGORITHMS
 from ..comm.spawn import BACKENDS
 from ..models import MODELS, models_taking
 from ..presets import OuterConfig
-from ..registry import ConfigError, Registry, run_control
+from ..registry import ConfigError, Registry, check_minimums, setting
 from ..tasks import TASKS
 from .optimizers import OPTIMIZERS
 from .precision import DTYPES
@@ -47,32 +47,32 @@ class LoggerConfig:
     group: str | None  # default: the sweep's name, or the run directory's parent
     name: str | None  # default: the run's overrides
     mode: str  # auto (online with an API key, else offline) | online | offline
-    log_every: int
+    log_every: int = setting(minimum=1)
     progress: bool
 
 
 @dataclass
 class DistConfig:
-    backend: str = run_control()  # simulated | gloo | nccl
-    device: str = run_control()  # auto (the local GPU under nccl, else the CPU) | cpu | cuda
-    world_size: int  # ranks to simulate or to spawn locally (under torchrun/srun: the job's, recorded as such)
-    timeout_s: float = run_control()
+    backend: str = setting(run_control=True)  # simulated | gloo | nccl
+    device: str = setting(run_control=True)  # auto (the local GPU under nccl, else the CPU) | cpu | cuda
+    world_size: int = setting(minimum=1)  # ranks to simulate or spawn locally (torchrun/srun: the job's, recorded)
+    timeout_s: float = setting(run_control=True, minimum=0.001)
 
 
 @dataclass
 class TrainConfig:
-    max_steps: int = run_control()
-    eval_every: int = run_control()  # 0: only at the end
-    checkpoint_every: int = run_control()  # 0: no periodic checkpoints
-    keep_checkpoints: int = run_control()
-    resume: str = run_control()  # auto: this run's newest valid checkpoint | never: refuse a directory with a run
-    overwrite: bool = run_control()  # discard what the run directory holds and start at step 0
-    signal_check_every: int = run_control()  # steps between checks for SIGTERM/SIGUSR1/SIGINT (ranks agree)
-    stop_on_divergence: bool = run_control()  # end a run whose train loss climbs back to its start (see divergence.py)
+    max_steps: int = setting(run_control=True, minimum=1)
+    eval_every: int = setting(run_control=True, minimum=0, why="0: only at the end")
+    checkpoint_every: int = setting(run_control=True, minimum=0, why="0: no periodic checkpoints")
+    keep_checkpoints: int = setting(run_control=True, minimum=0, why="0 keeps them all")
+    resume: str = setting(run_control=True)  # auto: continue this directory's run | never: refuse one that has a run
+    overwrite: bool = setting(run_control=True)  # discard what the run directory holds and start at step 0
+    signal_check_every: int = setting(run_control=True, minimum=0, why="0: signals are not checked")
+    stop_on_divergence: bool = setting(run_control=True)  # end a run whose train loss climbs back to its start
     precision: str  # fp32 | bf16 | fp16 (autocast; fp16 adds a loss scaler agreed by all ranks)
     clip_grad_norm: float | None  # max L2 norm of the gradient each rank's base step uses; null: no clipping
-    channels_last: bool | None = run_control()  # convolutions in channels-last memory format; null: on for cuda
-    deterministic: bool = run_control()  # deterministic CUDA kernels (bit-exact resume on GPUs), no cudnn.benchmark
+    channels_last: bool | None = setting(run_control=True)  # convolutions channels-last; null: on for cuda
+    deterministic: bool = setting(run_control=True)  # deterministic CUDA kernels (bit-exact resume on GPUs)
 
 
 @dataclass
@@ -87,12 +87,12 @@ class Config:
     slowmo: OuterConfig
     optimizer: Any
     schedule: Any
-    logger: LoggerConfig = run_control()
+    logger: LoggerConfig = setting(run_control=True)
     dist: DistConfig
     train: TrainConfig
     seed: int
-    run_dir: str = run_control()
-    experiment: str | None = run_control(default=None)  # the preset's name, recorded in the run
+    run_dir: str = setting(run_control=True)
+    experiment: str | None = setting(run_control=True, default=None)  # the preset's name, recorded in the run
 
 
 ConfigStore.instance().store(name="schema", node=Config)  # configs/config.yaml starts from it: Hydra then names
@@ -166,6 +166,7 @@ def _typed(cls: type, values: Any, section: str) -> Any:
         hint = f"; did you mean {'.'.join(p for p in (section, near[0]) if p)}?" if near and near[0] != key else ""
         key = ".".join(part for part in (section, key) if part)
         raise ConfigError(f"bad config key {key!r}: {str(error).splitlines()[0]}{hint}") from None
+    check_minimums(typed, section)
     if hasattr(typed, "check"):
         typed.check()
     return typed
@@ -186,14 +187,14 @@ def validate(cfg: DictConfig | Mapping[str, Any] | Config) -> Config:
         raw = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else from_dict(cfg)
     except OmegaConfBaseException as error:
         raise ConfigError(f"bad config: {str(error).splitlines()[0]}") from None
-    sections: dict[str, Any] = {}
+    sections: dict[str, Any] = {"slowmo": _typed(OuterConfig, raw.get("slowmo", {}), "slowmo")}  # (tau before the
+    # algorithm's period that follows it)
     for section, registry in PLUGINS.items():
         entry = _entry(registry, section, raw.get(section))
         sections[section] = _typed(entry.config, raw[section], section)
         if section == "task":
             sections["data"] = _typed(entry.extra["data"], raw.get("data", {}), "data")
     for section, cls in (
-        ("slowmo", OuterConfig),
         ("logger", LoggerConfig),
         ("dist", DistConfig),
         ("train", TrainConfig),
@@ -217,10 +218,6 @@ def _check(config: Config) -> None:
             f"task {config.task.name} needs {task.extra['needs']}: model.name is "
             f"{config.model.name!r}, use one of {', '.join(models_taking(task.extra['inputs']))}"
         )
-    if config.train.max_steps < 1:
-        raise ConfigError(f"train.max_steps must be >= 1, got {config.train.max_steps}")
-    if config.dist.world_size < 1:
-        raise ConfigError(f"dist.world_size must be >= 1, got {config.dist.world_size}")
     if config.train.clip_grad_norm is not None and not config.train.clip_grad_norm > 0:
         raise ConfigError(f"train.clip_grad_norm must be > 0 or null (no clipping), got {config.train.clip_grad_norm}")
     outer = config.slowmo
@@ -230,8 +227,6 @@ def _check(config: Config) -> None:
             f"streaming fragments need algorithm=localsgd or allreduce, not {config.algorithm.name} (push-sum "
             "weights belong to a rank's whole model); set slowmo.fragments=1, sync_delay=0, fragment_mix=1.0"
         )
-    if config.train.eval_every < 0 or config.train.checkpoint_every < 0:
-        raise ConfigError("train.eval_every and train.checkpoint_every must be >= 0 (0 disables)")
     preset_task = _preset_task(config.experiment)
     if preset_task and preset_task != config.task.name:
         raise ConfigError(
@@ -242,14 +237,6 @@ def _check(config: Config) -> None:
         raise ConfigError(
             "dist.backend=nccl moves only GPU tensors but dist.device=cpu; use dist.device=cuda (or auto), "
             "or dist.backend=gloo to train on the CPU"
-        )
-    if config.data.num_workers < 0:
-        raise ConfigError(
-            f"data.num_workers must be >= 0 (0 loads batches on the training thread), got {config.data.num_workers}"
-        )
-    if config.data.prefetch_factor < 1:
-        raise ConfigError(
-            f"data.prefetch_factor must be >= 1 (batches each worker loads ahead), got {config.data.prefetch_factor}"
         )
 
 

@@ -7,7 +7,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ..registry import Registry
+from ..registry import Registry, setting
 
 SCHEDULES = Registry("schedule", "slowmo.train.schedule")
 
@@ -20,7 +20,7 @@ class ConstantConfig:
 @dataclass
 class StepConfig:
     name: str
-    warmup_epochs: float  # linear warm-up, in epochs
+    warmup_epochs: float = setting(minimum=0)  # linear warm-up, in epochs
     warmup_init_lr: float  # factor at step 0 of the warm-up
     milestones: list[float]  # epochs at which the lr is multiplied by gamma
     gamma: float
@@ -29,7 +29,7 @@ class StepConfig:
 @dataclass
 class InverseSqrtConfig:
     name: str
-    warmup_steps: int
+    warmup_steps: int = setting(minimum=0)
     warmup_init_lr: float  # factor at step 0 of the warm-up
 
 
