@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install quickstart test lint
+.PHONY: install quickstart test test-fast lint
 
 $(STAMP): pyproject.toml requirements.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,6 +19,9 @@ quickstart: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+test-fast: $(STAMP)  # the engine and harness tiers (tests/engine, tests/harness): no process is started
+	$(BIN)/python -m pytest -q tests/engine tests/harness $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -17,7 +17,7 @@ import torch
 from slowmo.comm import spawn
 from slowmo.train import NonFiniteLoss, checkpoint, loop, run, validate
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def cfg(run_dir, **sections):

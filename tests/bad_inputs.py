@@ -1,6 +1,6 @@
-"""The table of bad inputs: each fails with exactly one line that says what is wrong and what to do, on the
-simulated backend and on real gloo processes alike, and nothing an earlier run already wrote into the run directory
-is lost.
+"""The table of bad inputs, shared by ``harness/test_bad_inputs.py`` (the simulated backend) and
+``system/test_bad_inputs_on_gloo.py`` (real gloo processes): each fails with exactly one line that says what is wrong
+and what to do, and nothing an earlier run already wrote into the run directory is lost.
 
 Every case starts from a run directory that holds a finished run (2 ranks, MLP, Local SGD, a checkpoint at step 2)
 and tries to run again in it with one thing wrong. The cases about the data, the model or the algorithm change what
@@ -13,8 +13,6 @@ import errno
 import os
 import shutil
 import socket
-import subprocess
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,11 +20,9 @@ from typing import Any
 
 import pytest
 
-from slowmo.train import checkpoint, compose, run
+from slowmo.train import checkpoint, run
 
 from datasets import write_cifar10, write_imagefolder, write_parallel
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _base(run_dir: Path) -> dict[str, Any]:
@@ -44,8 +40,8 @@ def _merge(cfg: dict, sections: dict) -> dict:
     return cfg
 
 
-@pytest.fixture(scope="module")
 def finished_run(tmp_path_factory) -> Path:
+    """The run directory every case starts from: a finished 2-rank run with a checkpoint at step 2."""
     run_dir = tmp_path_factory.mktemp("template") / "run"
     run(_base(run_dir))
     return run_dir
@@ -418,12 +414,9 @@ def _snapshot(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
 
 
-@pytest.mark.parametrize(
-    "case,backend",
-    [(case, backend) for case in CASES for backend in ("default", "gloo")[: 1 + case.gloo]],
-    ids=[f"{case.id}-{backend}" for case in CASES for backend in ("default", "gloo")[: 1 + case.gloo]],
-)
-def test_bad_input(case, backend, finished_run, tmp_path, monkeypatch):
+def attempt(case: Case, backend: str, finished_run: Path, tmp_path: Path, monkeypatch) -> None:
+    """Run ``case`` on ``backend`` ("default", or "gloo") in a copy of ``finished_run``: its exact one line, and every
+    file of the finished run as it was."""
     run_dir = tmp_path / "run"
     shutil.copytree(finished_run, run_dir)
     before = _snapshot(run_dir)
@@ -447,66 +440,3 @@ def test_bad_input(case, backend, finished_run, tmp_path, monkeypatch):
     if port:
         port.close()
         del _busy_port.socket
-
-
-def _cli(*args):
-    env = dict(os.environ, HYDRA_FULL_ERROR="0")
-    return subprocess.run(
-        [sys.executable, str(ROOT / "experiments/digits/train.py"), *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-    )
-
-
-def test_the_command_line_prints_the_one_line_and_exits_2(tmp_path):
-    out = _cli("slowmo=on", "slowmo.beta=1.0", f"hydra.run.dir={tmp_path}")
-    assert out.returncode == 2
-    assert out.stderr.strip().splitlines() == [
-        "error: beta must be in [0, 1) (slow momentum; the paper tunes it in 0.4-0.8), got 1.0"
-    ]
-
-
-@pytest.mark.parametrize(
-    "args,line",
-    [
-        (["+foo=3"], "bad config key 'foo': Key 'foo' not in 'Config'"),
-        (
-            ["+train.max_step=3"],
-            "bad config key 'train.max_step': Key 'max_step' not in 'TrainConfig'; did you mean train.max_steps?",
-        ),
-        (
-            ["slowmo=diloco", "slowmo.pseudo_gradient=scaled"],
-            "slowmo.pseudo_gradient is fixed by the diloco preset; leave it unset (null) or choose slowmo=on for "
-            "Algorithm 1 with every knob free",
-        ),
-        (
-            ["slowmo=diloco", "slowmo.outer_optimizer=adam"],
-            "slowmo.outer_optimizer is fixed by the diloco preset; leave it unset (null) or choose slowmo=on for "
-            "Algorithm 1 with every knob free",
-        ),
-    ],
-)
-def test_a_config_the_project_refuses_is_one_line(args, line, tmp_path):
-    with pytest.raises(ValueError) as info:
-        run(compose([*args, f"run_dir={tmp_path}"]))
-    assert str(info.value) == line
-
-
-def test_a_port_left_in_time_wait_by_a_preempted_job_is_free_again():
-    # a requeued job's rank 0 finds the last attempt's rendezvous port in TIME_WAIT; torch's TCPStore binds it with
-    # SO_REUSEADDR, so the check must not call it in use (only a listening socket is)
-    from slowmo.comm.launch import _check_port_free
-
-    listener = socket.socket()  # the last attempt's store, with the option TCPStore sets
-    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    listener.bind(("127.0.0.1", 0))
-    listener.listen()
-    port = listener.getsockname()[1]
-    client = socket.create_connection(("127.0.0.1", port))
-    accepted, _ = listener.accept()
-    accepted.close()  # the server side closes first: its end of the connection stays in TIME_WAIT on the port
-    client.close()
-    listener.close()
-    _check_port_free("127.0.0.1", port)

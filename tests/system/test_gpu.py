@@ -14,7 +14,7 @@ from slowmo.train import checkpoint, run
 
 from datasets import write_cifar10, write_imagefolder, write_parallel
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 needs_cuda = pytest.mark.skipif(
     not torch.cuda.is_available(),
     reason="no CUDA GPU on this machine (scripts/gpu_check.sh runs these where there is one)",

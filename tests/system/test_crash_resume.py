@@ -18,7 +18,7 @@ import torch
 
 from datasets import write_cifar10
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 COMMON = [
     "dist.backend=gloo",
     "dist.timeout_s=20",

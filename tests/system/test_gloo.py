@@ -6,10 +6,12 @@ import time
 
 import numpy as np
 import pytest
+import torch
 
 import slowmo
+from slowmo.train import run
 
-from problems import Setup, run_engine
+from problems import Setup, reference, run_clearing_grads, run_engine
 
 SETUPS = [
     Setup("allreduce", momentum=0.9),
@@ -129,3 +131,37 @@ def test_an_error_a_rank_raises_comes_back_as_itself_with_every_ranks_outcome():
     assert lines[0] == "3 of 3 ranks failed:" and lines[2] == "rank 1: slowmo.registry.ConfigError: rank 1 refuses"
     assert lines[1].startswith("rank 0: slowmo.comm.base.CommError: rank 0: all_reduce failed")
     assert traceback.startswith("rank 1's traceback:\nTraceback") and "_rank_1_refuses" in traceback
+
+
+# ---------------------------------------------------------------------------------------- the training loop
+def test_gloo_ranks_learn_like_simulated_ones(tmp_path):
+    sections = dict(
+        algorithm={"name": "sgp"},
+        slowmo={"enabled": True, "tau": 4, "beta": 0.5},
+        train={"max_steps": 12, "eval_every": 0},
+        dist={"world_size": 2},
+    )
+    sim = run(_digits(tmp_path / "sim", **sections))
+    gloo = run(_digits(tmp_path / "gloo", **{**sections, "dist": {"world_size": 2, "backend": "gloo"}}))
+    a, b = (torch.load(tmp_path / d / "final.pt")["model"] for d in ("sim", "gloo"))
+    assert all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6) for k in a)
+    assert sim["comm_bytes"] == gloo["comm_bytes"]
+
+
+def _digits(run_dir, **sections):
+    base = {
+        "run_dir": str(run_dir),
+        "logger": {"progress": False, "log_every": 5},
+        "data": {"batch_size": 16},
+        "optimizer": {"lr": 0.05},
+    }
+    return {**base, **sections}
+
+
+@pytest.mark.parametrize("how", ["optimizer", "model", "none", "by hand"])
+def test_the_gradient_mean_happens_however_the_gradients_were_cleared_on_gloo(how):
+    # (engine/test_identities.py: the same on simulated ranks) gloo's all-reduce launches from the backward hooks
+    s = Setup("allreduce", momentum=0.9, steps=6)
+    ranks = slowmo.comm.spawn(run_clearing_grads, s.world_size, "gloo", args=(s, how))
+    got = np.stack([r["theta"] for r in ranks])
+    assert np.allclose(got, reference(s), rtol=1e-12, atol=1e-12), np.abs(got - reference(s)).max()

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 ALGORITHM = '''
 """Half-way averaging: every `every` steps each rank moves half-way to the mean of the parameters."""

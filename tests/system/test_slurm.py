@@ -20,7 +20,7 @@ import pytest
 import torch
 
 pytestmark = pytest.mark.slurm
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CLUSTER = ROOT / "scripts/slurm/local_cluster.sh"
 CELL = [
     "slowmo=on",
