@@ -35,23 +35,23 @@ SEEDS = (0, 1, 2)
 BASE = ["algorithm=localsgd", "slowmo=on", "optimizer.lr=0.1", "slowmo.beta=0.7"]
 VARIANTS = {  # name -> its overrides on top of BASE
     "SlowMo (Algorithm 1)": [],
-    "int8 + error feedback": ["slowmo.compression=int8", "slowmo.error_feedback=true"],
-    "fp8 + error feedback": ["slowmo.compression=fp8", "slowmo.error_feedback=true"],
-    "fp4 + error feedback": ["slowmo.compression=fp4", "slowmo.error_feedback=true"],
-    "eager outer step": ["slowmo.eager=true"],
-    "streaming, P = 4, d = 2": ["slowmo.fragments=4", "slowmo.sync_delay=2"],
-    "streaming, P = 4, d = 0": ["slowmo.fragments=4"],
-    "outer Nesterov (torch)": ["slowmo.outer_optimizer=nesterov"],
+    "int8 + error feedback": ["slowmo/mean=compressed", "slowmo.mean.codec=int8"],
+    "fp8 + error feedback": ["slowmo/mean=compressed", "slowmo.mean.codec=fp8"],
+    "fp4 + error feedback": ["slowmo/mean=compressed", "slowmo.mean.codec=fp4"],
+    "eager outer step": ["slowmo/mean=eager"],
+    "streaming, P = 4, d = 2": ["slowmo.fragments.count=4", "slowmo.fragments.delay=2"],
+    "streaming, P = 4, d = 0": ["slowmo.fragments.count=4"],
+    "outer Nesterov (torch)": ["slowmo/update=nesterov", "slowmo.beta=null", "slowmo.update.options.momentum=0.7"],
     "post-local SGD, K = 78": ["algorithm.warmup_steps=78"],
 }
-EAGER, STREAMING = ["slowmo.eager=true"], ["slowmo.fragments=4", "slowmo.sync_delay=2"]
+EAGER, STREAMING = ["slowmo/mean=eager"], ["slowmo.fragments.count=4", "slowmo.fragments.delay=2"]
 TUNED = {  # name -> the grid tried on seed 0 (the untuned row first); the best validation accuracy picks one
     "eager outer step, tuned": [  # a one-round-late mean is stable only below alpha = 1 (see the README)
         EAGER,  # (the untuned row: the base's beta = 0.7)
         [*EAGER, "slowmo.beta=0.0"],
         [*EAGER, "slowmo.beta=0.3"],
         [*EAGER, "slowmo.beta=0.5"],
-        [*EAGER, "slowmo.beta=0.5", "slowmo.outer_optimizer=nesterov"],
+        [*EAGER, "slowmo/update=nesterov", "slowmo.beta=null", "slowmo.update.options.momentum=0.5"],
         [*EAGER, "slowmo.alpha=0.5", "slowmo.beta=0.0"],
         [*EAGER, "slowmo.alpha=0.5", "slowmo.beta=0.5"],
         [*EAGER, "slowmo.alpha=0.7", "slowmo.beta=0.3"],
@@ -60,9 +60,9 @@ TUNED = {  # name -> the grid tried on seed 0 (the untuned row first); the best 
         STREAMING,
         [*STREAMING, "slowmo.beta=0.5"],
         [*STREAMING, "slowmo.beta=0.8"],
-        [*STREAMING, "slowmo.fragment_mix=0.5"],
-        [*STREAMING, "slowmo.beta=0.5", "slowmo.fragment_mix=0.5"],
-        [*STREAMING, "slowmo.beta=0.3", "slowmo.fragment_mix=0.5"],
+        [*STREAMING, "slowmo.fragments.mix=0.5"],
+        [*STREAMING, "slowmo.beta=0.5", "slowmo.fragments.mix=0.5"],
+        [*STREAMING, "slowmo.beta=0.3", "slowmo.fragments.mix=0.5"],
     ],
 }
 

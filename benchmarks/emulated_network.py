@@ -56,10 +56,10 @@ SUITES = {  # suite -> (label, algorithm, SlowMo's settings or None)
     "beyond": [
         ("compute only", "compute", None),
         ("Local SGD + SlowMo", "localsgd", {}),
-        ("streaming P=4 d=3", "localsgd", {"fragments": 4, "sync_delay": 3}),
-        ("eager", "localsgd", {"eager": True}),
-        ("int8 + EF", "localsgd", {"compression": "int8", "error_feedback": True}),
-        ("fp4 + EF", "localsgd", {"compression": "fp4", "error_feedback": True}),
+        ("streaming P=4 d=3", "localsgd", {"fragments": {"count": 4, "delay": 3}}),
+        ("eager", "localsgd", {"mean": {"name": "eager"}}),
+        ("int8 + EF", "localsgd", {"mean": {"name": "compressed", "codec": "int8", "error_feedback": True}}),
+        ("fp4 + EF", "localsgd", {"mean": {"name": "compressed", "codec": "fp4", "error_feedback": True}}),
     ],
 }
 

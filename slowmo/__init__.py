@@ -1,8 +1,11 @@
 """slowmo: communication-efficient distributed training with slow momentum.
 
 opt = slowmo.SlowMo(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True),
-                    slowmo.LocalSGD(comm), tau=12, alpha=1.0, beta=0.6)
+                    slowmo.LocalSGD(comm), tau=12, update=slowmo.SlowMomentum(alpha=1.0, beta=0.6))
 loss.backward(); opt.step(); opt.zero_grad()
+
+The outer step's parts: the update (SlowMomentum, TorchUpdate, or slowmo.presets.bmuf/lookahead/diloco), the mean
+(ExactMean, CompressedMean, EagerMean), Fragments and ClipNorm.
 """
 
 from pkgutil import extend_path
@@ -14,7 +17,17 @@ from .algorithms import OSGP, SGP, Algorithm, AllReduce, LocalSGD
 from .comm import launch
 from .graphs import Complete, DirectedExponential, GossipGraph, Ring
 from .inner import DistributedOptimizer
-from .outer import SlowMo
+from .outer import (
+    ClipNorm,
+    CompressedMean,
+    EagerMean,
+    ExactMean,
+    Fragments,
+    SlowMo,
+    SlowMomentum,
+    TorchUpdate,
+    presets,
+)
 
 __version__ = "0.1.0"
 
@@ -23,14 +36,22 @@ __all__ = [
     "SGP",
     "Algorithm",
     "AllReduce",
+    "ClipNorm",
     "Complete",
+    "CompressedMean",
     "DirectedExponential",
     "DistributedOptimizer",
+    "EagerMean",
+    "ExactMean",
+    "Fragments",
     "GossipGraph",
     "LocalSGD",
     "Ring",
     "SlowMo",
+    "SlowMomentum",
+    "TorchUpdate",
     "comm",
     "graphs",
     "launch",
+    "presets",
 ]

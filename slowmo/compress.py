@@ -122,26 +122,50 @@ def compressed_mean_(
 ) -> torch.Tensor:
     """In place: ``values`` (this rank's p_i, length n L) becomes D(Q(mean_i D(Q(p_i)))), the same on every rank;
     ``residual``, if given, receives p_i - D(Q(p_i)) (error feedback). Returns ``values``."""
-    n = comm.world_size
-    if values.numel() % n:
-        raise ValueError(f"compressed_mean_: {values.numel()} values do not split into {n} shards; pad them")
-    length = values.numel() // n
+    exchange = Exchange(comm, values, codec, residual)
+    gather_mean_(comm, values, exchange.mean_shard(), codec)
+    return values
+
+
+class Exchange:
+    """Phase 1, started: ``values`` (p_i, length n L) encoded shard by shard, shard j sent to rank j (an all-to-all in
+    flight until :meth:`mean_shard`); ``residual``, if given, receives p_i - D(Q(p_i)) at once."""
+
+    def __init__(
+        self, comm: Communicator, values: torch.Tensor, codec: Codec, residual: torch.Tensor | None = None
+    ) -> None:
+        n = comm.world_size
+        if values.numel() % n:
+            raise ValueError(f"compressed_mean_: {values.numel()} values do not split into {n} shards; pad them")
+        self.comm, self.n, self.length, self.codec, self.dtype = comm, n, values.numel() // n, codec, values.dtype
+        size = codec.nbytes(self.length)
+        shards = values.view(n, self.length)
+        sent = torch.empty(n * size, dtype=torch.uint8, device=values.device)
+        for j in range(n):
+            sent[j * size : (j + 1) * size] = codec.encode(shards[j])
+            if residual is not None:
+                decoded = codec.decode(sent[j * size : (j + 1) * size], self.length, values.dtype)
+                torch.sub(shards[j], decoded, out=residual.view(n, self.length)[j])
+        self._sent, self._received = sent, torch.empty_like(sent)
+        self._work = comm.all_to_all_async(self._received, sent)
+
+    def mean_shard(self) -> torch.Tensor:
+        """Wait for the all-to-all; this rank's shard of the mean: (1/n) sum_i D(Q(p_i[rank])), added in rank order."""
+        self._work.wait()
+        size, received = self.codec.nbytes(self.length), self._received
+        mean = self.codec.decode(received[:size], self.length, self.dtype)
+        for i in range(1, self.n):  # in rank order
+            mean += self.codec.decode(received[i * size : (i + 1) * size], self.length, self.dtype)
+        return mean.div_(self.n)
+
+
+def gather_mean_(comm: Communicator, values: torch.Tensor, mean_shard: torch.Tensor, codec: Codec) -> torch.Tensor:
+    """Phase 2, in place: every rank's shard of the mean, encoded, gathered and decoded into ``values`` (length n L)."""
+    n, length = comm.world_size, mean_shard.numel()
     size = codec.nbytes(length)
+    gathered = torch.empty(n * size, dtype=torch.uint8, device=values.device)
+    comm.all_gather(gathered, codec.encode(mean_shard))
     shards = values.view(n, length)
-    sent = torch.empty(n * size, dtype=torch.uint8, device=values.device)
-    for j in range(n):  # phase 1: encode every shard of p_i
-        sent[j * size : (j + 1) * size] = codec.encode(shards[j])
-        if residual is not None:
-            decoded = codec.decode(sent[j * size : (j + 1) * size], length, values.dtype)
-            torch.sub(shards[j], decoded, out=residual.view(n, length)[j])
-    received = torch.empty_like(sent)
-    comm.all_to_all(received, sent)
-    mean = codec.decode(received[:size], length, values.dtype)
-    for i in range(1, n):  # in rank order
-        mean += codec.decode(received[i * size : (i + 1) * size], length, values.dtype)
-    mean /= n
-    gathered = torch.empty_like(sent)
-    comm.all_gather(gathered, codec.encode(mean))  # phase 2
     for j in range(n):
         shards[j] = codec.decode(gathered[j * size : (j + 1) * size], length, values.dtype)
     return values

@@ -16,8 +16,6 @@ from torch import nn
 from .algorithms.base import Algorithm
 from .flat import FlatParameters, average_, flatten, unflatten_
 
-STATE_FORMAT = "slowmo/1"
-
 
 def _parameters(params: Iterable[torch.Tensor] | Iterable[dict]) -> list[torch.Tensor]:
     out: list[torch.Tensor] = []
@@ -40,6 +38,8 @@ class DistributedOptimizer(torch.optim.Optimizer):
     On the first step, rank 0's parameters and buffers are broadcast so that every rank starts from the same
     x_{0,0} (as DDP does).
     """
+
+    FORMAT = "slowmo/1"  # of state_dict()
 
     def __init__(
         self,
@@ -121,12 +121,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
         return False
 
     def _after_inner_step(self, outer: bool) -> None:
-        """After every inner step: the outer step when one ends the outer iteration."""
-        if outer:
-            self._outer_step()
-
-    def _outer_step(self) -> None:
-        raise NotImplementedError
+        """After every inner step (``outer``: it ends an outer iteration): nothing here; SlowMo's outer step."""
 
     def learning_rates(self) -> list[float]:
         """Each parameter's lr now (its base param group's): gamma_t of Algorithm 1, per parameter."""
@@ -175,7 +170,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
         """Everything needed to resume bit-exactly: base optimizer, algorithm state (push-sum weight, in-flight
         messages), inner step counter (which also fixes the gossip graph's step)."""
         return {
-            "format": STATE_FORMAT,
+            "format": self.FORMAT,
             "optimizer": type(self).__name__,
             "algorithm": type(self.algorithm).__name__,
             "step": self._step,
@@ -185,9 +180,10 @@ class DistributedOptimizer(torch.optim.Optimizer):
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
-        if not isinstance(state_dict, dict) or state_dict.get("format") != STATE_FORMAT:
+        found = state_dict.get("format") if isinstance(state_dict, dict) else None
+        if not isinstance(found, str) or not found.startswith("slowmo/"):
             raise ValueError(
-                f"not a slowmo optimizer state (expected format {STATE_FORMAT!r}); "
+                f"not a slowmo optimizer state (expected format {self.FORMAT!r}); "
                 "load a state saved by slowmo's state_dict() of this version"
             )
         for key, mine in (("optimizer", type(self).__name__), ("algorithm", type(self.algorithm).__name__)):
@@ -196,6 +192,12 @@ class DistributedOptimizer(torch.optim.Optimizer):
                     f"the checkpoint was saved by {key} {state_dict[key]} but this run uses {mine}; "
                     "resume with the same configuration or start a new run directory"
                 )
+        if found != self.FORMAT:
+            raise ValueError(
+                f"a {state_dict.get('optimizer')} state of format {found}, and this {type(self).__name__} reads "
+                f"{self.FORMAT} (slowmo/2: the outer step as parts); resume it with the slowmo that wrote it, or "
+                "start a new run directory"
+            )
         self.base_optimizer.load_state_dict(state_dict["base"])
         self.param_groups = self.base_optimizer.param_groups  # loading made new group dicts: share them again
         self.algorithm.load_state_dict(state_dict["algorithm_state"])

@@ -18,7 +18,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 from collections.abc import Callable, Iterator
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from typing import Any
 
 
@@ -39,10 +39,13 @@ def setting(*, run_control: bool = False, minimum: float | None = None, why: str
 
 
 def check_minimums(values: Any, section: str) -> None:
-    """ConfigError (one line) for the first field of the dataclass ``values`` below its ``setting(minimum=...)``."""
+    """ConfigError (one line) for the first field of the dataclass ``values`` (or of a dataclass in it) below its
+    ``setting(minimum=...)``."""
     for spec in fields(values):
         value, minimum = getattr(values, spec.name), spec.metadata.get("minimum")
-        if minimum is not None and value is not None and value < minimum:
+        if is_dataclass(value):
+            check_minimums(value, ".".join(part for part in (section, spec.name) if part))
+        elif minimum is not None and value is not None and value < minimum:
             why = f" ({spec.metadata['why']})" if spec.metadata.get("why") else ""
             key = ".".join(part for part in (section, spec.name) if part)
             raise ConfigError(f"{key} must be >= {minimum}{why}, got {value}")

@@ -14,7 +14,7 @@ import numpy as np
 import yaml
 
 from .algorithms import ALGORITHMS
-from .presets import OUTER
+from .outer.presets import PRESETS
 from .train.optimizers import OPTIMIZERS
 
 
@@ -38,7 +38,7 @@ def label(run: dict[str, Any]) -> str:
     (AR-Adam, Local Adam), and the outer step's ("Local SGD + SlowMo")."""
     config = run["config"]
     name = ALGORITHMS[config["algorithm"]["name"]].label.replace("SGD", OPTIMIZERS[config["optimizer"]["name"]].label)
-    return name + (f" + {OUTER[config['slowmo']['preset']].label}" if config["slowmo"]["enabled"] else "")
+    return name + (f" + {PRESETS[config['slowmo']['preset']].label}" if config["slowmo"]["enabled"] else "")
 
 
 def group(runs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:

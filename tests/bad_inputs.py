@@ -365,36 +365,86 @@ CASES = [
         "train.precision='fp8' is not one of fp32, bf16, fp16",
     ),
     Case(
-        "an unknown compression",
-        lambda t: {"slowmo": {"enabled": True, "compression": "int4"}},
-        "compression must be one of none, fp16, bf16, int8, fp8, fp4, got 'int4'",
+        "an unknown codec",
+        lambda t: {"slowmo": {"enabled": True, "mean": {"name": "compressed", "codec": "int4"}}},
+        "codec must be one of fp16, bf16, int8, fp8, fp4, got 'int4'",
     ),
     Case(
-        "error feedback without compression",
-        lambda t: {"slowmo": {"enabled": True, "error_feedback": True}},
-        "error_feedback needs a compression (int8, fp8, fp4, fp16 or bf16): with none there is no error",
+        "error feedback without a codec",
+        lambda t: {"slowmo": {"enabled": True, "mean": {"name": "eager", "codec": "none", "error_feedback": True}}},
+        "error_feedback needs a codec (int8, fp8, fp4, fp16 or bf16): with none there is no error",
     ),
     Case(
-        "an Adam knob without outer Adam",
-        lambda t: {"slowmo": {"enabled": True, "adam_beta2": 0.9}},
-        "adam_beta2 is Adam's; set outer_optimizer=adam or leave adam_beta2 unset (null)",
+        "an option the outer optimizer does not take",
+        lambda t: {
+            "slowmo": {"enabled": True, "update": {"name": "torch", "optimizer": "SGD", "options": {"betas": [0.9]}}}
+        },
+        "the outer SGD refuses its options {{'betas': [0.9]}}: SGD.__init__() got an unexpected keyword argument "
+        "'betas'",
     ),
     Case(
         "outer Nesterov without momentum",
-        lambda t: {"slowmo": {"enabled": True, "outer_optimizer": "nesterov", "beta": 0.0}},
-        "outer_optimizer=nesterov needs a momentum beta > 0 (Nesterov momentum 0 is plain sgd)",
+        lambda t: {
+            "slowmo": {"enabled": True, "update": {"name": "torch", "optimizer": "SGD", "options": {"nesterov": True}}}
+        },
+        "the outer SGD refuses its options {{'nesterov': True}}: Nesterov momentum requires a momentum and zero "
+        "dampening",
+    ),
+    Case(
+        "an outer optimizer that does not exist",
+        lambda t: {"slowmo": {"enabled": True, "update": {"name": "torch", "optimizer": "Adamm", "options": {}}}},
+        "outer optimizer 'Adamm' is not a torch.optim.Optimizer class; give one of torch.optim's (SGD, Adam, AdamW, "
+        "RAdam, ...) or a dotted path to your own",
+    ),
+    Case(
+        "slow momentum's beta given to a torch update",
+        lambda t: {
+            "slowmo": {"enabled": True, "beta": 0.9, "update": {"name": "torch", "optimizer": "Adam", "options": {}}}
+        },
+        "slowmo.beta is slow momentum's (Algorithm 1's); the outer Adam takes its own in slowmo.update.options: leave "
+        "slowmo.beta unset (null)",
     ),
     Case(
         "fragments that do not divide tau",
-        lambda t: {"slowmo": {"enabled": True, "tau": 12, "fragments": 5}},
-        "fragments must be an integer >= 1 that divides tau = 12, got 5",
+        lambda t: {"slowmo": {"enabled": True, "tau": 12, "fragments": {"count": 5}}},
+        "fragments.count must be an integer >= 1 that divides tau = 12, got 5",
     ),
     Case(
-        "streaming fragments over gossip",
-        lambda t: {"algorithm": {"name": "sgp"}, "slowmo": {"enabled": True, "fragments": 2}},
-        "streaming fragments need algorithm=localsgd or allreduce, not sgp (push-sum weights belong to a rank's "
-        "whole model); set slowmo.fragments=1, sync_delay=0, fragment_mix=1.0",
+        "eager updates with streaming fragments",
+        lambda t: {"slowmo": {"enabled": True, "mean": {"name": "eager"}, "fragments": {"count": 2}}},
+        "eager updates delay the whole mean by a round, streaming fragments each fragment's by fragments.delay "
+        "steps: use one delay or the other (with eager: one fragment, no delay, no mix)",
     ),
+    Case(
+        "a compressed mean with a sharded outer state",
+        lambda t: {"slowmo": {"enabled": True, "shard_outer_state": True, "mean": {"name": "compressed"}}},
+        "a compressed mean sends Delta_i = x_{{t,0}} - x^i, which needs all of x_{{t,0}} on every rank, and a sharded "
+        "outer state keeps 1/m of it: use one or the other (shard_outer_state=false, or the exact mean)",
+    ),
+    Case(
+        "a sharded outer state with streaming fragments",
+        lambda t: {"slowmo": {"enabled": True, "shard_outer_state": True, "fragments": {"count": 2}}},
+        "shard_outer_state keeps 1/m of every parameter's outer state per rank and a streaming fragment whole "
+        "layers: they do not combine (set fragments to one, no delay, no mix, or shard_outer_state=false)",
+    ),
+    *[
+        Case(f"the key slowmo.{key} of before the parts", lambda t, key=key, v=v: {"slowmo": {key: v}}, message)
+        for key, v, message in (
+            (
+                "compression",
+                "int8",
+                "slowmo.compression is now the mean: slowmo/mean=compressed slowmo.mean.codec=<codec>",
+            ),
+            (
+                "outer_optimizer",
+                "adam",
+                "slowmo.outer_optimizer is now the update: slowmo/update=nesterov, adam or "
+                "torch (slowmo.update.optimizer, slowmo.update.options)",
+            ),
+            ("sync_delay", 2, "slowmo.sync_delay is now slowmo.fragments.delay"),
+            ("fragments", 4, "slowmo.fragments is now a section: slowmo.fragments.count=<P> (and .delay, .mix)"),
+        )
+    ],
     Case(
         "gradient clipping at a norm <= 0",
         lambda t: {"train": {"clip_grad_norm": 0.0}},

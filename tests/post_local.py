@@ -11,7 +11,7 @@ from torch import nn
 
 import slowmo
 
-from problems import Setup, lr_at, make_data
+from problems import Setup, lr_at, make_data, outer
 
 N = 4
 
@@ -50,7 +50,7 @@ def _build(comm, s: Setup, warmup: int | None, theta0: np.ndarray):
     algorithm = slowmo.LocalSGD(comm, period=s.period, procs_per_node=s.procs_per_node, **kw)
     if s.slowmo is None:
         return model, slowmo.DistributedOptimizer(model, _base(model, s), algorithm)
-    return model, slowmo.SlowMo(model, _base(model, s), algorithm, **s.slowmo)
+    return model, slowmo.SlowMo(model, _base(model, s), algorithm, **outer(s.slowmo))
 
 
 def _set_lr(opt, s: Setup, k: int) -> None:

@@ -124,8 +124,42 @@ def build(comm, s: Setup, theta0: np.ndarray):
     else:
         # streaming fragments deal layers: x and c, one module's, are two layers when given as a list
         streamed = s.slowmo.get("fragments", 1) > 1
-        opt = slowmo.SlowMo([model.x, model.c] if streamed else model, base, algorithm, **s.slowmo)
+        opt = slowmo.SlowMo([model.x, model.c] if streamed else model, base, algorithm, **outer(s.slowmo))
     return model, opt
+
+
+def outer(settings: dict) -> dict:
+    """SlowMo's arguments (tau, the parts, the base-buffer policy) from the settings of slowmo.reference's Problem."""
+    s = dict(settings)
+    tau, base_buffers = s.pop("tau"), s.pop("base_buffers", "keep")
+    alpha, beta = s.pop("alpha", 1.0), s.pop("beta", 0.0)
+    nesterov, pseudo_gradient = s.pop("nesterov", False), s.pop("pseudo_gradient", "scaled")
+    optimizer, beta2, eps = s.pop("outer_optimizer", "sgd"), s.pop("adam_beta2", None), s.pop("adam_eps", None)
+    if optimizer == "sgd":
+        update = slowmo.SlowMomentum(alpha, beta, nesterov, pseudo_gradient)
+    elif optimizer == "nesterov":
+        update = slowmo.TorchUpdate("SGD", alpha, pseudo_gradient, momentum=beta, nesterov=True)
+    else:
+        update = slowmo.TorchUpdate("Adam", alpha, pseudo_gradient, betas=(beta, beta2 or 0.999), eps=eps or 1e-8)
+    codec, error_feedback = s.pop("compression", "none"), s.pop("error_feedback", False)
+    if s.pop("eager", False):
+        mean = slowmo.EagerMean(codec, error_feedback)
+    elif codec != "none":
+        mean = slowmo.CompressedMean(codec, error_feedback)
+    else:
+        mean = slowmo.ExactMean()
+    mean.shard = s.pop("shard_outer_state", False)
+    fragments = slowmo.Fragments(s.pop("fragments", 1), s.pop("sync_delay", 0), s.pop("fragment_mix", 1.0))
+    clip = s.pop("clip_norm", None)
+    assert not s, f"settings the reference knows and this does not: {s}"
+    return dict(
+        tau=tau,
+        update=update,
+        mean=mean,
+        fragments=fragments,
+        clip=None if clip is None else slowmo.ClipNorm(clip),
+        base_buffers=base_buffers,
+    )
 
 
 def train(model, opt, s: Setup, data, start: int, stop: int, comm, history: list | None = None) -> None:

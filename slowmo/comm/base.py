@@ -125,6 +125,23 @@ class Communicator(ABC):
     def all_to_all(self, output: torch.Tensor, input: torch.Tensor) -> torch.Tensor:
         """``input`` and ``output`` are n equal slices; slice j of ``input`` goes to rank j, and slice i of ``output``
         receives rank i's slice ``rank``. Returns ``output``."""
+        self._start_all_to_all(output, input)
+        if self.world_size > 1:
+            self._all_to_all(output, input)
+        else:
+            output.copy_(input)
+        return output
+
+    def all_to_all_async(self, output: torch.Tensor, input: torch.Tensor) -> Work:
+        """:meth:`all_to_all` started: ``output`` holds the slices once ``wait()`` returns, and neither tensor may be
+        touched before. Backends that cannot overlap (the simulator) complete it at once."""
+        self._start_all_to_all(output, input)
+        if self.world_size == 1:
+            output.copy_(input)
+            return Completed()
+        return self._all_to_all_async(output, input)
+
+    def _start_all_to_all(self, output: torch.Tensor, input: torch.Tensor) -> None:
         if input.numel() != output.numel() or input.numel() % self.world_size:
             raise ValueError(
                 f"all_to_all: input ({input.numel()}) and output ({output.numel()}) must have the same number of "
@@ -132,11 +149,6 @@ class Communicator(ABC):
             )
         _same_dtype("all_to_all", output, input)
         self._count("all_to_all", (self.world_size - 1) * _nbytes(input) // self.world_size)
-        if self.world_size > 1:
-            self._all_to_all(output, input)
-        else:
-            output.copy_(input)
-        return output
 
     def broadcast(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
         """In place: every rank gets rank ``src``'s ``tensor``."""
@@ -232,6 +244,11 @@ class Communicator(ABC):
     def _all_reduce_async(self, tensor: torch.Tensor) -> Work:
         """Default: a blocking all-reduce, complete at once (backends that overlap override this)."""
         self._all_reduce(tensor)
+        return Completed()
+
+    def _all_to_all_async(self, output: torch.Tensor, input: torch.Tensor) -> Work:
+        """Default: a blocking all-to-all, complete at once (backends that overlap override this)."""
+        self._all_to_all(output, input)
         return Completed()
 
     @abstractmethod

@@ -83,6 +83,16 @@ class TorchDistributed(Communicator):
         self._guard(lambda: dist.all_to_all_single(out, inp, group=self.group), "all_to_all")
         _copy_back(output, out)
 
+    def _all_to_all_async(self, output: torch.Tensor, input: torch.Tensor) -> Work:
+        out, inp = self._host(output), self._host(input)
+        try:
+            work = dist.all_to_all_single(out, inp, group=self.group, async_op=True)
+        except RuntimeError as error:
+            raise CommError(
+                f"rank {dist.get_rank()}: all_to_all failed (a peer died or timed out): {reason(error)}"
+            ) from error
+        return _Timed(work, self, "all_to_all", keep=inp, then=None if out is output else lambda: output.copy_(out))
+
     def _broadcast(self, tensor: torch.Tensor, src: int) -> None:
         buffer = self._host(tensor)
         self._guard(lambda: dist.broadcast(buffer, src=self._global[src], group=self.group), "broadcast")

@@ -24,7 +24,7 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBase
 from ..comm import CommError
 from ..registry import ConfigError
 from . import preemption
-from .config import CONFIG_DIR, compose
+from .config import CONFIG_DIR, compose, renamed
 from .loop import NonFiniteLoss, run
 
 EXPECTED = (ConfigError, ValueError, NonFiniteLoss, OSError, CommError)  # failures told in one line, no traceback
@@ -123,6 +123,9 @@ def _compose(overrides: list[str], config_name: str) -> None:
         ) from None
     except HydraException as error:
         cause = error.__cause__
+        moved = renamed(str(getattr(cause, "full_key", "")))
+        if moved:
+            raise ConfigError(moved) from None
         if isinstance(cause, ConfigKeyError | ConfigAttributeError):
             raise ConfigError(_unknown_key(str(cause.full_key), overrides, config_name)) from None
         if isinstance(cause, OmegaConfBaseException):  # a value of the wrong type

@@ -17,7 +17,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, get_type_hints
 
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
@@ -30,7 +30,8 @@ from omegaconf.errors import OmegaConfBaseException
 from ..algorithms import ALGORITHMS
 from ..comm.spawn import BACKENDS
 from ..models import MODELS, models_taking
-from ..presets import OuterConfig
+from ..outer.config import OuterConfig
+from ..outer.parts import MEANS, UPDATES
 from ..registry import ConfigError, Registry, check_minimums, setting
 from ..tasks import TASKS
 from .optimizers import OPTIMIZERS
@@ -146,6 +147,12 @@ def from_dict(sections: Mapping[str, Any]) -> dict[str, Any]:
         for group, registry in PLUGINS.items()
         if isinstance(sections.get(group), Mapping) and sections[group].get("name") in registry
     ]
+    outer = sections.get("slowmo") if isinstance(sections.get("slowmo"), Mapping) else {}
+    choices += [  # the outer step's parts: their YAML files' defaults, then the dict's keys
+        f"slowmo/{part}={outer[part]['name']}"
+        for part, registry in (("update", UPDATES), ("mean", MEANS))
+        if isinstance(outer.get(part), Mapping) and outer[part].get("name") in registry
+    ]
     if sections.get("experiment"):
         choices.append(f"+experiment={sections['experiment']}")
     try:
@@ -162,6 +169,9 @@ def _typed(cls: type, values: Any, section: str) -> Any:
         typed = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls), values))
     except OmegaConfBaseException as error:
         key = getattr(error, "full_key", None)
+        renamed = getattr(cls, "RENAMED", {}).get(str(key).split(".")[0])
+        if renamed:
+            raise ConfigError(f"{section}.{str(key).split('.')[0]} {renamed}") from None
         near = difflib.get_close_matches(str(key), [f.name for f in dataclasses.fields(cls)], n=1, cutoff=0.6)
         hint = f"; did you mean {'.'.join(p for p in (section, near[0]) if p)}?" if near and near[0] != key else ""
         key = ".".join(part for part in (section, key) if part)
@@ -170,6 +180,18 @@ def _typed(cls: type, values: Any, section: str) -> Any:
     if hasattr(typed, "check"):
         typed.check()
     return typed
+
+
+def _outer(values: Any) -> OuterConfig:
+    """The slowmo section, its update and mean checked against the dataclasses of the parts they name."""
+    parts = {}
+    for key, registry in (("update", UPDATES), ("mean", MEANS)):
+        given = values.get(key) if isinstance(values, Mapping) else None
+        parts[key] = _typed(_entry(registry, f"slowmo.{key}", given).config, given, f"slowmo.{key}")
+    outer = _typed(OuterConfig, {k: v for k, v in values.items() if k not in parts}, "slowmo")
+    outer.update, outer.mean = parts["update"], parts["mean"]
+    outer.check_parts()
+    return outer
 
 
 def _entry(registry: Registry, section: str, values: Any):
@@ -187,8 +209,7 @@ def validate(cfg: DictConfig | Mapping[str, Any] | Config) -> Config:
         raw = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else from_dict(cfg)
     except OmegaConfBaseException as error:
         raise ConfigError(f"bad config: {str(error).splitlines()[0]}") from None
-    sections: dict[str, Any] = {"slowmo": _typed(OuterConfig, raw.get("slowmo", {}), "slowmo")}  # (tau before the
-    # algorithm's period that follows it)
+    sections: dict[str, Any] = {"slowmo": _outer(raw.get("slowmo", {}))}  # (tau before the algorithm's period)
     for section, registry in PLUGINS.items():
         entry = _entry(registry, section, raw.get(section))
         sections[section] = _typed(entry.config, raw[section], section)
@@ -220,13 +241,6 @@ def _check(config: Config) -> None:
         )
     if config.train.clip_grad_norm is not None and not config.train.clip_grad_norm > 0:
         raise ConfigError(f"train.clip_grad_norm must be > 0 or null (no clipping), got {config.train.clip_grad_norm}")
-    outer = config.slowmo
-    streaming = outer.fragments > 1 or outer.sync_delay > 0 or outer.fragment_mix != 1.0
-    if outer.enabled and streaming and config.algorithm.name not in ("localsgd", "allreduce"):
-        raise ConfigError(
-            f"streaming fragments need algorithm=localsgd or allreduce, not {config.algorithm.name} (push-sum "
-            "weights belong to a rank's whole model); set slowmo.fragments=1, sync_delay=0, fragment_mix=1.0"
-        )
     preset_task = _preset_task(config.experiment)
     if preset_task and preset_task != config.task.name:
         raise ConfigError(
@@ -238,6 +252,14 @@ def _check(config: Config) -> None:
             "dist.backend=nccl moves only GPU tensors but dist.device=cpu; use dist.device=cuda (or auto), "
             "or dist.backend=gloo to train on the CPU"
         )
+
+
+def renamed(key: str) -> str | None:
+    """The one line for a config key that a better spelling replaced (``slowmo.compression``), or None."""
+    section, _, name = key.partition(".")
+    cls = get_type_hints(Config).get(section)
+    message = getattr(cls, "RENAMED", {}).get(name.split(".")[0]) if name else None
+    return f"{section}.{name.split('.')[0]} {message}" if message else None
 
 
 def _preset_task(experiment: str | None) -> str | None:

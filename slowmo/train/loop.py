@@ -32,7 +32,6 @@ from ..algorithms import ALGORITHMS
 from ..comm import CommError, Communicator, launch, spawn
 from ..inner import DistributedOptimizer
 from ..outer import SlowMo
-from ..presets import OUTER
 from ..registry import ConfigError
 from ..tasks import TASKS, Task, TaskContext
 from ..tasks.base import sharded_batches
@@ -101,17 +100,9 @@ def build_optimizer(cfg: Config, model: torch.nn.Module, comm: Communicator) -> 
     """Base optimizer + base algorithm (+ the outer step) from the config, each through its registry."""
     base = OPTIMIZERS[cfg.optimizer.name].build(model.parameters(), cfg.optimizer)
     algorithm = ALGORITHMS[cfg.algorithm.name].build.from_config(comm, cfg.algorithm)
-    outer = cfg.slowmo
-    if not outer.enabled:
+    if not cfg.slowmo.enabled:
         return DistributedOptimizer(model, base, algorithm)
-    return OUTER[outer.preset].build(
-        SlowMo,
-        model,
-        base,
-        algorithm=algorithm,
-        **outer.knobs(),
-        **outer.common(),
-    )
+    return SlowMo(model, base, algorithm, **cfg.slowmo.build(comm.world_size))
 
 
 def _fingerprint(cfg: Config) -> dict[str, Any]:

@@ -43,6 +43,15 @@ REFERENCE_CASES = [
         clip_norm=0.1,
     ),
 ]
+LIFTED_CASES = [  # combinations the parts made possible: (algorithms, settings)
+    (("localsgd", "sgp", "osgp"), dict(eager=True, compression="int8", error_feedback=True)),
+    (("localsgd", "osgp"), dict(eager=True, compression="fp8", outer_optimizer="nesterov", beta=0.6, alpha=0.7)),
+    (("localsgd", "allreduce", "sgp"), dict(fragments=2, sync_delay=1, compression="int8", error_feedback=True)),
+    (("localsgd", "osgp"), dict(fragments=2, sync_delay=2, compression="fp4", error_feedback=True, fragment_mix=0.5)),
+    (("sgp", "osgp"), dict(fragments=2, sync_delay=1)),
+    (("sgp", "osgp"), dict(fragments=2, sync_delay=3, fragment_mix=0.5, outer_optimizer="adam", beta=0.9, alpha=0.1)),
+    (("sgp", "osgp"), dict(sync_delay=2, nesterov=True, base_buffers="average")),
+]
 STREAMING_CASES = [  # fragments: x and c (two layers), each with its own outer iterations
     dict(fragments=2),
     dict(fragments=2, sync_delay=1),
@@ -61,7 +70,8 @@ def _case_id(outer: dict) -> str:
 @pytest.mark.parametrize(
     "algorithm,outer",
     [(a, o) for o in REFERENCE_CASES for a in ("localsgd", "sgp", "osgp")]
-    + [(a, o) for o in STREAMING_CASES for a in ("localsgd", "allreduce")],
+    + [(a, o) for o in STREAMING_CASES for a in ("localsgd", "allreduce")]
+    + [(a, o) for algorithms, o in LIFTED_CASES for a in algorithms],
     ids=lambda v: _case_id(v) if isinstance(v, dict) else v,
 )
 def test_outer_step_equals_the_numpy_reference(algorithm, outer):
@@ -183,7 +193,8 @@ def _four_layers(comm, fragments):
     torch.manual_seed(0)
     model = torch.nn.Sequential(*[torch.nn.Linear(8, 8) for _ in range(4)])
     base = torch.optim.SGD(model.parameters(), lr=0.1)
-    opt = slowmo.SlowMo(model, base, slowmo.LocalSGD(comm), tau=4, beta=0.5, fragments=fragments, sync_delay=1)
+    update, fragments = slowmo.SlowMomentum(beta=0.5), slowmo.Fragments(fragments, delay=1)
+    opt = slowmo.SlowMo(model, base, slowmo.LocalSGD(comm), tau=4, update=update, fragments=fragments)
     data = torch.Generator().manual_seed(comm.rank)
     sent = []
     for _ in range(12):
@@ -209,7 +220,7 @@ def test_streaming_sends_one_fragment_at_a_time_and_the_peak_per_step_falls_by_p
 
 
 def test_a_fragment_layer_is_a_weight_with_the_normalization_after_it():
-    from slowmo.streaming import layers_of
+    from slowmo.outer import layers_of
 
     model = torch.nn.Sequential(
         torch.nn.LayerNorm(3),  # vectors before the first weight join the first layer

@@ -12,8 +12,11 @@ def _model():
 
 
 def _slowmo(**kwargs):
+    """SlowMo with ``kwargs``: tau and base_buffers its own, the others its update's (Algorithm 1's)."""
     model = _model()
-    return slowmo.SlowMo(model, torch.optim.SGD(model.parameters(), lr=0.1), slowmo.LocalSGD(Single()), **kwargs)
+    own = {key: kwargs.pop(key) for key in ("tau", "base_buffers") if key in kwargs}
+    base = torch.optim.SGD(model.parameters(), lr=0.1)
+    return slowmo.SlowMo(model, base, slowmo.LocalSGD(Single()), **own, update=slowmo.SlowMomentum(**kwargs))
 
 
 @pytest.mark.parametrize(

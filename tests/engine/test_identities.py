@@ -126,11 +126,12 @@ def _preset_run(comm, s: Setup, preset: str, kwargs: dict):
     data = make_data(s)
     model, _ = build(comm, s.with_(slowmo=None), data[2])
     base = torch.optim.SGD([{"params": [model.x], "lr": s.lr[0]}, {"params": [model.c], "lr": s.lr[1]}], lr=0.1)
-    algorithm = slowmo.LocalSGD(comm)
-    if preset == "lookahead":
-        opt = slowmo.SlowMo.lookahead(model, base, **kwargs)
-    else:
-        opt = getattr(slowmo.SlowMo, preset)(model, base, algorithm, **kwargs)
+    kwargs = dict(kwargs)
+    tau = kwargs.pop("k" if preset == "lookahead" else "tau")
+    algorithm = slowmo.LocalSGD(slowmo.comm.Single() if preset == "lookahead" else comm)
+    if preset == "bmuf":
+        kwargs["world_size"] = comm.world_size
+    opt = slowmo.SlowMo(model, base, algorithm, tau=tau, update=getattr(slowmo.presets, preset)(**kwargs))
     train(model, opt, s, data, 0, s.steps, comm)
     return {"theta": model.theta()}
 
@@ -155,8 +156,7 @@ def test_bmuf_preset_is_the_bmuf_update_written_out(nesterov):
 
 def test_bmuf_default_block_momentum_is_one_minus_one_over_m():
     def fn(comm):
-        p = torch.nn.Parameter(torch.zeros(2))
-        return slowmo.SlowMo.bmuf([p], torch.optim.SGD([p], lr=0.1), slowmo.LocalSGD(comm), tau=4).beta
+        return slowmo.presets.bmuf(comm.world_size).beta
 
     assert slowmo.comm.spawn(fn, 4)[0] == pytest.approx(0.75)
 

@@ -28,6 +28,15 @@ CASES = {
         slowmo=dict(tau=4, beta=0.9, alpha=0.1, fragments=2, sync_delay=1, fragment_mix=0.6, outer_optimizer="adam"),
         momentum=0.9,
     ),
+    "osgp+slowmo eager int8 (an all-to-all of codes in flight)": Setup(
+        "osgp", slowmo=dict(tau=4, beta=0.5, eager=True, compression="int8", error_feedback=True), d=40
+    ),
+    "osgp+slowmo streaming int8 (a compressed fragment in flight)": Setup(
+        "osgp",
+        slowmo=dict(tau=4, beta=0.5, fragments=2, sync_delay=2, compression="int8", error_feedback=True),
+        momentum=0.9,
+        d=40,
+    ),
     "sgp+slowmo outer nesterov, clipped": Setup(
         "sgp", slowmo=dict(tau=4, beta=0.6, outer_optimizer="nesterov", clip_norm=0.05), momentum=0.9
     ),
@@ -102,3 +111,15 @@ def test_loading_something_else_is_refused():
     opt = slowmo.SlowMo([p], torch.optim.SGD([p], lr=0.1), slowmo.LocalSGD(slowmo.comm.Single()), tau=2)
     with pytest.raises(ValueError, match="not a slowmo optimizer state"):
         opt.load_state_dict(torch.optim.SGD([p], lr=0.1).state_dict())
+
+
+def test_a_state_of_the_format_before_the_parts_is_refused_in_one_line():
+    p = torch.nn.Parameter(torch.zeros(2))
+    opt = slowmo.SlowMo([p], torch.optim.SGD([p], lr=0.1), slowmo.LocalSGD(slowmo.comm.Single()), tau=2)
+    old = opt.state_dict() | {"format": "slowmo/1"}  # SlowMo's state before its outer step became parts
+    with pytest.raises(ValueError) as info:
+        opt.load_state_dict(old)
+    assert str(info.value) == (
+        "a SlowMo state of format slowmo/1, and this SlowMo reads slowmo/2 (slowmo/2: the outer step as parts); "
+        "resume it with the slowmo that wrote it, or start a new run directory"
+    )

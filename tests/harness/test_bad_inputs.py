@@ -36,9 +36,9 @@ def test_bad_input(case, finished_run, tmp_path, monkeypatch):
             "Algorithm 1 with every knob free",
         ),
         (
-            ["slowmo=diloco", "slowmo.outer_optimizer=adam"],
-            "slowmo.outer_optimizer is fixed by the diloco preset; leave it unset (null) or choose slowmo=on for "
-            "Algorithm 1 with every knob free",
+            ["slowmo=diloco", "slowmo/update=adam"],
+            "slowmo.update is fixed by the diloco preset; leave it unset or choose slowmo=on for Algorithm 1 with "
+            "every knob free",
         ),
     ],
 )

@@ -31,6 +31,9 @@ SETUPS = [
     Setup("sgp", slowmo=dict(tau=4, beta=0.6, outer_optimizer="nesterov", compression="fp8", clip_norm=0.05), d=40),
     Setup("osgp", slowmo=dict(tau=4, beta=0.5, eager=True), momentum=0.9),  # the all-reduce in flight for real
     Setup("localsgd", slowmo=dict(tau=4, beta=0.5, fragments=2, sync_delay=2, fragment_mix=0.5), momentum=0.9),
+    # the combinations of parts: int8 codes in flight across a round (eager) and across a fragment's delay
+    Setup("osgp", slowmo=dict(tau=4, beta=0.5, eager=True, compression="int8", error_feedback=True), d=40),
+    Setup("sgp", slowmo=dict(tau=4, beta=0.5, fragments=2, sync_delay=1, compression="fp8"), momentum=0.9, d=40),
 ]
 
 

@@ -48,7 +48,7 @@ def _where_everything_is(comm, config, run_dir):
             )
             note("push-sum weight", [opt.algorithm.weight])
             note("in-flight messages", [buf for buf, _ in opt.algorithm._in_flight[2]])
-            note("slow momentum u and x_{t,0}", [opt._v, opt._x0])
+            note("slow momentum u and x_{t,0}", [opt.update.v, opt.update.x0])
         return out
 
     def eval_sums(net, batch):

@@ -1,0 +1,31 @@
+"""SlowMo's outer step, built from parts (:mod:`.parts`): Algorithm 1's update alone in :mod:`.algorithm1`, any torch
+optimizer as the update (:mod:`.torch_update`), the exact, compressed or eager mean (:mod:`.exact`, :mod:`.compressed`,
+:mod:`.eager`), fragments (:mod:`.fragments`), clipping (:mod:`.clip`), the presets (:mod:`.presets`) and the optimizer
+that puts them together (:mod:`.slowmo`)."""
+
+from . import presets
+from .algorithm1 import SlowMomentum
+from .clip import ClipNorm
+from .compressed import CompressedMean
+from .eager import EagerMean
+from .exact import ExactMean
+from .fragments import Fragments, layers_of
+from .parts import MEANS, UPDATES, Parts
+from .slowmo import SlowMo
+from .torch_update import TorchUpdate
+
+__all__ = [
+    "MEANS",
+    "UPDATES",
+    "ClipNorm",
+    "CompressedMean",
+    "EagerMean",
+    "ExactMean",
+    "Fragments",
+    "Parts",
+    "SlowMo",
+    "SlowMomentum",
+    "TorchUpdate",
+    "layers_of",
+    "presets",
+]
