@@ -171,6 +171,19 @@ def resolve_device(choice: str, backend: str, local_rank: int = 0) -> torch.devi
     return torch.device("cuda", local_rank % torch.cuda.device_count())
 
 
+def place(choice: str, backend: str, local_rank: int, deterministic: bool) -> torch.device:
+    """This rank's device (:func:`resolve_device`) and, on a GPU, its kernel settings: cuDNN's autotuner, or
+    deterministic kernels (``train.deterministic``, where torch has them; a warning where it has none)."""
+    device = resolve_device(choice, backend, local_rank)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = not deterministic  # the fastest kernels, found on the first batches
+        torch.backends.cudnn.deterministic = deterministic
+    return device
+
+
 def threads_per_rank(
     environ: Mapping[str, str] | None = None, local_world_size: int = 1, cores: int | None = None
 ) -> int:

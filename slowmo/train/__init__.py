@@ -2,6 +2,7 @@
 
 from ..registry import ConfigError
 from .config import Config, compose, validate
-from .loop import NonFiniteLoss, build_optimizer, run, train_rank
+from .launcher import run
+from .loop import NonFiniteLoss, build_optimizer, train_rank
 
 __all__ = ["Config", "ConfigError", "NonFiniteLoss", "build_optimizer", "compose", "run", "train_rank", "validate"]

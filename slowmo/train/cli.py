@@ -25,7 +25,8 @@ from ..comm import CommError
 from ..registry import ConfigError
 from . import preemption
 from .config import CONFIG_DIR, compose, renamed
-from .loop import NonFiniteLoss, run
+from .launcher import run
+from .loop import NonFiniteLoss
 
 EXPECTED = (ConfigError, ValueError, NonFiniteLoss, OSError, CommError)  # failures told in one line, no traceback
 

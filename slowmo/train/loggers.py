@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .config import Config
+from .config import Config, to_dict
 
 
 class JsonlLogger:
@@ -60,8 +60,19 @@ class WandbLogger:
 
 
 class Loggers:
-    def __init__(self, loggers: list) -> None:
-        self._loggers = loggers
+    """Every logger of rank 0: ``metrics.jsonl`` (continued from the progress's step when resumed) and, with
+    ``logger.wandb``, W&B, named by the run's overrides and grouped by its parent directory. Other ranks: none."""
+
+    def __init__(
+        self, cfg: Config | None = None, run_dir: Path | None = None, run_name: str | None = None, progress=None
+    ) -> None:
+        self._loggers: list = []
+        if cfg is None:
+            return
+        self._loggers.append(JsonlLogger(run_dir / "metrics.jsonl", progress.step))
+        if cfg.logger.wandb:
+            name, group = run_name or run_dir.name, run_dir.parent.name
+            self._loggers.append(WandbLogger(cfg, to_dict(cfg), run_dir, name, group, progress.run_id))
 
     def log(self, record: dict[str, Any]) -> None:
         for logger in self._loggers:

@@ -25,6 +25,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import torch
+
+from ..comm import Communicator
+
 STOP = threading.Event()
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT)
 WARNINGS = ("SIGUSR1", "SIGUSR2")
@@ -94,3 +98,15 @@ def requeue(rank: int, signal_name: str) -> None:
         submitit(signal.Signals[signal_name].value, None)  # rank 0 requeues and exits; the other ranks return
     elif rank == 0:
         subprocess.run(["scontrol", "requeue", os.environ["SLURM_JOB_ID"]], check=True, timeout=60, capture_output=True)
+
+
+def agreed(comm: Communicator, device: torch.device) -> str | None:
+    """The stop signal the ranks agree on (the lowest rank's that received one), or None: one all-gather, not
+    counted as training traffic."""
+    mine = received() if STOP.is_set() else None
+    code = torch.tensor([float(signal.Signals[mine].value if mine else 0)], device=device)
+    everyone = torch.empty(comm.world_size, device=device)
+    with comm.uncounted():
+        comm.all_gather(everyone, code)
+    first = next((int(c) for c in everyone.tolist() if c), 0)
+    return signal.Signals(first).name if first else None

@@ -180,3 +180,17 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def _show(value: Any) -> str:
     return "null" if value is None else str(value)
+
+
+def ensure_writable(run_dir: Path) -> None:
+    """Create the run directory, or one line where it cannot be written."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write_test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as error:
+        raise ConfigError(
+            f"run directory {run_dir} is not writable ({error.strerror}); set hydra.run.dir "
+            "(or run_dir) to a writable path"
+        ) from None

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from slowmo.train import loop, run
+from slowmo.train import evaluation, run
 
 from datasets import write_cifar10, write_imagefolder, write_parallel
 
@@ -73,7 +73,7 @@ def test_imagenet_from_an_imagefolder_of_pngs(tmp_path):
 
 @pytest.mark.parametrize("beam", [1, 3])
 def test_wmt16_from_parallel_text_with_sentencepiece_and_sacrebleu(tmp_path, beam, monkeypatch, capsys):
-    monkeypatch.setattr(loop, "EVAL_PROGRESS_AFTER_S", 0.0)  # as if decoding took seconds, as beam search does
+    monkeypatch.setattr(evaluation, "PROGRESS_AFTER_S", 0.0)  # as if decoding took seconds, as beam search does
     root = write_parallel(tmp_path / "wmt", n_test=6)
     summary = run(
         cfg(

@@ -36,7 +36,7 @@ def _where_everything_is(comm, config, run_dir):
             opt = trainer.opt
             note("parameters", trainer.model.parameters())
             note("buffers", trainer.model.buffers())
-            note("eval model", trainer.eval_model.parameters())
+            note("eval model", trainer.evaluator.model.parameters())
             note(
                 "base optimizer state",
                 [
