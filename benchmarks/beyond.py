@@ -21,15 +21,13 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
-import os
-import platform
 import time
 from pathlib import Path
 
 import numpy as np
-import torch
 from generalization import PRESET, Runner, mean_std, paired
+
+from readme import record
 
 SEEDS = (0, 1, 2)
 BASE = ["algorithm=localsgd", "slowmo=on", "optimizer.lr=0.1", "slowmo.beta=0.7"]
@@ -146,21 +144,16 @@ def main(argv: list[str] | None = None) -> None:
         writer.writeheader()
         writer.writerows(runner.done.values())
     wall = time.time() - start
-    (args.out / "provenance.json").write_text(
-        json.dumps(
-            {
-                "command": "python benchmarks/beyond.py",
-                "preset": f"configs/experiment/{PRESET}.yaml",
-                "base": BASE,
-                "seeds": list(SEEDS),
-                "tuning_grids_seed_0": TUNED,
-                "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-                f"{args.jobs} runs at a time",
-                "wall_time_s": round(wall),
-            },
-            indent=2,
-        )
-        + "\n"
+    record(
+        args.out,
+        __file__,
+        argv,
+        preset=f"configs/experiment/{PRESET}.yaml",
+        base=BASE,
+        seeds=list(SEEDS),
+        tuning_grids_seed_0=TUNED,
+        runs_at_a_time=args.jobs,
+        wall_time_s=round(wall),
     )
     print(f"{table}\ndone: {len(runner.done)} runs in {wall:.0f} s")
 

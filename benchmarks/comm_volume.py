@@ -16,8 +16,8 @@ inner steps:
   step is skipped (the exact average overwrites it); with AllReduce, whose ranks hold equal parameters, only the
   buffers are averaged.
 
-Writes ``results/bench/comm_volume.csv``. Run: ``python benchmarks/comm_volume.py`` (about 10 minutes on 2 cores:
-8 simulated ResNet-18s).
+Writes ``results/comm_volume/``: ``comm_volume.csv`` and its ``README.md``. Run: ``python benchmarks/comm_volume.py``
+(about 10 minutes on 2 cores: 8 simulated ResNet-18s).
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from slowmo.models import ModelConfig, build_model
 from slowmo.models.small import SmallConfig
 
 from common import optimizer
+from readme import record
 
 H, TAU, STEPS = 4, 12, 24  # STEPS is a multiple of both: whole periods only
 
@@ -76,7 +77,7 @@ def theory(model: torch.nn.Module, algorithm: str, slowmo_on: bool, n: int) -> f
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("results/bench/comm_volume.csv"))
+    parser.add_argument("--out", type=Path, default=Path("results/comm_volume"))
     args = parser.parse_args(argv)
     rows = []
     for model_name in ("resnet18", "mlp"):
@@ -106,13 +107,14 @@ def main(argv: list[str] | None = None) -> None:
                         f"{r['bytes_per_step_measured']:>14,.1f} B/step   theory {r['bytes_per_step_theory']:>14,.1f}",
                         flush=True,
                     )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with open(args.out, "w", newline="") as f:
+    args.out.mkdir(parents=True, exist_ok=True)
+    with open(args.out / "comm_volume.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
     worst = max(abs(r["bytes_per_step_measured"] - r["bytes_per_step_theory"]) for r in rows)
-    print(f"wrote {args.out}: {len(rows)} rows, largest |measured - theory| = {worst:.3g} B/step")
+    print(f"wrote {args.out}/comm_volume.csv: {len(rows)} rows, largest |measured - theory| = {worst:.3g} B/step")
+    record(args.out, __file__, argv)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ sends (the mean over the timed steps and the peak of one step).
   exposed_SlowMo: by overlap for streaming and eager (same total bytes), by fewer bytes for int8 and fp4. Goal: eager or
   streaming keeps >= 0.95x compute-only iterations/s at 1 Gbit/s, where plain SlowMo does not.
 
-Writes ``results/bench/emulated_network[_beyond].csv`` and ``.png``.
+Writes ``results/emulated_network/``: ``emulated_network[_beyond].csv`` and ``.png``, and its ``README.md``.
 
     sudo .venv/bin/python benchmarks/emulated_network.py                                     # 1 and 10 Gbit/s, 10 min
     sudo .venv/bin/python benchmarks/emulated_network.py --suite beyond --rates 1gbit 100mbit  # about 15 minutes
@@ -39,6 +39,7 @@ import torch
 from slowmo.comm import spawn
 
 from common import optimizer, timed_steps
+from readme import record
 
 TAU = 12
 SUITES = {  # suite -> (label, algorithm, SlowMo's settings or None)
@@ -186,7 +187,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rates", nargs="+", default=["1gbit", "10gbit"])
     parser.add_argument("--steps", type=int, default=24, help="timed steps (a multiple of tau = 12)")
     parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--out", type=Path, default=Path("results/bench"))
+    parser.add_argument("--out", type=Path, default=Path("results/emulated_network"))
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -210,6 +211,7 @@ def main(argv: list[str] | None = None) -> None:
         writer.writerows(rows)
     bar_chart(rows, args.suite, args.out / f"{name}.png")
     print(f"wrote {args.out}/{name}.csv and {name}.png")
+    record(args.out, __file__, argv, key=args.suite)
 
 
 if __name__ == "__main__":

@@ -33,19 +33,16 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
-import platform
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
-import torch
 from scipy import stats
 
 from slowmo import report
-from slowmo.train import compose, run
-from slowmo.train.loop import NonFiniteLoss
+from slowmo.cells import run_cells
+
+from readme import record
 
 PRESET = "generalization_mnist1d"
 ALGORITHMS = ("allreduce", "localsgd", "sgp", "osgp")
@@ -63,47 +60,23 @@ def overrides(algorithm: str, slowmo: bool, lr: float, beta: float | None, seed:
     return out + [f"{key}={value}" for key, value in extra.items()] + [f"seed={seed}"]
 
 
-def one(args: tuple[list[str], Path]) -> Path:
-    """One run (skipped when already done); a non-finite loss ends it with ``diverged.json``, not an exception."""
-    cell, run_dir = args
-    if not (run_dir / "summary.json").is_file() and not (run_dir / "diverged.json").is_file():
-        torch.set_num_threads(1)
-        start = time.time()
-        try:
-            run(compose([f"+experiment={PRESET}", *cell, f"run_dir='{run_dir}'"]))
-        except NonFiniteLoss as error:
-            (run_dir / "diverged.json").write_text(json.dumps({"error": str(error)}) + "\n")
-        print(f"{run_dir.name}: {time.time() - start:.0f} s", flush=True)
-    return run_dir
-
-
-def result(cell: list[str], run_dir: Path) -> dict:
-    """A run's numbers from its ``metrics.jsonl`` (finished or diverged alike): the best train loss, the best
-    validation accuracy and the test accuracy of that evaluation (the first one, on ties)."""
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
-    evals = [r for r in records if "val_acc" in r]
-    best = max(evals, key=lambda r: r["val_acc"]) if evals else {}
-    diverged = (run_dir / "diverged.json").is_file()
-    return {
-        "overrides": " ".join([f"+experiment={PRESET}", *cell]),
-        "status": "diverged" if diverged else "completed",
-        "best_train_loss": min((r["train_loss"] for r in records if "train_loss" in r), default=float("nan")),
-        "best_val_acc": best.get("val_acc", float("nan")),
-        "test_acc_at_best_val": best.get("test_acc", float("nan")),
-        "epoch_of_best_val": best.get("epoch", float("nan")),
-        "steps": records[-1]["step"] if records else 0,
-    }
+FIELDS = ("status", "best_train_loss", "best_val_acc", "test_acc_at_best_val", "epoch_of_best_val", "steps")
 
 
 class Runner:
+    """The preset's cells, run (:func:`slowmo.cells.run_cells`) and read (:func:`slowmo.report.load_run`): each run's
+    overrides and figures (the best train loss, the best validation accuracy and the test accuracy of that
+    evaluation, the first one on ties; finished or diverged alike)."""
+
     def __init__(self, runs: Path, jobs: int) -> None:
         self.runs, self.jobs, self.done = runs, jobs, {}
 
     def __call__(self, cells: list[list[str]]) -> list[dict]:
-        todo = [(cell, self.runs / ",".join(cell)) for cell in cells if ",".join(cell) not in self.done]
-        with ProcessPoolExecutor(self.jobs) as pool:
-            for (cell, _), run_dir in zip(todo, pool.map(one, todo), strict=True):
-                self.done[",".join(cell)] = result(cell, run_dir)
+        todo = [cell for cell in cells if ",".join(cell) not in self.done]
+        for cell, run_dir in zip(todo, run_cells(PRESET, todo, self.runs, self.jobs), strict=True):
+            numbers = report.load_run(run_dir)["numbers"]
+            overrides = " ".join([f"+experiment={PRESET}", *cell])
+            self.done[",".join(cell)] = {"overrides": overrides, **{key: numbers[key] for key in FIELDS}}
         return [self.done[",".join(cell)] for cell in cells]
 
 
@@ -286,27 +259,22 @@ def main(argv: list[str] | None = None) -> None:
         "MNIST-1D, 16 simulated ranks, tuned lr and beta, 5 seeds (mean ± std)",
     )
     wall = time.time() - start
-    (args.out / "provenance.json").write_text(
-        json.dumps(
-            {
-                "command": "python benchmarks/generalization.py" + (" --no-ablations" if args.no_ablations else ""),
-                "preset": f"configs/experiment/{PRESET}.yaml",
-                "runs": len(runner.done),
-                "tuned": {f"{a}{'+slowmo' if s else ''}": {"lr": p[0], "beta": p[1]} for (a, s), p in tuned.items()},
-                "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-                f"{args.jobs} runs at a time",
-                "wall_time_s": round(wall),  # of this invocation (finished runs are not run again)
-                "run_time_s": round(  # every run's own time, summed (diverged runs excluded)
-                    sum(
-                        json.loads((args.runs / key / "summary.json").read_text())["wall_time"]
-                        for key in runner.done
-                        if (args.runs / key / "summary.json").is_file()
-                    )
-                ),
-            },
-            indent=2,
-        )
-        + "\n"
+    record(
+        args.out,
+        __file__,
+        argv,
+        preset=f"configs/experiment/{PRESET}.yaml",
+        runs=len(runner.done),
+        tuned={f"{a}{'+slowmo' if s else ''}": {"lr": p[0], "beta": p[1]} for (a, s), p in tuned.items()},
+        runs_at_a_time=args.jobs,
+        wall_time_s=round(wall),  # of this invocation (finished runs are not run again)
+        run_time_s=round(  # every run's own time, summed (diverged runs excluded)
+            sum(
+                json.loads((args.runs / key / "summary.json").read_text())["wall_time"]
+                for key in runner.done
+                if (args.runs / key / "summary.json").is_file()
+            )
+        ),
     )
     print(f"{table}\n{paired_md}\n{ablations}\ndone: {len(runner.done)} runs in {wall:.0f} s")
 

@@ -12,7 +12,8 @@ Measured side by side in one run, at world size 1 (one GPU, NCCL):
    normalize) over an ImageFolder of 500x375 JPEGs (ImageNet's typical size), 8 DataLoader workers, batch 128:
    images/s against ResNet-50's images/s in 1. Goal: >= 1x (the pipeline is not the bottleneck).
 
-Writes ``<out>/throughput.csv`` and ``throughput.md`` (default ``results/gpu``), naming the GPU.
+Writes ``<out>/throughput.csv`` and ``throughput.md`` (default ``results/gpu_throughput``), naming the GPU, and
+the ``README.md`` of them.
 Run: ``python benchmarks/gpu_throughput.py`` (about 5 minutes on an H100); ``scripts/gpu_check.sh`` runs it after
 the GPU tests. ``--device cpu --small`` runs the same code at toy sizes on the CPU (the test suite does, so that
 this script keeps working where no GPU is).
@@ -41,6 +42,8 @@ from slowmo.tasks import TASKS, Task, TaskContext
 from slowmo.tasks.base import ImageData, classification
 from slowmo.tasks.wmt16 import EOS, PAD, collate, translation_loss
 from slowmo.train import data, train_rank, validate
+
+from readme import record
 
 SIZES = {  # name: image px, images per batch, sentence pairs per batch, tokens per sentence, timed steps, JPEGs
     "full": dict(
@@ -299,7 +302,7 @@ def pipeline(size: dict, device: torch.device, workdir: Path, model_images_per_s
 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("results/gpu"))
+    parser.add_argument("--out", type=Path, default=Path("results/gpu_throughput"))
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     parser.add_argument("--small", action="store_true", help="toy sizes (a smoke run, e.g. on the CPU)")
     args = parser.parse_args(argv)
@@ -343,6 +346,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     )
     (args.out / "throughput.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+    record(args.out, __file__, argv)
     return rows
 
 

@@ -10,10 +10,10 @@ std), all at the same number of inner steps:
 - ``repro_beta``: Local SGD + SlowMo with beta in 0, 0.3, 0.5, 0.7, 0.9;
 - ``repro_tau``: Local SGD (H = tau) without and with SlowMo for tau in 6, 12, 24, 48.
 
-Writes ``results/repro/``: ``<preset>.csv`` (one row per run, with the overrides that made it), ``<preset>.md``
+Writes ``results/reproduce/``: ``<preset>.csv`` (one row per run, with the overrides that made it), ``<preset>.md``
 (mean ± std per cell), ``<preset>_curves.png`` (train loss and val accuracy against epoch, as the paper's figures)
-or ``<preset>.png`` (the ablations), and ``provenance.json``. The run directories go to ``runs/repro/`` (not
-committed); a finished run is not run again. Any cell can be re-run on its own:
+or ``<preset>.png`` (the ablations), ``provenance.json`` and the ``README.md`` of them. The run directories go to
+``runs/reproduce/`` (not committed); a finished run is not run again. Any cell can be re-run on its own:
 ``python experiments/digits/train.py +experiment=<preset> <the cell's overrides>``.
 
     python benchmarks/reproduce.py            # all four: about 25 min on 2 CPU cores
@@ -23,50 +23,33 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
-import os
-import platform
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from slowmo import report
-from slowmo.train import compose, run
+from slowmo.cells import run_cells
 from slowmo.train.config import sweep
+
+from readme import record
 
 PRESETS = ("repro_table1_digits", "repro_table1_synthetic", "repro_beta", "repro_tau")
 
 
-def one(args: tuple[str, list[str], Path]) -> Path:
-    preset, cell, run_dir = args
-    if not (run_dir / "summary.json").is_file():
-        torch.set_num_threads(1)
-        start = time.time()
-        run(compose([f"+experiment={preset}", *cell, f"run_dir='{run_dir}'"]))
-        print(f"{run_dir.parent.name}/{run_dir.name}: {time.time() - start:.0f} s", flush=True)
-    return run_dir
-
-
-def row(preset: str, cell: list[str], run_dir: Path) -> dict:
-    r = report.load_run(run_dir)
-    s, config = r["summary"], r["config"]
-    losses = [m["train_loss"] for m in r["metrics"] if "train_loss" in m]
+def row(preset: str, cell: list[str], r: dict) -> dict:
+    """A run's row (``r``: :func:`slowmo.report.load_run`'s)."""
+    config, n = r["config"], r["numbers"]
     return {
         "experiment": preset,
         "cell": ",".join(o for o in cell if not o.startswith("seed=")),
         "seed": config["seed"],
         "label": report.label(r),
-        "tau": config["slowmo"]["tau"] if s["slowmo"] else config["algorithm"].get("period"),
-        "beta": config["slowmo"]["beta"] if s["slowmo"] else 0.0,
-        "final_train_loss": losses[-1],
-        "best_train_loss": min(losses),
-        "final_val_acc": s["final"]["val_acc"],
-        "best_val_acc": s["best"]["val_acc"],
-        "mib_sent_per_rank": s["comm_bytes"] / 2**20,
-        "steps": s["steps"],
+        "tau": config["slowmo"]["tau"] if config["slowmo"]["enabled"] else config["algorithm"].get("period"),
+        "beta": config["slowmo"]["beta"] if config["slowmo"]["enabled"] else 0.0,
+        **{key: n[key] for key in ("final_train_loss", "best_train_loss", "final_val_acc", "best_val_acc")},
+        "mib_sent_per_rank": n["mib_sent_per_rank"],
+        "steps": n["steps"],
         "overrides": " ".join([f"+experiment={preset}", *cell]),
     }
 
@@ -141,21 +124,16 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("presets", nargs="*", default=list(PRESETS))
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time (one CPU thread each)")
-    parser.add_argument("--runs", type=Path, default=Path("runs/repro"))
-    parser.add_argument("--out", type=Path, default=Path("results/repro"))
+    parser.add_argument("--runs", type=Path, default=Path("runs/reproduce"))
+    parser.add_argument("--out", type=Path, default=Path("results/reproduce"))
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    work = [(preset, cell, args.runs / preset / ",".join(cell)) for preset in args.presets for cell in sweep(preset)]
     start = time.time()
-    with ProcessPoolExecutor(args.jobs) as pool:
-        list(pool.map(one, work))
-    provenance_path = args.out / "provenance.json"
-    provenance = json.loads(provenance_path.read_text()) if provenance_path.is_file() else {}
     for preset in args.presets:
-        mine = [(cell, d) for p, cell, d in work if p == preset]
-        rows = [row(preset, cell, d) for cell, d in mine]
+        cells = sweep(preset)
+        runs = [report.load_run(d) for d in run_cells(preset, cells, args.runs / preset, args.jobs)]
+        rows = [row(preset, cell, r) for cell, r in zip(cells, runs, strict=True)]
         print(f"\n## {preset}\n\n{summarize(rows, args.out, preset)}")
-        runs = [report.load_run(d) for _, d in mine]
         setup = runs[0]["config"]
         seeds = len({r["seed"] for r in rows})
         where = (
@@ -175,15 +153,16 @@ def main(argv: list[str] | None = None) -> None:
             ablation_figure(
                 rows, key, args.out / f"{preset}.png", f"{where}, Local SGD ± SlowMo: {key} ablation ({seeds} seeds)"
             )
-        provenance[preset] = {
-            "command": f"python benchmarks/reproduce.py {preset}",
-            "preset": f"configs/experiment/{preset}.yaml",
-            "runs": len(mine),
-            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-            f"{args.jobs} runs at a time",
-            "train_wall_time_s": round(sum(r["summary"]["wall_time"] for r in runs)),
-        }
-    provenance_path.write_text(json.dumps(provenance, indent=2) + "\n")
+        record(
+            args.out,
+            __file__,
+            argv,
+            key=preset,
+            preset=f"configs/experiment/{preset}.yaml",
+            runs=len(runs),
+            runs_at_a_time=args.jobs,
+            train_wall_time_s=round(sum(r["summary"]["wall_time"] for r in runs)),
+        )
     print(f"done in {time.time() - start:.0f} s")
 
 

@@ -8,7 +8,8 @@
    (targets: 2|θ|/n + 1 MiB sharded, 2|θ| + 1 MiB unsharded). Every configuration first runs both outer steps
    on a tiny model, so that the pages of code and of the allocator's small pools they touch count in all alike.
 
-Writes ``results/bench/simulator.csv``. Run: ``python benchmarks/simulator.py`` (about 3 minutes).
+Writes ``results/simulator/``: ``simulator.csv`` and its ``README.md``.
+Run: ``python benchmarks/simulator.py`` (about 3 minutes).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from slowmo.comm import Single, spawn
 from slowmo.models import ModelConfig, ResNet20, build_model
 
 from common import optimizer, timed_steps
+from readme import record
 
 MiB = 2**20
 
@@ -125,7 +127,7 @@ def memory(ranks: int) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("results/bench/simulator.csv"))
+    parser.add_argument("--out", type=Path, default=Path("results/simulator"))
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--steps", type=int, default=16)
     args = parser.parse_args(argv)
@@ -133,13 +135,13 @@ def main(argv: list[str] | None = None) -> None:
     rows = throughput(args.batch, args.steps, 8) + memory(4)
     for row in rows:
         print(", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
     keys = list(dict.fromkeys(k for row in rows for k in row))
-    with open(args.out, "w", newline="") as f:
+    with open(args.out / "simulator.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, keys)
         writer.writeheader()
         writer.writerows(rows)
-    print(f"wrote {args.out}")
+    record(args.out, __file__, argv)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,8 @@
    256 MiB buffer is swept before each timing), as the outer step does in training; best of 20. Goal: <= 3
    passes' worth.
 
-Writes ``results/bench/speed.csv``. Run: ``python benchmarks/speed.py`` (about 6 minutes on 2 cores).
+Writes ``results/speed/``: ``speed.csv`` and its ``README.md``.
+Run: ``python benchmarks/speed.py`` (about 6 minutes on 2 cores).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import torch
 from slowmo.comm import Single, spawn
 
 from common import optimizer
+from readme import record
 
 CONFIGS = [  # name, algorithm, SlowMo on
     ("DDP", None, False),
@@ -149,7 +151,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--steps", type=int, default=2 * TAU)
     parser.add_argument("--ranks", type=int, default=4)
-    parser.add_argument("--out", type=Path, default=Path("results/bench"))
+    parser.add_argument("--out", type=Path, default=Path("results/speed"))
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     rows = outer_step(repeats=20) + throughput(args.rounds, args.steps, args.ranks)
@@ -166,6 +168,7 @@ def main(argv: list[str] | None = None) -> None:
             f"{row['setup']}: {row['value']:.3f} vs {row['reference']:.3f} {row['unit']}, "
             f"ratio {row['ratio']:.3f}{goal}"
         )
+    record(args.out, __file__, argv)
 
 
 if __name__ == "__main__":

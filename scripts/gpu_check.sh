@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # The GPU checks, on a machine with a CUDA GPU: the tests marked `gpu` (every task on cuda with gloo ranks sharing
 # the GPU and with simulated ranks, NCCL at world size 1, bf16 and fp16, kill -9 and a bit-exact resume on cuda,
-# the device of every tensor), then benchmarks/gpu_throughput.py. Writes $GPU_RESULTS (default results/gpu):
+# the device of every tensor), then benchmarks/gpu_throughput.py. Writes $GPU_RESULTS (default results/gpu_throughput):
 # machine.txt, tests.log, throughput.csv, throughput.md, throughput.log.
 #   scripts/gpu_check.sh                           # where the project is installed (make install)
 #   PYTHONPATH=$PWD PYTHON=python3 scripts/gpu_check.sh   # where it is not (torch, hydra-core, pytest importable)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-OUT_DIR=${GPU_RESULTS:-results/gpu}
+OUT_DIR=${GPU_RESULTS:-results/gpu_throughput}
 "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'no CUDA GPU is visible: the GPU checks need one')"
 mkdir -p "$OUT_DIR"
 { nvidia-smi -L; "$PY" -c "import torch; print('torch', torch.__version__, 'CUDA', torch.version.cuda)"; } \

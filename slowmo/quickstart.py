@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from . import report
-from .train import compose, run
+from .cells import run_cells
 from .train.config import sweep
 
 PRESET = "quickstart"
@@ -28,13 +28,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     out = args.out or args.runs
     start = time.time()
-    runs = []
-    for cell in sweep(PRESET):
-        run_dir = args.runs / ",".join(cell)
-        t = time.time()
-        summary = run(compose([f"+experiment={PRESET}", *cell, "train.overwrite=true", f"run_dir='{run_dir}'"]))
-        print(f"{run_dir.name:>40}: val_acc {summary['final']['val_acc']:.2f} %  ({time.time() - t:.1f} s)", flush=True)
-        runs.append(report.load_run(run_dir))
+    runs = [report.load_run(d) for d in run_cells(PRESET, sweep(PRESET), args.runs, fresh=True)]
     command = f"slowmo-quickstart (+experiment={PRESET}, the preset's sweep)"
     markdown = report.write_table(report.table(runs), out, command)
     setup = runs[0]["config"]

@@ -19,17 +19,52 @@ from .train.optimizers import OPTIMIZERS
 
 
 def load_run(run_dir: str | Path) -> dict[str, Any]:
+    """A run, read from its directory: ``config``, ``metrics``, ``summary`` (None for a run that stopped on a non-finite
+    loss, whose ``diverged.json`` says where), its ``status`` and its :func:`numbers`. The one reader of the
+    quickstart and the benchmarks."""
     run_dir = Path(run_dir)
-    for name in ("config.yaml", "metrics.jsonl", "summary.json"):
+    stopped = (run_dir / "diverged.json").is_file()
+    for name in ("config.yaml", "metrics.jsonl", *(() if stopped else ("summary.json",))):
         if not (run_dir / name).is_file():
             raise ValueError(f"{run_dir} is not a finished run directory: {name} is missing")
-    config = yaml.safe_load((run_dir / "config.yaml").read_text())
-    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
-    return {
+    summary = None if stopped else json.loads((run_dir / "summary.json").read_text())
+    run = {
         "dir": run_dir,
-        "config": config,
-        "metrics": metrics,
-        "summary": json.loads((run_dir / "summary.json").read_text()),
+        "config": yaml.safe_load((run_dir / "config.yaml").read_text()),
+        "metrics": [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line],
+        "summary": summary,
+        "status": summary["status"] if summary else "diverged",
+    }
+    run["numbers"] = numbers(run)
+    return run
+
+
+def numbers(run: dict[str, Any]) -> dict[str, Any]:
+    """A run's figures, from its metrics (finished or not alike): the status, the steps, the best and final train
+    loss, and, for the main metric m (``val_acc``, ``val_bleu``), its best value over the evaluations
+    (``best_<m>``), the test metric at that evaluation (``test_<...>_at_best_val``, where the task has a test split)
+    and its epoch, its final value (``final_<m>``: the finished run's, after the last exact average) and the MiB each
+    rank sent."""
+    records, summary = run["metrics"], run["summary"]
+    evals = [r for r in records if any(k.startswith("val_") and k != "val_loss" for k in r)]
+    metric = (
+        summary["main_metric"]
+        if summary
+        else next((k for k in (evals or [{}])[0] if k.startswith("val_") and k != "val_loss"), "val_loss")
+    )
+    best = max(evals, key=lambda r: r[metric]) if evals else {}
+    test = "test_" + metric.removeprefix("val_")
+    losses = [r["train_loss"] for r in records if "train_loss" in r]
+    return {
+        "status": run["status"],
+        "steps": summary["steps"] if summary else (records[-1]["step"] if records else 0),
+        "best_train_loss": min(losses, default=float("nan")),
+        "final_train_loss": losses[-1] if losses else float("nan"),
+        f"best_{metric}": best.get(metric, float("nan")),
+        f"{test}_at_best_val": best.get(test, float("nan")),
+        "epoch_of_best_val": best.get("epoch", float("nan")),
+        f"final_{metric}": summary["final"][metric] if summary else float("nan"),
+        "mib_sent_per_rank": summary["comm_bytes"] / 2**20 if summary else float("nan"),
     }
 
 

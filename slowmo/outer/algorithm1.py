@@ -39,7 +39,7 @@ class SlowMomentumConfig:
     name: str
 
 
-@UPDATES.register("slow_momentum", SlowMomentumConfig, label="slow momentum (Algorithm 1)")
+@UPDATES.register("slow_momentum", SlowMomentumConfig, label="slow momentum (Algorithm 1)", built_by_presets=True)
 class SlowMomentum(Update):
     """Algorithm 1's outer update: slow momentum beta, slow lr alpha, heavy ball or Nesterov, on Delta / gamma_t
     (``pseudo_gradient="scaled"``, SlowMo's) or on Delta (``"raw"``, BMUF's and DiLoCo's)."""

@@ -88,7 +88,7 @@ class OuterConfig:
                     f"slowmo.{knob} is fixed by the {self.preset} preset; leave it unset (null) or "
                     "choose slowmo=on for Algorithm 1 with every knob free"
                 )
-        if self.update.name != "slow_momentum" and self.preset != "slowmo":
+        if not UPDATES[self.update.name].extra.get("built_by_presets") and entry.extra.get("fixes_update", True):
             raise ConfigError(
                 f"slowmo.update is fixed by the {self.preset} preset; leave it unset or choose slowmo=on for "
                 "Algorithm 1 with every knob free"
@@ -122,7 +122,7 @@ class OuterConfig:
 
     def _update(self, entry, world_size: int):
         kwargs = self._preset_knobs()
-        if self.update.name == "slow_momentum":
+        if UPDATES[self.update.name].extra.get("built_by_presets"):
             if "world_size" in inspect.signature(entry.build).parameters:
                 kwargs["world_size"] = world_size
             return entry.build(**kwargs)

@@ -1,6 +1,8 @@
 """The methods that are SlowMo with some settings fixed, as plain functions that return the outer update; each has its
 paper's parameter names and defaults, and is registered for the harness's ``slowmo=<name>``
-(``configs/slowmo/<name>.yaml``) with the ``slowmo.*`` knobs it takes.
+(``configs/slowmo/<name>.yaml``) with the ``slowmo.*`` knobs it takes (``knobs``: config key -> its argument), its
+default tau (None: the config must give one) and whether it fixes the update (``fixes_update``, default True: its
+slow momentum may not be replaced by ``slowmo/update=...``).
 
     opt = slowmo.SlowMo(model, base, slowmo.LocalSGD(comm), tau=12, update=slowmo.presets.bmuf(comm.world_size))
 """
@@ -18,6 +20,7 @@ PRESETS = Registry("outer preset", "slowmo.outer")
     label="SlowMo",
     knobs={"alpha": "alpha", "beta": "beta", "nesterov": "nesterov", "pseudo_gradient": "pseudo_gradient"},
     tau=None,
+    fixes_update=False,
 )
 def algorithm_1(
     alpha: float = 1.0, beta: float = 0.0, nesterov: bool = False, pseudo_gradient: str = "scaled"

@@ -42,7 +42,7 @@ def test_bf16_trains_and_every_state_stays_fp32(tmp_path):
         state = checkpoint.load_rank(tmp_path / "checkpoints" / "step_40", rank)
         floats = [t for t in state["model"].values() if t.is_floating_point()]
         assert floats and all(t.dtype == torch.float32 for t in floats)
-        outer = state["optimizer"]["outer"]
+        outer = state["optimizer"]["outer"]["update"]
         assert outer["v"].dtype == outer["x0"].dtype == torch.float32 and outer["v"].abs().sum() > 0  # v = gamma u
         buffers = [s["momentum_buffer"] for s in state["optimizer"]["base"]["state"].values()]
         assert buffers and all(b.dtype == torch.float32 for b in buffers)

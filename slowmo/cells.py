@@ -1,0 +1,50 @@
+"""An experiment preset's cells, run: the quickstart and every benchmark run their cells through :func:`run_cells`
+and read what the runs wrote through :func:`slowmo.report.load_run`.
+
+Each cell (a list of overrides on top of ``+experiment=<preset>``) runs in its own directory under ``root``, named by
+its overrides; a finished cell is not run again (``fresh``: every cell is run anew, ``train.overwrite=true``), so a
+sweep that stops resumes where it stopped. A run whose loss becomes non-finite is kept, with ``diverged.json``
+saying where: an outcome to report, not an error.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import torch
+
+from .train import NonFiniteLoss, compose, run
+
+
+def run_dir(root: Path, cell: list[str]) -> Path:
+    """The directory of ``cell``'s run under ``root``: its overrides, comma-separated."""
+    return root / ",".join(cell)
+
+
+def run_cells(preset: str, cells: list[list[str]], root: Path, jobs: int = 1, fresh: bool = False) -> list[Path]:
+    """Run every cell of ``preset`` not yet finished, ``jobs`` at a time (more than one: a process each, one CPU
+    thread each); returns the cells' run directories, in order."""
+    work = [(preset, cell, run_dir(root, cell), fresh, jobs > 1) for cell in cells]
+    if jobs <= 1:
+        return [_one(w) for w in work]
+    with ProcessPoolExecutor(jobs) as pool:
+        return list(pool.map(_one, work))
+
+
+def _one(work: tuple[str, list[str], Path, bool, bool]) -> Path:
+    preset, cell, directory, fresh, pooled = work
+    if not fresh and ((directory / "summary.json").is_file() or (directory / "diverged.json").is_file()):
+        return directory
+    if pooled:
+        torch.set_num_threads(1)  # the pool's size is the parallelism
+    start = time.time()
+    overrides = [f"+experiment={preset}", *cell, *(["train.overwrite=true"] if fresh else [])]
+    try:
+        run(compose([*overrides, f"run_dir='{directory}'"]))
+    except NonFiniteLoss as error:
+        (directory / "diverged.json").write_text(json.dumps({"error": str(error)}) + "\n")
+    print(f"{directory.name}: {time.time() - start:.1f} s", flush=True)
+    return directory
