@@ -138,9 +138,9 @@ def outer(settings: dict) -> dict:
     if optimizer == "sgd":
         update = slowmo.SlowMomentum(alpha, beta, nesterov, pseudo_gradient)
     elif optimizer == "nesterov":
-        update = slowmo.TorchUpdate("SGD", alpha, pseudo_gradient, momentum=beta, nesterov=True)
+        update = slowmo.TorchUpdate("SGD", alpha, pseudo_gradient, dict(momentum=beta, nesterov=True))
     else:
-        update = slowmo.TorchUpdate("Adam", alpha, pseudo_gradient, betas=(beta, beta2 or 0.999), eps=eps or 1e-8)
+        update = slowmo.TorchUpdate("Adam", alpha, pseudo_gradient, dict(betas=(beta, beta2 or 0.999), eps=eps or 1e-8))
     codec, error_feedback = s.pop("compression", "none"), s.pop("error_feedback", False)
     if s.pop("eager", False):
         mean = slowmo.EagerMean(codec, error_feedback)

@@ -33,16 +33,18 @@ class TorchUpdateConfig:
 
 @UPDATES.register("torch", TorchUpdateConfig, label="torch optimizer")
 class TorchUpdate(Update):
-    """``optimizer`` (a ``torch.optim.Optimizer`` class, or its name) with ``options``, stepping x_{t,0}."""
+    """``optimizer`` (a ``torch.optim.Optimizer`` class, or its name) with ``options`` (its keyword arguments, lr
+    excepted: a dict, so that an optimizer's own ``alpha``, RMSprop's, stays its own), stepping x_{t,0}."""
 
     def __init__(
         self,
         optimizer: str | type[torch.optim.Optimizer],
         alpha: float = 1.0,
         pseudo_gradient: Literal["scaled", "raw"] = "scaled",
-        **options: Any,
+        options: dict[str, Any] | None = None,
     ) -> None:
         check(alpha=alpha, pseudo_gradient=pseudo_gradient)
+        options = dict(options or {})
         self.cls = optimizer_class(optimizer)
         if "lr" in options:
             raise ValueError(
@@ -59,7 +61,7 @@ class TorchUpdate(Update):
 
     @classmethod
     def from_config(cls, cfg: TorchUpdateConfig, alpha: float, pseudo_gradient: str) -> TorchUpdate:
-        return cls(cfg.optimizer, alpha, pseudo_gradient, **cfg.options)
+        return cls(cfg.optimizer, alpha, pseudo_gradient, cfg.options)
 
     def bind(self, x0: torch.Tensor) -> None:
         self.x0 = x0.clone()

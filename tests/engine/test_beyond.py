@@ -253,3 +253,58 @@ def test_eager_without_momentum_converges_like_plain_slowmo():
     for outer in (dict(tau=12, beta=0.0), dict(tau=12, beta=0.0, eager=True)):
         final, start, best = _mean_squared_errors(s.with_(slowmo=outer))
         assert final - best < 0.01 * (start - best), outer
+
+
+class SignSGD(torch.optim.Optimizer):
+    """A user's own optimizer: x <- x - lr sign(g)."""
+
+    def __init__(self, params, lr: float = 0.1) -> None:
+        super().__init__(params, {"lr": lr})
+
+    @torch.no_grad()
+    def step(self) -> None:
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.add_(p.grad.sign(), alpha=-group["lr"])
+
+
+def _one_outer_step(comm, update: dict, a: np.ndarray, y: np.ndarray, lr: float, tau: int) -> np.ndarray:
+    x = torch.nn.Parameter(torch.zeros(a.shape[2], dtype=torch.float64))
+    outer = slowmo.TorchUpdate(**update)  # one per rank
+    opt = slowmo.SlowMo([x], torch.optim.SGD([x], lr=lr), slowmo.LocalSGD(comm), tau=tau, update=outer)
+    for _ in range(tau):
+        loss = 0.5 * (torch.from_numpy(a[comm.rank]) @ x - torch.from_numpy(y[comm.rank])).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return x.detach().numpy().copy()
+
+
+@pytest.mark.parametrize(
+    "update,step",
+    [
+        (dict(optimizer=SignSGD, alpha=0.5), lambda g: np.sign(g)),
+        (dict(optimizer=f"{__name__}.SignSGD", alpha=0.5), lambda g: np.sign(g)),  # by dotted path
+        # RMSprop's own smoothing constant is also called alpha: it stays the optimizer's, the outer lr is SlowMo's
+        (dict(optimizer="RMSprop", alpha=0.5, options={"alpha": 0.6}), lambda g: g / (np.sqrt(0.4 * g * g) + 1e-8)),
+    ],
+    ids=["own class", "own class by dotted path", "RMSprop"],
+)
+def test_any_optimizer_class_is_an_outer_update(update, step):
+    """x_{t+1,0} = x_{t,0} - alpha gamma d(G), G = mean_i (x_{t,0} - x^i_{t,tau}) / gamma, d the optimizer's direction:
+    tau plain SGD steps per rank written out in NumPy."""
+    rng = np.random.default_rng(0)
+    a, y, lr, tau = rng.normal(size=(4, 8, 3)), rng.normal(size=(4, 8)), 0.1, 3
+    got = slowmo.comm.spawn(_one_outer_step, 4, "simulated", args=(update, a, y, lr, tau))
+    local = []
+    for r in range(4):
+        x = np.zeros(3)
+        for _ in range(tau):
+            x = x - lr * a[r].T @ (a[r] @ x - y[r]) / len(y[r])
+        local.append(x)
+    g = np.mean([-x for x in local], axis=0) / lr
+    expected = -0.5 * lr * step(g)
+    for x in got:
+        assert np.allclose(x, expected, rtol=0, atol=1e-12)
+    assert np.abs(expected - np.mean(local, axis=0)).max() > 1e-3  # not the plain average
