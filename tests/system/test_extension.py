@@ -1,8 +1,10 @@
-"""A new base algorithm is one Python module plus one YAML file, and nothing else: this test writes a throw-away
-algorithm into a plug-in directory of its own (``<dir>/slowmo/algorithms/halfway.py``, found through ``PYTHONPATH``
-by the package's ``extend_path``) and its config (``<dir>/configs/algorithm/halfway.yaml``, found through
-``hydra.searchpath``), then trains with it from the command line on 2 gloo processes, checkpoints, resumes
-bit-exactly, and draws the table and figures of ``scripts/plot.py``, which name it by its registered label."""
+"""A new base algorithm, or a new part of the outer step, is one Python module plus one YAML file, and nothing else:
+this test writes a throw-away algorithm into a plug-in directory of its own (``<dir>/slowmo/algorithms/halfway.py``,
+found through ``PYTHONPATH`` by the package's ``extend_path``) and its config (``<dir>/configs/algorithm/halfway.yaml``,
+found through ``hydra.searchpath``), then trains with it from the command line on 2 gloo processes, checkpoints,
+resumes bit-exactly, and draws the table and figures of ``scripts/plot.py``, which name it by its registered label;
+and likewise an outer update (``<dir>/slowmo/outer/sign.py``, ``<dir>/configs/slowmo/update/sign.yaml``), whose
+refusal of a sharded state is the run's one-line error."""
 
 import os
 import subprocess
@@ -88,3 +90,100 @@ def test_a_new_algorithm_is_one_module_and_one_yaml_file(tmp_path):
     assert out.returncode == 2 and out.stderr.strip().splitlines()[-1] == (
         "error: bad config key 'algorithm.every': Value '0.5' of type 'float' could not be converted to Integer"
     )
+
+
+UPDATE = '''
+"""Sign descent as the outer update: x_{t+1,0} = x_{t,0} - alpha gamma_t sign(Delta_bar)."""
+
+from dataclasses import dataclass
+
+import torch
+
+from slowmo.outer.parts import UPDATES, Update
+
+
+@dataclass
+class SignConfig:
+    name: str
+
+
+@UPDATES.register("sign", SignConfig, label="sign descent")
+class Sign(Update):
+    def __init__(self, alpha=1.0):
+        self.alpha = alpha
+
+    @classmethod
+    def from_config(cls, cfg, alpha, pseudo_gradient):
+        return cls(alpha)
+
+    def refuses(self, parts):
+        return "the sign update needs all of x_{t,0}: leave shard_outer_state off" if parts.mean.shard else None
+
+    def bind(self, x0):
+        self.x0 = x0.clone()
+
+    def step(self, pieces, averaged):
+        for piece in pieces:
+            x0 = self.x0[piece.start : piece.end]
+            if averaged:
+                torch.sub(x0, piece.delta, out=piece.delta)
+            torch.add(x0, piece.delta.sign(), alpha=-self.alpha * piece.gamma, out=piece.delta)
+            x0.copy_(piece.delta)
+
+    def state_dict(self):
+        return {"x0": self.x0.clone()}
+
+    def load_state_dict(self, state, like):
+        self.x0 = state["x0"].to(dtype=like.dtype, device=like.device).clone()
+'''
+
+UPDATE_CONFIG = """
+# @package slowmo
+# Sign descent as the outer update (a test's throw-away part); slow momentum's beta and nesterov do not apply.
+update:
+  name: sign
+beta: null
+nesterov: null
+"""
+
+
+def test_a_new_outer_update_is_one_module_and_one_yaml_file(tmp_path):
+    plugins, configs = tmp_path / "plugins", tmp_path / "configs"
+    (plugins / "slowmo" / "outer").mkdir(parents=True)
+    (plugins / "slowmo" / "outer" / "sign.py").write_text(textwrap.dedent(UPDATE))
+    (configs / "slowmo" / "update").mkdir(parents=True)
+    (configs / "slowmo" / "update" / "sign.yaml").write_text(UPDATE_CONFIG)
+    train = [
+        str(ROOT / "experiments/digits/train.py"),
+        "algorithm=localsgd",
+        "slowmo=on",
+        "slowmo/update=sign",
+        "slowmo.tau=4",
+        "slowmo.alpha=0.5",
+        "dist=gloo",
+        "dist.world_size=2",
+        "train.eval_every=0",
+        "train.checkpoint_every=4",
+        "logger.progress=false",
+        f"hydra.searchpath=[file://{configs}]",
+    ]
+    for name, steps in (("straight", 12), ("resumed", 6), ("resumed", 12)):
+        out = cli(plugins, *train, f"train.max_steps={steps}", f"hydra.run.dir={tmp_path / 'runs' / name}")
+        assert out.returncode == 0, out.stderr[-3000:]
+    assert "resuming from " in out.stderr
+    a, b = (torch.load(tmp_path / "runs" / name / "final.pt")["model"] for name in ("straight", "resumed"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    recorded = yaml.safe_load((tmp_path / "runs" / "straight" / "config.yaml").read_text())
+    assert recorded["slowmo"]["update"] == {"name": "sign"} and recorded["slowmo"]["beta"] is None
+    # the sign update is what ran: slow momentum with the same alpha (beta = 0) ends elsewhere
+    out = cli(
+        plugins, *train[:3], *train[4:], "slowmo.beta=0.0", "train.max_steps=12", f"hydra.run.dir={tmp_path / 'sm'}"
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    c = torch.load(tmp_path / "sm" / "final.pt")["model"]
+    assert any(not torch.equal(a[k], c[k]) for k in a)
+    out = cli(plugins, *train, "slowmo.shard_outer_state=true", f"hydra.run.dir={tmp_path / 'runs' / 'bad'}")
+    assert out.returncode == 2 and out.stderr.strip().splitlines()[-1] == (
+        "error: the sign update needs all of x_{t,0}: leave shard_outer_state off"
+    )
+    assert not any((tmp_path / "runs" / "bad").iterdir())  # Hydra makes the directory; nothing is written in it
