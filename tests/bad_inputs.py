@@ -126,6 +126,7 @@ class Case:
     gloo: bool = True  # attempted on real gloo processes too (not where the case picks its own backend)
 
 
+ELASTIC = "dist=torchft runs Local SGD under SlowMo or a preset, the whole model averaged exactly (phase 1); "
 CASES = [
     Case(
         "unknown key",
@@ -166,7 +167,33 @@ CASES = [
     Case(
         "unknown backend",
         lambda t: {"dist": {"backend": "mpi"}},
-        "dist.backend='mpi' is not one of simulated, gloo, nccl",
+        "dist.backend='mpi' is not one of simulated, gloo, nccl, torchft",
+        gloo=False,
+    ),
+    Case(
+        "gossip on elastic replicas",
+        lambda t: {"dist": {"backend": "torchft"}, "slowmo": {"enabled": True}, "algorithm": {"name": "sgp"}},
+        ELASTIC + "algorithm=sgp does not: it communicates at every inner step, and torchft's vote comes once per "
+        "outer step",
+        gloo=False,
+    ),
+    Case(
+        "a compressed mean on elastic replicas",
+        lambda t: {"dist": {"backend": "torchft"}, "slowmo": {"enabled": True, "mean": {"name": "compressed"}}},
+        ELASTIC + "the compressed mean's all-to-all and error-feedback residuals assume a fixed set of ranks",
+        gloo=False,
+    ),
+    Case(
+        "an elastic run that does not end on an outer step",
+        lambda t: {"dist": {"backend": "torchft"}, "slowmo": {"enabled": True, "tau": 3}},
+        "dist=torchft ends on an outer step (every replica then holds x_T,0): set train.max_steps to a multiple of "
+        "slowmo.tau = 3, got 2",
+        gloo=False,
+    ),
+    Case(
+        "an elastic replica without its lighthouse",
+        lambda t: {"dist": {"backend": "torchft", "replica_id": 1}, "slowmo": {"enabled": True, "tau": 2}},
+        "replica 1 of a dist=torchft job needs its lighthouse: set dist.lighthouse=<host:port> or $TORCHFT_LIGHTHOUSE",
         gloo=False,
     ),
     Case("no steps", lambda t: {"train": {"max_steps": 0}}, "train.max_steps must be >= 1, got 0"),

@@ -22,6 +22,16 @@ class AlgorithmConfig:
     name: str
     procs_per_node: int = setting(minimum=1)  # ranks per node: gradient mean inside a node, the algorithm between nodes
 
+    elastic = False  # whether it runs on dist=torchft: it communicates only at SlowMo's outer steps
+
+    def not_elastic(self) -> str | None:
+        """Why this algorithm, so configured, cannot run on dist=torchft, in one line; None when it can."""
+        if not self.elastic:
+            return "it communicates at every inner step, and torchft's vote comes once per outer step"
+        if self.procs_per_node > 1:
+            return "procs_per_node > 1 makes a replica of several processes; phase 1 runs one process per replica"
+        return None
+
 
 class Algorithm:
     """A base algorithm: the communication of one inner step, around the base optimizer's step, on the model's

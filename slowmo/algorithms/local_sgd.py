@@ -23,6 +23,13 @@ class LocalSGDConfig(AlgorithmConfig):
     period: int | None = setting(minimum=1)  # H (configs/algorithm/localsgd.yaml ties it to slowmo.tau, as the paper)
     warmup_steps: int = 0  # K: the gradient mean over all ranks at inner steps k < K, then Local SGD (post-local SGD)
 
+    elastic = True
+
+    def not_elastic(self) -> str | None:
+        if self.warmup_steps:
+            return "the warm-up's gradient all-reduce comes at every inner step (set algorithm.warmup_steps=0)"
+        return super().not_elastic()
+
     def check(self) -> None:
         if _bad_warmup(self.warmup_steps):
             raise ConfigError(

@@ -20,9 +20,9 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import torch
 
@@ -63,6 +63,7 @@ class Communicator(ABC):
     rank: int
     world_size: int
     overlaps: bool = False  # whether an operation started now runs while this rank computes (real backends)
+    elastic: bool = False  # whether the group may change between outer steps (dist=torchft: a quorum per round)
 
     def __init__(self, rank: int, world_size: int, label: str = "", counter: Counter | None = None) -> None:
         self.rank = rank
@@ -198,6 +199,39 @@ class Communicator(ABC):
         node_groups = [[node * procs_per_node + j for j in range(procs_per_node)] for node in range(nodes)]
         cross_groups = [[node * procs_per_node + j for node in range(nodes)] for j in range(procs_per_node)]
         return self._new_group(node_groups, "node/"), self._new_group(cross_groups, "cross/")
+
+    # ----------------------------------------------------------------------------------- membership
+    @property
+    def seat(self) -> tuple[int, int]:
+        """(i, n): this rank's place among all the job's ranks, which fixes its data shard and random stream (an
+        elastic replica keeps its seat while the quorum around it changes)."""
+        return self.rank, self.world_size
+
+    def local(self) -> Communicator:
+        """The group of the training loop's own agreements (losses, stop signals, checkpoints): this one, or, for an
+        elastic replica, the replica alone."""
+        return self
+
+    def join(self, state: Callable[[], dict[str, Any]], load: Callable[[dict[str, Any]], None]) -> None:
+        """Before the first inner step: a replica that can join a running job receives its peers' ``state()`` through
+        ``load``. A fixed group has nothing to do."""
+        return None
+
+    def commit(self) -> bool:
+        """The vote on the outer step just averaged: whether every rank may apply it. Always yes in a fixed group."""
+        return True
+
+    def next_round(self, last: bool = False) -> dict[str, Any] | None:
+        """After a vote, the group of the next round (none after the ``last`` step); returns the vote's round
+        (participants, committed), or None when nothing changes (a fixed group)."""
+        return None
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint keeps of the group's membership (nothing for a fixed group)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        return None
 
     # ----------------------------------------------------------------------------------- accounting
     def stats(self) -> dict[str, int]:

@@ -51,6 +51,9 @@ class CompressedMean(Mean):
             )
         return None
 
+    def not_elastic(self) -> str | None:
+        return "the compressed mean's all-to-all and error-feedback residuals assume a fixed set of ranks"
+
     def bind(self, numel: int, like: torch.Tensor) -> None:
         if self.error_feedback:
             self.residual = like.new_zeros(numel)

@@ -57,6 +57,9 @@ class EagerMean(Mean):
             )
         return None
 
+    def not_elastic(self) -> str | None:
+        return "an eager mean stays in flight into the next round, past the vote and the next quorum"
+
     def bind(self, numel: int, like: torch.Tensor) -> None:
         self.total, self.own = like.new_zeros(numel), like.new_zeros(numel)
         if self.error_feedback:

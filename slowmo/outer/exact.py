@@ -39,6 +39,11 @@ class ExactMean(Mean):
             )
         return None
 
+    def not_elastic(self) -> str | None:
+        if self.shard:
+            return "a sharded outer state (shard_outer_state) would have to be re-cut at every change of the quorum"
+        return None
+
     @classmethod
     def from_config(cls, cfg: ExactMeanConfig) -> ExactMean:
         return cls()

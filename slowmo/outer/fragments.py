@@ -81,6 +81,14 @@ class Fragments(Part):
             return f"fragments.mix must be in [0, 1] (1: the outer value replaces the local one), got {self.mix!r}"
         return None
 
+    def not_elastic(self) -> str | None:
+        if not self.whole:
+            return (
+                "fragments (a count, a delay or a mix) would each need a vote and a quorum; phase 1 commits the "
+                "whole model"
+            )
+        return None
+
     def bind(self, layers: list[int], tau: int) -> None:
         if max(layers) + 1 < self.count:
             raise ValueError(

@@ -50,6 +50,11 @@ class Part:
         """Why this part does not work with the other ``parts``, in one line; None when it does."""
         return None
 
+    def not_elastic(self) -> str | None:
+        """Why this part cannot run on dist=torchft (a quorum that changes between outer steps, a vote on each),
+        in one line; None when it can."""
+        return None
+
     def state_dict(self) -> dict[str, Any]:
         return {}
 

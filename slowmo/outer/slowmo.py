@@ -104,10 +104,18 @@ class SlowMo(DistributedOptimizer):
         gammas = self._scaled_gammas() if due else []
         for fragment in due:
             self._launch(fragment, step, gammas)
-        for fragment in self.fragments.ready(step):
-            self._merge(self.fragments.in_flight.pop(fragment))
+        buffers = [b.clone() for b in self._buffers] if outer and self.comm.elastic else None  # kept for a failed vote
         if outer:
             average_(self.comm, self._buffers)
+        committed = True
+        for fragment in self.fragments.ready(step):
+            flight = self.fragments.in_flight.pop(fragment)
+            if self.comm.commit():
+                self._merge(flight)
+            else:
+                self._discard(flight, buffers)
+                committed = False
+        if outer and committed:
             self._outer += 1
 
     def _scaled_gammas(self) -> list[float]:
@@ -164,6 +172,17 @@ class SlowMo(DistributedOptimizer):
                 gammas[i] = gamma
             self._gammas = gammas
             self._base_state_(self.base_buffers, [self._params[i] for i in flight.members])
+
+    def _discard(self, flight: Flight, buffers: list[torch.Tensor] | None) -> None:
+        """A failed vote (dist=torchft: a replica was lost during the round): the round is discarded. The model goes
+        back to x_{t,0} (the fragment's parameters) and the buffers to their values before the round's average; u,
+        x_{t,0}, gamma and t stay as they were, and the base optimizer's state as the inner steps left it."""
+        self.mean.finish(flight)  # (nothing of the failed mean is used)
+        x0, model = self.update.x0, self._shard.mine(self.flat.data)
+        for a, b in flight.ranges:
+            model[a:b].copy_(x0[a:b])
+        for buffer, saved in zip(self._buffers, buffers or [], strict=False):
+            buffer.copy_(saved)
 
     def _pieces(self, flight: Flight) -> list[Piece]:
         """One piece per member parameter, in the outer state's coordinates: cut to this rank's slice for the whole

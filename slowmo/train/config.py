@@ -28,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from ..algorithms import ALGORITHMS
+from ..comm import elastic
 from ..comm.spawn import BACKENDS
 from ..models import MODELS, models_taking
 from ..outer.config import OuterConfig
@@ -61,6 +62,11 @@ class DistConfig:
 
 
 @dataclass
+class ElasticDistConfig(elastic.ElasticSettings, DistConfig):
+    """``dist=torchft``: every backend's keys, and the elastic ones (:class:`slowmo.comm.elastic.ElasticSettings`)."""
+
+
+@dataclass
 class TrainConfig:
     max_steps: int = setting(run_control=True, minimum=1)
     eval_every: int = setting(run_control=True, minimum=0, why="0: only at the end")
@@ -89,7 +95,7 @@ class Config:
     optimizer: Any
     schedule: Any
     logger: LoggerConfig = setting(run_control=True)
-    dist: DistConfig
+    dist: Any  # DistConfig, or ElasticDistConfig for dist=torchft
     train: TrainConfig
     seed: int
     run_dir: str = setting(run_control=True)
@@ -107,7 +113,7 @@ PLUGINS: dict[str, Registry] = {
     "schedule": SCHEDULES,
 }
 CHOICES = {
-    ("dist", "backend"): BACKENDS,
+    ("dist", "backend"): (*BACKENDS, elastic.BACKEND),
     ("dist", "device"): ("auto", "cpu", "cuda"),
     ("train", "precision"): tuple(DTYPES),
     ("train", "resume"): ("auto", "never"),
@@ -215,9 +221,11 @@ def validate(cfg: DictConfig | Mapping[str, Any] | Config) -> Config:
         sections[section] = _typed(entry.config, raw[section], section)
         if section == "task":
             sections["data"] = _typed(entry.extra["data"], raw.get("data", {}), "data")
+    dist = raw.get("dist", {})
+    elastic_run = isinstance(dist, Mapping) and dist.get("backend") == elastic.BACKEND
     for section, cls in (
         ("logger", LoggerConfig),
-        ("dist", DistConfig),
+        ("dist", ElasticDistConfig if elastic_run else DistConfig),
         ("train", TrainConfig),
     ):
         sections[section] = _typed(cls, raw.get(section, {}), section)
@@ -247,10 +255,46 @@ def _check(config: Config) -> None:
             f"+experiment={config.experiment} is the preset of task {preset_task}, but the task is "
             f"{config.task.name}; run experiments/{preset_task}/train.py"
         )
+    if config.dist.backend == elastic.BACKEND:
+        _check_elastic(config)
     if config.dist.backend == "nccl" and config.dist.device == "cpu":
         raise ConfigError(
             "dist.backend=nccl moves only GPU tensors but dist.device=cpu; use dist.device=cuda (or auto), "
             "or dist.backend=gloo to train on the CPU"
+        )
+
+
+def _check_elastic(config: Config) -> None:
+    """dist=torchft (phase 1) runs Local SGD under SlowMo or a preset, one process per replica: what else a run asks
+    for is refused here, in one line that says why, from what each part declares."""
+    algorithms = " or ".join(entry.label for entry in ALGORITHMS if entry.config.elastic)
+    works = f"dist=torchft runs {algorithms} under SlowMo or a preset, the whole model averaged exactly (phase 1)"
+    missing = elastic.available()
+    if missing:
+        raise ConfigError(missing)
+    if not config.slowmo.enabled:
+        raise ConfigError(
+            f"{works}; slowmo=off has no outer step to vote on (slowmo=on with slowmo.beta=0 is the same)"
+        )
+    reason = config.algorithm.not_elastic()
+    if reason:
+        raise ConfigError(f"{works}; algorithm={config.algorithm.name} does not: {reason}")
+    parts = config.slowmo.build(config.dist.world_size)
+    for part in (parts["mean"], parts["fragments"], parts["clip"], parts["update"]):
+        reason = part.not_elastic() if part is not None else None
+        if reason:
+            raise ConfigError(f"{works}; {reason}")
+    if config.train.precision == "fp16":
+        raise ConfigError(f"{works}; fp16's loss scaler votes on every inner step (use train.precision=bf16 or fp32)")
+    if config.train.max_steps % parts["tau"]:
+        raise ConfigError(
+            f"dist=torchft ends on an outer step (every replica then holds x_T,0): set train.max_steps to a multiple "
+            f"of slowmo.tau = {parts['tau']}, got {config.train.max_steps}"
+        )
+    if config.dist.min_replicas > config.dist.world_size:
+        raise ConfigError(
+            f"dist.min_replicas={config.dist.min_replicas} is more than the dist.world_size={config.dist.world_size} "
+            "replicas: no round could commit"
         )
 
 

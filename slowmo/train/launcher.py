@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from ..comm import launch, spawn
+from ..comm import elastic, launch, spawn
 from ..registry import ConfigError
 from ..tasks import TASKS
 from . import preemption, rundir
@@ -31,6 +31,8 @@ def run(cfg: Any, run_name: str | None = None, rerun: str | None = None) -> dict
     (default ``run_dir=<the run directory>``): the setting that resumes the run after a stop."""
     config = cfg if isinstance(cfg, Config) else validate(cfg)
     run_dir = Path(config.run_dir)
+    if config.dist.backend == elastic.BACKEND:
+        return _run_elastic(config, run_dir, run_name, rerun)
     env = launch.detect()
     if config.train.deterministic:  # read when cuBLAS starts, so before any rank touches the GPU
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -65,3 +67,30 @@ def run(cfg: Any, run_name: str | None = None, rerun: str | None = None) -> dict
             return train_rank(comm, config, run_dir, run_name)
         finally:
             torch.distributed.destroy_process_group()
+
+
+def _run_elastic(config: Config, run_dir: Path, run_name: str | None, rerun: str | None) -> dict[str, Any]:
+    """dist=torchft: this machine's replicas and their lighthouse, or (``dist.replica_id`` set, or
+    ``$REPLICA_GROUP_ID``) one replica of a job whose lighthouse runs elsewhere."""
+    from . import elastic as replicas  # (imports the training loop)
+
+    replica_id, lighthouse = elastic.replica_from_env(config.dist.replica_id, config.dist.lighthouse)
+    if replica_id is not None and lighthouse is None:
+        raise ConfigError(
+            f"replica {replica_id} of a dist=torchft job needs its lighthouse: set dist.lighthouse=<host:port> "
+            f"or ${elastic.LIGHTHOUSE_ENV}"
+        )
+    if replica_id is not None and replica_id >= config.dist.world_size:
+        raise ConfigError(f"dist.replica_id={replica_id} is not below dist.world_size={config.dist.world_size}")
+    launch.resolve_device(config.dist.device, "gloo")
+    claim = rundir.claim(config)
+    if replica_id is None or replica_id == 0:
+        print(claim.describe(run_dir, rerun or f"run_dir={run_dir}"), file=sys.stderr, flush=True)
+    if claim.action == "complete":
+        return claim.summary
+    if claim.action == "overwrite" and replica_id is None:
+        rundir.discard(run_dir)
+    with preemption.caught(announce=replica_id in (None, 0)):
+        if replica_id is None:
+            return replicas.run_local(config, run_dir, run_name)
+        return replicas.run_replica(config, run_dir, run_name, replica_id, lighthouse)

@@ -70,15 +70,17 @@ class _Trainer:
         self, comm: Communicator, cfg: Config, run_dir: Path, run_name: str | None, task: Task | None = None
     ) -> None:
         self.comm, self.cfg, self.run_dir = comm, cfg, run_dir
-        self.rank, self.world, self.is_main = comm.rank, comm.world_size, comm.rank == 0
+        self.local = comm.local()  # the loop's own agreements: all ranks, or an elastic replica alone
+        self.rank, self.world = comm.seat  # this rank's data shard and random stream
+        self.is_main = self.local.rank == 0
         local_rank = self.rank if cfg.dist.backend == "simulated" else launch.detect().local_rank
         self.device = launch.place(cfg.dist.device, cfg.dist.backend, local_rank, cfg.train.deterministic)
         if cfg.algorithm.procs_per_node > 1:
             launch.check_node_groups(comm, cfg.algorithm.procs_per_node, self.device)
         if self.is_main:
             rundir.ensure_writable(run_dir)
-        with comm.uncounted():
-            comm.barrier()  # the run directory exists before any rank writes into it
+        with self.local.uncounted():
+            self.local.barrier()  # the run directory exists before any rank writes into it
         torch.manual_seed(cfg.seed)  # the same initial model on every rank
         self.task: Task = task if task is not None else self._build_task()
         self.channels_last = (
@@ -117,13 +119,15 @@ class _Trainer:
         discarding = rundir.discarding(cfg)
         if not discarding:
             self._resume()
-        with comm.uncounted():
-            comm.barrier()  # every rank has passed its checks: only now is an existing run discarded or changed
+        with self.local.uncounted():
+            self.local.barrier()  # every rank has passed its checks: only now is an existing run discarded or changed
         if self.is_main:
             if discarding:
                 rundir.discard(run_dir)
             (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(to_dict(cfg)))
         self.loggers = Loggers(cfg, run_dir, run_name, self.progress) if self.is_main else Loggers()
+        self.healed = False
+        comm.join(self._state, self._heal)  # an elastic replica behind its peers takes their state here
 
     def _tensor(self, values: list[float], dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """A small tensor of the loop's own (flags, losses) on this rank's device, where every backend reduces it."""
@@ -139,8 +143,8 @@ class _Trainer:
 
         if self.is_main:
             task = build()
-        with self.comm.uncounted():
-            self.comm.barrier()
+        with self.local.uncounted():
+            self.local.barrier()
         return task if self.is_main else build()
 
     # ----------------------------------------------------------------------------------- checkpoints
@@ -156,36 +160,69 @@ class _Trainer:
                 )
         directory = self.run_dir / "checkpoints" / f"step_{step}"
         state = {
-            "model": model_state,
-            "optimizer": self.opt.state_dict(),
-            "precision": self.precision.state_dict(),
+            **self._state(),
             "rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
             "fingerprint": _fingerprint(self.cfg),
-            **self.progress.state_dict(),
             "elapsed": self.progress.elapsed + time.time() - self.t0,
         }
         try:
-            checkpoint.save_rank(directory, self.rank, state)
+            checkpoint.save_rank(directory, self.local.rank, state)
         except OSError as error:
             raise OSError(
                 f"rank {self.rank}: cannot write checkpoint {directory} ({error.strerror}); free space or "
                 "fix permissions, then resume: the previous checkpoint is still valid"
             ) from None
-        with self.comm.uncounted():
-            self.comm.barrier()
+        with self.local.uncounted():
+            self.local.barrier()
         if self.is_main:
-            checkpoint.mark_complete(directory, self.world, self.cfg.train.keep_checkpoints)
+            checkpoint.mark_complete(directory, self.local.world_size, self.cfg.train.keep_checkpoints)
+
+    def _state(self) -> dict[str, Any]:
+        """The training state a checkpoint holds and a healing replica receives: the model, the optimizer (the base
+        optimizer's state, SlowMo's x_{t,0} and u), the loss scaler, the progress (step, epoch, data position: the lr
+        schedule follows the step) and the group's membership counters."""
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.opt.state_dict(),
+            "precision": self.precision.state_dict(),
+            "membership": self.comm.state_dict(),
+            **self.progress.state_dict(),
+        }
+
+    def _load(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.precision.load_state_dict(state["precision"])
+        self.comm.load_state_dict(state.get("membership", {}))  # (absent from checkpoints before it)
+        self.progress.load_state_dict(state)
+
+    def _heal(self, state: dict[str, Any]) -> None:
+        """A live peer's state (dist=torchft), taken before this replica's next inner step."""
+        self._load(state)
+        self.losses.clear()  # (the peer's progress holds its own)
+        self.healed = True
+        print(f"replica {self.rank}: healed from a peer at step {self.progress.step}", file=sys.stderr, flush=True)
+
+    def _after_heal(self) -> bool:
+        """Whether a heal came; its state is then this replica's checkpoint of that step (what it received)."""
+        healed, self.healed = self.healed, False
+        if healed:
+            self.loggers.log({"step": self.progress.step, "healed": True, "time": time.time()})
+            if self.cfg.train.checkpoint_every:
+                self._save()
+        return healed
 
     def _resume(self) -> None:
-        for directory in checkpoint.candidates(self.run_dir / "checkpoints", self.world):
+        local = self.local
+        for directory in checkpoint.candidates(self.run_dir / "checkpoints", local.world_size):
             try:
-                state, ok = checkpoint.load_rank(directory, self.rank), 1.0
+                state, ok = checkpoint.load_rank(directory, local.rank), 1.0
             except ValueError as error:
                 warnings.warn(f"skipping checkpoint: {error}", stacklevel=2)
                 state, ok = None, 0.0
-            with self.comm.uncounted():
-                agreed = self.comm.all_reduce(self._tensor([ok])).item() == self.world
+            with local.uncounted():
+                agreed = local.all_reduce(self._tensor([ok])).item() == local.world_size
             if not agreed:
                 continue
             if state["fingerprint"] != _fingerprint(self.cfg):
@@ -193,10 +230,7 @@ class _Trainer:
                     f"the checkpoint in {directory} is of another run ({state['fingerprint']}), this "
                     f"run is {_fingerprint(self.cfg)}; use a new run directory or train.resume=never"
                 )
-            self.model.load_state_dict(state["model"])
-            self.opt.load_state_dict(state["optimizer"])
-            self.precision.load_state_dict(state["precision"])
-            self.progress.load_state_dict(state)
+            self._load(state)
             torch.set_rng_state(state["rng"])
             if self.device.type == "cuda" and state["cuda_rng"] is not None:
                 torch.cuda.set_rng_state(state["cuda_rng"], self.device)
@@ -207,6 +241,7 @@ class _Trainer:
     def _evaluate(self, averaged: bool = True) -> dict[str, float]:
         """The metrics of the model averaged over the ranks (or of this rank's: after the final average), with the
         best so far updated."""
+        averaged = averaged and not self.comm.elastic  # (elastic replicas hold x_{t,0} after each committed round)
         if averaged:
             with self.comm.uncounted():
                 average = self.opt.averaged_parameters()
@@ -231,6 +266,7 @@ class _Trainer:
         bar.set_description(self.run_dir.name)
         status = "completed"
         self.model.train()
+        self._after_heal()
         while progress.step < cfg.train.max_steps and status == "completed":
             self.sampler.set_epoch(progress.epoch, progress.position)
             for batch in data.on_device(self.train_loader, self.device, self.channels_last):
@@ -246,6 +282,11 @@ class _Trainer:
                 progress.position += 1
                 bar.update(1)
                 last = progress.step == cfg.train.max_steps
+                step, vote = progress.step, self.comm.next_round(last)  # (a heal there may move progress on)
+                if vote is not None:  # dist=torchft: who took part in the outer step, and whether it committed
+                    self.loggers.log({"step": step, **vote})
+                    if self._after_heal():
+                        break  # behind the others (its vote failed, theirs passed): on from the peer's data position
                 evaluate = bool(cfg.train.eval_every) and progress.step % cfg.train.eval_every == 0
                 if progress.step % cfg.logger.log_every == 0 or evaluate or last:
                     record = self._record()
@@ -261,7 +302,7 @@ class _Trainer:
                     break
                 every = cfg.train.checkpoint_every
                 stop = (
-                    preemption.agreed(self.comm, self.device)
+                    preemption.agreed(self.local, self.device)
                     if cfg.train.signal_check_every and (progress.step % cfg.train.signal_check_every == 0)
                     else None
                 )
@@ -285,10 +326,10 @@ class _Trainer:
         first = self.progress.step - len(values)
         bad = next(((first + i, v) for i, v in enumerate(values) if not math.isfinite(v)), None)
         mine = self._tensor([-1.0, 0.0] if bad is None else [float(bad[0]), bad[1]], torch.float64)
-        everyone = torch.empty(2 * self.world, dtype=torch.float64, device=self.device)
-        with self.comm.uncounted():
-            self.comm.all_gather(everyone, mine)
-        for rank, (step, value) in enumerate(everyone.view(self.world, 2).tolist()):
+        everyone = torch.empty(2 * self.local.world_size, dtype=torch.float64, device=self.device)
+        with self.local.uncounted():
+            self.local.all_gather(everyone, mine)
+        for rank, (step, value) in enumerate(everyone.view(self.local.world_size, 2).tolist()):
             if step >= 0:
                 raise NonFiniteLoss(
                     f"rank {rank}: loss is {value} at step {int(step)}; stopped before any "
@@ -303,8 +344,8 @@ class _Trainer:
         progress = self.progress
         self._read_losses()
         mean = self._tensor([progress.loss_sum / progress.loss_count], torch.float64)
-        with self.comm.uncounted():
-            loss = self.comm.all_reduce(mean, "mean").item()
+        with self.local.uncounted():
+            loss = self.local.all_reduce(mean, "mean").item()
         progress.loss_sum, progress.loss_count = 0.0, 0
         if progress.divergence.update(progress.step, loss):
             progress.divergence.stopped = self.cfg.train.stop_on_divergence
@@ -328,7 +369,8 @@ class _Trainer:
             self.loggers.close()
             stopped = {"status": status, "signal": self.stopped_by, "step": progress.step}
             return stopped | {"rank": self.rank, "run_dir": str(self.run_dir)}
-        self.opt.synchronize()  # the final exact average: every rank holds the averaged model
+        if not self.comm.elastic:  # (an elastic run ends on an outer step: every replica holds x_{T,0})
+            self.opt.synchronize()  # the final exact average: every rank holds the averaged model
         final = self._evaluate(averaged=False)
         stats = self.comm.stats()
         diverged = progress.divergence.record()
@@ -353,6 +395,7 @@ class _Trainer:
             "skipped_steps": self.precision.skipped,
             "threads": torch.get_num_threads(),
             "run_dir": str(self.run_dir),
+            **({"elastic": self.comm.report()} if self.comm.elastic else {}),
         }
         if self.is_main:
             self.loggers.log({**self.last_record, "comm_bytes": stats["total"], **final})

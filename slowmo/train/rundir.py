@@ -123,8 +123,7 @@ def claim(config: Config) -> Claim:
 
 def discard(run_dir: Path) -> None:
     """Remove what a run wrote into ``run_dir`` (nothing else that lies there)."""
-    for name in RUN_FILES:
-        path = run_dir / name
+    for path in [*(run_dir / name for name in RUN_FILES), *run_dir.glob("replica_[0-9]*")]:  # (an elastic run's)
         if path.is_dir():
             shutil.rmtree(path)
         elif path.exists():

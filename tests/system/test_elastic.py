@@ -1,0 +1,258 @@
+"""dist=torchft, with the real torchft package, real processes and a real lighthouse on 127.0.0.1: a healthy 3-replica
+run equals the simulated 3-rank run; a replica killed with -9 is restarted and heals from a live peer while the others
+train on, and every replica ends bit-identical; a replica that leaves for good and one that joins late; too few
+replicas stop in one line with no process left; a whole-job kill resumes from the file checkpoints bit-exactly.
+
+The digits task, Local SGD under SlowMo (tau = 12, beta = 0.6), 3 replicas, 96 inner steps (8 outer steps): a run
+takes 8-14 s here, mostly the replica processes' start.
+"""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from command_line import ROOT
+
+pytest.importorskip("torchft", reason="torchft is not installed here (make test installs it: pip install '.[elastic]')")
+
+from slowmo.train import checkpoint, compose, run, validate  # noqa: E402
+
+TAU, STEPS = 12, 96
+COMMON = [
+    "slowmo=on",
+    f"slowmo.tau={TAU}",
+    "slowmo.beta=0.6",
+    f"train.max_steps={STEPS}",
+    "train.eval_every=0",
+    f"logger.log_every={TAU}",
+    "logger.progress=false",
+    "data.batch_size=16",
+]
+ELASTIC = ["dist=torchft", "dist.world_size=3", "dist.min_replicas=2", "dist.timeout_s=15", "dist.quorum_timeout_s=30"]
+PLAIN_SGD = ["optimizer.momentum=0", "optimizer.nesterov=false"]
+ENV = {**os.environ, "RUST_LOG": "warn", "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+
+
+def _final(run_dir: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run_dir / "final.pt", weights_only=True)["model"]
+
+
+def _rounds(replica: Path) -> list[dict]:
+    lines = (replica / "metrics.jsonl").read_text().splitlines() if (replica / "metrics.jsonl").exists() else []
+    return [r for r in map(json.loads, lines) if "participants" in r]
+
+
+def _checkpoint(replica: Path, step: int) -> dict:
+    return checkpoint.load_rank(replica / "checkpoints" / f"step_{step}", 0)
+
+
+def _same(a, b) -> bool:
+    """Bit-identical nested states (tensors compared with torch.equal)."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(map(_same, a, b))
+    return a == b
+
+
+class Job:
+    """``experiments/digits/train.py`` in a subprocess: its stderr read as it comes, the replicas' pids from it."""
+
+    def __init__(self, *args: str) -> None:
+        command = [sys.executable, str(ROOT / "experiments/digits/train.py"), *args]
+        self.proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+        self.lines: list[str] = []
+        self.pids: dict[int, int] = {}
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        for line in self.proc.stderr:
+            self.lines.append(line)
+            started = re.match(r"replica (\d+): process (\d+) started", line)
+            if started:
+                self.pids[int(started.group(1))] = int(started.group(2))
+
+    def until(self, condition, timeout: float = 90.0) -> None:
+        deadline = time.time() + timeout
+        while not condition():
+            assert self.proc.poll() is None, "".join(self.lines)[-3000:]
+            assert time.time() < deadline, "".join(self.lines)[-3000:]
+            time.sleep(0.02)
+
+    def wait(self, timeout: float = 120.0) -> int:
+        code = self.proc.wait(timeout=timeout)
+        self.reader.join(timeout=5)
+        return code
+
+    @property
+    def stderr(self) -> str:
+        return "".join(self.lines)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return Path(f"/proc/{pid}/stat").exists() and Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+
+
+@pytest.fixture(scope="module")
+def healthy(tmp_path_factory) -> Path:
+    """A healthy elastic run, the reference of two tests; plain SGD as the base, so that a replica that heals from a
+    peer (which brings the peer's base optimizer state) computes what it would have computed on its own."""
+    run_dir = tmp_path_factory.mktemp("elastic") / "healthy"
+    job = Job(*COMMON, *ELASTIC, *PLAIN_SGD, "train.checkpoint_every=0", f"run_dir={run_dir}")
+    assert job.wait() == 0, job.stderr
+    return run_dir
+
+
+def test_a_healthy_elastic_run_equals_the_simulated_one(healthy: Path, tmp_path: Path) -> None:
+    summary = json.loads((healthy / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["steps"] == STEPS
+    elastic = summary["elastic"]
+    assert elastic["participants"] == [[0, 1, 2]] * (STEPS // TAU)
+    assert (elastic["failed_commits"], elastic["heals"], elastic["restarts"]) == (0, 0, 0)
+    simulated = run(
+        validate(compose([*COMMON, *PLAIN_SGD, "dist=simulated", "dist.world_size=3", f"run_dir={tmp_path}"]))
+    )
+    assert simulated["status"] == "completed"
+    mine, theirs = _final(healthy), _final(tmp_path)
+    for name, tensor in theirs.items():  # the same sums, in gloo's order rather than the simulator's
+        torch.testing.assert_close(mine[name], tensor, rtol=1e-5, atol=1e-6)
+    replicas = [_final(healthy / f"replica_{i}") for i in range(3)]
+    assert all(_same(r, replicas[0]) for r in replicas)  # every replica holds x_T,0
+    # bytes: the ring formula with n = 3 for the parameters, once per outer step and once at the start (x_0,0)
+    numel = sum(t.numel() for name, t in mine.items() if t.is_floating_point())
+    per_average = 2 * (3 - 1) * numel * 4 // 3
+    by_kind = summary["comm_bytes_by_kind"]
+    assert by_kind["all_reduce"] == per_average * (STEPS // TAU)
+    assert by_kind["broadcast"] == per_average
+
+
+def test_kill_9_of_a_replica_restarts_it_and_heals_it_from_a_live_peer(tmp_path: Path) -> None:
+    checkpoints = [f"train.checkpoint_every={TAU}", "train.keep_checkpoints=0"]
+    # min_replicas=3: the survivors wait for the restarted replica (it must heal before the run ends)
+    job = Job(*COMMON, *ELASTIC, "dist.min_replicas=3", *checkpoints, f"run_dir={tmp_path}")
+    job.until(lambda: len(_rounds(tmp_path / "replica_1")) >= 2 and 1 in job.pids)
+    os.kill(job.pids[1], signal.SIGKILL)
+    assert job.wait() == 0, job.stderr
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    elastic = summary["elastic"]
+    assert summary["status"] == "completed" and elastic["restarts"] == 1 and elastic["heals"] >= 1
+    assert elastic["replicas"]["1"] == {"status": "completed", "restarts": 1, "heals": 1}
+    # the survivors record the same failed commits, and the run's summary counts them
+    failed = {i: [r["step"] for r in _rounds(tmp_path / f"replica_{i}") if not r["committed"]] for i in (0, 2)}
+    assert failed[0] and failed[0] == failed[2] and elastic["failed_commits"] == len(failed[0])
+    assert all(r["participants"] == [0, 1, 2] for r in _rounds(tmp_path / "replica_0") if r["committed"])
+    # the heal: replica 1's state at the heal equals, bit for bit, the checkpoint one survivor wrote at that step
+    heal = next(
+        r["step"]
+        for r in map(json.loads, (tmp_path / "replica_1/metrics.jsonl").read_text().splitlines())
+        if r.get("healed")
+    )
+    received = _checkpoint(tmp_path / "replica_1", heal)
+    keys = ("model", "optimizer", "step", "epoch", "position")
+    sources = [_checkpoint(tmp_path / f"replica_{i}", heal) for i in (0, 2)]
+    assert any(all(_same(received[k], source[k]) for k in keys) for source in sources)
+    assert received["optimizer"]["outer"]["t"] == heal // TAU - len(failed[0])  # a discarded round is no outer step
+    # the end: every replica holds the same parameters and outer state (x_T,0, u, t), bit for bit
+    finals = [_checkpoint(tmp_path / f"replica_{i}", STEPS) for i in range(3)]
+    for other in finals[1:]:
+        assert _same(other["model"], finals[0]["model"])
+        assert _same(other["optimizer"]["outer"], finals[0]["optimizer"]["outer"])
+    assert all(_same(_final(tmp_path / f"replica_{i}"), _final(tmp_path)) for i in range(3))
+
+
+def test_a_replica_that_leaves_for_good(tmp_path: Path) -> None:
+    job = Job(*COMMON, *ELASTIC, "dist.max_restarts=0", "train.checkpoint_every=0", f"run_dir={tmp_path}")
+    job.until(lambda: len(_rounds(tmp_path / "replica_2")) >= 2 and 2 in job.pids)
+    os.kill(job.pids[2], signal.SIGKILL)
+    assert job.wait() == 0, job.stderr
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["steps"] == STEPS
+    assert summary["elastic"]["replicas"]["2"]["status"] == "failed"
+    committed = [r["participants"] for r in _rounds(tmp_path / "replica_0") if r["committed"]]
+    assert committed[:2] == [[0, 1, 2]] * 2 and committed[-1] == [0, 1]
+    assert committed == sorted(committed, key=len, reverse=True)  # 3, then 2 for good
+    assert _same(_final(tmp_path / "replica_0"), _final(tmp_path / "replica_1"))
+
+
+def _lighthouse(min_replicas: int) -> tuple[subprocess.Popen, str]:
+    """torchft's lighthouse binary; replicas that stop heartbeating stay members for a minute."""
+    from slowmo.comm import free_port
+
+    port = free_port()
+    binary = Path(sys.executable).parent / "torchft_lighthouse"
+    args = ["--min_replicas", str(min_replicas), "--join_timeout_ms", "1000", "--quorum_tick_ms", "20"]
+    args += ["--heartbeat_timeout_ms", "60000"]
+    proc = subprocess.Popen([str(binary), *args, "--bind", f"[::]:{port}"], env=ENV, stderr=subprocess.DEVNULL)
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def test_a_late_joiner_on_a_cluster_style_launch(tmp_path: Path) -> None:
+    """One process per replica (dist.replica_id), as one job per replica on SLURM, and a lighthouse of their own. The
+    first two are paused (SIGSTOP) while the third starts, so that it comes while they still have rounds to go."""
+    lighthouse, address = _lighthouse(min_replicas=2)
+    try:
+        replica = [*COMMON, *ELASTIC, "train.checkpoint_every=0", f"run_dir={tmp_path}", f"dist.lighthouse={address}"]
+        early = [Job(*replica, f"dist.replica_id={i}") for i in (0, 1)]
+        early[0].until(lambda: len(_rounds(tmp_path / "replica_0")) >= 2)
+        for job in early:
+            os.kill(job.proc.pid, signal.SIGSTOP)
+        late = Job(*replica, "dist.replica_id=2")
+        late.until(lambda: (tmp_path / "replica_2/config.yaml").exists())  # (written just before it asks to join)
+        for job in early:
+            os.kill(job.proc.pid, signal.SIGCONT)
+        for job in (*early, late):
+            assert job.wait() == 0, job.stderr
+    finally:
+        lighthouse.kill()
+        lighthouse.wait()
+    participants = [r["participants"] for r in _rounds(tmp_path / "replica_0")]
+    assert participants[:2] == [[0, 1]] * 2 and participants[-1] == [0, 1, 2]
+    assert all(r["committed"] for r in _rounds(tmp_path / "replica_0"))
+    assert "healed from a peer" in late.stderr
+    finals = [_final(tmp_path / f"replica_{i}") for i in range(3)]
+    assert all(_same(f, finals[0]) for f in finals)
+
+
+def test_fewer_than_min_replicas_stop_in_one_line_with_no_process_left(tmp_path: Path) -> None:
+    overrides = [*ELASTIC, "dist.min_replicas=3", "dist.quorum_timeout_s=3", "dist.max_restarts=0"]
+    job = Job(*COMMON, *overrides, "train.checkpoint_every=0", f"run_dir={tmp_path}")
+    job.until(lambda: len(_rounds(tmp_path / "replica_0")) >= 1 and len(job.pids) == 3)
+    os.kill(job.pids[2], signal.SIGKILL)
+    start = time.time()
+    assert job.wait(timeout=60) != 0
+    assert time.time() - start < 30
+    last = job.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: replica ") and "fewer than dist.min_replicas=3 replicas" in last, job.stderr
+    assert "Traceback" not in job.stderr
+    time.sleep(0.5)
+    assert not [pid for pid in job.pids.values() if _alive(pid)]
+
+
+def test_a_whole_job_killed_resumes_from_the_file_checkpoints(healthy: Path, tmp_path: Path) -> None:
+    overrides = [*COMMON, *ELASTIC, *PLAIN_SGD, f"train.checkpoint_every={TAU}", f"run_dir={tmp_path}"]
+    job = Job(*overrides)
+    job.until(lambda: (tmp_path / "replica_2/checkpoints/step_36").exists())
+    job.proc.kill()  # the launcher, killed with -9: its replicas die with it
+    job.wait()
+    time.sleep(0.5)
+    assert not [pid for pid in job.pids.values() if _alive(pid)]
+    again = Job(*overrides)
+    assert again.wait() == 0, again.stderr
+    assert "resuming from" in again.stderr
+    assert _same(_final(tmp_path), _final(healthy))  # as if never stopped
