@@ -15,8 +15,10 @@ TASK=$1 REPLICAS=$2; shift 2
 [ -f "experiments/$TASK/train.py" ] || { echo "no task '$TASK': run from the repository root" >&2; exit 2; }
 PYTHON=${PYTHON:-python}
 PORT=${LIGHTHOUSE_PORT:-29510}
-LIGHTHOUSE=$(sbatch --parsable --job-name=slowmo-lighthouse --ntasks=1 --output=slurm-%x-%j.out --wrap \
-  "exec torchft_lighthouse --min_replicas ${MIN_REPLICAS:-1} --bind [::]:$PORT --join_timeout_ms ${JOIN_TIMEOUT_MS:-10000}")
+LIGHTHOUSE_ARGS="--min_replicas ${MIN_REPLICAS:-1} --bind [::]:$PORT --join_timeout_ms ${JOIN_TIMEOUT_MS:-10000}"
+LIGHTHOUSE_ARGS+=" --heartbeat_timeout_ms ${HEARTBEAT_TIMEOUT_MS:-5000}"
+LIGHTHOUSE=$(sbatch --parsable --job-name=slowmo-lighthouse --ntasks=1 --output=slurm-%x-%j.out \
+  --wrap "exec torchft_lighthouse $LIGHTHOUSE_ARGS")
 echo "lighthouse: job $LIGHTHOUSE; waiting for its node" >&2
 until NODE=$(squeue -h -j "$LIGHTHOUSE" -t RUNNING -o %N) && [ -n "$NODE" ]; do sleep 2; done
 RUN_DIR=${RUN_DIR:-runs/$TASK/elastic-$LIGHTHOUSE}

@@ -50,6 +50,7 @@ class ElasticSettings:
     min_replicas: int = setting(minimum=1, default=1)  # a round commits only with at least this many replicas
     quorum_timeout_s: float = setting(run_control=True, minimum=0.001, default=60.0)
     join_timeout_s: float = setting(run_control=True, minimum=0.0, default=1.0)
+    heartbeat_timeout_s: float = setting(run_control=True, minimum=0.001, default=2.0)  # then a silent replica is out
     max_restarts: int = setting(run_control=True, minimum=0, default=3)  # per replica, by the local launcher
 
 
@@ -62,12 +63,18 @@ def available() -> str | None:
     return None
 
 
-def start_lighthouse(min_replicas: int, join_timeout_s: float) -> Any:
-    """A lighthouse on a free port of this host (``.address()``, ``.shutdown()``)."""
+def start_lighthouse(min_replicas: int, join_timeout_s: float, heartbeat_timeout_s: float) -> Any:
+    """A lighthouse on a free port of this host (``.address()``, ``.shutdown()``). It waits for every replica that
+    still heartbeats (each sends one every 0.1 s) before it forms a quorum, up to ``join_timeout_s`` for those that have
+    not asked yet: a killed replica holds the next quorum back for ``heartbeat_timeout_s``."""
     from torchft._torchft import LighthouseServer
 
     return LighthouseServer(
-        bind="[::]:0", min_replicas=min_replicas, join_timeout_ms=int(join_timeout_s * 1000), quorum_tick_ms=20
+        bind="[::]:0",
+        min_replicas=min_replicas,
+        join_timeout_ms=int(join_timeout_s * 1000),
+        quorum_tick_ms=20,
+        heartbeat_timeout_ms=int(heartbeat_timeout_s * 1000),
     )
 
 
@@ -104,8 +111,9 @@ class Elastic(Communicator):
         self.min_replicas, self.quorum_timeout_s = min_replicas, quorum_timeout_s
         self._store = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)  # this replica group's own
         timeout = timedelta(seconds=timeout_s)
+        self._pg = ProcessGroupGloo(timeout=timeout)
         self.manager = Manager(
-            pg=ProcessGroupGloo(timeout=timeout),
+            pg=self._pg,
             load_state_dict=None,
             state_dict=None,
             min_replica_size=min_replicas,
@@ -124,6 +132,7 @@ class Elastic(Communicator):
         self.rounds: list[dict[str, Any]] = []  # this process's votes: the participants and whether they committed
         self.round = 0  # outer iterations this replica's state has been through (votes, passed or failed)
         self.heals = 0
+        self.membership_s = 0.0  # time in the votes and the quorums (the cost of elasticity, waits for peers included)
         self._voted = False
 
     @property
@@ -149,6 +158,7 @@ class Elastic(Communicator):
     def commit(self) -> bool:
         """The vote on the outer step just averaged: True on every replica of the quorum, or False on all of them
         (a peer failed during the round, or fewer than ``min_replicas`` took part)."""
+        start = time.perf_counter()
         seen = torch.zeros(self.replicas)
         seen[self.replica_id] = 1.0
         with self.control():
@@ -156,9 +166,11 @@ class Elastic(Communicator):
         error = self.manager.errored()
         ok = bool(self.manager.should_commit())
         self.round += 1
+        self.membership_s += time.perf_counter() - start
         participants = [i for i, flag in enumerate(seen.tolist()) if flag > 0.5]  # (on a failed round: as far as known)
         self.rounds.append({"participants": participants, "committed": ok, "time": time.time()})
         if not ok:
+            self._pg.abort()  # now, not at the next quorum: a peer still waiting on this replica fails at once
             why = str(error.original_exception).splitlines()[0][:160] if error else "fewer than min_replicas voted"
             print(f"replica {self.replica_id}: outer step {len(self.rounds)} discarded ({why})", file=sys.stderr)
         self._voted = True
@@ -171,7 +183,9 @@ class Elastic(Communicator):
             return None
         self._voted = False
         if not last:
+            start = time.perf_counter()
             self._quorum()
+            self.membership_s += time.perf_counter() - start
         return self.rounds[-1]
 
     def _quorum(self) -> None:
@@ -198,6 +212,7 @@ class Elastic(Communicator):
             "participants": [r["participants"] for r in self.rounds],
             "failed_commits": sum(not r["committed"] for r in self.rounds),
             "heals": self.heals,
+            "membership_s": self.membership_s,
         }
 
     def state_dict(self) -> dict[str, Any]:

@@ -59,7 +59,7 @@ def run_local(config: Config, run_dir: Path, run_name: str | None) -> dict[str, 
     dist = config.dist
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(to_dict(config)))
-    lighthouse = elastic.start_lighthouse(dist.min_replicas, dist.join_timeout_s)
+    lighthouse = elastic.start_lighthouse(dist.min_replicas, dist.join_timeout_s, dist.heartbeat_timeout_s)
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload([*_PRELOAD, "torchft"])
     queue = ctx.SimpleQueue()

@@ -109,7 +109,7 @@ class _Trainer:
             pin,
         )
         show = self.is_main and cfg.logger.progress
-        self.evaluator = Evaluator(self.task, self.model, loading, comm, self.device, self.channels_last, show)
+        self.evaluator = Evaluator(self.task, self.model, loading, self.local, self.device, self.channels_last, show)
         self.lr_factor = SCHEDULES[cfg.schedule.name].build(cfg.schedule, self.steps_per_epoch)
         self.base_lrs = [group["lr"] for group in self.opt.param_groups]
         self.progress = Progress()
@@ -368,7 +368,7 @@ class _Trainer:
         if status in ("preempted", "interrupted"):
             self.loggers.close()
             stopped = {"status": status, "signal": self.stopped_by, "step": progress.step}
-            return stopped | {"rank": self.rank, "run_dir": str(self.run_dir)}
+            return stopped | {"rank": self.local.rank, "run_dir": str(self.run_dir)}
         if not self.comm.elastic:  # (an elastic run ends on an outer step: every replica holds x_{T,0})
             self.opt.synchronize()  # the final exact average: every rank holds the averaged model
         final = self._evaluate(averaged=False)
@@ -385,7 +385,7 @@ class _Trainer:
             "comm_bytes_by_kind": stats,
             "wall_time": progress.elapsed + time.time() - self.t0,
             "world_size": self.world,
-            "rank": self.rank,
+            "rank": self.local.rank,
             "algorithm": self.cfg.algorithm.name,
             "slowmo": self.cfg.slowmo.enabled,
             "main_metric": self.task.main_metric,
