@@ -1,5 +1,7 @@
-"""The cost of elasticity (dist=torchft): what the quorum and the vote of every outer step cost a healthy run, and how
-long a run takes to commit again after a replica is killed.
+"""The cost of elasticity (dist=torchft).
+
+What the quorum and the vote of every outer step cost a healthy run, and how long a run takes to commit again after a
+replica is killed.
 
 1. Throughput. The same run (MNIST-1D's 1-D CNN, Local SGD under SlowMo, tau = 12, batch 32, 3 ranks) on dist=gloo
    (3 processes, a fixed group) and on dist=torchft (3 replica processes and a lighthouse: a quorum, a vote and a

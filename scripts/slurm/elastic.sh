@@ -6,7 +6,8 @@
 #   scripts/slurm/elastic.sh <task> <replicas> [hydra overrides...]
 #   e.g. MIN_REPLICAS=2 scripts/slurm/elastic.sh cifar10 4 slowmo=on +experiment=paper_cifar10 data.root=/data/cifar10
 #
-# Every replica writes into runs/<task>/elastic-<lighthouse job id>/replica_<i>/ (RUN_DIR to choose). Resubmit one
+# Every replica writes into runs/<task>/elastic-<date>/replica_<i>/ (RUN_DIR to choose). LIGHTHOUSE_ADDR=http://host:port
+# uses a lighthouse that already runs instead of submitting one. Resubmit one
 # replica: sbatch --array=<i> with the same script line (printed below). Stop the run: scancel both job ids.
 # SBATCH options for the replica jobs go in REPLICA_SBATCH (e.g. "--gpus=1 --cpus-per-task=10 --time=24:00:00").
 set -euo pipefail
@@ -15,18 +16,21 @@ TASK=$1 REPLICAS=$2; shift 2
 [ -f "experiments/$TASK/train.py" ] || { echo "no task '$TASK': run from the repository root" >&2; exit 2; }
 PYTHON=${PYTHON:-python}
 PORT=${LIGHTHOUSE_PORT:-29510}
-LIGHTHOUSE_ARGS="--min_replicas ${MIN_REPLICAS:-1} --bind [::]:$PORT --join_timeout_ms ${JOIN_TIMEOUT_MS:-10000}"
-LIGHTHOUSE_ARGS+=" --heartbeat_timeout_ms ${HEARTBEAT_TIMEOUT_MS:-5000}"
-LIGHTHOUSE=$(sbatch --parsable --job-name=slowmo-lighthouse --ntasks=1 --output=slurm-%x-%j.out \
-  --wrap "exec torchft_lighthouse $LIGHTHOUSE_ARGS")
-echo "lighthouse: job $LIGHTHOUSE; waiting for its node" >&2
-until NODE=$(squeue -h -j "$LIGHTHOUSE" -t RUNNING -o %N) && [ -n "$NODE" ]; do sleep 2; done
-RUN_DIR=${RUN_DIR:-runs/$TASK/elastic-$LIGHTHOUSE}
+if [ -z "${LIGHTHOUSE_ADDR:-}" ]; then  # else: a lighthouse that already runs (e.g. on a service node)
+  LIGHTHOUSE_ARGS="--min_replicas ${MIN_REPLICAS:-1} --bind [::]:$PORT --join_timeout_ms ${JOIN_TIMEOUT_MS:-10000}"
+  LIGHTHOUSE_ARGS+=" --heartbeat_timeout_ms ${HEARTBEAT_TIMEOUT_MS:-5000}"
+  LIGHTHOUSE=$(sbatch --parsable --job-name=slowmo-lighthouse --ntasks=1 --output=slurm-%x-%j.out \
+    --wrap "exec torchft_lighthouse $LIGHTHOUSE_ARGS")
+  echo "lighthouse: job $LIGHTHOUSE; waiting for its node" >&2
+  until NODE=$(squeue -h -j "$LIGHTHOUSE" -t RUNNING -o %N) && [ -n "$NODE" ]; do sleep 2; done
+  LIGHTHOUSE_ADDR=http://$NODE:$PORT
+fi
+RUN_DIR=${RUN_DIR:-runs/$TASK/elastic-$(date +%Y-%m-%d_%H-%M-%S)}
 ARGS=("experiments/$TASK/train.py" dist=torchft "dist.world_size=$REPLICAS" "dist.min_replicas=${MIN_REPLICAS:-1}"
-  "dist.lighthouse=http://$NODE:$PORT" "hydra.run.dir=$RUN_DIR" "$@")
+  "dist.lighthouse=$LIGHTHOUSE_ADDR" "hydra.run.dir=$RUN_DIR" "$@")
 # shellcheck disable=SC2086  # REPLICA_SBATCH is a list of options
 REPLICAS_JOB=$(sbatch --parsable --job-name=slowmo-replica --array=0-$((REPLICAS - 1)) --ntasks=1 --requeue \
   --signal=USR1@120 --open-mode=append --output=slurm-%x-%A_%a.out ${REPLICA_SBATCH:-} \
   --wrap "exec srun $PYTHON ${ARGS[*]@Q} dist.replica_id=\$SLURM_ARRAY_TASK_ID")
-echo "replicas: job array $REPLICAS_JOB on lighthouse http://$NODE:$PORT -> $RUN_DIR" >&2
+echo "replicas: job array $REPLICAS_JOB on lighthouse $LIGHTHOUSE_ADDR -> $RUN_DIR" >&2
 echo "resubmit replica i: sbatch --array=<i> --job-name=slowmo-replica --ntasks=1 --wrap 'exec srun $PYTHON ${ARGS[*]@Q} dist.replica_id=\$SLURM_ARRAY_TASK_ID'" >&2
