@@ -6,9 +6,9 @@
 #   scripts/slurm/elastic.sh <task> <replicas> [hydra overrides...]
 #   e.g. MIN_REPLICAS=2 scripts/slurm/elastic.sh cifar10 4 slowmo=on +experiment=paper_cifar10 data.root=/data/cifar10
 #
-# Every replica writes into runs/<task>/elastic-<date>/replica_<i>/ (RUN_DIR to choose). LIGHTHOUSE_ADDR=http://host:port
-# uses a lighthouse that already runs instead of submitting one. Resubmit one
-# replica: sbatch --array=<i> with the same script line (printed below). Stop the run: scancel both job ids.
+# Every replica writes into runs/<task>/elastic-<date>/replica_<i>/ (RUN_DIR to choose); LIGHTHOUSE_ADDR=http://host:port
+# uses a lighthouse that already runs instead of submitting one. The line that resubmits one replica is printed at the
+# end. Stop the run: scancel the replica array and the lighthouse job.
 # SBATCH options for the replica jobs go in REPLICA_SBATCH (e.g. "--gpus=1 --cpus-per-task=10 --time=24:00:00").
 set -euo pipefail
 [ $# -ge 2 ] || { echo "usage: $0 <task> <replicas> [overrides...]" >&2; exit 2; }
@@ -28,9 +28,10 @@ fi
 RUN_DIR=${RUN_DIR:-runs/$TASK/elastic-$(date +%Y-%m-%d_%H-%M-%S)}
 ARGS=("experiments/$TASK/train.py" dist=torchft "dist.world_size=$REPLICAS" "dist.min_replicas=${MIN_REPLICAS:-1}"
   "dist.lighthouse=$LIGHTHOUSE_ADDR" "hydra.run.dir=$RUN_DIR" "$@")
+WRAP="exec srun $PYTHON ${ARGS[*]@Q} dist.replica_id=\$SLURM_ARRAY_TASK_ID"
 # shellcheck disable=SC2086  # REPLICA_SBATCH is a list of options
 REPLICAS_JOB=$(sbatch --parsable --job-name=slowmo-replica --array=0-$((REPLICAS - 1)) --ntasks=1 --requeue \
   --signal=USR1@120 --open-mode=append --output=slurm-%x-%A_%a.out ${REPLICA_SBATCH:-} \
-  --wrap "exec srun $PYTHON ${ARGS[*]@Q} dist.replica_id=\$SLURM_ARRAY_TASK_ID")
+  --wrap "$WRAP")
 echo "replicas: job array $REPLICAS_JOB on lighthouse $LIGHTHOUSE_ADDR -> $RUN_DIR" >&2
-echo "resubmit replica i: sbatch --array=<i> --job-name=slowmo-replica --ntasks=1 --wrap 'exec srun $PYTHON ${ARGS[*]@Q} dist.replica_id=\$SLURM_ARRAY_TASK_ID'" >&2
+echo "resubmit replica i: sbatch --array=<i> --job-name=slowmo-replica --ntasks=1 ${REPLICA_SBATCH:-} --wrap ${WRAP@Q}" >&2

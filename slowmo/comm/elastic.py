@@ -56,6 +56,7 @@ class ElasticSettings:
 
 def available() -> str | None:
     """None when torchft imports here; else why not, in one line."""
+    os.environ.setdefault("RUST_LOG", "warn")  # (read once, as torchft loads): its Rust side logs every quorum at info
     try:
         import torchft  # noqa: F401
     except ImportError as error:

@@ -47,6 +47,8 @@ def _main(cfg: DictConfig) -> None:
     output = hydra_cfg.runtime.output_dir
     if hydra_cfg.mode == RunMode.MULTIRUN:  # the same sweep directory puts every cell back in its own directory
         rerun = f"hydra.sweep.dir={os.path.abspath(hydra_cfg.sweep.dir)}"
+    elif cfg.run_dir != output:  # run_dir= on the command line: the same setting finds the run again
+        rerun = f"run_dir={cfg.run_dir}"
     else:
         rerun = f"hydra.run.dir={output}"
     try:

@@ -93,4 +93,5 @@ def _run_elastic(config: Config, run_dir: Path, run_name: str | None, rerun: str
     with preemption.caught(announce=replica_id in (None, 0)):
         if replica_id is None:
             return replicas.run_local(config, run_dir, run_name)
+        torch.set_num_threads(launch.threads_per_rank())  # one replica per job: its CPUs
         return replicas.run_replica(config, run_dir, run_name, replica_id, lighthouse)
