@@ -9,10 +9,13 @@ import hashlib
 import io
 import os
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from ..comm import Communicator
 
 VERSION = 1
 MARKER = "COMPLETE"
@@ -85,3 +88,35 @@ def candidates(root: Path, world_size: int) -> list[Path]:
                 f"{saved_world} ranks, or start this run in another directory"
             )
     return out
+
+
+def save(directory: Path, comm: Communicator, state: dict[str, Any], keep: int, who: str) -> None:
+    """``state`` as this rank's file of ``directory``; once every rank of ``comm`` has written its own, rank 0 marks the
+    checkpoint complete (the newest ``keep`` are kept). A failed write is told in one line that starts with ``who``."""
+    try:
+        save_rank(directory, comm.rank, state)
+    except OSError as error:
+        raise OSError(
+            f"{who}: cannot write checkpoint {directory} ({error.strerror}); free space or fix permissions, then "
+            "resume: the previous checkpoint is still valid"
+        ) from None
+    with comm.uncounted():
+        comm.barrier()
+    if comm.rank == 0:
+        mark_complete(directory, comm.world_size, keep)
+
+
+def newest(root: Path, comm: Communicator, device: torch.device) -> tuple[Path, dict[str, Any]] | None:
+    """The newest checkpoint under ``root`` that every rank of ``comm`` reads whole, with this rank's state (the ranks
+    skip a truncated, corrupt or foreign one together, with a warning); None when there is none."""
+    for directory in candidates(root, comm.world_size):
+        try:
+            state, ok = load_rank(directory, comm.rank), 1.0
+        except ValueError as error:
+            warnings.warn(f"skipping checkpoint: {error}", stacklevel=2)
+            state, ok = None, 0.0
+        with comm.uncounted():
+            agreed = comm.all_reduce(torch.tensor([ok], device=device)).item() == comm.world_size
+        if agreed:
+            return directory, state
+    return None

@@ -26,7 +26,7 @@ from ..registry import ConfigError
 from . import preemption
 from .config import CONFIG_DIR, compose, renamed
 from .launcher import run
-from .loop import NonFiniteLoss
+from .losses import NonFiniteLoss
 
 EXPECTED = (ConfigError, ValueError, NonFiniteLoss, OSError, CommError)  # failures told in one line, no traceback
 

@@ -7,7 +7,8 @@ each replica is a job of its own (``dist.replica_id``, ``dist.lighthouse``).
 :func:`run_local` starts a lighthouse and ``dist.world_size`` replica processes on this machine, restarts a replica
 process that dies (up to ``dist.max_restarts`` times each; it heals from a live peer as it rejoins), passes stop
 signals on, and writes the run's own ``summary.json`` (the ``elastic`` section: the participants of every outer step,
-the failed commits, the heals and the restarts), ``metrics.jsonl`` and ``final.pt`` (those of a replica that stayed).
+the failed commits, the heals and the restarts), ``metrics.jsonl`` and ``final.pt`` (those of a replica that stayed);
+``replicas.json`` says, while it runs, the lighthouse's address and each replica's process id.
 """
 
 from __future__ import annotations
@@ -67,11 +68,18 @@ def run_local(config: Config, run_dir: Path, run_name: str | None) -> dict[str, 
     restarts = dict.fromkeys(range(dist.world_size), 0)
     outcomes: dict[int, tuple[bool, Any]] = {}
 
+    processes: dict[str, int] = {}
+
     def start(i: int) -> Any:
         args = (config, run_dir, run_name, i, lighthouse.address(), queue, launcher)
         proc = ctx.Process(target=_replica_main, args=args, name=f"replica_{i}")
         proc.start()
         print(f"replica {i}: process {proc.pid} started", file=sys.stderr, flush=True)
+        processes[str(i)] = proc.pid
+        where = {"lighthouse": lighthouse.address(), "processes": processes}
+        tmp = run_dir / ".replicas.json.tmp"
+        tmp.write_text(json.dumps(where, indent=2) + "\n")
+        tmp.replace(run_dir / "replicas.json")  # what runs where, for whoever watches (or kills) a replica
         return proc
 
     procs = {i: start(i) for i in range(dist.world_size)}

@@ -11,10 +11,8 @@ A run directory ends up holding ``config.yaml``, ``metrics.jsonl``, ``checkpoint
 from __future__ import annotations
 
 import json
-import math
 import sys
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -32,14 +30,11 @@ from . import checkpoint, data, preemption, rundir
 from .config import Config, to_dict
 from .evaluation import Evaluator, track_best
 from .loggers import Loggers
+from .losses import Losses, NonFiniteLoss
 from .optimizers import OPTIMIZERS
 from .precision import Precision
 from .progress import Progress
 from .schedule import SCHEDULES
-
-
-class NonFiniteLoss(FloatingPointError):
-    """The loss (or, at a checkpoint, a parameter) became NaN or infinite; the last good checkpoint is kept."""
 
 
 # ------------------------------------------------------------------------------------------------ builders
@@ -113,7 +108,7 @@ class _Trainer:
         self.lr_factor = SCHEDULES[cfg.schedule.name].build(cfg.schedule, self.steps_per_epoch)
         self.base_lrs = [group["lr"] for group in self.opt.param_groups]
         self.progress = Progress()
-        self.losses: list[torch.Tensor] = []  # this rank's losses since the last read: one host sync per read
+        self.losses = Losses(self.local, self.progress, self.device)  # this rank's, since the last read
         self.last_record: dict[str, Any] = {}
         self.stopped_by: str | None = None  # the stop signal the ranks agreed on
         discarding = rundir.discarding(cfg)
@@ -128,10 +123,6 @@ class _Trainer:
         self.loggers = Loggers(cfg, run_dir, run_name, self.progress) if self.is_main else Loggers()
         self.healed = False
         comm.join(self._state, self._heal)  # an elastic replica behind its peers takes their state here
-
-    def _tensor(self, values: list[float], dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """A small tensor of the loop's own (flags, losses) on this rank's device, where every backend reduces it."""
-        return torch.tensor(values, dtype=dtype, device=self.device)
 
     def _build_task(self) -> Task:
         """Rank 0 first (it may write files into the run directory for the others), then the others."""
@@ -149,7 +140,7 @@ class _Trainer:
 
     # ----------------------------------------------------------------------------------- checkpoints
     def _save(self) -> None:
-        self._read_losses()  # a NaN loss stops the run before its checkpoint is written
+        self.losses.read()  # a NaN loss stops the run before its checkpoint is written
         step = self.progress.step
         model_state = self.model.state_dict()
         for name, tensor in model_state.items():
@@ -158,7 +149,6 @@ class _Trainer:
                     f"rank {self.rank}: {name} is not finite at step {step}; no checkpoint of it "
                     "was written, the last good one is kept (lower optimizer.lr or check the data)"
                 )
-        directory = self.run_dir / "checkpoints" / f"step_{step}"
         state = {
             **self._state(),
             "rng": torch.get_rng_state(),
@@ -166,17 +156,8 @@ class _Trainer:
             "fingerprint": _fingerprint(self.cfg),
             "elapsed": self.progress.elapsed + time.time() - self.t0,
         }
-        try:
-            checkpoint.save_rank(directory, self.local.rank, state)
-        except OSError as error:
-            raise OSError(
-                f"rank {self.rank}: cannot write checkpoint {directory} ({error.strerror}); free space or "
-                "fix permissions, then resume: the previous checkpoint is still valid"
-            ) from None
-        with self.local.uncounted():
-            self.local.barrier()
-        if self.is_main:
-            checkpoint.mark_complete(directory, self.local.world_size, self.cfg.train.keep_checkpoints)
+        directory, keep = self.run_dir / "checkpoints" / f"step_{step}", self.cfg.train.keep_checkpoints
+        checkpoint.save(directory, self.local, state, keep, f"rank {self.rank}")
 
     def _state(self) -> dict[str, Any]:
         """The training state a checkpoint holds and a healing replica receives: the model, the optimizer (the base
@@ -214,29 +195,21 @@ class _Trainer:
         return healed
 
     def _resume(self) -> None:
-        local = self.local
-        for directory in checkpoint.candidates(self.run_dir / "checkpoints", local.world_size):
-            try:
-                state, ok = checkpoint.load_rank(directory, local.rank), 1.0
-            except ValueError as error:
-                warnings.warn(f"skipping checkpoint: {error}", stacklevel=2)
-                state, ok = None, 0.0
-            with local.uncounted():
-                agreed = local.all_reduce(self._tensor([ok])).item() == local.world_size
-            if not agreed:
-                continue
-            if state["fingerprint"] != _fingerprint(self.cfg):
-                raise ConfigError(
-                    f"the checkpoint in {directory} is of another run ({state['fingerprint']}), this "
-                    f"run is {_fingerprint(self.cfg)}; use a new run directory or train.resume=never"
-                )
-            self._load(state)
-            torch.set_rng_state(state["rng"])
-            if self.device.type == "cuda" and state["cuda_rng"] is not None:
-                torch.cuda.set_rng_state(state["cuda_rng"], self.device)
-            if self.is_main:
-                print(f"resuming from {directory} (step {self.progress.step})", file=sys.stderr, flush=True)
+        found = checkpoint.newest(self.run_dir / "checkpoints", self.local, self.device)
+        if found is None:
             return
+        directory, state = found
+        if state["fingerprint"] != _fingerprint(self.cfg):
+            raise ConfigError(
+                f"the checkpoint in {directory} is of another run ({state['fingerprint']}), this "
+                f"run is {_fingerprint(self.cfg)}; use a new run directory or train.resume=never"
+            )
+        self._load(state)
+        torch.set_rng_state(state["rng"])
+        if self.device.type == "cuda" and state["cuda_rng"] is not None:
+            torch.cuda.set_rng_state(state["cuda_rng"], self.device)
+        if self.is_main:
+            print(f"resuming from {directory} (step {self.progress.step})", file=sys.stderr, flush=True)
 
     def _evaluate(self, averaged: bool = True) -> dict[str, float]:
         """The metrics of the model averaged over the ranks (or of this rank's: after the final average), with the
@@ -277,7 +250,7 @@ class _Trainer:
                     loss = self.task.loss(self.model, batch)
                 self.opt.zero_grad(set_to_none=True)
                 self.precision.backward_and_step(loss, self.opt)
-                self.losses.append(loss.detach())
+                self.losses.add(loss)
                 progress.step += 1
                 progress.position += 1
                 bar.update(1)
@@ -317,36 +290,9 @@ class _Trainer:
         bar.close()
         return self._finish(status)
 
-    def _read_losses(self) -> None:
-        """Bring this rank's pending losses to the host (one sync); if any rank's is not finite, every rank stops
-        (the ranks agree with one all-gather, so that none goes on to write a checkpoint of that step)."""
-        if not self.losses:
-            return
-        values = torch.stack(self.losses).tolist()
-        first = self.progress.step - len(values)
-        bad = next(((first + i, v) for i, v in enumerate(values) if not math.isfinite(v)), None)
-        mine = self._tensor([-1.0, 0.0] if bad is None else [float(bad[0]), bad[1]], torch.float64)
-        everyone = torch.empty(2 * self.local.world_size, dtype=torch.float64, device=self.device)
-        with self.local.uncounted():
-            self.local.all_gather(everyone, mine)
-        for rank, (step, value) in enumerate(everyone.view(self.local.world_size, 2).tolist()):
-            if step >= 0:
-                raise NonFiniteLoss(
-                    f"rank {rank}: loss is {value} at step {int(step)}; stopped before any "
-                    "checkpoint of it was written (lower optimizer.lr or check the data)"
-                )
-        self.losses.clear()
-        self.progress.loss_sum += sum(values)
-        self.progress.loss_count += len(values)
-
     def _record(self) -> dict[str, Any]:
         """The metrics of the steps since the last record: train loss (mean over them and over ranks), lr, bytes."""
-        progress = self.progress
-        self._read_losses()
-        mean = self._tensor([progress.loss_sum / progress.loss_count], torch.float64)
-        with self.local.uncounted():
-            loss = self.local.all_reduce(mean, "mean").item()
-        progress.loss_sum, progress.loss_count = 0.0, 0
+        progress, loss = self.progress, self.losses.mean()
         if progress.divergence.update(progress.step, loss):
             progress.divergence.stopped = self.cfg.train.stop_on_divergence
             if self.is_main:

@@ -30,7 +30,7 @@ from ..registry import ConfigError
 from . import checkpoint
 from .config import Config
 
-RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "final.pt", "checkpoints", "wandb")
+RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "final.pt", "checkpoints", "wandb", "replicas.json")
 _LISTED = 4  # differences named in a refusal
 _SECTIONS = {"task", "model", "algorithm", "optimizer", "train", "dist"}  # a slowmo run's config.yaml has them
 
