@@ -191,6 +191,12 @@ CASES = [
         gloo=False,
     ),
     Case(
+        "elastic replicas on a GPU",
+        lambda t: {"dist": {"backend": "torchft", "device": "cuda"}, "slowmo": {"enabled": True, "tau": 2}},
+        ELASTIC + "on the CPU, over torchft's gloo process group (set dist.device=cpu or auto)",
+        gloo=False,
+    ),
+    Case(
         "an elastic replica without its lighthouse",
         lambda t: {"dist": {"backend": "torchft", "replica_id": 1}, "slowmo": {"enabled": True, "tau": 2}},
         "replica 1 of a dist=torchft job needs its lighthouse: set dist.lighthouse=<host:port> or $TORCHFT_LIGHTHOUSE",

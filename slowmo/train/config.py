@@ -286,6 +286,8 @@ def _check_elastic(config: Config) -> None:
             raise ConfigError(f"{works}; {reason}")
     if config.train.precision == "fp16":
         raise ConfigError(f"{works}; fp16's loss scaler votes on every inner step (use train.precision=bf16 or fp32)")
+    if config.dist.device == "cuda":
+        raise ConfigError(f"{works}; on the CPU, over torchft's gloo process group (set dist.device=cpu or auto)")
     if config.train.max_steps % parts["tau"]:
         raise ConfigError(
             f"dist=torchft ends on an outer step (every replica then holds x_T,0): set train.max_steps to a multiple "
