@@ -6,12 +6,16 @@ about 70 %, a CNN about 95 % in the dataset's paper), which digits (97 % for eve
 Splits: mnist1d's own train/test split (``train_split`` = 0.8 of ``num_samples``); the last ``val_fraction`` of its
 training part is the validation split that tuning may look at, and its test part is the held-out test split, scored
 as ``test_*`` and never used for a choice. The data are the same for every run seed (``data.generator_seed``).
+A dataset is generated once per machine and read from ``$XDG_CACHE_HOME/slowmo/mnist1d`` (``~/.cache``) after.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass
+from importlib.metadata import version
+from pathlib import Path
 
 import torch
 from torch.utils.data import TensorDataset
@@ -36,21 +40,33 @@ class MNIST1DData(ImageData):
             raise ConfigError(f"data.generator_seed={self.generator_seed} must be in [0, 2**32) (numpy's seeds)")
 
 
+CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "slowmo" / "mnist1d"
+
+
 @functools.cache
 def generate(num_samples: int, seed: int) -> dict[str, torch.Tensor]:
-    """mnist1d's generator with its default arguments but ``num_samples`` and ``seed`` (cached: simulated ranks in
-    one process share it)."""
+    """mnist1d's generator with its default arguments but ``num_samples`` and ``seed``: generated once per machine
+    (seconds of scipy interpolation), then read from ``CACHE`` (milliseconds), and kept in memory for the simulated
+    ranks and later runs of a process."""
+    path = CACHE / f"{num_samples}-{seed}-mnist1d{version('mnist1d')}.pt"
+    if path.is_file():
+        return torch.load(path)
     from mnist1d.data import get_dataset_args, make_dataset
 
     args = get_dataset_args()
     args.num_samples, args.seed = num_samples, seed
     d = make_dataset(args)
-    return {
+    tensors = {
         "x": torch.tensor(d["x"], dtype=torch.float32).unsqueeze(1),  # (N, 1, 40): one channel
         "y": torch.tensor(d["y"]),
         "x_test": torch.tensor(d["x_test"], dtype=torch.float32).unsqueeze(1),
         "y_test": torch.tensor(d["y_test"]),
     }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(f".{os.getpid()}.partial")  # written whole, then renamed: readers never see a part
+    torch.save(tensors, partial)
+    os.replace(partial, path)
+    return tensors
 
 
 @TASKS.register(
@@ -60,8 +76,7 @@ def generate(num_samples: int, seed: int) -> dict[str, torch.Tensor]:
     label="MNIST-1D",
     inputs="signals",
     needs="a model for 1D signals",
-    imports=("mnist1d.data",),
-)
+)  # no heavy import to preload: mnist1d's generator (scipy) runs once per machine, then the cache is read
 def build(task: TaskConfig, data: MNIST1DData, model: ModelConfig, ctx: TaskContext) -> Task:
     d = generate(data.num_samples, data.generator_seed)
     n_val = int(len(d["y"]) * data.val_fraction)

@@ -5,9 +5,10 @@ import json
 import pytest
 import torch
 
+from slowmo.tasks.cifar10 import write_batches
 from slowmo.train import evaluation, run
 
-from datasets import write_cifar10, write_imagefolder, write_parallel
+from datasets import write_imagefolder, write_parallel
 
 
 def cfg(tmp_path, task_name, data, model, **extra):
@@ -27,7 +28,7 @@ def cfg(tmp_path, task_name, data, model, **extra):
 
 
 def test_cifar10_from_pickle_batches(tmp_path):
-    root = write_cifar10(tmp_path / "cifar")
+    root = write_batches(tmp_path / "cifar", 16)
     summary = run(
         cfg(
             tmp_path,
@@ -42,7 +43,7 @@ def test_cifar10_from_pickle_batches(tmp_path):
 
 
 def test_cifar10_resnet18_with_the_cifar_stem(tmp_path):
-    root = write_cifar10(tmp_path / "cifar", per_batch=4)
+    root = write_batches(tmp_path / "cifar", 4)
     run(
         cfg(
             tmp_path,
@@ -132,13 +133,18 @@ def test_the_synthetic_task_is_a_fixed_teacher_that_a_student_learns(tmp_path):
     assert summary["final"]["val_acc"] > majority + 15  # well above always answering the commonest class
 
 
-def test_mnist1d_is_the_packages_generator_split_into_train_val_and_a_held_out_test(tmp_path):
+def test_mnist1d_is_the_packages_generator_split_into_train_val_and_a_held_out_test(tmp_path, monkeypatch):
+    from importlib.metadata import version
+
     import numpy as np
     from mnist1d.data import get_dataset_args, make_dataset
 
-    from slowmo.tasks import TASKS, TaskContext
+    from slowmo.tasks import TASKS, TaskContext, mnist1d
     from slowmo.tasks.mnist1d import generate
     from slowmo.train import validate
+
+    monkeypatch.setattr(mnist1d, "CACHE", tmp_path / "cache")  # generated here, then read from this cache
+    generate.cache_clear()
 
     c = validate({"task": {"name": "mnist1d"}, "data": {"num_samples": 600}, "seed": 3})
     task = TASKS["mnist1d"].build(c.task, c.data, c.model, TaskContext(0, 1, 3, tmp_path))
@@ -153,7 +159,8 @@ def test_mnist1d_is_the_packages_generator_split_into_train_val_and_a_held_out_t
     assert np.array_equal(torch.cat([train_y, val_y]).numpy(), native["y"])
     assert np.allclose(test_x[:, 0].numpy(), native["x_test"], atol=1e-6)  # the package's own held-out split
     assert np.array_equal(test_y.numpy(), native["y_test"])
-    again = generate.__wrapped__(600, 42)  # a fresh generation from the same seed: the same signals
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [f"600-42-mnist1d{version('mnist1d')}.pt"]
+    again = generate.__wrapped__(600, 42)  # read from the machine's cache: the same signals
     assert torch.equal(again["x"][:5], train_x[:5]) and torch.equal(again["y_test"], test_y)
     other = generate.__wrapped__(600, 7)
     assert not torch.allclose(other["x"][:5], train_x[:5])
