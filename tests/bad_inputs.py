@@ -20,9 +20,10 @@ from typing import Any
 
 import pytest
 
+from slowmo.tasks.cifar10 import write_batches
 from slowmo.train import checkpoint, run
 
-from datasets import write_cifar10, write_imagefolder, write_parallel
+from datasets import write_imagefolder, write_parallel
 
 
 def _base(run_dir: Path) -> dict[str, Any]:
@@ -48,8 +49,14 @@ def finished_run(tmp_path_factory) -> Path:
 
 
 # ------------------------------------------------------------------------------------------- broken inputs
+def _without(root: Path, *names: str) -> Path:
+    for name in names:
+        (root / "cifar-10-batches-py" / name).unlink()
+    return root
+
+
 def _cifar_missing(tmp: Path) -> dict:
-    root = write_cifar10(tmp / "c", per_batch=4, skip=("data_batch_3", "test_batch"))
+    root = _without(write_batches(tmp / "c", 4), "data_batch_3", "test_batch")
     return {"task": {"name": "cifar10"}, "data": {"root": str(root), "verify_checksums": False}}
 
 
@@ -267,7 +274,7 @@ CASES = [
     ),
     Case(
         "CIFAR batches that fail the checksum",
-        lambda t: {"task": {"name": "cifar10"}, "data": {"root": str(write_cifar10(t / "c", per_batch=4))}},
+        lambda t: {"task": {"name": "cifar10"}, "data": {"root": str(write_batches(t / "c", 4))}},
         "CIFAR-10 files under {tmp}/c/cifar-10-batches-py fail torchvision's MD5 check: data_batch_1, data_batch_2, "
         "data_batch_3, data_batch_4, data_batch_5, test_batch, batches.meta; download the official batches again "
         "(data.download=true fetches them) (files written by hand, not the official batches, need "

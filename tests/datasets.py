@@ -1,37 +1,10 @@
-"""Small datasets written in each dataset's native on-disk format, for the real loaders."""
+"""Small datasets written in each dataset's native on-disk format, for the real loaders (CIFAR-10's writer is
+:func:`slowmo.tasks.cifar10.write_batches`: the GPU benchmark writes its timing data with it)."""
 
-import pickle
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
-
-
-def write_cifar10(root: Path, per_batch: int = 16, seed: int = 0, skip: tuple[str, ...] = ()) -> Path:
-    """cifar-10-batches-py/: data_batch_1..5, test_batch (dicts with 'data' uint8 N x 3072, 'labels'),
-    batches.meta ('label_names'); keys are str, as torchvision reads them."""
-    rng = np.random.default_rng(seed)
-    folder = root / "cifar-10-batches-py"
-    folder.mkdir(parents=True, exist_ok=True)
-    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        if name in skip:
-            continue
-        labels = rng.integers(0, 10, per_batch)
-        data = rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8)
-        data[:, :1024] = (labels[:, None] * 25).astype(np.uint8)  # the red plane encodes the label: learnable
-        with open(folder / name, "wb") as f:
-            pickle.dump(
-                {
-                    "batch_label": name,
-                    "labels": labels.tolist(),
-                    "data": data,
-                    "filenames": [f"{i}.png" for i in range(per_batch)],
-                },
-                f,
-            )
-    with open(folder / "batches.meta", "wb") as f:
-        pickle.dump({"label_names": [f"class{i}" for i in range(10)], "num_cases_per_batch": per_batch}, f)
-    return root
 
 
 def write_imagefolder(root: Path, classes=("cat", "dog"), per_class: int = 4, size: int = 40, seed: int = 0) -> Path:

@@ -3,8 +3,11 @@ ResNet, standard augmentation (random crop with 4-pixel padding, horizontal flip
 
 from __future__ import annotations
 
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from ..models import ModelConfig, build_model
 from ..registry import ConfigError, setting
@@ -49,6 +52,27 @@ def _check_files(folder: Path, download: bool, verify_checksums: bool) -> None:
             f"CIFAR-10 files under {folder} fail torchvision's MD5 check: {', '.join(corrupt)}; download the official "
             f"batches again (data.download=true fetches them) ({HAND_WRITTEN})"
         )
+
+
+def write_batches(root: Path, per_batch: int, seed: int = 0) -> Path:
+    """A CIFAR-10 of ``5 * per_batch`` training and ``per_batch`` test images in torchvision's on-disk format
+    (``root/cifar-10-batches-py/``: data_batch_1..5 and test_batch, dicts of 'data', uint8 N x 3072, and 'labels';
+    batches.meta), with random pixels whose red plane encodes the label (learnable): for tests, and for timing where
+    the real batches cannot be had (``per_batch`` = 10,000: the real sizes). Read with ``data.verify_checksums=false``.
+    Returns ``root``."""
+    rng = np.random.default_rng(seed)
+    folder = Path(root) / "cifar-10-batches-py"
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        labels = rng.integers(0, 10, per_batch)
+        data = rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8)
+        data[:, :1024] = (labels[:, None] * 25).astype(np.uint8)
+        batch = {"batch_label": name, "labels": labels.tolist(), "data": data}
+        with open(folder / name, "wb") as f:
+            pickle.dump({**batch, "filenames": [f"{i}.png" for i in range(per_batch)]}, f)
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": [f"class{i}" for i in range(10)], "num_cases_per_batch": per_batch}, f)
+    return Path(root)
 
 
 @dataclass

@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from slowmo.tasks.cifar10 import write_batches
 from slowmo.train import checkpoint, run
 
-from datasets import write_cifar10, write_imagefolder, write_parallel
+from datasets import write_imagefolder, write_parallel
 
 ROOT = Path(__file__).resolve().parents[2]
 needs_cuda = pytest.mark.skipif(
@@ -26,7 +27,7 @@ def task_sections(task: str, tmp: Path) -> dict:
     if task == "digits":
         return {"model": {"name": "cnn", "width": 8}, "data": {"batch_size": 16}}
     if task == "cifar10":
-        root = write_cifar10(tmp / "cifar", per_batch=16)
+        root = write_batches(tmp / "cifar", 16)
         return {
             "task": {"name": "cifar10"},
             "model": {"name": "resnet20", "width": 8},
@@ -143,3 +144,34 @@ def test_the_gpu_benchmark_runs_at_toy_sizes_on_the_cpu(tmp_path, monkeypatch):
     assert table.count("\n| ") == 4 and "resnet50 images/s" in table and (tmp_path / "throughput.csv").is_file()
     assert "torch" in json.loads((tmp_path / "provenance.json").read_text())["machine"]
     assert table.strip() in (tmp_path / "README.md").read_text()
+
+
+def test_the_one_gpu_cifar10_preset_is_the_papers_cells_on_32_simulated_ranks_and_runs_at_toy_sizes(
+    tmp_path, monkeypatch
+):
+    """paper_cifar10_one_gpu is paper_cifar10 (32 workers x 128, the CIFAR ResNet-18, the schedule, SlowMo's settings)
+    but for where the workers run; its benchmark runs an outer step of it at toy width and data on the CPU."""
+    import importlib.util
+
+    from omegaconf import OmegaConf
+
+    from slowmo.train import compose
+
+    def flat(preset: str) -> dict:
+        tree = OmegaConf.to_container(compose([f"+experiment={preset}", "run_dir=x"]), resolve=True)
+        return {f"{s}.{k}": v for s, section in tree.items() if isinstance(section, dict) for k, v in section.items()}
+
+    paper, one = flat("paper_cifar10"), flat("paper_cifar10_one_gpu")
+    differ = {key for key in paper.keys() | one.keys() if paper.get(key) != one.get(key)}
+    assert differ == {"dist.backend", "dist.world_size", "dist.device", "data.num_workers"}
+    assert (one["dist.backend"], one["dist.world_size"], one["dist.device"]) == ("simulated", 32, "cuda")
+    assert (one["data.batch_size"], one["model.name"], one["train.max_steps"]) == (128, "resnet18", 2442)
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("one_gpu_cifar10", ROOT / "benchmarks" / "one_gpu_cifar10.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    (row,) = bench.main(["--device", "cpu", "--small", "--out", str(tmp_path)])
+    assert row["cell"] == "localsgd slowmo=on" and row["world_size"] == 32 and row["images_per_step"] == 64
+    assert 0 < row["s_per_step"] < row["s_per_run"] and row["s_per_epoch"] == pytest.approx(row["s_per_step"] * 80 / 64)
+    assert (tmp_path / "one_gpu_cifar10.md").read_text().strip() in (tmp_path / "README.md").read_text()

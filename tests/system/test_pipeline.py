@@ -7,9 +7,8 @@ import multiprocessing
 import torch
 from torch.utils.data import Dataset
 
+from slowmo.tasks.cifar10 import write_batches
 from slowmo.train import data, run
-
-from datasets import write_cifar10
 
 
 def cifar_cfg(run_dir, root, **sections):
@@ -39,7 +38,7 @@ def same(a, b):
 
 
 def test_workers_do_not_change_the_run_and_augmentation_is_on(tmp_path):
-    root = write_cifar10(tmp_path / "cifar", per_batch=16)  # 80 images: 5 steps per epoch on 2 ranks of 8
+    root = write_batches(tmp_path / "cifar", 16)  # 80 images: 5 steps per epoch on 2 ranks of 8
     for name, workers, augment in (("w0", 0, True), ("w2", 2, True), ("plain", 0, False)):
         summary = run(cifar_cfg(tmp_path / name, root, data={"num_workers": workers, "augment": augment}))
         assert summary["steps"] == 12 and summary["device"] == "cpu"
@@ -93,7 +92,7 @@ def test_sample_seeds_differ_for_nearby_triples():
 
 def test_workers_are_stopped_when_the_run_ends(tmp_path):
     """Simulated ranks live in this process, so their loaders' workers are its children: none outlives the run."""
-    root = write_cifar10(tmp_path / "cifar", per_batch=16)
+    root = write_batches(tmp_path / "cifar", 16)
     run(
         cifar_cfg(
             tmp_path / "run",
