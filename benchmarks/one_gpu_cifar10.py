@@ -37,7 +37,7 @@ SIZES = {  # images per CIFAR batch file (5 training files, 1 test file), steps 
     "full": dict(per_file=10_000, steps=13, cells=CELLS, overrides=[]),
     "small": dict(
         per_file=16,
-        steps=12,  # one outer step (tau = 12)
+        steps=2,
         cells=[("localsgd", "on")],
         overrides=["model=resnet20", "model.width=2", "data.batch_size=2", "data.num_workers=0", "dist.device=cpu"],
     ),
