@@ -25,7 +25,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-from generalization import PRESET, Runner, mean_std, paired
+from generalization import PRESET, mean_std, paired
+
+from slowmo import report
+from slowmo.cells import run_cells
 
 from readme import record
 
@@ -92,6 +95,26 @@ def figure(by_name: dict[str, list[dict]], path: Path, low: float = -20.0) -> No
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+FIELDS = ("status", "best_train_loss", "best_val_acc", "test_acc_at_best_val", "epoch_of_best_val", "steps")
+
+
+class Runner:
+    """The preset's cells, run (:func:`slowmo.cells.run_cells`) and read (:func:`slowmo.report.load_run`): each run's
+    overrides and figures (the best train loss, the best validation accuracy and the test accuracy of that
+    evaluation, the first one on ties; finished or diverged alike)."""
+
+    def __init__(self, runs: Path, jobs: int) -> None:
+        self.runs, self.jobs, self.done = runs, jobs, {}
+
+    def __call__(self, cells: list[list[str]]) -> list[dict]:
+        todo = [cell for cell in cells if ",".join(cell) not in self.done]
+        for cell, run_dir in zip(todo, run_cells(PRESET, todo, self.runs, self.jobs), strict=True):
+            numbers = report.load_run(run_dir)["numbers"]
+            overrides = " ".join([f"+experiment={PRESET}", *cell])
+            self.done[",".join(cell)] = {"overrides": overrides, **{key: numbers[key] for key in FIELDS}}
+        return [self.done[",".join(cell)] for cell in cells]
 
 
 def cell(extra: list[str], seed: int) -> list[str]:
