@@ -1,8 +1,12 @@
-"""What the benchmarks share: the optimizer, built by the training stack's own builder, and the timed loop."""
+"""What the benchmarks share: the optimizer, built by the training stack's own builder, the timed loop, and the GPU
+benchmarks' command line."""
 
 from __future__ import annotations
 
+import argparse
+import platform
 import time
+from pathlib import Path
 
 import torch
 
@@ -62,3 +66,20 @@ def timed_steps(
     opt.state_dict()  # completes the communication still in flight (its state is saved complete)
     comm.barrier()
     return start, end
+
+
+def gpu_arguments(doc: str, out: str, small: str, argv: list[str] | None) -> tuple[argparse.Namespace, str]:
+    """A GPU benchmark's command line: ``--out`` (default ``out``), ``--device cuda|cpu`` and ``--small`` (``small``
+    says what: toy sizes, the smoke run the test suite makes on the CPU); cuda without a visible GPU fails in one
+    line. Returns the arguments and the machine's name (the GPU's, or the CPU's)."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path(out))
+    parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    parser.add_argument("--small", action="store_true", help=small)
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("no CUDA GPU is visible; run on a GPU machine or pass --device cpu --small for a smoke run")
+    if args.device == "cpu" and not args.small:
+        parser.error("the full sizes are for a GPU; on the CPU pass --small")
+    machine = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu"
+    return args, machine

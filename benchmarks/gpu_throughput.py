@@ -21,10 +21,8 @@ this script keeps working where no GPU is).
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
-import platform
 import shutil
 import tempfile
 import time
@@ -43,6 +41,7 @@ from slowmo.tasks.base import ImageData, classification
 from slowmo.tasks.wmt16 import EOS, PAD, collate, translation_loss
 from slowmo.train import data, train_rank, validate
 
+from common import gpu_arguments
 from readme import record
 
 SIZES = {  # name: image px, images per batch, sentence pairs per batch, tokens per sentence, timed steps, JPEGs
@@ -301,19 +300,12 @@ def pipeline(size: dict, device: torch.device, workdir: Path, model_images_per_s
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("results/gpu_throughput"))
-    parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
-    parser.add_argument("--small", action="store_true", help="toy sizes (a smoke run, e.g. on the CPU)")
-    args = parser.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("no CUDA GPU is visible; run on a GPU machine or pass --device cpu --small for a smoke run")
+    args, machine = gpu_arguments(__doc__, "results/gpu_throughput", "toy sizes (a smoke run, e.g. on the CPU)", argv)
     device = torch.device(args.device, 0) if args.device == "cuda" else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = True
     size = SIZES["small" if args.small else "full"]
-    machine = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         image_row = images(size, device, workdir)

@@ -16,10 +16,8 @@ suite does, so that this script keeps working where no GPU is).
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
-import platform
 import tempfile
 from pathlib import Path
 
@@ -28,6 +26,7 @@ import torch
 from slowmo.tasks.cifar10 import write_batches
 from slowmo.train import compose, run
 
+from common import gpu_arguments
 from readme import record
 
 PRESET = "paper_cifar10_one_gpu"
@@ -79,17 +78,9 @@ def time_cell(cell: tuple[str, str], size: dict, root: Path, workdir: Path) -> d
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("results/one_gpu_cifar10"))
-    parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
-    parser.add_argument("--small", action="store_true", help="toy width and data, Local SGD + SlowMo (a smoke run)")
-    args = parser.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("no CUDA GPU is visible; run on a GPU machine or pass --device cpu --small for a smoke run")
-    if args.device == "cpu" and not args.small:
-        parser.error("the full sizes are for a GPU (32 ResNet-18s); on the CPU pass --small")
+    small = "toy width and data, Local SGD + SlowMo (a smoke run)"
+    args, machine = gpu_arguments(__doc__, "results/one_gpu_cifar10", small, argv)
     size = SIZES["small" if args.small else "full"]
-    machine = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu"
     with tempfile.TemporaryDirectory() as tmp:
         root = write_batches(Path(tmp) / "cifar", size["per_file"])
         rows = [time_cell(cell, size, root, Path(tmp)) for cell in size["cells"]]
