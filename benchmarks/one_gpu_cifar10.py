@@ -25,13 +25,15 @@ import torch
 
 from slowmo.tasks.cifar10 import write_batches
 from slowmo.train import compose, run
+from slowmo.train.config import sweep
 
 from common import gpu_arguments
 from readme import record
 
 PRESET = "paper_cifar10_one_gpu"
-CELLS = [(a, s) for a in ("allreduce", "localsgd", "sgp", "osgp") for s in ("off", "on")]
-SEEDS = 5  # the preset's sweep
+SWEEP = sweep(PRESET)  # its cells x seeds, as Hydra's sweeper runs them
+CELLS = list(dict.fromkeys(tuple(o.split("=")[1] for o in cell if not o.startswith("seed=")) for cell in SWEEP))
+SEEDS = len(SWEEP) // len(CELLS)
 SIZES = {  # images per CIFAR batch file (5 training files, 1 test file), steps timed, cells, overrides
     "full": dict(per_file=10_000, steps=13, cells=CELLS, overrides=[]),
     "small": dict(
@@ -66,14 +68,15 @@ def time_cell(cell: tuple[str, str], size: dict, root: Path, workdir: Path) -> d
     walls = {r["step"]: r["wall_time"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())}
     per_step = (walls[size["steps"]] - walls[1]) / (size["steps"] - 1)
     images = config.dist.world_size * config.data.batch_size
+    evaluation = summary["wall_time"] - walls[size["steps"]]  # the final one, and the run's close
     return {
         "cell": f"{algorithm} slowmo={slowmo}",
         "world_size": config.dist.world_size,
         "images_per_step": images,
         "s_per_step": per_step,
         "s_per_epoch": per_step * 5 * size["per_file"] / images,
-        "s_per_evaluation": summary["wall_time"] - walls[size["steps"]],
-        "s_per_run": per_step * steps + (steps // eval_every) * (summary["wall_time"] - walls[size["steps"]]),
+        "s_per_evaluation": evaluation,
+        "s_per_run": per_step * steps + (steps // eval_every) * evaluation,
     }
 
 
