@@ -1,6 +1,6 @@
 """Beyond SlowMo at equal inner steps: each variant of the README's "Beyond SlowMo" table against plain SlowMo, on the
-generalization benchmark (MNIST-1D, preset ``generalization_mnist1d``: 16 simulated ranks, Local SGD with H = tau =
-12, SGD + Nesterov under the step schedule, gradients clipped at norm 1), the same seeds in every cell.
+MNIST-1D block of the fidelity benchmark (preset ``fidelity_mnist1d``: 16 simulated ranks, Local SGD with H = tau =
+12, SGD + Nesterov under the step schedule; here each rank's gradient clipped at norm 1), the same seeds in every cell.
 
 Plain SlowMo runs at lr 0.1 and beta 0.7 (alpha = 1). Each variant changes one thing: int8, fp8 or fp4 pseudo-gradients
 with error feedback, the eager outer step, streaming fragments (P = 4: the CNN's 3 convolutions and its head, one
@@ -12,7 +12,7 @@ interval and p-value. Eager and streaming at d = 2 are then tuned (``TUNED``: be
 factor; the grid on seed 0, the best validation accuracy chosen) and the chosen setting is run on every seed.
 
 Writes ``results/beyond/``: ``table.md``, ``accuracy.png``, ``runs.csv`` and ``provenance.json``. Run directories go to
-``runs/generalization/`` (shared with benchmarks/generalization.py; a finished run is not run again).
+``runs/beyond/`` (a finished run is not run again).
 
     python benchmarks/beyond.py            # 43 runs, about 28 minutes on 2 CPU cores
 """
@@ -25,15 +25,16 @@ import time
 from pathlib import Path
 
 import numpy as np
-from generalization import PRESET, mean_std, paired
+from fidelity import BLOCKS, mean_std, paired
 
 from slowmo import report
 from slowmo.cells import run_cells
 
 from readme import record
 
+PRESET = BLOCKS["mnist1d"].preset
 SEEDS = (0, 1, 2)
-BASE = ["algorithm=localsgd", "slowmo=on", "optimizer.lr=0.1", "slowmo.beta=0.7"]
+BASE = ["algorithm=localsgd", "slowmo=on", "optimizer.lr=0.1", "slowmo.beta=0.7", "train.clip_grad_norm=1.0"]
 VARIANTS = {  # name -> its overrides on top of BASE
     "SlowMo (Algorithm 1)": [],
     "int8 + error feedback": ["slowmo/mean=compressed", "slowmo.mean.codec=int8"],
@@ -126,7 +127,7 @@ def cell(extra: list[str], seed: int) -> list[str]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time (one CPU thread each)")
-    parser.add_argument("--runs", type=Path, default=Path("runs/generalization"))
+    parser.add_argument("--runs", type=Path, default=Path("runs/beyond"))
     parser.add_argument("--out", type=Path, default=Path("results/beyond"))
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -157,7 +158,7 @@ def main(argv: list[str] | None = None) -> None:
         if name == "SlowMo (Algorithm 1)":
             lines.append(row + " - | - | - |")
         else:
-            mean, low, high, p = paired(accs, plain)
+            mean, low, high, p, _ = paired(accs, plain)
             lines.append(row + f" {mean:+.2f} | [{low:+.2f}, {high:+.2f}] | {p:.3f} |")
     table = "\n".join(lines) + "\n\nTuning (seed 0):\n\n" + "\n".join(tuning_lines) + "\n"
     (args.out / "table.md").write_text(table)

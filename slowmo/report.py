@@ -43,8 +43,8 @@ def numbers(run: dict[str, Any]) -> dict[str, Any]:
     """A run's figures, from its metrics (finished or not alike): the status, the steps, the best and final train
     loss, and, for the main metric m (``val_acc``, ``val_bleu``), its best value over the evaluations
     (``best_<m>``), the test metric at that evaluation (``test_<...>_at_best_val``, where the task has a test split)
-    and its epoch, its final value (``final_<m>``: the finished run's, after the last exact average) and the MiB each
-    rank sent."""
+    and its epoch, its final value (``final_<m>``: the finished run's, after the last exact average), the lowest
+    validation loss (``best_val_loss``) and the MiB each rank sent."""
     records, summary = run["metrics"], run["summary"]
     evals = [r for r in records if any(k.startswith("val_") and k != "val_loss" for k in r)]
     metric = (
@@ -64,15 +64,20 @@ def numbers(run: dict[str, Any]) -> dict[str, Any]:
         f"{test}_at_best_val": best.get(test, float("nan")),
         "epoch_of_best_val": best.get("epoch", float("nan")),
         f"final_{metric}": summary["final"][metric] if summary else float("nan"),
+        "best_val_loss": min((r["val_loss"] for r in records if "val_loss" in r), default=float("nan")),
         "mib_sent_per_rank": summary["comm_bytes"] / 2**20 if summary else float("nan"),
     }
 
 
+def base_label(algorithm: str, optimizer: str) -> str:
+    """A base algorithm's label with the base optimizer's in place of "SGD" (AR-Adam, Local Adam)."""
+    return ALGORITHMS[algorithm].label.replace("SGD", OPTIMIZERS[optimizer].label)
+
+
 def label(run: dict[str, Any]) -> str:
-    """The run's line in tables and figures: the algorithm's label with the base optimizer's in place of "SGD"
-    (AR-Adam, Local Adam), and the outer step's ("Local SGD + SlowMo")."""
+    """The run's line in tables and figures: :func:`base_label` and the outer step's ("Local SGD + SlowMo")."""
     config = run["config"]
-    name = ALGORITHMS[config["algorithm"]["name"]].label.replace("SGD", OPTIMIZERS[config["optimizer"]["name"]].label)
+    name = base_label(config["algorithm"]["name"], config["optimizer"]["name"])
     return name + (f" + {PRESETS[config['slowmo']['preset']].label}" if config["slowmo"]["enabled"] else "")
 
 
