@@ -159,17 +159,25 @@ def translation_loss(net: nn.Module, batch: dict, smoothing: float) -> torch.Ten
 
 
 @dataclass
-class WMT16Task(TaskConfig):
+class TranslationTask(TaskConfig):
+    """The ``task`` section of a translation task (WMT'16, the generated language pair)."""
+
     beam: int = setting(minimum=1)  # beam size of decoding (1: greedy)
     lenpen: float  # length penalty: a hypothesis scores sum(log p) / length ** lenpen (fairseq's)
     max_decode_len: int = setting(minimum=0)  # target tokens beyond the source length
 
 
 @dataclass
-class WMT16Data(LoaderConfig):
-    root: str | None = setting(run_control=True)  # the directory holding train.en/train.de and valid.en/valid.de
+class TranslationData(LoaderConfig):
+    """The ``data`` keys of a translation task."""
+
     max_tokens: int = setting(minimum=1)  # tokens per rank per batch (longest sentence x sentences)
     vocab_size: int = setting(minimum=8)  # joint sentencepiece BPE vocabulary (its 4 control tokens and more)
+
+
+@dataclass
+class WMT16Data(TranslationData):
+    root: str | None = setting(run_control=True)  # the directory holding train.en/train.de and valid.en/valid.de
     spm_model: str | None  # an existing sentencepiece model (else one is trained on the training text)
     test_prefix: str | None  # a test set P.en/P.de under root (e.g. newstest2014), scored as test_bleu, test_bleu_tok
 
@@ -187,27 +195,45 @@ class Pairs(Dataset):
         return self.pairs[i][0], self.pairs[i][1], self.refs[i]
 
 
+Split = tuple[list[str], list[str]]  # source lines, target lines
+
+
 @TASKS.register(
     "wmt16",
-    WMT16Task,
+    TranslationTask,
     data=WMT16Data,
     label="WMT'16 En-De",
     inputs="tokens",
     needs="a Transformer",
     imports=("sentencepiece", "sacrebleu.metrics"),
 )
-def build(task: WMT16Task, data: WMT16Data, model: ModelConfig, ctx: TaskContext) -> Task:
+def build(task: TranslationTask, data: WMT16Data, model: ModelConfig, ctx: TaskContext) -> Task:
     if data.root is None:
         raise ConfigError("task wmt16 needs data.root: the directory holding train.en/train.de and valid.en/valid.de")
     root = Path(data.root)
-    train_src, train_tgt = read_parallel(root, "train")
-    val_src, val_tgt = read_parallel(root, "valid")
-    test_src, test_tgt = read_parallel(root, data.test_prefix) if data.test_prefix else ([], [])
+    train, valid = read_parallel(root, "train"), read_parallel(root, "valid")
+    test = read_parallel(root, data.test_prefix) if data.test_prefix else None
     model_path = Path(data.spm_model) if data.spm_model else ctx.shared_dir / f"spm_bpe{data.vocab_size}.model"
+    if data.spm_model and not model_path.is_file():
+        raise ConfigError(f"data.spm_model={data.spm_model} does not exist")
+    return translation(task, data, model, ctx, train, valid, test, model_path)
+
+
+def translation(
+    task: TranslationTask,
+    data: TranslationData,
+    model: ModelConfig,
+    ctx: TaskContext,
+    train: Split,
+    valid: Split,
+    test: Split | None,
+    model_path: Path,
+) -> Task:
+    """A translation Task from its text: a joint sentencepiece BPE model (``model_path``, trained on the training
+    text if it is not there), the Transformer, label-smoothed cross-entropy, token-based batching, beam search and
+    both BLEU scores of every split (``test``: scored as ``test_*``)."""
     if not model_path.is_file():
-        if data.spm_model:
-            raise ConfigError(f"data.spm_model={data.spm_model} does not exist")
-        train_sentencepiece(train_src + train_tgt, model_path.with_suffix(""), data.vocab_size)
+        train_sentencepiece(train[0] + train[1], model_path.with_suffix(""), data.vocab_size)
     import sentencepiece as spm
 
     sp = spm.SentencePieceProcessor(model_file=str(model_path))
@@ -215,9 +241,7 @@ def build(task: WMT16Task, data: WMT16Data, model: ModelConfig, ctx: TaskContext
     def encode(src: list[str], tgt: list[str]) -> list[tuple[list[int], list[int]]]:
         return [(s + [EOS], t + [EOS]) for s, t in zip(sp.encode(src), sp.encode(tgt), strict=True)]
 
-    train_set, val_set, test_set = (
-        encode(*split) for split in ((train_src, train_tgt), (val_src, val_tgt), (test_src, test_tgt))
-    )
+    train_set, val_set = encode(*train), encode(*valid)
     lengths = [max(len(s), len(t)) for s, t in train_set]
     net = build_model(model, vocab_size=sp.get_piece_size(), pad_id=PAD)
 
@@ -244,15 +268,15 @@ def build(task: WMT16Task, data: WMT16Data, model: ModelConfig, ctx: TaskContext
 
     return Task(
         net,
-        Pairs(train_set, train_tgt),
-        Pairs(val_set, val_tgt),
+        Pairs(train_set, train[1]),
+        Pairs(val_set, valid[1]),
         collate,
         train_batches,
         loss,
         eval_sums,
         metrics,
         main_metric="val_bleu",
-        test_set=Pairs(test_set, test_tgt) if data.test_prefix else None,
+        test_set=Pairs(encode(*test), test[1]) if test else None,
         notes={
             "val_bleu": f"sacreBLEU {sacrebleu_signature()}",
             "val_bleu_tok": "tokenized BLEU-4 (13a tokens, compound-split as fairseq's compound_split_bleu.sh, "

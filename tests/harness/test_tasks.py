@@ -184,3 +184,71 @@ def test_mnist1d_is_the_packages_generator_split_into_train_val_and_a_held_out_t
     assert len(evals) == 2 and all("test_acc" in r for r in evals)
     at_best = next(r for r in evals if r["val_acc"] == max(e["val_acc"] for e in evals))  # the first best
     assert summary["best"]["test_acc"] == at_best["test_acc"]  # the test score at the best validation point
+
+
+def test_the_generated_language_pair_follows_its_grammar(tmp_path):
+    """Every target sentence is what a translator written here from German grammar makes of its source sentence with
+    the pair's dictionary: articles and adjective endings by gender, article and case (a masculine object takes the
+    accusative), nouns capitalized, the adverb before the object in a main clause, the verb last after ', dass'."""
+    from slowmo.tasks.synthetic_translation import Language, generate
+
+    language = Language(300, 5)
+    word_class = {w: (cls, i) for cls, words in language.source.items() for i, w in enumerate(words)}
+    articles = {("the", "nom"): "der die das", ("the", "acc"): "den die das", ("a", "nom"): "ein eine ein",
+                ("a", "acc"): "einen eine ein"}  # fmt: skip
+    endings = {("the", "nom"): "e e e", ("the", "acc"): "en e e", ("a", "nom"): "er e es", ("a", "acc"): "en e es"}
+
+    def phrase(words: list[str], case: str) -> list[str]:
+        article, *adjectives, noun = words
+        i = word_class[noun][1]
+        g = "mfn".index(language.gender[i])
+        out = [articles[(article, case)].split()[g]]
+        out += [
+            language.target["adjective"][word_class[a][1]] + endings[(article, case)].split()[g] for a in adjectives
+        ]
+        return out + [language.target["noun"][i].capitalize()]
+
+    def clause(words: list[str], subordinate: bool) -> list[str]:
+        verb_at = next(j for j, w in enumerate(words) if word_class.get(w, ("",))[0] == "verb")
+        subject, verb, rest = words[:verb_at], words[verb_at], words[verb_at + 1 :]
+        adverb = [language.target["adverb"][word_class[rest[-1]][1]]] if word_class[rest[-1]][0] == "adverb" else []
+        obj = phrase(rest[: len(rest) - len(adverb)], "acc")
+        v = language.target["verb"][word_class[verb][1]]
+        return (
+            [*phrase(subject, "nom"), *adverb, *obj, v] if subordinate else [*phrase(subject, "nom"), v, *adverb, *obj]
+        )
+
+    train, valid, test = generate(300, (400, 20, 0), 0.5, 5)
+    assert test == ([], []) and len(train[0]) == 400 and len(valid[1]) == 20
+    seen_sub = seen_acc = 0
+    for source, target in zip(*train, strict=True):
+        tokens = (source[0].lower() + source[1:-1]).split()  # without the capital and the full stop
+        cut = tokens.index("that") if "that" in tokens else len(tokens)
+        out = clause(tokens[:cut], False)
+        if cut < len(tokens):
+            out = [*out[:-1], out[-1] + ",", "dass", *clause(tokens[cut + 1 :], True)]
+            seen_sub += 1
+        seen_acc += "den" in out or "einen" in out
+        expected = " ".join(out) + "."
+        assert target == expected[0].upper() + expected[1:], source
+    assert 150 < seen_sub < 250 and seen_acc > 50  # both clause kinds and the accusative, often
+    assert generate(300, (400, 20, 0), 0.5, 5)[0] == train and generate(300, (400, 20, 0), 0.5, 6)[0] != train
+    assert not set(train[0]) & set(valid[0])  # (a sentence drawn twice would be in both; none at this size)
+
+
+def test_the_generated_language_pair_trains_with_bleu_on_validation_and_test(tmp_path):
+    summary = run(
+        cfg(
+            tmp_path,
+            "synthetic_translation",
+            {"train_sentences": 64, "valid_sentences": 6, "test_sentences": 6, "lexicon": 40, "vocab_size": 60,
+             "max_tokens": 96, "eval_batch_size": 4},
+            {"name": "transformer_tiny"},
+            task={"name": "synthetic_translation", "max_decode_len": 4, "beam": 2},
+            optimizer={"name": "adam", "lr": 0.001},
+            train={"max_steps": 4, "eval_every": 2},
+        )
+    )  # fmt: skip
+    final = summary["final"]
+    assert 0.0 <= final["val_bleu"] <= 100.0 and final["val_loss"] > 0 and {"test_bleu", "test_loss"} <= set(final)
+    assert list((tmp_path / "run").glob("spm_bpe60.model"))
