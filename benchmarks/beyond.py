@@ -6,7 +6,7 @@ Plain SlowMo runs at lr 0.1 and beta 0.7 (alpha = 1). Each variant changes one t
 with error feedback, the eager outer step, streaming fragments (P = 4: the CNN's 3 convolutions and its head, one
 fragment every 3 steps, each merged d = 2 steps after its launch, or at once, d = 0, which isolates the fragments
 from the delay), torch's Nesterov outer step instead of the heavy ball, and post-local SGD (the first 78 steps
-data-parallel). The papers claim these match the synchronous method at equal steps; each row gives the mean ± std
+data-parallel). The papers claim these match the synchronous method at equal steps; each row gives the mean ± sample std
 over the seeds and the seed-by-seed (paired) difference in test accuracy against plain SlowMo, with its 95 % t
 interval and p-value. Eager and streaming at d = 2 are then tuned (``TUNED``: beta, outer Nesterov, the mixing
 factor; the grid on seed 0, the best validation accuracy chosen) and the chosen setting is run on every seed.
@@ -25,10 +25,11 @@ import time
 from pathlib import Path
 
 import numpy as np
-from fidelity import BLOCKS, mean_std, paired
+from fidelity import BLOCKS, paired
 
 from slowmo import report
 from slowmo.cells import run_cells
+from slowmo.report import mean_std
 
 from readme import record
 
@@ -154,7 +155,7 @@ def main(argv: list[str] | None = None) -> None:
     ]
     for name, rs in by_name.items():
         losses, accs = [r["best_train_loss"] for r in rs], [r["test_acc_at_best_val"] for r in rs]
-        row = f"| {name} | {np.mean(losses):.4f} ± {np.std(losses):.4f} | {mean_std(accs)} |"
+        row = f"| {name} | {mean_std(losses, 4)} | {mean_std(accs)} |"
         if name == "SlowMo (Algorithm 1)":
             lines.append(row + " - | - | - |")
         else:

@@ -58,6 +58,7 @@ from scipy import stats
 
 from slowmo import report
 from slowmo.cells import run_cells
+from slowmo.report import mean_std
 from slowmo.train.config import compose, sweep
 
 from readme import record
@@ -406,16 +407,6 @@ def holm(pvalues: list[float]) -> list[float]:
         running = max(running, min(1.0, (len(pvalues) - i) * pvalues[j]))
         adjusted[j] = running
     return adjusted
-
-
-def mean_std(values: list[float], digits: int = 2) -> str:
-    """mean ± sample std (ddof 1); one value: no ±."""
-    values = [v for v in values if not np.isnan(v)]
-    if not values:
-        return "n/a"
-    if len(values) == 1:
-        return f"{values[0]:.{digits}f}"
-    return f"{np.mean(values):.{digits}f} ± {np.std(values, ddof=1):.{digits}f}"
 
 
 # ------------------------------------------------------------------------------------------------ tables

@@ -1,7 +1,7 @@
 """The paper's claims at small scale, with seeds: 16 simulated ranks on scikit-learn's digits (offline, CPU).
 
 Four experiment presets (``configs/experiment/<preset>.yaml``), each a sweep over its cells and 3 seeds (mean ±
-std), all at the same number of inner steps:
+sample std), all at the same number of inner steps:
 
 - ``repro_table1_digits``: AR-SGD, Local SGD (H = tau), SGP and OSGP, each without and with SlowMo (tau = 12,
   alpha = 1, beta = 0.7, base momentum buffers reset at every outer step, as in the paper's CIFAR-10 setup);
@@ -11,9 +11,9 @@ std), all at the same number of inner steps:
 - ``repro_tau``: Local SGD (H = tau) without and with SlowMo for tau in 6, 12, 24, 48.
 
 Writes ``results/reproduce/``: ``<preset>.csv`` (one row per run, with the overrides that made it), ``<preset>.md``
-(mean ± std per cell), ``<preset>_curves.png`` (train loss and val accuracy against epoch, as the paper's figures)
-or ``<preset>.png`` (the ablations), ``provenance.json`` and the ``README.md`` of them. The run directories go to
-``runs/reproduce/`` (not committed); a finished run is not run again. Any cell can be re-run on its own:
+(mean ± sample std per cell), ``<preset>_curves.png`` (train loss and val accuracy against epoch, as the paper's
+figures) or ``<preset>.png`` (the ablations), ``provenance.json`` and the ``README.md`` of them. The run directories go
+to ``runs/reproduce/`` (not committed); a finished run is not run again. Any cell can be re-run on its own:
 ``python experiments/digits/train.py +experiment=<preset> <the cell's overrides>``.
 
     python benchmarks/reproduce.py            # all four: about 7 min on 2 CPU cores, 2 runs at a time
@@ -60,6 +60,8 @@ def summarize(rows: list[dict], out: Path, experiment: str) -> str:
         writer.writeheader()
         writer.writerows(rows)
     lines = [
+        "Mean ± sample std (ddof 1) over the seeds.",
+        "",
         "| cell | run | seeds | best train loss | final train loss | best val acc (%) | final val acc (%) | "
         "MiB sent / rank |",
         "|---|---|---|---|---|---|---|---|",
@@ -67,12 +69,12 @@ def summarize(rows: list[dict], out: Path, experiment: str) -> str:
     for cell in dict.fromkeys(r["cell"] for r in rows):
         members = [r for r in rows if r["cell"] == cell]
         stats = {
-            key: f"{np.mean([m[key] for m in members]):{fmt}} ± {np.std([m[key] for m in members]):{fmt}}"
-            for key, fmt in (
-                ("best_train_loss", ".4f"),
-                ("final_train_loss", ".4f"),
-                ("best_val_acc", ".2f"),
-                ("final_val_acc", ".2f"),
+            key: report.mean_std([m[key] for m in members], digits)
+            for key, digits in (
+                ("best_train_loss", 4),
+                ("final_train_loss", 4),
+                ("best_val_acc", 2),
+                ("final_val_acc", 2),
             )
         }
         lines.append(
@@ -100,7 +102,7 @@ def ablation_figure(rows: list[dict], key: str, path: Path, title: str) -> None:
             ax.errorbar(
                 xs,
                 [np.mean(v) for v in values],
-                yerr=[np.std(v) for v in values],
+                yerr=[np.std(v, ddof=1) for v in values],
                 marker="o",
                 capsize=3,
                 label=members[0]["label"].replace(" + SlowMo", "") + (" + SlowMo" if slowmo_on else ""),
@@ -146,7 +148,7 @@ def main(argv: list[str] | None = None) -> None:
                 args.out / f"{preset}_curves.png",
                 "epoch",
                 f"{where}, tau = {setup['slowmo']['tau']}, beta = {setup['slowmo']['beta']}, {seeds} seeds "
-                "(mean ± std)",
+                "(mean ± sample std)",
             )
         else:
             key = preset.split("_")[1]

@@ -2,8 +2,10 @@
 
     python scripts/plot.py RUN_DIR [RUN_DIR ...] --out results/my_sweep [--title "CIFAR-10, 8 ranks"]
 
-Writes table.csv, table.md, curves_epoch.png and curves_time.png in --out; runs that differ only in their seed
-are averaged (mean line, +-std band). A sweep's directory may be given instead of its runs."""
+Writes table.csv, table.md, curves_epoch.png and curves_time.png in --out. Runs that differ only in their seed are one
+cell (mean line, a band of ± one sample std; mean ± sample std in the table); runs that differ in anything else (lr,
+beta, tau, world size, backend, ...) are cells of their own, named by what differs. The default title names the task
+and what differs. A sweep's directory may be given instead of its runs."""
 
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", help="run directories, or directories that contain them")
     parser.add_argument("--out", required=True, type=Path)
-    parser.add_argument("--title", default="")
+    parser.add_argument("--title", default=None, help="default: the task and what differs")
     args = parser.parse_args(argv)
     dirs = find_runs(args.runs)
     if not dirs:

@@ -1,12 +1,14 @@
 """Tables and paper-style figures from run directories alone (``config.yaml``, ``metrics.jsonl``, ``summary.json``).
 
-Runs that differ only in their seed are one line: the mean, with a +-std band (and mean +- std in tables)."""
+Runs that differ only in their seed are one cell (:func:`group`): one line, the mean with a band of ± one sample std,
+and mean ± sample std in tables; cells are named by what tells them apart."""
 
 from __future__ import annotations
 
 import csv
 import json
-from collections import defaultdict
+import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +59,7 @@ def numbers(run: dict[str, Any]) -> dict[str, Any]:
     losses = [r["train_loss"] for r in records if "train_loss" in r]
     return {
         "status": run["status"],
+        "main_metric": metric,
         "steps": summary["steps"] if summary else (records[-1]["step"] if records else 0),
         "best_train_loss": min(losses, default=float("nan")),
         "final_train_loss": losses[-1] if losses else float("nan"),
@@ -76,52 +79,134 @@ def base_label(algorithm: str, optimizer: str) -> str:
 
 def label(run: dict[str, Any]) -> str:
     """The run's line in tables and figures: :func:`base_label` and the outer step's ("Local SGD + SlowMo")."""
-    config = run["config"]
-    name = base_label(config["algorithm"]["name"], config["optimizer"]["name"])
-    return name + (f" + {PRESETS[config['slowmo']['preset']].label}" if config["slowmo"]["enabled"] else "")
+    return _label_of(run["config"])
+
+
+# what a cell is not: the seed, where a run lies and what it is called, how it logs, and launcher instructions
+NOT_THE_CELL = ("seed", "run_dir", "experiment", "logger.", "train.overwrite", "train.resume", "data.root",
+                "data.spm_model", "dist.lighthouse")  # fmt: skip
+
+
+def settings(run: dict[str, Any]) -> dict[str, Any]:
+    """A run's cell: every resolved config value (``section.key``) but the seed, paths, names and logging; the outer
+    step's keys only when it is on."""
+    flat: dict[str, Any] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        for key, value in node.items():
+            if isinstance(value, dict):
+                walk(value, f"{prefix}{key}.")
+            else:
+                flat[prefix + key] = value
+
+    walk(run["config"], "")
+    off = not flat.get("slowmo.enabled", True)
+    return {
+        key: value
+        for key, value in flat.items()
+        if not key.startswith(NOT_THE_CELL) and not (off and key.startswith("slowmo.") and key != "slowmo.enabled")
+    }
+
+
+def _frozen(settings: dict[str, Any]) -> tuple:
+    return tuple(sorted((key, json.dumps(value, sort_keys=True)) for key, value in settings.items()))
 
 
 def group(runs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
-    groups: dict[str, list] = defaultdict(list)
+    """The runs by cell (runs that differ in nothing but their seed), one run per seed (a second run of a cell's seed
+    is left out, with a note on stderr); each cell named by :func:`label` and the settings that tell it from the
+    other cells (``Local SGD + SlowMo, beta=0.3``), in the order of the runs."""
+    cells: dict[tuple, dict[int, dict[str, Any]]] = {}
     for run in runs:
-        groups[label(run)].append(run)
-    return dict(groups)
+        members = cells.setdefault(_frozen(settings(run)), {})
+        seed = run["config"].get("seed")
+        if seed in members:
+            print(f"note: {run['dir']} repeats seed {seed} of {members[seed]['dir']}; left out", file=sys.stderr)
+        else:
+            members[seed] = run
+    return {name: list(members.values()) for name, members in zip(_names(list(cells)), cells.values(), strict=True)}
+
+
+def differing(keys: list[tuple]) -> list[str]:
+    """The settings with more than one value among the cells of ``keys`` (:func:`_frozen` settings) that have them (a
+    setting only some cells have, an algorithm's own or the outer step's, is told by the label)."""
+    values: dict[str, set] = {}
+    for key in keys:
+        for name, value in key:
+            values.setdefault(name, set()).add(value)
+    return sorted(name for name, seen in values.items() if len(seen) > 1)
+
+
+NAMED_BY_LABEL = ("algorithm.name", "optimizer.name", "slowmo.enabled", "slowmo.preset")
+
+
+def _names(keys: list[tuple]) -> list[str]:
+    shown = [k for k in differing(keys) if k not in NAMED_BY_LABEL]
+    short = {k: k.rsplit(".", 1)[-1] for k in shown}
+    short = {k: v if list(short.values()).count(v) == 1 else k for k, v in short.items()}
+    names = []
+    for key in keys:
+        settings = dict(key)
+        config: dict[str, Any] = {}
+        for name in NAMED_BY_LABEL:  # the label's own settings, as a config
+            section, field = name.split(".")
+            config.setdefault(section, {})[field] = json.loads(settings.get(name, "null"))
+        base = _label_of(config)
+        extra = ", ".join(f"{short[k]}={json.loads(settings[k])}" for k in shown if k in settings)
+        names.append(f"{base}, {extra}" if extra else base)
+    return names
+
+
+def _label_of(config: dict[str, Any]) -> str:
+    name = base_label(config["algorithm"]["name"], config["optimizer"]["name"])
+    outer = config["slowmo"]
+    return name + (f" + {PRESETS[outer['preset']].label}" if outer.get("enabled") and outer.get("preset") else "")
+
+
+def title(runs: list[dict[str, Any]]) -> str:
+    """A figure's default title: the task, the ranks and the steps (when all runs share them), and what differs."""
+    from .tasks import TASKS
+
+    first = runs[0]["config"]
+    parts = [TASKS[first["task"]["name"]].label]
+    for key, unit in (("dist.world_size", "ranks"), ("train.max_steps", "steps")):
+        values = {json.dumps(settings(r).get(key)) for r in runs}
+        if len(values) == 1:
+            parts.append(f"{json.loads(values.pop())} {unit}")
+    varies = [k.rsplit(".", 1)[-1] for k in differing([_frozen(settings(r)) for r in runs]) if k not in NAMED_BY_LABEL]
+    return ", ".join(parts) + (f"; by {', '.join(dict.fromkeys(varies))}" if varies else "")
+
+
+def mean_std(values: list[float], digits: int = 2) -> str:
+    """``mean ± sample std`` (ddof 1) of the finite values; one value alone (no ±); none: n/a."""
+    finite = [v for v in values if not np.isnan(v)]
+    if not finite:
+        return "n/a"
+    if len(finite) == 1:
+        return f"{finite[0]:.{digits}f}"
+    return f"{np.mean(finite):.{digits}f} ± {np.std(finite, ddof=1):.{digits}f}"
 
 
 def _main_metric(run: dict[str, Any]) -> str:
-    return run["summary"]["main_metric"]
-
-
-def _last_train_loss(run: dict[str, Any]) -> float:
-    return [m for m in run["metrics"] if "train_loss" in m][-1]["train_loss"]
-
-
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    return float(np.mean(values)), float(np.std(values))
+    return run["numbers"]["main_metric"]
 
 
 def table(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per algorithm: final train loss, final and best validation metric, bytes per rank, wall time."""
+    """One row per cell: seeds, final train loss, final and best validation metric (mean and sample std over the
+    seeds; the std is None for one seed), bytes per rank, wall time."""
     rows = []
     for name, members in group(runs).items():
         metric = _main_metric(members[0])
-        loss = _mean_std([_last_train_loss(r) for r in members])
-        final = _mean_std([r["summary"]["final"][metric] for r in members])
-        best = _mean_std([r["summary"]["best"][metric] for r in members])
-        rows.append(
-            {
-                "algorithm": name,
-                "seeds": len(members),
-                "steps": members[0]["summary"]["steps"],
-                "train_loss": loss[0],
-                "train_loss_std": loss[1],
-                metric: final[0],
-                f"{metric}_std": final[1],
-                f"best_{metric}": best[0],
-                "mib_sent_per_rank": members[0]["summary"]["comm_bytes"] / 2**20,
-                "wall_time_s": float(np.mean([r["summary"]["wall_time"] for r in members])),
-            }
-        )
+        numbers = [r["numbers"] for r in members]
+        row: dict[str, Any] = {"cell": name, "seeds": len(members), "steps": numbers[0]["steps"]}
+        for key, column in (("final_train_loss", "train_loss"), (f"final_{metric}", metric),
+                            (f"best_{metric}", f"best_{metric}")):  # fmt: skip
+            values = [n[key] for n in numbers]
+            row[column] = float(np.mean(values))
+            row[f"{column}_std"] = float(np.std(values, ddof=1)) if len(values) > 1 else None
+        row["mib_sent_per_rank"] = float(np.mean([n["mib_sent_per_rank"] for n in numbers]))
+        row["wall_time_s"] = float(np.mean([r["summary"]["wall_time"] for r in members if r["summary"]] or [np.nan]))
+        rows.append(row)
     return rows
 
 
@@ -135,16 +220,22 @@ def write_table(rows: list[dict[str, Any]], out_dir: Path, source: str | None = 
         writer.writeheader()
         writer.writerows(rows)
     metric = next(k for k in keys if k.startswith("val_") and not k.endswith("_std"))
+    unit = metric_label(metric)
+
+    def cell(r: dict[str, Any], key: str, digits: int) -> str:
+        std = r[f"{key}_std"]
+        return f"{r[key]:.{digits}f}" + ("" if std is None else f" ± {std:.{digits}f}")
+
     lines = [
-        f"| algorithm | seeds | steps | train loss | {metric} | best {metric} | MiB sent / rank | time (s) |",
+        f"| cell | seeds | steps | train loss | final {unit} | best {unit} | MiB sent / rank | time (s) |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['algorithm']} | {r['seeds']} | {r['steps']} | {r['train_loss']:.4f} ± {r['train_loss_std']:.4f} "
-            f"| {r[metric]:.2f} ± {r[metric + '_std']:.2f} | {r['best_' + metric]:.2f} "
-            f"| {r['mib_sent_per_rank']:.2f} | {r['wall_time_s']:.1f} |"
+            f"| {r['cell']} | {r['seeds']} | {r['steps']} | {cell(r, 'train_loss', 4)} | {cell(r, metric, 2)} "
+            f"| {cell(r, 'best_' + metric, 2)} | {r['mib_sent_per_rank']:.2f} | {r['wall_time_s']:.1f} |"
         )
+    lines = ["Mean ± sample std (ddof 1) over the seeds; a cell of one seed shows its value alone.", ""] + lines
     if source:
         lines = [f"Made by `{source}`.", ""] + lines
     markdown = "\n".join(lines) + "\n"
@@ -152,38 +243,56 @@ def write_table(rows: list[dict[str, Any]], out_dir: Path, source: str | None = 
     return markdown
 
 
+UNITS = {"acc": "accuracy (%)", "bleu": "BLEU", "bleu_tok": "tokenized BLEU", "loss": "loss"}
+
+
+def metric_label(key: str) -> str:
+    """An axis or column label with its unit: ``val_acc`` -> ``validation accuracy (%)``, ``train_loss`` -> ``train
+    loss``, ``val_acc_top5`` -> ``validation top-5 accuracy (%)``."""
+    split, _, name = key.partition("_")
+    split = {"val": "validation", "test": "test", "train": "train"}.get(split, split)
+    top = re.fullmatch(r"acc_top(\d+)", name)
+    what = f"top-{top.group(1)} accuracy (%)" if top else UNITS.get(name, name.replace("_", " "))
+    return f"{split} {what}"
+
+
 def _curve(members: list[dict[str, Any]], x: str, y: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     series = [[(m[x], m[y]) for m in r["metrics"] if y in m] for r in members]
     length = min(len(s) for s in series)
     xs = np.mean([[p[0] for p in s[:length]] for s in series], axis=0)
     ys = np.array([[p[1] for p in s[:length]] for s in series])
-    return xs, ys.mean(0), ys.std(0)
+    return xs, ys.mean(0), ys.std(0, ddof=1) if len(series) > 1 else np.zeros(length)
 
 
-def figure(runs: list[dict[str, Any]], path: Path, x: str = "epoch", title: str = "") -> None:
-    """Train loss (log scale) and the validation metric against ``x`` (step, epoch or wall_time)."""
+def figure(runs: list[dict[str, Any]], path: Path, x: str = "epoch", title_: str | None = None) -> None:
+    """Train loss (log scale) and the validation metric (a marker at each evaluation) against ``x`` (step, epoch or
+    wall_time), a line per cell (mean over its seeds, a band of ± one sample std where it has more than one); the
+    title names the task and what differs unless ``title_`` is given."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     metric = _main_metric(runs[0])
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for name, members in sorted(group(runs).items()):
-        style = "-" if "SlowMo" in name else "--"
-        for ax, y in zip(axes, ("train_loss", metric), strict=True):
+    cells = group(runs)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.4))
+    for name, members in cells.items():
+        style = "-" if members[0]["config"]["slowmo"]["enabled"] else "--"
+        for ax, y, marker in zip(axes, ("train_loss", metric), ("", "o"), strict=True):
             xs, mean, std = _curve(members, x, y)
-            (line,) = ax.plot(xs, mean, style, label=name, linewidth=1.6)
+            label = f"{name} ({len(members)} seed{'s' if len(members) > 1 else ''})"
+            (line,) = ax.plot(xs, mean, style, marker=marker, markersize=3, label=label, linewidth=1.6)
             if len(members) > 1:
                 ax.fill_between(xs, mean - std, mean + std, color=line.get_color(), alpha=0.2)
     xlabel = {"epoch": "epoch", "step": "inner step", "wall_time": "wall time (s)"}[x]
-    axes[0].set(yscale="log", xlabel=xlabel, ylabel="train loss")
-    axes[1].set(xlabel=xlabel, ylabel=metric)
+    axes[0].set(yscale="log", xlabel=xlabel, ylabel=metric_label("train_loss"))
+    axes[1].set(xlabel=xlabel, ylabel=metric_label(metric))
     for ax in axes:
         ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=8)
-    if title:
-        fig.suptitle(title)
+        ax.legend(fontsize=7)
+    bands = any(len(m) > 1 for m in cells.values())
+    heading = title(runs) if title_ is None else title_
+    fig.suptitle(heading + ("  (mean; band: ± 1 sample std over seeds)" if bands else ""), fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)

@@ -11,12 +11,14 @@ from __future__ import annotations
 import difflib
 import os
 import sys
+from typing import Any
 
 import hydra
 from hydra._internal.utils import get_args_parser
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException, MissingConfigException, OverrideParseException
+from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
@@ -77,6 +79,15 @@ def _main(cfg: DictConfig) -> None:
         f"done{note}: {summary['steps']} steps, {final}, {summary['comm_bytes'] / 2**20:.1f} MiB sent per rank, "
         f"{summary['wall_time']:.1f} s -> {summary['run_dir']}"
     )
+
+
+class SweepEnd(Callback):
+    """A sweep's last line: its directory, and the command that tabulates and plots its runs by cell."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep = os.path.abspath(config.hydra.sweep.dir)
+        print(f"sweep done: its runs are in {sweep}; compare them with: python scripts/plot.py {sweep} --out "
+              f"{sweep}/plots", flush=True)  # fmt: skip
 
 
 def _exit(line: str, code: int) -> None:

@@ -61,6 +61,10 @@ def test_a_hydra_multirun_sweep(tmp_path):
     assert len(summaries) == 4
     names = {p.parent.name for p in summaries}
     assert "algorithm=sgp,slowmo=on,train.eval_every=0,train.max_steps=12" in names
+    assert out.stdout.splitlines()[-1] == (  # the sweep's last line: where it is, and how to compare its cells
+        f"sweep done: its runs are in {tmp_path}; compare them with: python scripts/plot.py {tmp_path} --out "
+        f"{tmp_path}/plots"
+    )
 
 
 def test_the_plot_script_draws_figures_and_a_table(tmp_path):
