@@ -10,6 +10,7 @@ saying where: an outcome to report, not an error.
 from __future__ import annotations
 
 import json
+import os
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -38,8 +39,9 @@ def _one(work: tuple[str, list[str], Path, bool, bool]) -> Path:
     preset, cell, directory, fresh, pooled = work
     if not fresh and ((directory / "summary.json").is_file() or (directory / "diverged.json").is_file()):
         return directory
-    if pooled:
-        torch.set_num_threads(1)  # the pool's size is the parallelism
+    if pooled:  # the pool's size is the parallelism: one thread per run, simulated or gloo ranks alike
+        os.environ["OMP_NUM_THREADS"] = "1"
+        torch.set_num_threads(1)
     start = time.time()
     overrides = [f"+experiment={preset}", *cell, *(["train.overwrite=true"] if fresh else [])]
     try:

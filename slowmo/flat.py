@@ -10,9 +10,12 @@ as BatchNorm statistics, optimizer state).
 
 from __future__ import annotations
 
+import functools
+import weakref
 from collections.abc import Sequence
 
 import torch
+from torch.utils.hooks import RemovableHandle
 
 from .comm import Communicator
 from .comm.base import Work
@@ -61,6 +64,7 @@ class FlatParameters:
         self.grad = torch.zeros_like(self.data)
         self.ranges: list[tuple[int, int]] = []
         self.grad_views: list[torch.Tensor | None] = []
+        self._addresses: list[int] = []  # where each parameter's view starts: owns() compares
         self.generation = 0  # counts what brings new gradients: zero_grad, replaced gradients, backward (GradientMean)
         offset = 0
         with torch.no_grad():
@@ -68,11 +72,17 @@ class FlatParameters:
                 view = self.data.as_strided(p.shape, p.stride(), offset)
                 view.copy_(p)
                 p.data = view
+                self._addresses.append(view.data_ptr())
                 grad = self.grad.as_strided(p.shape, p.stride(), offset) if p.requires_grad else None
                 p.grad = grad
                 self.grad_views.append(grad)
                 self.ranges.append((offset, offset + p.numel()))
                 offset += p.numel()
+
+    def owns(self, index: int) -> bool:
+        """Whether parameter ``index`` still lives in this buffer: False once a newer FlatParameters took it over (a
+        second optimizer built over the same model) or the model was moved."""
+        return self.params[index].data_ptr() == self._addresses[index]
 
     @property
     def values(self) -> torch.Tensor:
@@ -127,6 +137,11 @@ class GradientMean:
     the optimizer, by the model or set to None; gradients assigned by hand, found replaced; ``zero_grad``); a second
     call with nothing new does nothing.
 
+    The hooks live as long as this object (the optimizer that holds it) and only while :class:`FlatParameters` still
+    holds the parameters: they are removed when it is dropped (garbage-collected), and remove themselves the first
+    time they fire after a newer optimizer took the parameters over, so a replaced optimizer never sends a byte or
+    touches a gradient again.
+
     :attr:`enabled` (True) is the switch of the hooks: while False they launch nothing (they still record that new
     gradients came), so a backward pass sends no bytes; set it between steps only (LocalSGD's warm-up turns the
     gradient mean over all ranks off after its last warm-up step). :meth:`wait` still averages if called.
@@ -152,17 +167,27 @@ class GradientMean:
             self._size[bucket] += flat.params[index].requires_grad
         self._reset()
         self._generation = -1  # the FlatParameters.generation last averaged
+        self._handles: list[RemovableHandle] = []
         if comm.world_size > 1:
+            me = weakref.ref(self)  # the hooks must not keep a dropped optimizer alive
             for index, p in enumerate(flat.params):
                 if p.requires_grad:
-                    p.register_post_accumulate_grad_hook(lambda _, index=index: self._ready(index))
+                    self._handles.append(p.register_post_accumulate_grad_hook(functools.partial(_hook, me, index)))
+            weakref.finalize(self, _remove, self._handles)
 
     def _reset(self) -> None:
         self._pending = [0] * len(self.buckets)
         self._launched = 0
         self._works: list[Work] = []
 
+    def remove(self) -> None:
+        """Remove the hooks: the backward pass no longer launches this mean's collectives."""
+        _remove(self._handles)
+
     def _ready(self, index: int) -> None:
+        if not self.flat.owns(index):  # a newer optimizer holds the parameters now: this one is done
+            self.remove()
+            return
         self.flat.generation += 1  # backward brought new gradients
         self.flat.attach_grad(index)
         if not self.comm.overlaps or not self.enabled:
@@ -191,3 +216,16 @@ class GradientMean:
         if self.comm.world_size > 1:
             self.flat.grad.div_(self.comm.world_size)
         self._reset()
+
+
+def _hook(mean: weakref.ref[GradientMean], index: int, _: torch.Tensor) -> None:
+    """A post-accumulate-grad hook of ``mean`` (while it lives) for parameter ``index``."""
+    alive = mean()
+    if alive is not None:
+        alive._ready(index)
+
+
+def _remove(handles: list[RemovableHandle]) -> None:
+    for handle in handles:
+        handle.remove()
+    handles.clear()

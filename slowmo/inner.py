@@ -98,6 +98,11 @@ class DistributedOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if not self.flat.owns(0):
+            raise RuntimeError(
+                "this optimizer's parameters no longer live in its flat buffer: a newer slowmo optimizer was built "
+                "over the same model (step that one), or the model was moved after this one was built (build it after)"
+            )
         if not self._started:
             self._start()
         self.flat.attach_grads()

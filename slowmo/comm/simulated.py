@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from .base import CommError, Communicator, Completed, Work
+from .launch import threads_per_rank
 
 
 class _Cluster:
@@ -172,14 +173,20 @@ def _sum_in_rank_order(parts: list[torch.Tensor]) -> torch.Tensor:
 
 
 def run_simulated(fn: Callable, world_size: int, args: tuple, timeout: float) -> list:
-    """Run ``fn(comm, *args)`` on ``world_size`` simulated ranks (threads); return the results in rank order."""
+    """Run ``fn(comm, *args)`` on ``world_size`` simulated ranks (threads); return the results in rank order. Each rank
+    computes with the CPU threads a gloo rank of the same world would get (:func:`~slowmo.comm.launch.threads_per_rank`:
+    ``OMP_NUM_THREADS``, or the cores shared among the ranks), so that a run gives the same numbers, bit for bit, on
+    both backends (torch's reductions over more threads add in another order)."""
     cluster = _Cluster(world_size, timeout)
     world = tuple(range(world_size))
     results: list = [None] * world_size
     errors: list[BaseException | None] = [None] * world_size
     start_rng = _rng_states()
 
+    threads_each = threads_per_rank(local_world_size=world_size)
+
     def body(rank: int) -> None:
+        torch.set_num_threads(threads_each)  # (this thread's own setting, not the caller's)
         with cluster.cond:
             _set_rng_states(start_rng)
             try:

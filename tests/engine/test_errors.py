@@ -84,3 +84,34 @@ def test_zero_lr_at_an_outer_step():
     opt.param_groups[0]["lr"] = 0.0
     with pytest.raises(ValueError, match="SlowMo divides by the base lr at the outer step, but it is 0.0"):
         opt.step()
+
+
+def _hooked_then_dropped(comm):
+    """A DistributedOptimizer over AllReduce, stepped once and dropped: the next backward pass leaves the gradients
+    where autograd puts them (no hook of the dropped optimizer moves them into its buffer)."""
+    import gc
+
+    model = _model()
+    opt = slowmo.DistributedOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), slowmo.AllReduce(comm))
+    model(torch.ones(2, 3)).sum().backward()
+    opt.step()
+    hooked = model.weight.grad.data_ptr() == opt.flat.grad.data_ptr()  # a view of the flat gradient
+    flat_grad = opt.flat.grad
+    del opt
+    gc.collect()
+    model.weight.grad = None
+    model(torch.ones(2, 3)).sum().backward()
+    return hooked, model.weight.grad.data_ptr() != flat_grad.data_ptr()
+
+
+def test_a_dropped_optimizer_leaves_no_hook_behind():
+    assert slowmo.comm.spawn(_hooked_then_dropped, 2) == [(True, True), (True, True)]
+
+
+def test_a_replaced_optimizer_refuses_to_step():
+    model = _model()
+    base = torch.optim.SGD(model.parameters(), lr=0.1)
+    first = slowmo.DistributedOptimizer(model, base, slowmo.LocalSGD(Single()))
+    slowmo.DistributedOptimizer(model, base, slowmo.LocalSGD(Single()))  # takes the parameters over
+    with pytest.raises(RuntimeError, match="this optimizer's parameters no longer live in its flat buffer: a newer"):
+        first.step()

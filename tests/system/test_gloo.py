@@ -137,18 +137,22 @@ def test_an_error_a_rank_raises_comes_back_as_itself_with_every_ranks_outcome():
 
 
 # ---------------------------------------------------------------------------------------- the training loop
-def test_gloo_ranks_learn_like_simulated_ones(tmp_path):
+@pytest.mark.parametrize("algorithm", ["allreduce", "localsgd", "sgp", "osgp"])
+def test_one_command_gives_the_same_numbers_bit_for_bit_on_gloo_and_on_the_simulator(tmp_path, algorithm):
+    """A simulated rank computes with the threads a gloo rank gets (here: the 2 cores shared by 2 ranks, 1 each; the
+    simulated ranks used to take both and end elsewhere, e.g. SGP + SlowMo at 92.76 against 91.09 % on gloo)."""
     sections = dict(
-        algorithm={"name": "sgp"},
-        slowmo={"enabled": True, "tau": 4, "beta": 0.5},
-        train={"max_steps": 12, "eval_every": 0},
+        algorithm={"name": algorithm},
+        slowmo={"enabled": True},
+        train={"max_steps": 60, "eval_every": 30},
         dist={"world_size": 2},
     )
     sim = run(_digits(tmp_path / "sim", **sections))
     gloo = run(_digits(tmp_path / "gloo", **{**sections, "dist": {"world_size": 2, "backend": "gloo"}}))
     a, b = (torch.load(tmp_path / d / "final.pt")["model"] for d in ("sim", "gloo"))
-    assert all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6) for k in a)
-    assert sim["comm_bytes"] == gloo["comm_bytes"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert (sim["final"], sim["best"], sim["comm_bytes"]) == (gloo["final"], gloo["best"], gloo["comm_bytes"])
+    assert sim["threads"] == gloo["threads"]
 
 
 def _digits(run_dir, **sections):
