@@ -244,6 +244,11 @@ class Communicator(ABC):
     def reset_stats(self) -> None:
         self._bytes.clear()
 
+    def restore_stats(self, stats: dict[str, int]) -> None:
+        """The counters as :meth:`stats` gave them (``total`` ignored): a resumed run counts on from where it stopped."""
+        self._bytes.clear()
+        self._bytes.update({kind: nbytes for kind, nbytes in stats.items() if kind != "total"})
+
     @contextmanager
     def uncounted(self) -> Iterator[None]:
         """Operations inside are not counted (metrics, evaluation, checkpoint barriers: not training traffic)."""

@@ -151,6 +151,7 @@ class _Trainer:
                 )
         state = {
             **self._state(),
+            "comm_bytes": self.comm.stats(),  # this rank's counters: a resumed run counts on (not a heal's)
             "rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
             "fingerprint": _fingerprint(self.cfg),
@@ -205,6 +206,7 @@ class _Trainer:
                 f"run is {_fingerprint(self.cfg)}; use a new run directory or train.resume=never"
             )
         self._load(state)
+        self.comm.restore_stats(state.get("comm_bytes", {}))  # (absent from checkpoints before it)
         torch.set_rng_state(state["rng"])
         if self.device.type == "cuda" and state["cuda_rng"] is not None:
             torch.cuda.set_rng_state(state["cuda_rng"], self.device)
