@@ -245,7 +245,7 @@ class Communicator(ABC):
         self._bytes.clear()
 
     def restore_stats(self, stats: dict[str, int]) -> None:
-        """The counters as :meth:`stats` gave them (``total`` ignored): a resumed run counts on from where it stopped."""
+        """The counters as :meth:`stats` gave them (``total`` ignored): a resumed run counts on where it stopped."""
         self._bytes.clear()
         self._bytes.update({kind: nbytes for kind, nbytes in stats.items() if kind != "total"})
 

@@ -61,9 +61,7 @@ BENCHES = sorted(p.name for p in (ROOT / "results").iterdir() if (ROOT / "benchm
 
 
 def test_every_benchmark_with_results_has_a_folder_of_its_own():
-    assert {"reproduce", "generalization", "beyond", "comm_volume", "emulated_network", "speed", "simulator"} <= set(
-        BENCHES
-    )
+    assert {"reproduce", "fidelity", "beyond", "comm_volume", "emulated_network", "speed", "simulator"} <= set(BENCHES)
 
 
 @pytest.mark.parametrize("bench", BENCHES)
