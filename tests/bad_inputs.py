@@ -234,6 +234,27 @@ CASES = [
         "tau must be an integer >= 1 (inner steps per outer step), got 0",
     ),
     Case(
+        "a negative lr",
+        lambda t: {"optimizer": {"lr": -0.1}},
+        "optimizer.lr must be > 0 (the base learning rate gamma, before the schedule), got -0.1",
+    ),
+    Case("momentum 1", lambda t: {"optimizer": {"momentum": 1.0}}, "optimizer.momentum must be in [0, 1), got 1.0"),
+    Case(
+        "Nesterov without momentum",
+        lambda t: {"optimizer": {"momentum": 0.0, "nesterov": True}},
+        "optimizer.nesterov=true needs optimizer.momentum > 0 (e.g. 0.9), or set nesterov=false",
+    ),
+    Case(
+        "Adam with one beta",
+        lambda t: {"optimizer": {"name": "adam", "betas": [0.9]}},
+        "optimizer.betas must be two numbers in [0, 1), e.g. [0.9, 0.999], got [0.9]",
+    ),
+    Case(
+        "a schedule that multiplies the lr by 0",
+        lambda t: {"schedule": {"name": "step", "gamma": 0.0}},
+        "schedule.gamma must be in (0, 1] (the lr's factor at each milestone), got 0.0",
+    ),
+    Case(
         "beta=1",
         lambda t: {"slowmo": {"enabled": True, "beta": 1.0}},
         "beta must be in [0, 1) (slow momentum; the paper tunes it in 0.4-0.8), got 1.0",

@@ -11,6 +11,8 @@ from __future__ import annotations
 import difflib
 import os
 import sys
+import time
+from pathlib import Path
 from typing import Any
 
 import hydra
@@ -31,6 +33,7 @@ from .launcher import run
 from .losses import NonFiniteLoss
 
 EXPECTED = (ConfigError, ValueError, NonFiniteLoss, OSError, CommError)  # failures told in one line, no traceback
+STARTED = time.time()  # directories made since are this command's
 
 
 def entrypoint(task: str) -> None:
@@ -56,6 +59,7 @@ def _main(cfg: DictConfig) -> None:
     try:
         summary = run(cfg, run_name=hydra_cfg.job.override_dirname or None, rerun=rerun)
     except EXPECTED as error:
+        _discard_if_untouched(Path(output))
         _exit(f"error: {error}", 2)
     except KeyboardInterrupt:  # a second Ctrl-C: the ranks were stopped at once
         _exit(f"interrupted: stopped at once, without a checkpoint; rerun with {rerun} to resume", 130)
@@ -88,6 +92,16 @@ class SweepEnd(Callback):
         sweep = os.path.abspath(config.hydra.sweep.dir)
         print(f"sweep done: its runs are in {sweep}; compare them with: python scripts/plot.py {sweep} --out "
               f"{sweep}/plots", flush=True)  # fmt: skip
+
+
+def _discard_if_untouched(directory: Path) -> None:
+    """A refused command leaves nothing behind: the empty run directory Hydra made for it (and the empty parents it
+    made) go; a directory that holds anything, or that was there before this command, stays."""
+    cwd = Path.cwd().resolve()
+    for path in [directory.resolve(), *directory.resolve().parents]:
+        if path == cwd or not path.is_dir() or any(path.iterdir()) or path.stat().st_mtime < STARTED:
+            return
+        path.rmdir()
 
 
 def _exit(line: str, code: int) -> None:

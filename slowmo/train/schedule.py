@@ -7,7 +7,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ..registry import Registry, setting
+from ..registry import ConfigError, Registry, setting
 
 SCHEDULES = Registry("schedule", "slowmo.train.schedule")
 
@@ -17,20 +17,35 @@ class ConstantConfig:
     name: str
 
 
+def _check_warmup_factor(value: float) -> None:
+    if not 0 <= value <= 1:
+        raise ConfigError(f"schedule.warmup_init_lr must be in [0, 1] (a factor of optimizer.lr), got {value}")
+
+
 @dataclass
 class StepConfig:
     name: str
     warmup_epochs: float = setting(minimum=0)  # linear warm-up, in epochs
     warmup_init_lr: float  # factor at step 0 of the warm-up
     milestones: list[float]  # epochs at which the lr is multiplied by gamma
-    gamma: float
+    gamma: float  # the factor at each milestone, in (0, 1]
+
+    def check(self) -> None:
+        _check_warmup_factor(self.warmup_init_lr)
+        if any(m < 0 for m in self.milestones):
+            raise ConfigError(f"schedule.milestones must be epochs >= 0, got {self.milestones}")
+        if not 0 < self.gamma <= 1:
+            raise ConfigError(f"schedule.gamma must be in (0, 1] (the lr's factor at each milestone), got {self.gamma}")
 
 
 @dataclass
 class InverseSqrtConfig:
     name: str
-    warmup_steps: int = setting(minimum=0)
+    warmup_steps: int = setting(minimum=0)  # linear warm-up, in inner steps
     warmup_init_lr: float  # factor at step 0 of the warm-up
+
+    def check(self) -> None:
+        _check_warmup_factor(self.warmup_init_lr)
 
 
 def _warm(start: float, progress: float) -> float:

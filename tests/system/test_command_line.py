@@ -93,3 +93,17 @@ def test_the_plot_script_draws_figures_and_a_table(tmp_path):
     assert "| Local SGD | 2 | 8 |" in table and "| Local SGD + SlowMo | 2 | 8 |" in table
     for png in ("curves_epoch.png", "curves_time.png"):
         assert (tmp_path / "fig" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_refused_command_leaves_no_directory_behind(tmp_path):
+    """Hydra makes the run directory before the run's checks: a refused command takes it (and the empty parents it
+    made) away again, so nothing lies beside the real runs; a directory that was there stays."""
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    for run_dir in (tmp_path / "runs" / "new", kept):
+        out = subprocess.run(command("optimizer.lr=-0.1", f"hydra.run.dir={run_dir}"), capture_output=True, text=True)
+        assert (out.returncode, out.stderr.splitlines()) == (
+            2,
+            ["error: optimizer.lr must be > 0 (the base learning rate gamma, before the schedule), got -0.1"],
+        )
+        assert sorted(tmp_path.rglob("*")) == [kept]
