@@ -103,7 +103,7 @@ def init_distributed(backend: str = "gloo", timeout_s: float = 300.0, env: DistE
         raise ValueError(f"unknown torch.distributed backend {backend!r}; use gloo (CPU) or nccl (GPU)")
     agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"  # torchrun's agent hosts the store
     if env.rank == 0 and not agent_store:
-        _check_port_free(env.master_addr, env.master_port)  # rank 0 hosts it
+        check_port_free(env.master_addr, env.master_port)  # rank 0 hosts it
     timeout = datetime.timedelta(seconds=timeout_s)
     try:
         store = dist.TCPStore(
@@ -120,7 +120,7 @@ def init_distributed(backend: str = "gloo", timeout_s: float = 300.0, env: DistE
     return TorchDistributed(timeout=timeout_s)
 
 
-def _check_port_free(host: str, port: int) -> None:
+def check_port_free(host: str, port: int) -> None:
     """Raise when something listens on ``port``. Bound as torch's TCPStore binds it (SO_REUSEADDR), so that a port
     left in TIME_WAIT by a preempted attempt of the same job is free, as it is to the store."""
     with socket.socket() as sock:

@@ -60,6 +60,20 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def master_port(environ: dict[str, str] | None = None) -> int:
+    """The rendezvous port of local ranks: ``MASTER_PORT`` when it is set (as torchrun takes it), else a free one.
+    ValueError (one line) for a value that is not a port, or a port something listens on."""
+    given = (os.environ if environ is None else environ).get("MASTER_PORT", "")
+    if not given:
+        return free_port()
+    if not given.isdigit() or not 0 < int(given) < 65536:
+        raise ValueError(f"MASTER_PORT={given!r} is not a port number; set a free port (1-65535) or unset it")
+    from .launch import check_port_free  # (spawn stays importable before torch.distributed)
+
+    check_port_free("127.0.0.1", int(given))
+    return int(given)
+
+
 def spawn(
     fn: Callable[..., Any],
     world_size: int = 4,
@@ -93,7 +107,7 @@ def _run_processes(fn, world_size, backend, args, timeout, preload) -> dict[int,
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload([*_PRELOAD, *preload])
     queue = ctx.SimpleQueue()
-    port = free_port()
+    port = master_port()
     launcher = (os.getpid(), dict(os.environ))  # the fork server's environment is that of its own start
     procs = [
         ctx.Process(target=_process_main, args=(fn, rank, world_size, backend, port, args, timeout, queue, launcher))

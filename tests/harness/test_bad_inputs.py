@@ -51,7 +51,7 @@ def test_a_config_the_project_refuses_is_one_line(args, line, tmp_path):
 def test_a_port_left_in_time_wait_by_a_preempted_job_is_free_again():
     # a requeued job's rank 0 finds the last attempt's rendezvous port in TIME_WAIT; torch's TCPStore binds it with
     # SO_REUSEADDR, so the check must not call it in use (only a listening socket is)
-    from slowmo.comm.launch import _check_port_free
+    from slowmo.comm.launch import check_port_free
 
     listener = socket.socket()  # the last attempt's store, with the option TCPStore sets
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -63,4 +63,4 @@ def test_a_port_left_in_time_wait_by_a_preempted_job_is_free_again():
     accepted.close()  # the server side closes first: its end of the connection stays in TIME_WAIT on the port
     client.close()
     listener.close()
-    _check_port_free("127.0.0.1", port)
+    check_port_free("127.0.0.1", port)

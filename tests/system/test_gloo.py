@@ -1,5 +1,6 @@
 """Real processes over gloo on 127.0.0.1: the same numbers as the simulator, and no hang when a rank dies."""
 
+import socket
 import subprocess
 import sys
 import time
@@ -172,3 +173,26 @@ def test_the_gradient_mean_happens_however_the_gradients_were_cleared_on_gloo(ho
     ranks = slowmo.comm.spawn(run_clearing_grads, s.world_size, "gloo", args=(s, how))
     got = np.stack([r["theta"] for r in ranks])
     assert np.allclose(got, reference(s), rtol=1e-12, atol=1e-12), np.abs(got - reference(s)).max()
+
+
+def _master_port(comm):
+    import os
+
+    return int(os.environ["MASTER_PORT"])
+
+
+def test_the_local_launcher_rendezvous_at_master_port_when_it_is_set(monkeypatch):
+    from slowmo.comm.spawn import free_port
+
+    port = free_port()
+    monkeypatch.setenv("MASTER_PORT", str(port))
+    assert slowmo.comm.spawn(_master_port, 2, "gloo") == [port, port]
+    monkeypatch.setenv("MASTER_PORT", "http")
+    with pytest.raises(ValueError, match=r"^MASTER_PORT='http' is not a port number; set a free port \(1-65535\)"):
+        slowmo.comm.spawn(_master_port, 2, "gloo")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        monkeypatch.setenv("MASTER_PORT", str(busy.getsockname()[1]))
+        with pytest.raises(ValueError, match="is already in use, and rank 0 must host the rendezvous there"):
+            slowmo.comm.spawn(_master_port, 2, "gloo")
