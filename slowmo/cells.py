@@ -25,9 +25,9 @@ def run_dir(root: Path, cell: list[str]) -> Path:
     return root / ",".join(cell)
 
 
-def run_cells(preset: str, cells: list[list[str]], root: Path, jobs: int = 1, fresh: bool = False) -> list[Path]:
-    """Run every cell of ``preset`` not yet finished, ``jobs`` at a time (more than one: a process each, one CPU
-    thread each); returns the cells' run directories, in order."""
+def run_cells(preset: str | None, cells: list[list[str]], root: Path, jobs: int = 1, fresh: bool = False) -> list[Path]:
+    """Run every cell of ``preset`` (None: cells of the config tree's own defaults) not yet finished, ``jobs`` at a
+    time (more than one: a process each, one CPU thread each); returns the cells' run directories, in order."""
     work = [(preset, cell, run_dir(root, cell), fresh, jobs > 1) for cell in cells]
     if jobs <= 1:
         return [_one(w) for w in work]
@@ -35,17 +35,19 @@ def run_cells(preset: str, cells: list[list[str]], root: Path, jobs: int = 1, fr
         return list(pool.map(_one, work))
 
 
-def _one(work: tuple[str, list[str], Path, bool, bool]) -> Path:
-    preset, cell, directory, fresh, pooled = work
+def _one(work: tuple[str | None, list[str], Path, bool, bool, str | None]) -> Path:
+    preset, cell, directory, fresh, pooled, rerun = work
     if not fresh and ((directory / "summary.json").is_file() or (directory / "diverged.json").is_file()):
         return directory
     if pooled:  # the pool's size is the parallelism: one thread per run, simulated or gloo ranks alike
         os.environ["OMP_NUM_THREADS"] = "1"
         torch.set_num_threads(1)
     start = time.time()
-    overrides = [f"+experiment={preset}", *cell, *(["train.overwrite=true"] if fresh else [])]
+    overrides = [*([f"+experiment={preset}"] if preset else []), *cell, *(["train.overwrite=true"] if fresh else [])]
+    config = compose([*overrides, f"run_dir='{directory}'"])
+    own = f"python experiments/{config.task.name}/train.py {' '.join(overrides)} run_dir='{directory}'"
     try:
-        run(compose([*overrides, f"run_dir='{directory}'"]))
+        run(config, rerun=rerun or own)
     except NonFiniteLoss as error:
         (directory / "diverged.json").write_text(json.dumps({"error": str(error)}) + "\n")
     print(f"{directory.name}: {time.time() - start:.1f} s", flush=True)

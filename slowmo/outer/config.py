@@ -35,10 +35,10 @@ class OuterConfig:
 
     enabled: bool  # false: the base algorithm alone (slowmo=off)
     preset: str  # a registered preset (slowmo/outer/presets.py)
-    tau: int | None
-    alpha: float | None
-    beta: float | None
-    nesterov: bool | None
+    tau: int | None  # inner steps per outer step (null: the preset's)
+    alpha: float | None  # the slow learning rate (the paper: 1)
+    beta: float | None  # the slow momentum, in [0, 1) (the paper tunes it per cell, 0.4-0.8)
+    nesterov: bool | None  # the outer step in Nesterov's form (DiLoCo's)
     pseudo_gradient: str | None  # scaled (SlowMo's) | raw (BMUF's and DiLoCo's)
     base_buffers: str  # keep | reset | average
     shard_outer_state: bool  # the mean's outer state sharded: 1/m of x_{t,0} and u per rank

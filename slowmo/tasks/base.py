@@ -41,7 +41,7 @@ class TaskConfig:
 class LoaderConfig:
     """The ``data`` keys every task has: how its batches are loaded (see :mod:`slowmo.train.data`)."""
 
-    eval_batch_size: int = setting(run_control=True, minimum=1)
+    eval_batch_size: int = setting(run_control=True, minimum=1)  # examples per evaluation batch
     num_workers: int = setting(run_control=True, minimum=0, why="0 loads batches on the training thread")
     prefetch_factor: int = setting(run_control=True, minimum=1, why="batches each worker loads ahead")
 

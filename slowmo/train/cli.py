@@ -8,8 +8,12 @@ with 3 (requeue me) and one by Ctrl-C with 130, each after its checkpoint and wi
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
+import inspect
+import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -28,7 +32,7 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBase
 from ..comm import CommError
 from ..registry import ConfigError
 from . import preemption
-from .config import CONFIG_DIR, compose, renamed
+from .config import CONFIG_DIR, compose, renamed, validate
 from .launcher import run
 from .losses import NonFiniteLoss
 
@@ -115,7 +119,10 @@ def check_command_line(argv: list[str], config_name: str) -> None:
     Hydra would fail: an unknown group option or a value that is not an option's name (``slowmo=true``), an unknown
     key (with the nearest one), a malformed override."""
     args = get_args_parser().parse_args(argv)
-    if args.help or args.hydra_help or args.info or args.shell_completion or not args.overrides:
+    if args.help:
+        print(help_text(args.overrides, args.config_name or config_name))
+        sys.exit(0)
+    if args.hydra_help or args.info or args.shell_completion or not args.overrides:
         return
     try:
         parsed = OverridesParser.create().parse_overrides(args.overrides)
@@ -132,6 +139,95 @@ def check_command_line(argv: list[str], config_name: str) -> None:
             cells += [[*cells[0][:index], f"{key}={value}"] for value in values[1:]]
     for cell in cells:
         _compose(cell, args.config_name or config_name)
+
+
+# ------------------------------------------------------------------------------------------ --help
+KEY_LINE = re.compile(r"^(?P<indent> *)(?P<key>[A-Za-z_][\w]*):(?P<value>[^#]*?)\s*(?:#\s*(?P<comment>.*))?$")
+
+
+def help_text(overrides: list[str], config_name: str) -> str:
+    """``--help``: the config groups and their options, then every key of the config these overrides compose (the task's
+    and the chosen plug-ins'), one per line, with its value and what it means (its YAML file's comment, else the
+    comment of its config dataclass's field)."""
+    _compose(overrides, config_name)  # a mistake here is the usual one line
+    tree = compose(overrides, config_name=config_name, with_hydra=True)
+    choices = OmegaConf.to_container(tree.hydra.runtime.choices)
+    files = [(CONFIG_DIR / f"{config_name}.yaml", ""), (CONFIG_DIR / "config.yaml", "")]
+    files += [(CONFIG_DIR / group / f"{option}.yaml", group.replace("/", ".")) for group, option in choices.items()
+              if option and (CONFIG_DIR / group / f"{option}.yaml").is_file()]  # fmt: skip
+    meaning: dict[str, str] = {}
+    for path, package in files:
+        meaning.update({k: v for k, v in _yaml_comments(path, package).items() if k not in meaning})
+    values = OmegaConf.to_container(tree, resolve=False)
+    values.pop("hydra")
+    plain = OmegaConf.to_container(compose(overrides, config_name=config_name), resolve=False)
+    fields = _field_comments(validate({**plain, "run_dir": "help"}))
+    lines = [
+        f"python {sys.argv[0]} [key=value ...] [group=option ...] [-m (a sweep: key=a,b)]",
+        "",
+        "Config groups (group=option):",
+        *(f"  {group}: {', '.join(_options(group))}" for group in sorted(_groups())),
+        "",
+        "Keys (key=value) of this config, with their defaults:",
+    ]
+    for key, value in _leaves(values):
+        group = key.removesuffix(".name").replace(".", "/")
+        option = f"the {group} (an option of the group above)" if key.endswith(".name") and group in choices else ""
+        comment = meaning.get(key) or fields.get(key) or option
+        lines.append(f"  {key}={json.dumps(value) if not isinstance(value, str) else value}"
+                     + (f"  # {comment}" if comment else ""))  # fmt: skip
+    return "\n".join(lines)
+
+
+def _groups() -> list[str]:
+    return [str(d.relative_to(CONFIG_DIR)) for d in CONFIG_DIR.rglob("*") if d.is_dir() and any(d.glob("*.yaml"))
+            and d.name not in ("launcher",)]  # fmt: skip
+
+
+def _leaves(node: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    if isinstance(node, dict) and node:
+        return [leaf for key, value in node.items() for leaf in _leaves(value, f"{prefix}{key}.")]
+    return [(prefix.rstrip("."), node)]
+
+
+def _yaml_comments(path: Path, package: str) -> dict[str, str]:
+    """``section.key`` -> the comment on its line, for a config file whose keys go under ``package`` (its group's
+    path; the root for ``# @package _global_``)."""
+    text = path.read_text()
+    prefix = "" if "@package _global_" in text.split("\n", 1)[0] else package
+    out, stack = {}, []
+    for line in text.splitlines():
+        match = KEY_LINE.match(line)
+        if not match or line.lstrip().startswith("- "):
+            continue
+        indent = len(match["indent"])
+        while stack and stack[-1][0] >= indent:
+            stack.pop()
+        stack.append((indent, match["key"]))
+        if match["comment"]:
+            out[".".join(p for p in (prefix, *(k for _, k in stack)) if p)] = match["comment"].strip()
+    return out
+
+
+def _field_comments(config: Any, prefix: str = "") -> dict[str, str]:
+    """``section.key`` -> the comment beside its dataclass field (``lr: float  # ...``) in the checked config, for the
+    keys no YAML comment explains."""
+    out: dict[str, str] = {}
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        if dataclasses.is_dataclass(value):
+            out.update(_field_comments(value, f"{prefix}{field.name}."))
+            continue
+        for cls in type(config).__mro__:
+            if dataclasses.is_dataclass(cls):
+                source = inspect.getsource(cls)
+                found = re.search(rf"^ +{re.escape(field.name)}: [^#\n]*#\s*(.*)$", source, re.M) or re.search(
+                    rf"^ +#\s*(.*)\n +{re.escape(field.name)}: ", source, re.M
+                )  # beside the field, or on the line above it
+                if found:
+                    out[prefix + field.name] = found.group(1).strip()
+                    break
+    return out
 
 
 def _compose(overrides: list[str], config_name: str) -> None:

@@ -44,13 +44,13 @@ CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 
 @dataclass
 class LoggerConfig:
-    wandb: bool
-    project: str
+    wandb: bool  # log to W&B too (logger=wandb); metrics.jsonl is always written
+    project: str  # the W&B project
     group: str | None  # default: the sweep's name, or the run directory's parent
     name: str | None  # default: the run's overrides
     mode: str  # auto (online with an API key, else offline) | online | offline
-    log_every: int = setting(minimum=1)
-    progress: bool
+    log_every: int = setting(minimum=1)  # inner steps between train-loss records
+    progress: bool  # a progress bar on rank 0
 
 
 @dataclass
@@ -58,7 +58,7 @@ class DistConfig:
     backend: str = setting(run_control=True)  # simulated | gloo | nccl
     device: str = setting(run_control=True)  # auto (the local GPU under nccl, else the CPU) | cpu | cuda
     world_size: int = setting(minimum=1)  # ranks to simulate or spawn locally (torchrun/srun: the job's, recorded)
-    timeout_s: float = setting(run_control=True, minimum=0.001)
+    timeout_s: float = setting(run_control=True, minimum=0.001)  # seconds a rank waits for a peer, then fails
 
 
 @dataclass
@@ -68,10 +68,10 @@ class ElasticDistConfig(elastic.ElasticSettings, DistConfig):
 
 @dataclass
 class TrainConfig:
-    max_steps: int = setting(run_control=True, minimum=1)
+    max_steps: int = setting(run_control=True, minimum=1)  # inner steps of the run
     eval_every: int = setting(run_control=True, minimum=0, why="0: only at the end")
     checkpoint_every: int = setting(run_control=True, minimum=0, why="0: no periodic checkpoints")
-    keep_checkpoints: int = setting(run_control=True, minimum=0, why="0 keeps them all")
+    keep_checkpoints: int = setting(run_control=True, minimum=0, why="0 keeps them all")  # the newest kept
     resume: str = setting(run_control=True)  # auto: continue this directory's run | never: refuse one that has a run
     overwrite: bool = setting(run_control=True)  # discard what the run directory holds and start at step 0
     signal_check_every: int = setting(run_control=True, minimum=0, why="0: signals are not checked")
@@ -97,8 +97,8 @@ class Config:
     logger: LoggerConfig = setting(run_control=True)
     dist: Any  # DistConfig, or ElasticDistConfig for dist=torchft
     train: TrainConfig
-    seed: int
-    run_dir: str = setting(run_control=True)
+    seed: int  # the run's seed: the initial model, the data order, each rank's random stream
+    run_dir: str = setting(run_control=True)  # where the run writes (default: Hydra's run directory)
     experiment: str | None = setting(run_control=True, default=None)  # the preset's name, recorded in the run
 
 

@@ -107,3 +107,17 @@ def test_a_refused_command_leaves_no_directory_behind(tmp_path):
             ["error: optimizer.lr must be > 0 (the base learning rate gamma, before the schedule), got -0.1"],
         )
         assert sorted(tmp_path.rglob("*")) == [kept]
+
+
+def test_help_gives_every_key_of_the_config_with_its_meaning():
+    train = str(ROOT / "experiments/digits/train.py")
+    out = subprocess.run(
+        [sys.executable, train, "--help", "algorithm=sgp", "dist.world_size=2"], capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    keys = [line.strip() for line in out.stdout.splitlines() if line.startswith("  ") and "=" in line.split()[0]]
+    assert "optimizer.lr=0.1  # gamma before the schedule's factor" in keys
+    assert "algorithm.graph=directed_exponential  # a registered gossip graph (slowmo.graphs), over the nodes" in keys
+    assert "dist.world_size=2  # ranks to simulate or spawn locally (torchrun/srun: the job's, recorded)" in keys
+    assert all("  # " in key for key in keys), [key for key in keys if "  # " not in key]  # every key explained
+    assert "  slowmo: bmuf, diloco, lookahead, off, on" in out.stdout.splitlines()
