@@ -25,10 +25,19 @@ def run_dir(root: Path, cell: list[str]) -> Path:
     return root / ",".join(cell)
 
 
-def run_cells(preset: str | None, cells: list[list[str]], root: Path, jobs: int = 1, fresh: bool = False) -> list[Path]:
+def run_cells(
+    preset: str | None,
+    cells: list[list[str]],
+    root: Path,
+    jobs: int = 1,
+    fresh: bool = False,
+    rerun: str | None = None,
+) -> list[Path]:
     """Run every cell of ``preset`` (None: cells of the config tree's own defaults) not yet finished, ``jobs`` at a
-    time (more than one: a process each, one CPU thread each); returns the cells' run directories, in order."""
-    work = [(preset, cell, run_dir(root, cell), fresh, jobs > 1) for cell in cells]
+    time (more than one: a process each, one CPU thread each); returns the cells' run directories, in order. Each
+    run's first line says how to resume it: ``rerun`` (the command that runs the cells again, e.g. the benchmark's),
+    or the cell's own training command."""
+    work = [(preset, cell, run_dir(root, cell), fresh, jobs > 1, rerun) for cell in cells]
     if jobs <= 1:
         return [_one(w) for w in work]
     with ProcessPoolExecutor(jobs) as pool:
