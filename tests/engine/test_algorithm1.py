@@ -2,8 +2,10 @@
 
 import numpy as np
 import pytest
+import torch
 
 import slowmo
+from slowmo.comm import Single
 
 from problems import Setup, Uneven, reference, run_engine
 
@@ -75,3 +77,38 @@ def test_sharded_equals_unsharded(name):
 def test_every_rank_holds_the_same_model_after_an_outer_step():
     got = engine(Setup("osgp", slowmo=dict(tau=4, beta=0.5), steps=8))
     assert np.array_equal(got, np.tile(got[0], (4, 1)))
+
+
+def _displacement_per_round(base_buffers: str, beta: float | None, rounds: int = 60, tau: int = 12) -> float:
+    """On f(x) = x (a constant gradient 1), lr 1, SGD with Nesterov momentum 0.9: how far x moves in the last round of
+    tau inner steps (``beta`` None: no SlowMo, the momentum kept), once the rounds have settled."""
+    x = torch.nn.Parameter(torch.zeros(1, dtype=torch.float64))
+    base = torch.optim.SGD([x], lr=1.0, momentum=0.9, nesterov=True)
+    if beta is None:
+        opt = slowmo.DistributedOptimizer([x], base, slowmo.LocalSGD(Single()))
+    else:
+        update = slowmo.SlowMomentum(alpha=1.0, beta=beta)
+        opt = slowmo.SlowMo([x], base, slowmo.LocalSGD(Single()), tau=tau, update=update, base_buffers=base_buffers)
+    for _ in range(rounds - 1):
+        for _ in range(tau):
+            x.grad = torch.ones(1, dtype=torch.float64)
+            opt.step()
+    start = x.item()
+    for _ in range(tau):
+        x.grad = torch.ones(1, dtype=torch.float64)
+        opt.step()
+    return start - x.item()
+
+
+def test_zeroing_nesterov_buffers_every_12_steps_halves_a_rounds_step_and_beta_half_gives_it_back():
+    """The README's step-size arithmetic. Nesterov SGD from zeroed buffers moves sum_k (1 + mu (1 - mu^(k+1)) /
+    (1 - mu)) = 61.88 lrs in 12 steps, against 12 / (1 - mu) = 120 with its momentum kept: 0.516 of it. SlowMo's
+    steady outer step is the round's displacement / (1 - beta) (alpha = 1), so buffers zeroed and beta = 0.5 move
+    123.8: about the base's own step with its momentum kept, not alpha / (1 - beta) = 2 times it."""
+    mu, tau = 0.9, 12
+    zeroed = sum(1 + mu * (1 - mu ** (k + 1)) / (1 - mu) for k in range(tau))
+    assert zeroed == pytest.approx(61.88, abs=0.01) and zeroed / (tau / (1 - mu)) == pytest.approx(0.516, abs=0.001)
+    assert _displacement_per_round("keep", None) == pytest.approx(tau / (1 - mu), rel=1e-9)
+    assert _displacement_per_round("reset", 0.0) == pytest.approx(zeroed, rel=1e-12)
+    assert _displacement_per_round("reset", 0.5) == pytest.approx(zeroed / 0.5, rel=1e-9)
+    assert _displacement_per_round("keep", 0.5) == pytest.approx(tau / (1 - mu) / 0.5, rel=1e-9)
