@@ -2,7 +2,7 @@
 
 Runs every cell of the ``quickstart`` preset's sweep (``configs/experiment/quickstart.yaml``: 8 simulated ranks on
 scikit-learn's digits, AR-SGD / Local SGD / SGP, each without and with SlowMo, 3 seeds, equal steps), then prints a
-table (train loss and validation accuracy, mean ± std over seeds; bytes each rank sent; time) and draws the train
+table (train loss and validation accuracy, mean ± sample std over seeds; bytes each rank sent; time) and draws the train
 loss. The runs go to ``--runs`` (default ``runs/quickstart``, not committed): a second call resumes a cell that stopped
 and does not run a finished one again (``--fresh``: every cell anew, ``train.overwrite=true``); the table
 (``table.md``, ``table.csv``) and ``loss.png`` to ``--out`` (default: the same).
@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> None:
         out / "loss.png",
         "step",
         f"digits, {setup['dist']['world_size']} simulated ranks, {setup['train']['max_steps']} steps "
-        f"(tau = {setup['slowmo']['tau']}, beta = {setup['slowmo']['beta']}), mean ± std over seeds",
+        f"(tau = {setup['slowmo']['tau']}, beta = {setup['slowmo']['beta']})",
     )
     print()
     print(markdown)
