@@ -9,7 +9,9 @@ model's section and a :class:`TaskContext` (never the whole run config):
 
 A task imports its heavy libraries (torchvision, scikit-learn, sacreBLEU) inside its builder, so that checking a
 config takes no seconds of them, and names them in ``imports=(...)``: the local launcher's fork server imports them
-once for all ranks (:func:`slowmo.comm.spawn`).
+once for all ranks (:func:`slowmo.comm.spawn`). ``defaults_checked=True`` says that its defaults train with every
+outer step and base algorithm (``benchmarks/defaults.py`` runs those tasks); a run of another task with an outer
+step and no experiment preset says once that its defaults are generic.
 """
 
 from __future__ import annotations

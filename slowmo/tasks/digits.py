@@ -25,6 +25,7 @@ class DigitsData(ImageData):
     inputs="images",
     needs="a model for 8x8 images",
     imports=("sklearn.datasets",),
+    defaults_checked=True,
 )
 def build(task: TaskConfig, data: DigitsData, model: ModelConfig, ctx: TaskContext) -> Task:
     from sklearn.datasets import load_digits  # here: scikit-learn takes seconds to import, a config check none

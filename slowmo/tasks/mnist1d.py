@@ -76,6 +76,7 @@ def generate(num_samples: int, seed: int) -> dict[str, torch.Tensor]:
     label="MNIST-1D",
     inputs="signals",
     needs="a model for 1D signals",
+    defaults_checked=True,
 )  # no heavy import to preload: mnist1d's generator (scipy) runs once per machine, then the cache is read
 def build(task: TaskConfig, data: MNIST1DData, model: ModelConfig, ctx: TaskContext) -> Task:
     d = generate(data.num_samples, data.generator_seed)

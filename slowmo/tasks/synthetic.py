@@ -15,7 +15,13 @@ DIM, HIDDEN, CLASSES, TRAIN, VAL = 64, 128, 10, 16384, 4096
 
 
 @TASKS.register(
-    "synthetic", TaskConfig, data=ImageData, label="teacher-student", inputs="vectors", needs="a model for vectors"
+    "synthetic",
+    TaskConfig,
+    data=ImageData,
+    label="teacher-student",
+    inputs="vectors",
+    needs="a model for vectors",
+    defaults_checked=True,
 )
 def build(task: TaskConfig, data: ImageData, model: ModelConfig, ctx: TaskContext) -> Task:
     g = torch.Generator().manual_seed(4321)  # the data set is the same for every run and seed

@@ -51,6 +51,9 @@ def run(cfg: Any, run_name: str | None = None, rerun: str | None = None) -> dict
     claim = rundir.claim(config)
     if env.rank == 0:
         print(claim.describe(run_dir, rerun or f"run_dir={run_dir}"), file=sys.stderr, flush=True)
+        untuned = _untuned(config)
+        if untuned:
+            print(untuned, file=sys.stderr, flush=True)
     if claim.action == "complete":
         return claim.summary
     with preemption.caught(announce=env.rank == 0):
@@ -67,6 +70,20 @@ def run(cfg: Any, run_name: str | None = None, rerun: str | None = None) -> dict
             return train_rank(comm, config, run_dir, run_name)
         finally:
             torch.distributed.destroy_process_group()
+
+
+def _untuned(config: Config) -> str | None:
+    """The one note for an outer step on a task whose defaults were never checked with one (and no preset that sets
+    its own values), else None."""
+    task = TASKS[config.task.name]
+    if not config.slowmo.enabled or config.experiment or task.extra.get("defaults_checked"):
+        return None
+    checked = ", ".join(entry.name for entry in TASKS if entry.extra.get("defaults_checked"))
+    return (
+        f"note: {task.label}'s defaults were not checked with an outer step (benchmarks/defaults.py checks {checked}): "
+        f"optimizer.lr={config.optimizer.lr} and the outer step's own are generic; tune them, or start from a preset "
+        "of configs/experiment/"
+    )
 
 
 def _run_elastic(config: Config, run_dir: Path, run_name: str | None, rerun: str | None) -> dict[str, Any]:
