@@ -1,13 +1,20 @@
 """Checkpoints: one file per rank in ``<run_dir>/checkpoints/step_<k>/``, each written atomically (temporary file,
 fsync, rename), with a version and a checksum; a checkpoint counts only once rank 0 has written ``COMPLETE`` after
 every rank's file. Loading skips a truncated, corrupt or foreign checkpoint for the previous valid one, with a
-warning; the last ``keep`` checkpoints are kept."""
+warning; the last ``keep`` checkpoints are kept.
+
+A checkpoint holds tensors and plain data (dicts, lists, numbers, strings) only, and is read with
+``torch.load(weights_only=True)``: a file that holds any other pickled object, which would run code as it is
+unpickled (a file written by anyone who can write to the run directory, e.g. on a shared cluster filesystem), is
+refused like a corrupt one, never executed."""
 
 from __future__ import annotations
 
 import hashlib
 import io
 import os
+import pickle
+import re
 import shutil
 import warnings
 from pathlib import Path
@@ -66,7 +73,21 @@ def load_rank(directory: Path, rank: int) -> dict[str, Any]:
         raise ValueError(f"{path}: checkpoint format version {parts[1]}, this slowmo reads version {VERSION}")
     if hashlib.sha256(payload).hexdigest() != parts[2]:
         raise ValueError(f"{path}: checksum mismatch (truncated or corrupt)")
-    return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=False)
+    return loads(payload, str(path))
+
+
+def loads(payload: bytes, name: str) -> Any:
+    """``torch.load`` of ``payload`` with ``weights_only=True``: tensors and plain data; any other pickled object is
+    refused (ValueError, one line that starts with ``name``) without being built."""
+    try:
+        return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        found = re.search(r"GLOBAL (\S+)", str(error))
+        what = f"a pickled {found.group(1)}" if found else "a pickled object"
+        raise ValueError(
+            f"{name}: holds {what}, not only tensors and plain data; not loaded (a slowmo checkpoint never holds one: "
+            "this file was not written by slowmo)"
+        ) from None
 
 
 def sorted_checkpoints(root: Path) -> list[Path]:

@@ -1,0 +1,75 @@
+"""What a resume unpickles: tensors and plain data, nothing else. A run's checkpoint (OSGP under SlowMo: the
+message in flight, the slow buffers, Nesterov momentum, the RNG) loads with ``torch.load(weights_only=True)``; a
+checkpoint file that holds any other pickled object, header and checksum valid (anyone who can write to the run
+directory can write one), is refused in one line, never executed, and a resume goes back to the previous
+checkpoint."""
+
+import hashlib
+import io
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from slowmo.train import checkpoint, run
+
+
+class _Planted:
+    """An object that, unpickled, makes a directory: the trace of code run by a load."""
+
+    def __init__(self, trace: Path) -> None:
+        self.trace = trace
+
+    def __reduce__(self):
+        return os.mkdir, (str(self.trace),)
+
+
+def _plant(path: Path, trace: Path) -> None:
+    """Replace the checkpoint file ``path`` with one holding a :class:`_Planted`, its header and checksum valid."""
+    buffer = io.BytesIO()
+    torch.save({"model": _Planted(trace)}, buffer)
+    payload = buffer.getvalue()
+    path.write_bytes(
+        f"slowmo-checkpoint {checkpoint.VERSION} {hashlib.sha256(payload).hexdigest()}\n".encode() + payload
+    )
+
+
+def _run(run_dir: Path, max_steps: int) -> dict:
+    return run(
+        {
+            "run_dir": str(run_dir),
+            "algorithm": {"name": "osgp"},
+            "slowmo": {"enabled": True, "tau": 5, "beta": 0.6},
+            "train": {"max_steps": max_steps, "checkpoint_every": 5, "eval_every": 0},
+            "logger": {"progress": False, "log_every": 5},
+            "dist": {"world_size": 4},
+            "data": {"batch_size": 16},
+        }
+    )
+
+
+def test_a_checkpoint_loads_as_tensors_and_plain_data(tmp_path: Path) -> None:
+    _run(tmp_path, 10)
+    for file in sorted((tmp_path / "checkpoints" / "step_10").glob("rank*.pt")):
+        state = torch.load(io.BytesIO(file.read_bytes().partition(b"\n")[2]), weights_only=True)
+        assert {"model", "optimizer", "rng", "fingerprint", "step", "position"} <= set(state)
+        assert state["step"] == 10 and isinstance(state["rng"], torch.Tensor)
+
+
+def test_a_checkpoint_holding_another_pickled_object_is_refused_not_run(tmp_path: Path, capsys) -> None:
+    _run(tmp_path, 10)
+    trace, newest = tmp_path / "trace", tmp_path / "checkpoints" / "step_10"
+    for file in newest.glob("rank*.pt"):
+        _plant(file, trace)
+    with pytest.raises(ValueError) as refused:
+        checkpoint.load_rank(newest, 0)
+    assert str(refused.value) == (
+        f"{newest / 'rank0.pt'}: holds a pickled posix.mkdir, not only tensors and plain data; not loaded (a slowmo "
+        "checkpoint never holds one: this file was not written by slowmo)"
+    )
+    with pytest.warns(UserWarning, match=r"skipping checkpoint: .*rank\d\.pt: holds a pickled posix\.mkdir"):
+        summary = _run(tmp_path, 15)
+    assert summary["status"] == "completed" and summary["steps"] == 15
+    assert "checkpoints/step_5 (step 5)" in capsys.readouterr().err  # resumed from the previous checkpoint
+    assert not trace.exists()
