@@ -1,8 +1,8 @@
-"""What a resume unpickles: tensors and plain data, nothing else. A run's checkpoint (OSGP under SlowMo: the
+"""What a resume and a heal unpickle: tensors and plain data, nothing else. A run's checkpoint (OSGP under SlowMo: the
 message in flight, the slow buffers, Nesterov momentum, the RNG) loads with ``torch.load(weights_only=True)``; a
 checkpoint file that holds any other pickled object, header and checksum valid (anyone who can write to the run
-directory can write one), is refused in one line, never executed, and a resume goes back to the previous
-checkpoint."""
+directory can write one), is refused in one line, never executed, and a resume goes back to the previous checkpoint;
+the state a peer sends to heal an elastic replica is read the same way."""
 
 import hashlib
 import io
@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from slowmo.comm import CommError
+from slowmo.comm.elastic import decode_state, encode_state
 from slowmo.train import checkpoint, run
 
 
@@ -72,4 +74,19 @@ def test_a_checkpoint_holding_another_pickled_object_is_refused_not_run(tmp_path
         summary = _run(tmp_path, 15)
     assert summary["status"] == "completed" and summary["steps"] == 15
     assert "checkpoints/step_5 (step 5)" in capsys.readouterr().err  # resumed from the previous checkpoint
+    assert not trace.exists()
+
+
+def test_a_peers_state_for_a_heal_is_read_as_tensors_and_plain_data() -> None:
+    state = {"model": {"w": torch.arange(3.0)}, "step": 12, "best": {"val_acc": 91.5}, "betas": (0.9, 0.99)}
+    received = decode_state(encode_state(state))
+    assert torch.equal(received["model"]["w"], state["model"]["w"])
+    assert {k: received[k] for k in ("step", "best", "betas")} == {k: state[k] for k in ("step", "best", "betas")}
+
+
+def test_a_peers_state_holding_another_pickled_object_is_refused_not_run(tmp_path: Path) -> None:
+    trace = tmp_path / "trace"
+    with pytest.raises(CommError) as refused:
+        decode_state(encode_state({"model": _Planted(trace)}))
+    assert str(refused.value) == "a peer's state holds a pickled posix.mkdir, not only tensors and plain data; refused"
     assert not trace.exists()
