@@ -252,7 +252,7 @@ CASES = [
     Case(
         "a schedule that multiplies the lr by 0",
         lambda t: {"schedule": {"name": "step", "gamma": 0.0}},
-        "schedule.gamma must be in (0, 1] (the lr's factor at each milestone), got 0.0",
+        "schedule.gamma must be > 0 (the lr's factor at each milestone), got 0.0",
     ),
     Case(
         "beta=1",

@@ -1,7 +1,7 @@
 """Checkpoints: one file per rank in ``<run_dir>/checkpoints/step_<k>/``, each written atomically (temporary file,
 fsync, rename), with a version and a checksum; a checkpoint counts only once rank 0 has written ``COMPLETE`` after
-every rank's file. Loading skips a truncated, corrupt or foreign checkpoint for the previous valid one, with a
-warning; the last ``keep`` checkpoints are kept.
+every rank's file. Loading skips a truncated, corrupt or foreign checkpoint for the previous valid one, and says which
+it skipped and why; the last ``keep`` checkpoints are kept.
 
 A checkpoint holds tensors and plain data (dicts, lists, numbers, strings) only, and is read with
 ``torch.load(weights_only=True)``: a file that holds any other pickled object, which would run code as it is
@@ -16,7 +16,6 @@ import os
 import pickle
 import re
 import shutil
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -127,17 +126,21 @@ def save(directory: Path, comm: Communicator, state: dict[str, Any], keep: int, 
         mark_complete(directory, comm.world_size, keep)
 
 
-def newest(root: Path, comm: Communicator, device: torch.device) -> tuple[Path, dict[str, Any]] | None:
-    """The newest checkpoint under ``root`` that every rank of ``comm`` reads whole, with this rank's state (the ranks
-    skip a truncated, corrupt or foreign one together, with a warning); None when there is none."""
+def newest(
+    root: Path, comm: Communicator, device: torch.device
+) -> tuple[Path | None, dict[str, Any] | None, list[str]]:
+    """The newest checkpoint under ``root`` that every rank of ``comm`` reads whole, with this rank's state (None, None
+    when there is none), and the newer ones the ranks skipped together, each as ``"step_<k>: <why>"`` (this rank's
+    reason, or that another rank could not read its file)."""
+    skipped = []
     for directory in candidates(root, comm.world_size):
         try:
-            state, ok = load_rank(directory, comm.rank), 1.0
+            state, ok, why = load_rank(directory, comm.rank), 1.0, "another rank could not read its file"
         except ValueError as error:
-            warnings.warn(f"skipping checkpoint: {error}", stacklevel=2)
-            state, ok = None, 0.0
+            state, ok, why = None, 0.0, str(error).removeprefix(f"{directory}/")
         with comm.uncounted():
             agreed = comm.all_reduce(torch.tensor([ok], device=device)).item() == comm.world_size
         if agreed:
-            return directory, state
-    return None
+            return directory, state, skipped
+        skipped.append(f"{directory.name}: {why}")
+    return None, None, skipped

@@ -196,10 +196,12 @@ class _Trainer:
         return healed
 
     def _resume(self) -> None:
-        found = checkpoint.newest(self.run_dir / "checkpoints", self.local, self.device)
-        if found is None:
+        directory, state, skipped = checkpoint.newest(self.run_dir / "checkpoints", self.local, self.device)
+        unreadable = f" ({'; '.join(skipped)}: skipped)" if skipped else ""
+        if directory is None:
+            if skipped and self.is_main:
+                print(f"starting over at step 0: no checkpoint could be read{unreadable}", file=sys.stderr, flush=True)
             return
-        directory, state = found
         if state["fingerprint"] != _fingerprint(self.cfg):
             raise ConfigError(
                 f"the checkpoint in {directory} is of another run ({state['fingerprint']}), this "
@@ -211,7 +213,7 @@ class _Trainer:
         if self.device.type == "cuda" and state["cuda_rng"] is not None:
             torch.cuda.set_rng_state(state["cuda_rng"], self.device)
         if self.is_main:
-            print(f"resuming from {directory} (step {self.progress.step})", file=sys.stderr, flush=True)
+            print(f"resuming at step {self.progress.step} from {directory}{unreadable}", file=sys.stderr, flush=True)
 
     def _evaluate(self, averaged: bool = True) -> dict[str, float]:
         """The metrics of the model averaged over the ranks (or of this rank's: after the final average), with the

@@ -53,7 +53,7 @@ class Claim:
                 "train on, or add train.overwrite=true to start again)"
             )
         if self.action == "resume":
-            point = f"its newest complete checkpoint (step {self.newest})" if self.newest is not None else "step 0"
+            point = "its newest readable checkpoint" if self.newest is not None else "step 0 (it has no checkpoint)"
             return f"{where}: continuing the run it holds from {point}; {again}"
         if self.action == "overwrite":
             return f"{where}: discarding the run it holds once this run has passed its checks, then a new run; {again}"

@@ -62,8 +62,8 @@ def test_overwrite_discards_the_run_and_a_requeued_attempt_resumes_instead(tmp_p
     monkeypatch.setenv("SLURM_RESTART_COUNT", "1")  # the same job, requeued: what its first attempt wrote is kept
     summary = run(cfg(tmp_path, algorithm={"name": "sgp"}, train={"overwrite": True, "max_steps": 20}))
     err = capsys.readouterr().err
-    assert f"run directory {tmp_path}: continuing the run it holds from its newest complete checkpoint (step 10)" in err
-    assert f"resuming from {tmp_path / 'checkpoints' / 'step_10'} (step 10)" in err
+    assert f"run directory {tmp_path}: continuing the run it holds from its newest readable checkpoint; " in err
+    assert f"resuming at step 10 from {tmp_path / 'checkpoints' / 'step_10'}\n" in err
     assert summary["steps"] == 20
 
 

@@ -254,9 +254,9 @@ def test_the_generated_language_pair_trains_with_bleu_on_validation_and_test(tmp
     assert list((tmp_path / "run").glob("spm_bpe60.model"))
     note = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note: ")]
     assert note == [  # its defaults were never checked with an outer step: the run says so, once
-        "note: generated En-De's defaults were not checked with an outer step (benchmarks/defaults.py checks digits, "
-        "mnist1d, synthetic): optimizer.lr=0.001 and the outer step's own are generic; tune them, or start from a preset "
-        "of configs/experiment/"
+        "note: generated En-De's defaults were not checked with an outer step (benchmarks/defaults.py checks "
+        "digits, mnist1d, synthetic): optimizer.lr=0.001 and the outer step's own are generic; tune them, or start "
+        "from a preset of configs/experiment/"
     ]
     run(cfg(tmp_path / "digits", "digits", {}, {"name": "mlp", "width": 8}))
     assert "note: " not in capsys.readouterr().err  # digits' defaults are checked (results/defaults)

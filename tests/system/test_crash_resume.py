@@ -172,7 +172,7 @@ def test_kill_9_and_resume_bit_exactly(tmp_path, algorithm, restart, uninterrupt
         code, output = finish(torchrun(run_dir, algorithm))
         context = f"seed {seed}, {what}\n{output[-3000:]}"
     assert code == 0, context
-    assert "resuming from " in output, context
+    assert "resuming at step " in output, context
     resumed = torch.load(run_dir / "final.pt")["model"]
     straight = uninterrupted(algorithm)
     assert resumed.keys() == straight.keys()

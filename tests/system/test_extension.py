@@ -77,7 +77,7 @@ def test_a_new_algorithm_is_one_module_and_one_yaml_file(tmp_path):
     for name, steps in (("straight", 12), ("resumed", 8), ("resumed", 12)):
         out = cli(plugins, *train, f"train.max_steps={steps}", f"hydra.run.dir={tmp_path / 'runs' / name}")
         assert out.returncode == 0, out.stderr[-3000:]
-    assert "resuming from " in out.stderr
+    assert "resuming at step " in out.stderr
     a, b = (torch.load(tmp_path / "runs" / name / "final.pt")["model"] for name in ("straight", "resumed"))
     assert all(torch.equal(a[k], b[k]) for k in a)
     recorded = yaml.safe_load((tmp_path / "runs" / "straight" / "config.yaml").read_text())
@@ -170,7 +170,7 @@ def test_a_new_outer_update_is_one_module_and_one_yaml_file(tmp_path):
     for name, steps in (("straight", 12), ("resumed", 6), ("resumed", 12)):
         out = cli(plugins, *train, f"train.max_steps={steps}", f"hydra.run.dir={tmp_path / 'runs' / name}")
         assert out.returncode == 0, out.stderr[-3000:]
-    assert "resuming from " in out.stderr
+    assert "resuming at step " in out.stderr
     a, b = (torch.load(tmp_path / "runs" / name / "final.pt")["model"] for name in ("straight", "resumed"))
     assert all(torch.equal(a[k], b[k]) for k in a)
     recorded = yaml.safe_load((tmp_path / "runs" / "straight" / "config.yaml").read_text())

@@ -49,23 +49,38 @@ def _other_version(path):
 
 
 @pytest.mark.parametrize(
-    "damage,warning",
+    "damage,why",
     [
-        (_truncate, "rank1.pt: checksum mismatch (truncated or corrupt)"),
-        (_other_version, "rank1.pt: checkpoint format version 9, this slowmo reads version 1"),
+        (_truncate, "rank0.pt: checksum mismatch (truncated or corrupt)"),
+        (_other_version, "rank0.pt: checkpoint format version 9, this slowmo reads version 1"),
     ],
 )
-def test_a_damaged_checkpoint_is_skipped_for_the_previous_one(tmp_path, damage, warning):
+def test_a_damaged_checkpoint_is_skipped_for_the_previous_one_in_one_line(tmp_path, damage, why, capsys):
     straight = run(cfg(tmp_path / "straight"))
     run(cfg(tmp_path / "resumed", train={"max_steps": 16}))
-    damage(tmp_path / "resumed" / "checkpoints" / "step_16" / "rank1.pt")
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    damage(tmp_path / "resumed" / "checkpoints" / "step_16" / "rank0.pt")
+    capsys.readouterr()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # and no Python warning on the way
         resumed = run(cfg(tmp_path / "resumed"))
-    assert any(str(w.message).startswith("skipping checkpoint: ") and str(w.message).endswith(warning) for w in caught)
+    step_8 = tmp_path / "resumed" / "checkpoints" / "step_8"
+    assert f"resuming at step 8 from {step_8} (step_16: {why}: skipped)" in capsys.readouterr().err.splitlines()
     a, b = _final(tmp_path / "straight"), _final(tmp_path / "resumed")
     assert all(torch.equal(a[k], b[k]) for k in a)  # resumed from step 8, replayed 8..24 exactly
     assert resumed["final"] == straight["final"]
+
+
+def test_a_run_whose_only_checkpoint_is_damaged_says_it_starts_over(tmp_path, capsys):
+    run(cfg(tmp_path, train={"max_steps": 8}))
+    _truncate(tmp_path / "checkpoints" / "step_8" / "rank1.pt")  # another rank's: rank 0 knows only that it failed
+    capsys.readouterr()
+    summary = run(cfg(tmp_path, train={"max_steps": 12}))
+    err = capsys.readouterr().err.splitlines()
+    said = (
+        "starting over at step 0: no checkpoint could be read (step_8: another rank could not read its file: skipped)"
+    )
+    assert said in err
+    assert summary["steps"] == 12
 
 
 def test_a_checkpoint_without_its_complete_marker_is_ignored(tmp_path):
