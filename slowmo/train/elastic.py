@@ -215,6 +215,7 @@ class _Replica:
         self.proc = ctx.Process(
             target=_replica_main, args=(*args, [w for _, w in ends], launcher), name=f"replica_{self.id}"
         )
+        self.started_at = time.time()
         self.proc.start()
         for _, writer in ends:
             writer.close()  # (the replica holds them: each reader ends when the replica does)
@@ -252,6 +253,16 @@ class _Replica:
         code = self.proc.exitcode
         return "failed", f"process killed by {signal.Signals(-code).name}" if code < 0 else f"process exited ({code})"
 
+    def report(self, run_dir: Path) -> dict[str, Any] | None:
+        """The record of membership this attempt of the replica gave (its summary's ``elastic``): None if it died
+        without one."""
+        if self.message is not None and self.message[0] == "ok":
+            return self.message[1].get("elastic")
+        written = replica_dir(run_dir, self.id) / "summary.json"  # (by run_replica, as it failed)
+        if self.message is not None and written.exists() and written.stat().st_mtime >= self.started_at:
+            return json.loads(written.read_text()).get("elastic")
+        return None
+
     def stop(self, console: _Console) -> None:
         if self.proc.exitcode is None:
             self.proc.kill()
@@ -278,13 +289,17 @@ def _summarize(run_dir: Path, replicas: dict[int, _Replica]) -> dict[str, Any]:
         if (own / name).exists():
             shutil.copyfile(own / name, run_dir / name)
     records = {i: _records(replica_dir(run_dir, i)) for i in replicas}
-    votes = [r for r in records[primary] if "participants" in r]
-    summary["elastic"] = {
+    votes = [r for r in records[primary] if "participants" in r]  # (as logged: a vote right before a failure is not)
+    reported = replicas[primary].report(run_dir) or {  # its own votes; those it logged, if it died without a word
         "participants": [r["participants"] for r in votes],
         "failed_commits": sum(not r["committed"] for r in votes),
+    }
+    summary["elastic"] = {
+        "participants": reported["participants"],
+        "failed_commits": reported["failed_commits"],
         "heals": sum(r.get("healed", False) for rs in records.values() for r in rs),
         "restarts": sum(r.restarts for r in replicas.values()),
-        "membership_s": summary.get("elastic", {}).get("membership_s"),  # (the primary's, when it got to the end)
+        "membership_s": reported.get("membership_s"),
         "replicas": {
             str(i): {
                 "status": done[i]["status"] if i in done else "failed",

@@ -300,6 +300,10 @@ def test_fewer_than_min_replicas_stop_in_one_line_with_no_process_left(tmp_path:
     )
     time.sleep(0.5)
     assert not [pid for pid in pids.values() if _alive(pid)]
+    summary = json.loads((tmp_path / "summary.json").read_text())  # a failed run keeps its record too
+    assert (summary["status"], summary["error"]) == ("failed", str(launch.error))
+    assert summary["elastic"]["failed_commits"] >= 1 and summary["elastic"]["replicas"]["2"]["status"] == "failed"
+    assert (tmp_path / "metrics.jsonl").exists()
 
 
 def test_a_whole_job_killed_resumes_from_the_file_checkpoints(healthy: Path, tmp_path: Path) -> None:
