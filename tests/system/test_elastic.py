@@ -317,7 +317,7 @@ def test_a_whole_job_killed_resumes_from_the_file_checkpoints(healthy: Path, tmp
     assert not [pid for pid in job.pids.values() if _alive(pid)]
     again = Job(*overrides)
     assert again.wait() == 0, again.stderr
-    assert "resuming from" in again.stderr
+    assert re.search(r"replica \d: resuming at step \d+ from", again.stderr)
     assert _same(_final(tmp_path), _final(healthy))  # as if never stopped
 
 
