@@ -17,10 +17,16 @@ from slowmo import report
 
 
 def find_runs(paths: list[str]) -> list[Path]:
+    """The run directories given, or under the directories given, that got to their end (a preempted or failed run's
+    summary.json says so: it is left out, with a note)."""
     found = []
     for path in map(Path, paths):
         found += [path] if (path / "summary.json").is_file() else sorted(p.parent for p in path.rglob("summary.json"))
-    return found
+    unfinished = [d for d in found if not report.finished(d)]
+    if unfinished:
+        print(f"note: {len(unfinished)} run(s) did not get to their end, left out: {' '.join(map(str, unfinished))}",
+              file=sys.stderr)  # fmt: skip
+    return [d for d in found if report.finished(d)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,7 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     dirs = find_runs(args.runs)
     if not dirs:
-        print(f"error: no finished run (a directory with summary.json) under {' '.join(args.runs)}", file=sys.stderr)
+        print(
+            f"error: no finished run (summary.json: completed or diverged) under {' '.join(args.runs)}", file=sys.stderr
+        )
         return 2
     runs = [report.load_run(d) for d in dirs]
     print(report.write_table(report.table(runs), args.out))

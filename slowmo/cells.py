@@ -2,14 +2,13 @@
 and read what the runs wrote through :func:`slowmo.report.load_run`.
 
 Each cell (a list of overrides on top of ``+experiment=<preset>``) runs in its own directory under ``root``, named by
-its overrides; a finished cell is not run again (``fresh``: every cell is run anew, ``train.overwrite=true``), so a
-sweep that stops resumes where it stopped. A run whose loss becomes non-finite is kept, with ``diverged.json``
-saying where: an outcome to report, not an error.
+its overrides; a finished cell (:func:`slowmo.report.finished`) is not run again (``fresh``: every cell is run anew,
+``train.overwrite=true``), so a sweep that stops resumes where it stopped. A run whose loss becomes non-finite is kept,
+its ``summary.json`` saying where: an outcome to report, not an error.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from .report import finished
 from .train import NonFiniteLoss, compose, run
 
 
@@ -46,7 +46,7 @@ def run_cells(
 
 def _one(work: tuple[str | None, list[str], Path, bool, bool, str | None]) -> Path:
     preset, cell, directory, fresh, pooled, rerun = work
-    if not fresh and ((directory / "summary.json").is_file() or (directory / "diverged.json").is_file()):
+    if not fresh and finished(directory):
         return directory
     if pooled:  # the pool's size is the parallelism: one thread per run, simulated or gloo ranks alike
         os.environ["OMP_NUM_THREADS"] = "1"
@@ -57,7 +57,7 @@ def _one(work: tuple[str | None, list[str], Path, bool, bool, str | None]) -> Pa
     own = f"python experiments/{config.task.name}/train.py {' '.join(overrides)} run_dir='{directory}'"
     try:
         run(config, rerun=rerun or own)
-    except NonFiniteLoss as error:
-        (directory / "diverged.json").write_text(json.dumps({"error": str(error)}) + "\n")
+    except NonFiniteLoss:
+        pass  # an outcome (summary.json says "diverged" and where), not an error of the sweep
     print(f"{directory.name}: {time.time() - start:.1f} s", flush=True)
     return directory

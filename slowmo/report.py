@@ -19,13 +19,25 @@ from .algorithms import ALGORITHMS
 from .outer.presets import PRESETS
 from .train.optimizers import OPTIMIZERS
 
+FINISHED = ("completed", "diverged")  # the endings whose numbers a table takes (not preempted, interrupted, failed)
+
+
+def finished(run_dir: str | Path) -> bool:
+    """Whether ``run_dir`` holds a run that got to its end: its ``summary.json`` says completed or diverged (or, from
+    runs before every ending wrote one, a ``diverged.json`` says where a non-finite loss stopped it)."""
+    run_dir = Path(run_dir)
+    try:
+        return json.loads((run_dir / "summary.json").read_text()).get("status") in FINISHED
+    except (OSError, ValueError):
+        return (run_dir / "diverged.json").is_file()
+
 
 def load_run(run_dir: str | Path) -> dict[str, Any]:
-    """A run, read from its directory: ``config``, ``metrics``, ``summary`` (None for a run that stopped on a non-finite
-    loss, whose ``diverged.json`` says where), its ``status`` and its :func:`numbers`. The one reader of the
-    quickstart and the benchmarks."""
+    """A run, read from its directory: ``config``, ``metrics``, ``summary`` (None for a run of older code that stopped
+    on a non-finite loss, whose ``diverged.json`` says where), its ``status`` and its :func:`numbers`. The one reader
+    of the quickstart and the benchmarks."""
     run_dir = Path(run_dir)
-    stopped = (run_dir / "diverged.json").is_file()
+    stopped = (run_dir / "diverged.json").is_file() and not (run_dir / "summary.json").is_file()
     for name in ("config.yaml", "metrics.jsonl", *(() if stopped else ("summary.json",))):
         if not (run_dir / name).is_file():
             raise ValueError(f"{run_dir} is not a finished run directory: {name} is missing")
@@ -66,7 +78,7 @@ def numbers(run: dict[str, Any]) -> dict[str, Any]:
         f"best_{metric}": best.get(metric, float("nan")),
         f"{test}_at_best_val": best.get(test, float("nan")),
         "epoch_of_best_val": best.get("epoch", float("nan")),
-        f"final_{metric}": summary["final"][metric] if summary else float("nan"),
+        f"final_{metric}": (summary or {}).get("final", {}).get(metric, float("nan")),
         "best_val_loss": min((r["val_loss"] for r in records if "val_loss" in r), default=float("nan")),
         "mib_sent_per_rank": summary["comm_bytes"] / 2**20 if summary else float("nan"),
     }

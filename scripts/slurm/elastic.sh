@@ -17,10 +17,11 @@ TASK=$1 REPLICAS=$2; shift 2
 PYTHON=${PYTHON:-python}
 PORT=${LIGHTHOUSE_PORT:-29510}
 if [ -z "${LIGHTHOUSE_ADDR:-}" ]; then  # else: a lighthouse that already runs (e.g. on a service node)
-  LIGHTHOUSE_ARGS="--min_replicas ${MIN_REPLICAS:-1} --bind [::]:$PORT --join_timeout_ms ${JOIN_TIMEOUT_MS:-10000}"
+  LIGHTHOUSE_ARGS="--min_replicas ${MIN_REPLICAS:-1} --join_timeout_ms ${JOIN_TIMEOUT_MS:-10000}"
   LIGHTHOUSE_ARGS+=" --heartbeat_timeout_ms ${HEARTBEAT_TIMEOUT_MS:-5000}"
+  # bound to the node's cluster address only (its first one), not to every interface: the dashboard can kill replicas
   LIGHTHOUSE=$(sbatch --parsable --job-name=slowmo-lighthouse --ntasks=1 --output=slurm-%x-%j.out \
-    --wrap "exec torchft_lighthouse $LIGHTHOUSE_ARGS")
+    --wrap "exec torchft_lighthouse $LIGHTHOUSE_ARGS --bind \$(hostname -I | cut -d' ' -f1):$PORT")
   echo "lighthouse: job $LIGHTHOUSE; waiting for its node" >&2
   until NODE=$(squeue -h -j "$LIGHTHOUSE" -t RUNNING -o %N) && [ -n "$NODE" ]; do sleep 2; done
   LIGHTHOUSE_ADDR=http://$NODE:$PORT

@@ -227,10 +227,20 @@ class _Trainer:
 
     # ----------------------------------------------------------------------------------- the loop
     def train(self) -> dict[str, Any]:
+        """The run, to its end; whatever the end, rank 0 leaves its record in ``summary.json`` (a run stopped by a
+        non-finite loss: ``diverged``; by an error: ``failed``, with the error) beside ``metrics.jsonl``."""
         try:
             return self._train()
         except CommError as error:  # a peer died or hung: every surviving rank says where it was
-            raise CommError(f"{error} (during step {self.progress.step + 1})") from None
+            told = CommError(f"{error} (during step {self.progress.step + 1})")
+            self._summarize("failed", error=str(told))
+            raise told from None
+        except NonFiniteLoss as error:
+            self._summarize("diverged", error=str(error))
+            raise
+        except Exception as error:
+            self._summarize("failed", error=f"{type(error).__name__}: {error}")
+            raise
         finally:
             data.close(self.train_loader)
             self.evaluator.close()
@@ -278,11 +288,10 @@ class _Trainer:
                     status = "diverged"
                     break
                 every = cfg.train.checkpoint_every
-                stop = (
-                    preemption.agreed(self.local, self.device)
-                    if cfg.train.signal_check_every and (progress.step % cfg.train.signal_check_every == 0)
-                    else None
+                check = cfg.train.signal_check_every and (
+                    progress.step % cfg.train.signal_check_every == 0 or vote is not None  # (and at a round's end)
                 )
+                stop = preemption.agreed(self.local, self.device) if check else None
                 if (every and progress.step % every == 0) or stop:  # one checkpoint when both fall on this step
                     self._save()
                 if stop:
@@ -317,19 +326,28 @@ class _Trainer:
         progress = self.progress
         if status in ("preempted", "interrupted"):
             self.loggers.close()
-            stopped = {"status": status, "signal": self.stopped_by, "step": progress.step}
-            return stopped | {"rank": self.local.rank, "run_dir": str(self.run_dir)}
+            return self._summarize(status, signal=self.stopped_by, step=progress.step)
         if not self.comm.elastic:  # (an elastic run ends on an outer step: every replica holds x_{T,0})
             self.opt.synchronize()  # the final exact average: every rank holds the averaged model
         final = self._evaluate(averaged=False)
-        stats = self.comm.stats()
         diverged = progress.divergence.record()
+        if self.is_main:
+            self.loggers.log({**self.last_record, "comm_bytes": self.comm.stats()["total"], **final})
+            model = {name: tensor.cpu() for name, tensor in self.model.state_dict().items()}
+            torch.save({"model": model}, self.run_dir / "final.pt")
+        summary = self._summarize("diverged" if diverged else status, diverged=diverged, final=final)
+        self.loggers.close()
+        return summary
+
+    def _summarize(self, status: str, **ending: Any) -> dict[str, Any]:
+        """The run's record at its end (``status`` and what that ending adds), written by rank 0 to ``summary.json``
+        whatever the ending; returned to every rank."""
+        progress, stats = self.progress, self.comm.stats()
         summary = {
-            "status": "diverged" if diverged else status,
-            "diverged": diverged,
+            "status": status,
+            **ending,
             "steps": progress.step,
             "epochs": progress.step / self.steps_per_epoch,
-            "final": final,
             "best": dict(progress.best),
             "comm_bytes": stats["total"],
             "comm_bytes_by_kind": stats,
@@ -348,11 +366,7 @@ class _Trainer:
             **({"elastic": self.comm.report()} if self.comm.elastic else {}),
         }
         if self.is_main:
-            self.loggers.log({**self.last_record, "comm_bytes": stats["total"], **final})
-            model = {name: tensor.cpu() for name, tensor in self.model.state_dict().items()}
-            torch.save({"model": model}, self.run_dir / "final.pt")
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        self.loggers.close()
         return summary
 
 

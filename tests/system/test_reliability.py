@@ -1,6 +1,7 @@
 """Faults inside a run: corrupt or partial checkpoints, NaNs, and a rank that dies (real gloo processes)."""
 
 import itertools
+import json
 import multiprocessing
 import os
 import re
@@ -109,6 +110,8 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, m
     ) as info:
         run(cfg(tmp_path, train={"checkpoint_every": 1, "max_steps": 50}))
     bad_step = int(str(info.value).split(" at step ")[1].split(";")[0])
+    summary = json.loads((tmp_path / "summary.json").read_text())  # its record: where and why it stopped
+    assert (summary["status"], summary["error"]) == ("diverged", str(info.value)) and summary["steps"] <= bad_step
     kept = checkpoint.sorted_checkpoints(tmp_path / "checkpoints")
     # the last good one is that of step bad_step (or bad_step - 1 if a rank stopped before rank 0 marked it)
     assert kept and int(kept[-1].name[5:]) in (bad_step - 1, bad_step)
@@ -189,6 +192,8 @@ def test_no_hang_when_a_rank_dies(tmp_path, algorithm):
         assert any(line.endswith(f"(during step {s})") for s in steps), line
     assert elapsed < 60
     assert multiprocessing.active_children() == []  # no orphan
+    summary = json.loads((tmp_path / "summary.json").read_text())  # rank 0's record of the failed run
+    assert summary["status"] == "failed" and summary["error"].startswith("rank 0: ") and summary["steps"] in (6, 7)
 
 
 # ------------------------------------------------------------------------------------------------ a signal

@@ -84,6 +84,9 @@ def test_a_signal_to_the_launcher_stops_every_rank_after_a_checkpoint(tmp_path, 
     ]
     assert step % 5 == 0 and step >= 10  # the ranks agree every train.signal_check_every = 5 steps
     assert [d.name for d in checkpoint.sorted_checkpoints(run_dir / "checkpoints")] == [f"step_{step}"]
+    summary = json.loads((run_dir / "summary.json").read_text())  # the record of a run that stopped, too
+    assert (summary["status"], summary["signal"], summary["steps"]) == (stopped, sig, step)
+    assert summary["comm_bytes"] > 0 and json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
     assert checkpoint.candidates(run_dir / "checkpoints", 2)  # saved by both ranks
     assert _alive(ranks) == []
 
