@@ -319,6 +319,8 @@ def test_a_whole_job_killed_resumes_from_the_file_checkpoints(healthy: Path, tmp
     assert again.wait() == 0, again.stderr
     assert re.search(r"replica \d: resuming at step \d+ from", again.stderr)
     assert _same(_final(tmp_path), _final(healthy))  # as if never stopped
+    resumed, straight = (json.loads((d / "summary.json").read_text()) for d in (tmp_path, healthy))
+    assert resumed["comm_bytes_by_kind"] == straight["comm_bytes_by_kind"]  # its counters too
 
 
 # ------------------------------------------------------------------------------------------------ what a run exposes
