@@ -64,6 +64,9 @@ class Communicator(ABC):
     world_size: int
     overlaps: bool = False  # whether an operation started now runs while this rank computes (real backends)
     elastic: bool = False  # whether the group may change between outer steps (dist=torchft: a quorum per round)
+    # whether collectives may run between outer steps (an evaluation's average of the model, the final exact average);
+    # an elastic group agrees only in a round's vote, after which its replicas hold the same model
+    agrees_between_rounds: bool = True
 
     def __init__(self, rank: int, world_size: int, label: str = "", counter: Counter | None = None) -> None:
         self.rank = rank
@@ -221,10 +224,17 @@ class Communicator(ABC):
         """The vote on the outer step just averaged: whether every rank may apply it. Always yes in a fixed group."""
         return True
 
-    def next_round(self, last: bool = False) -> dict[str, Any] | None:
-        """After a vote, the group of the next round (none after the ``last`` step); returns the vote's round
-        (participants, committed), or None when nothing changes (a fixed group)."""
+    def on_round(self, log: Callable[[dict[str, Any]], None]) -> None:
+        """Have ``log`` record each round's vote (who took part, whether it committed); a fixed group has none."""
         return None
+
+    def next_round(self, last: bool = False) -> None:
+        """After a vote, the group of the next round (none after the ``last`` step); nothing in a fixed group."""
+        return None
+
+    def report(self) -> dict[str, Any]:
+        """What the run's summary says of the group's membership, under keys of its own (nothing for a fixed group)."""
+        return {}
 
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint keeps of the group's membership (nothing for a fixed group)."""

@@ -145,6 +145,7 @@ class Elastic(Communicator):
     """
 
     elastic = True
+    agrees_between_rounds = False
 
     def __init__(
         self,
@@ -197,6 +198,7 @@ class Elastic(Communicator):
         self.heals = 0
         self.membership_s = 0.0  # time in the votes and the quorums (the cost of elasticity, waits for peers included)
         self._voted = False
+        self._log: Callable[[dict[str, Any]], None] = lambda vote: None  # the loop's record of each vote
         self.timed_out = False  # fewer than min_replicas came within quorum_timeout_s (the run's verdict)
         self._alone = False  # a stop signal ended a quorum wait: no peers from then on
         self._alone_lock = threading.Lock()  # a snapshot served to a healing peer is taken whole before that, or not
@@ -252,17 +254,20 @@ class Elastic(Communicator):
         self._voted = True
         return ok
 
-    def next_round(self, last: bool = False) -> dict[str, Any] | None:
-        """After a vote: the quorum of the next round (a late replica joins, healed, here), none after the ``last``
-        step. Returns the vote's round."""
+    def on_round(self, log: Callable[[dict[str, Any]], None]) -> None:
+        self._log = log
+
+    def next_round(self, last: bool = False) -> None:
+        """After a vote: the vote logged (before a heal may move the replica's progress on), then the quorum of the
+        next round (a late replica joins, healed, here), none after the ``last`` step."""
         if not self._voted:
-            return None
+            return
         self._voted = False
+        self._log(self.rounds[-1])
         if not last:
             start = time.perf_counter()
             self._quorum()
             self.membership_s += time.perf_counter() - start
-        return self.rounds[-1]
 
     def _quorum(self) -> None:
         if self._alone:
@@ -296,12 +301,14 @@ class Elastic(Communicator):
         self.world_size = self.manager.num_participants()
 
     def report(self) -> dict[str, Any]:
-        """What summary.json says of this replica's membership."""
+        """What summary.json says of this replica's membership, under ``elastic``."""
         return {
-            "participants": [r["participants"] for r in self.rounds],
-            "failed_commits": sum(not r["committed"] for r in self.rounds),
-            "heals": self.heals,
-            "membership_s": self.membership_s,
+            "elastic": {
+                "participants": [r["participants"] for r in self.rounds],
+                "failed_commits": sum(not r["committed"] for r in self.rounds),
+                "heals": self.heals,
+                "membership_s": self.membership_s,
+            }
         }
 
     def state_dict(self) -> dict[str, Any]:

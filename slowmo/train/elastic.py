@@ -93,13 +93,13 @@ def run_replica(
     finally:
         comm.close()
     if summary["status"] in ("preempted", "interrupted"):  # (the loop writes a summary for a run that got to its end)
-        summary = {**summary, "elastic": comm.report()}
+        summary = {**summary, **comm.report()}
         _write_summary(own, summary)
     return summary
 
 
 def _failed(error: BaseException, comm: elastic.Elastic) -> dict[str, Any]:
-    return {"status": "failed", "error": _one_line(error), "elastic": comm.report(), "rank": 0}
+    return {"status": "failed", "error": _one_line(error), **comm.report(), "rank": 0}
 
 
 def _one_line(error: BaseException) -> str:

@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Iterator
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +59,15 @@ def _fingerprint(cfg: Config) -> dict[str, Any]:
         "slowmo": cfg.slowmo.enabled,
         "shard_outer_state": cfg.slowmo.shard_outer_state,
     }
+
+
+class Ending(Enum):
+    """How a run ends (its summary's ``status``)."""
+
+    COMPLETED = "completed"
+    DIVERGED = "diverged"
+    PREEMPTED = "preempted"  # a SIGTERM, SIGUSR1 or SIGUSR2: checkpointed, to be requeued
+    INTERRUPTED = "interrupted"  # a Ctrl-C: checkpointed
 
 
 # ------------------------------------------------------------------------------------------------ one rank
@@ -122,6 +133,9 @@ class _Trainer:
             (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(to_dict(cfg)))
         self.loggers = Loggers(cfg, run_dir, run_name, self.progress) if self.is_main else Loggers()
         self.healed = False
+        self._batches: Iterator[Any] | None = None  # the training loader's batches, from the data position _at
+        self._at: tuple[int, int] | None = None
+        comm.on_round(lambda vote: self.loggers.log({"step": self.progress.step, **vote}))
         comm.join(self._state, self._heal)  # an elastic replica behind its peers takes their state here
 
     def _build_task(self) -> Task:
@@ -187,7 +201,8 @@ class _Trainer:
         print(f"replica {self.rank}: healed from a peer at step {self.progress.step}", file=sys.stderr, flush=True)
 
     def _after_heal(self) -> bool:
-        """Whether a heal came; its state is then this replica's checkpoint of that step (what it received)."""
+        """Whether a heal came; its state is then this replica's checkpoint of that step (what it received), and the
+        next batch the one at the peer's data position (:meth:`_next_batch`)."""
         healed, self.healed = self.healed, False
         if healed:
             self.loggers.log({"step": self.progress.step, "healed": True, "time": time.time()})
@@ -218,7 +233,7 @@ class _Trainer:
     def _evaluate(self, averaged: bool = True) -> dict[str, float]:
         """The metrics of the model averaged over the ranks (or of this rank's: after the final average), with the
         best so far updated."""
-        averaged = averaged and not self.comm.elastic  # (elastic replicas hold x_{t,0} after each committed round)
+        averaged = averaged and self.comm.agrees_between_rounds  # (else: no collective outside a round's vote)
         if averaged:
             with self.comm.uncounted():
                 average = self.opt.averaged_parameters()
@@ -246,62 +261,90 @@ class _Trainer:
             self.evaluator.close()
 
     def _train(self) -> dict[str, Any]:
+        """Inner steps to ``train.max_steps``, each followed by what falls on it: the round's end (on an elastic group a
+        vote, the next quorum and maybe a heal), a record of the losses and an evaluation, a checkpoint, a stop."""
         cfg, progress = self.cfg, self.progress
         self.t0 = time.time()
         show = self.is_main and cfg.logger.progress
         bar = tqdm(total=cfg.train.max_steps, initial=progress.step, disable=not show, dynamic_ncols=True)
         bar.set_description(self.run_dir.name)
-        status = "completed"
         self.model.train()
         self._after_heal()
-        while progress.step < cfg.train.max_steps and status == "completed":
-            self.sampler.set_epoch(progress.epoch, progress.position)
-            for batch in data.on_device(self.train_loader, self.device, self.channels_last):
-                factor = self.lr_factor(progress.step)
-                for group, lr in zip(self.opt.param_groups, self.base_lrs, strict=True):
-                    group["lr"] = lr * factor
-                with self.precision.autocast():
-                    loss = self.task.loss(self.model, batch)
-                self.opt.zero_grad(set_to_none=True)
-                self.precision.backward_and_step(loss, self.opt)
-                self.losses.add(loss)
-                progress.step += 1
-                progress.position += 1
-                bar.update(1)
-                last = progress.step == cfg.train.max_steps
-                step, vote = progress.step, self.comm.next_round(last)  # (a heal there may move progress on)
-                if vote is not None:  # dist=torchft: who took part in the outer step, and whether it committed
-                    self.loggers.log({"step": step, **vote})
-                    if self._after_heal():
-                        break  # behind the others (its vote failed, theirs passed): on from the peer's data position
-                evaluate = bool(cfg.train.eval_every) and progress.step % cfg.train.eval_every == 0
-                if progress.step % cfg.logger.log_every == 0 or evaluate or last:
-                    record = self._record()
-                    if evaluate and not last:
-                        record.update(self._evaluate())
-                    bar.set_postfix(loss=f"{record['train_loss']:.3f}")
-                    if last or progress.divergence.stopped:
-                        self.last_record = record  # logged with the final metrics
-                    else:
-                        self.loggers.log(record)
-                if progress.divergence.stopped:  # every rank logged the same loss: they stop together
-                    status = "diverged"
-                    break
-                every = cfg.train.checkpoint_every
-                check = cfg.train.signal_check_every and (
-                    progress.step % cfg.train.signal_check_every == 0 or vote is not None  # (and at a round's end)
-                )
-                stop = preemption.agreed(self.local, self.device) if check else None
-                if (every and progress.step % every == 0) or stop:  # one checkpoint when both fall on this step
-                    self._save()
-                if stop:
-                    status, self.stopped_by = ("interrupted" if stop == "SIGINT" else "preempted"), stop
-                if stop or last:
-                    break
-            if progress.position >= len(self.sampler.batches):
-                progress.epoch, progress.position = progress.epoch + 1, 0
+        ending = Ending.COMPLETED if progress.step >= cfg.train.max_steps else None
+        while ending is None:
+            self._step(self._next_batch())
+            bar.update(1)
+            last = progress.step == cfg.train.max_steps
+            self.comm.next_round(last)
+            if self._after_heal():  # a peer's state, at its step: the record and the stop check of it were the peer's
+                continue
+            loss = self._log(last)
+            if loss is not None:
+                bar.set_postfix(loss=f"{loss:.3f}")
+            ending = self._ending(last)
         bar.close()
-        return self._finish(status)
+        return self._finish(ending)
+
+    def _next_batch(self) -> Any:
+        """The batch at the run's data position (epoch, position): the loader's next, the next epoch's first once an
+        epoch is done, or, where the position moved otherwise (a heal took a peer's), the loader started there."""
+        progress = self.progress
+        if self._batches is None or self._at != (progress.epoch, progress.position):
+            self.sampler.set_epoch(progress.epoch, progress.position)
+            self._batches = iter(data.on_device(self.train_loader, self.device, self.channels_last))
+        batch = next(self._batches, None)
+        if batch is None:  # the epoch is done
+            progress.epoch, progress.position = progress.epoch + 1, 0
+            self.sampler.set_epoch(progress.epoch)
+            self._batches = iter(data.on_device(self.train_loader, self.device, self.channels_last))
+            batch = next(self._batches)
+        self._at = (progress.epoch, progress.position + 1)
+        return batch
+
+    def _step(self, batch: Any) -> None:
+        """One inner step: the schedule's lr, the loss, the backward pass and the optimizer's step."""
+        progress = self.progress
+        factor = self.lr_factor(progress.step)
+        for group, lr in zip(self.opt.param_groups, self.base_lrs, strict=True):
+            group["lr"] = lr * factor
+        with self.precision.autocast():
+            loss = self.task.loss(self.model, batch)
+        self.opt.zero_grad(set_to_none=True)
+        self.precision.backward_and_step(loss, self.opt)
+        self.losses.add(loss)
+        progress.step += 1
+        progress.position += 1
+
+    def _log(self, last: bool) -> float | None:
+        """A record of the steps since the last one, with an evaluation, where one falls on this step (the last step's
+        is logged with the final metrics); the train loss recorded, if any."""
+        cfg, step = self.cfg, self.progress.step
+        evaluate = bool(cfg.train.eval_every) and step % cfg.train.eval_every == 0
+        if not (step % cfg.logger.log_every == 0 or evaluate or last):
+            return None
+        record = self._record()
+        if evaluate and not last:
+            record.update(self._evaluate())
+        if last or self.progress.divergence.stopped:
+            self.last_record = record
+        else:
+            self.loggers.log(record)
+        return record["train_loss"]
+
+    def _ending(self, last: bool) -> Ending | None:
+        """How the run ends on this step, if it does, after the checkpoint due here: a divergence the ranks saw
+        (train.stop_on_divergence), a stop signal they agreed on (checked every train.signal_check_every steps), or
+        the last step."""
+        cfg, step = self.cfg, self.progress.step
+        if self.progress.divergence.stopped:  # every rank logged the same loss: they stop together
+            return Ending.DIVERGED
+        check = cfg.train.signal_check_every and step % cfg.train.signal_check_every == 0
+        self.stopped_by = preemption.agreed(self.local, self.device) if check else None
+        if (cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0) or self.stopped_by:
+            self._save()  # (one checkpoint when both fall on this step)
+        if self.stopped_by:
+            return Ending.INTERRUPTED if self.stopped_by == "SIGINT" else Ending.PREEMPTED
+        return Ending.COMPLETED if last else None
 
     def _record(self) -> dict[str, Any]:
         """The metrics of the steps since the last record: train loss (mean over them and over ranks), lr, bytes."""
@@ -322,12 +365,12 @@ class _Trainer:
             record.update(loss_scale=self.precision.scale, skipped_steps=self.precision.skipped)
         return record
 
-    def _finish(self, status: str) -> dict[str, Any]:
+    def _finish(self, ending: Ending) -> dict[str, Any]:
         progress = self.progress
-        if status in ("preempted", "interrupted"):
+        if ending in (Ending.PREEMPTED, Ending.INTERRUPTED):
             self.loggers.close()
-            return self._summarize(status, signal=self.stopped_by, step=progress.step)
-        if not self.comm.elastic:  # (an elastic run ends on an outer step: every replica holds x_{T,0})
+            return self._summarize(ending.value, signal=self.stopped_by, step=progress.step)
+        if self.comm.agrees_between_rounds:  # (else the run ended on a round: every replica holds x_{T,0})
             self.opt.synchronize()  # the final exact average: every rank holds the averaged model
         final = self._evaluate(averaged=False)
         diverged = progress.divergence.record()
@@ -335,7 +378,8 @@ class _Trainer:
             self.loggers.log({**self.last_record, "comm_bytes": self.comm.stats()["total"], **final})
             model = {name: tensor.cpu() for name, tensor in self.model.state_dict().items()}
             torch.save({"model": model}, self.run_dir / "final.pt")
-        summary = self._summarize("diverged" if diverged else status, diverged=diverged, final=final)
+        status = Ending.DIVERGED if diverged else ending
+        summary = self._summarize(status.value, diverged=diverged, final=final)
         self.loggers.close()
         return summary
 
@@ -363,7 +407,7 @@ class _Trainer:
             "skipped_steps": self.precision.skipped,
             "threads": torch.get_num_threads(),
             "run_dir": str(self.run_dir),
-            **({"elastic": self.comm.report()} if self.comm.elastic else {}),
+            **self.comm.report(),
         }
         if self.is_main:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -34,6 +34,14 @@ def _descendants(pid: int) -> list[int]:
     return found
 
 
+def _gone(pids: list[int], within_s: float = 5.0) -> bool:
+    """Whether every process of ``pids`` has ended within ``within_s`` (a busy machine schedules their exit late)."""
+    deadline = time.time() + within_s
+    while _alive(pids) and time.time() < deadline:
+        time.sleep(0.05)
+    return not _alive(pids)
+
+
 def _alive(pids: list[int]) -> list[int]:
     alive = []
     for pid in pids:
@@ -88,7 +96,7 @@ def test_a_signal_to_the_launcher_stops_every_rank_after_a_checkpoint(tmp_path, 
     assert (summary["status"], summary["signal"], summary["steps"]) == (stopped, sig, step)
     assert summary["comm_bytes"] > 0 and json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
     assert checkpoint.candidates(run_dir / "checkpoints", 2)  # saved by both ranks
-    assert _alive(ranks) == []
+    assert _gone(ranks)
 
 
 def test_a_second_ctrl_c_stops_at_once_without_a_traceback(tmp_path):
@@ -105,7 +113,7 @@ def test_a_second_ctrl_c_stops_at_once_without_a_traceback(tmp_path):
     )
     assert "Traceback" not in err and "leaked" not in err
     time.sleep(0.5)
-    assert _alive(ranks) == []
+    assert _gone(ranks)
 
 
 def test_no_rank_outlives_a_launcher_killed_by_sigkill(tmp_path):
@@ -114,10 +122,7 @@ def test_no_rank_outlives_a_launcher_killed_by_sigkill(tmp_path):
     assert len(ranks) >= 3  # the fork server and the two ranks
     job.kill()
     job.communicate(timeout=60)
-    deadline = time.time() + 10
-    while _alive(ranks) and time.time() < deadline:
-        time.sleep(0.1)
-    assert _alive(ranks) == []
+    assert _gone(ranks, within_s=10)
 
 
 def test_the_ranks_take_the_launchers_environment(tmp_path, monkeypatch):
