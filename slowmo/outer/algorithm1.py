@@ -33,13 +33,19 @@ PSEUDO_GRADIENTS = ("scaled", "raw")
 
 @dataclass
 class SlowMomentumConfig:
-    """``slowmo/update=slow_momentum``: no knobs of its own; it takes ``slowmo.alpha``, ``beta``, ``nesterov`` and
-    ``pseudo_gradient``."""
+    """``slowmo/update=slow_momentum`` (and the presets' ``bmuf``, ``lookahead``, ``diloco``): slow momentum's knobs."""
 
     name: str
+    alpha: float  # the slow learning rate (the paper: 1)
+    beta: float  # the slow momentum, in [0, 1)
+    nesterov: bool  # the Nesterov form (DiLoCo's)
+    pseudo_gradient: str  # scaled: Delta_bar / gamma_t (SlowMo's) | raw: Delta_bar (BMUF's, DiLoCo's)
+
+    def check(self) -> None:
+        check(alpha=self.alpha, beta=self.beta, pseudo_gradient=self.pseudo_gradient)
 
 
-@UPDATES.register("slow_momentum", SlowMomentumConfig, label="slow momentum (Algorithm 1)", built_by_presets=True)
+@UPDATES.register("slow_momentum", SlowMomentumConfig, label="slow momentum (Algorithm 1)")
 class SlowMomentum(Update):
     """Algorithm 1's outer update: slow momentum beta, slow lr alpha, heavy ball or Nesterov, on Delta / gamma_t
     (``pseudo_gradient="scaled"``, SlowMo's) or on Delta (``"raw"``, BMUF's and DiLoCo's)."""

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from .clip import ClipNorm
     from .fragments import Fragments
 
-UPDATES = Registry("outer update", "slowmo.outer")  # built_by_presets=True: the update a preset's function returns
+UPDATES = Registry("outer update", "slowmo.outer")
 MEANS = Registry("outer mean", "slowmo.outer")
 
 

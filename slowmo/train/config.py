@@ -124,7 +124,7 @@ CHOICES = {
 def compose(
     overrides: list[str] | tuple[str, ...] = (), config_name: str = "config", with_hydra: bool = False
 ) -> DictConfig:
-    """The tree composed with command-line style ``overrides`` (``["algorithm=<name>", "slowmo.beta=0.7",
+    """The tree composed with command-line style ``overrides`` (``["algorithm=<name>", "slowmo.update.beta=0.7",
     "+experiment=quickstart"]``), as ``experiments/<task>/train.py`` would; not yet checked (see :func:`validate`)."""
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         return hydra_compose(config_name=config_name, overrides=list(overrides), return_hydra_config=with_hydra)
@@ -274,12 +274,12 @@ def _check_elastic(config: Config) -> None:
         raise ConfigError(missing)
     if not config.slowmo.enabled:
         raise ConfigError(
-            f"{works}; slowmo=off has no outer step to vote on (slowmo=on with slowmo.beta=0 is the same)"
+            f"{works}; slowmo=off has no outer step to vote on (slowmo=on with slowmo.update.beta=0 is the same)"
         )
     reason = config.algorithm.not_elastic()
     if reason:
         raise ConfigError(f"{works}; algorithm={config.algorithm.name} does not: {reason}")
-    parts = config.slowmo.build(config.dist.world_size)
+    parts = config.slowmo.build()
     for part in (parts["mean"], parts["fragments"], parts["clip"], parts["update"]):
         reason = part.not_elastic() if part is not None else None
         if reason:

@@ -46,7 +46,7 @@ def build_optimizer(cfg: Config, model: torch.nn.Module, comm: Communicator) -> 
     algorithm = ALGORITHMS[cfg.algorithm.name].build.from_config(comm, cfg.algorithm)
     if not cfg.slowmo.enabled:
         return DistributedOptimizer(model, base, algorithm)
-    return SlowMo(model, base, algorithm, **cfg.slowmo.build(comm.world_size))
+    return SlowMo(model, base, algorithm, **cfg.slowmo.build())
 
 
 def _fingerprint(cfg: Config) -> dict[str, Any]:
@@ -248,13 +248,13 @@ class _Trainer:
             return self._train()
         except CommError as error:  # a peer died or hung: every surviving rank says where it was
             told = CommError(f"{error} (during step {self.progress.step + 1})")
-            self._summarize("failed", error=str(told))
+            self._summarize_failure("failed", str(told))
             raise told from None
         except NonFiniteLoss as error:
-            self._summarize("diverged", error=str(error))
+            self._summarize_failure("diverged", str(error))
             raise
         except Exception as error:
-            self._summarize("failed", error=f"{type(error).__name__}: {error}")
+            self._summarize_failure("failed", f"{type(error).__name__}: {error}")
             raise
         finally:
             data.close(self.train_loader)
@@ -382,6 +382,14 @@ class _Trainer:
         summary = self._summarize(status.value, diverged=diverged, final=final)
         self.loggers.close()
         return summary
+
+    def _summarize_failure(self, status: str, error: str) -> None:
+        """The record of a run that an error ended, as far as it can be written (not where the disk itself failed):
+        the error that ended the run is the one raised."""
+        try:
+            self._summarize(status, error=error)
+        except OSError:
+            pass
 
     def _summarize(self, status: str, **ending: Any) -> dict[str, Any]:
         """The run's record at its end (``status`` and what that ending adds), written by rank 0 to ``summary.json``

@@ -14,7 +14,7 @@ def _cli(*args):
 
 
 def test_the_command_line_prints_the_one_line_and_exits_2(tmp_path):
-    out = _cli("slowmo=on", "slowmo.beta=1.0", f"hydra.run.dir={tmp_path}")
+    out = _cli("slowmo=on", "slowmo.update.beta=1.0", f"hydra.run.dir={tmp_path}")
     assert out.returncode == 2
     assert out.stderr.strip().splitlines() == [
         "error: beta must be in [0, 1) (slow momentum; the paper tunes it in 0.4-0.8), got 1.0"

@@ -43,7 +43,7 @@ TAU, STEPS = 12, 96
 COMMON = [
     "slowmo=on",
     f"slowmo.tau={TAU}",
-    "slowmo.beta=0.6",
+    "slowmo.update.beta=0.6",
     f"train.max_steps={STEPS}",
     "train.eval_every=0",
     f"logger.log_every={TAU}",
@@ -399,7 +399,7 @@ def test_a_diverged_elastic_run_keeps_its_record(tmp_path: Path, capfd) -> None:
     its start (near step 120); replica 1 is killed with -9 on the way (restarted, healed). The run's summary.json says
     diverged, with its restarts, heals and failed commits, its metrics.jsonl and final.pt beside it; the warnings name
     their replica."""
-    overrides = ["optimizer.lr=0.05", "slowmo.alpha=2.0", "slowmo.beta=0.9", "train.max_steps=192"]
+    overrides = ["optimizer.lr=0.05", "slowmo.update.alpha=2.0", "slowmo.update.beta=0.9", "train.max_steps=192"]
     overrides += ["dist.min_replicas=3", f"train.checkpoint_every={TAU}"]
     launch = Launch(tmp_path, *COMMON, *ELASTIC, *overrides)
     launch.until(lambda: len(_rounds(tmp_path / "replica_1")) >= 2)
