@@ -73,20 +73,21 @@ class OuterConfig:
         except ValueError as error:
             raise ConfigError(str(error)) from None
 
-    def check_parts(self) -> None:
-        """Once the update and mean sections are typed: the parts they make, and whether they combine."""
-        self.build()
+    def check_parts(self, elastic: str | None = None) -> None:
+        """Once the update and mean sections are typed: the parts they make, and whether they combine (``elastic``:
+        the preamble of an elastic run's refusals, whose parts must also run on a changing quorum)."""
+        self.build(elastic)
 
-    def build(self) -> dict[str, Any]:
+    def build(self, elastic: str | None = None) -> dict[str, Any]:
         """SlowMo's arguments after the base optimizer and algorithm: tau, the parts and the base-buffer policy;
-        refused in one line where a part refuses its settings or the others."""
+        refused in one line where a part refuses its settings or the others (:meth:`Parts.check`)."""
         try:
             update = part(UPDATES, self.update)
             mean = part(MEANS, self.mean)
             mean.shard = self.shard_outer_state
             fragments = Fragments(self.fragments.count, self.fragments.delay, self.fragments.mix)
             clip = ClipNorm(self.clip_norm) if self.clip_norm is not None else None
-            Parts(self.tau, update, mean, fragments, clip).check()
+            Parts(self.tau, update, mean, fragments, clip, elastic).check()
         except ValueError as error:
             raise ConfigError(str(error)) from None
         return {

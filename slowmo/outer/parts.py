@@ -111,13 +111,19 @@ class Parts:
     mean: Mean
     fragments: Fragments
     clip: ClipNorm | None = None
+    elastic: str | None = None  # on dist=torchft: the preamble of its refusals (what an elastic run runs)
 
     def check(self) -> None:
-        """ValueError (one line) for the first part that refuses the others."""
+        """ValueError (one line) for the first part that refuses the others, or, on an elastic run, a changing quorum:
+        every rule of a combination is declared by a part (:meth:`Part.refuses`, :meth:`Part.not_elastic`) and
+        checked here."""
         for part in (self.update, self.mean, self.fragments, self.clip):
             reason = part.refuses(self) if part is not None else None
             if reason:
                 raise ValueError(reason)
+            reason = part.not_elastic() if part is not None and self.elastic else None
+            if reason:
+                raise ValueError(f"{self.elastic}; {reason}")
 
 
 def merge(pieces: list[Piece], key) -> list[Piece]:

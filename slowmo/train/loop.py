@@ -161,7 +161,8 @@ class _Trainer:
             if tensor.is_floating_point() and not torch.isfinite(tensor).all():
                 raise NonFiniteLoss(
                     f"rank {self.rank}: {name} is not finite at step {step}; no checkpoint of it "
-                    "was written, the last good one is kept (lower optimizer.lr or check the data)"
+                    "was written, the last good one is kept (lower optimizer.lr or check the data)",
+                    finite_steps=step - 1,
                 )
         state = {
             **self._state(),
@@ -251,7 +252,7 @@ class _Trainer:
             self._summarize_failure("failed", str(told))
             raise told from None
         except NonFiniteLoss as error:
-            self._summarize_failure("diverged", str(error))
+            self._summarize_failure("diverged", str(error), steps=error.finite_steps)
             raise
         except Exception as error:
             self._summarize_failure("failed", f"{type(error).__name__}: {error}")
@@ -383,11 +384,11 @@ class _Trainer:
         self.loggers.close()
         return summary
 
-    def _summarize_failure(self, status: str, error: str) -> None:
+    def _summarize_failure(self, status: str, error: str, steps: int | None = None) -> None:
         """The record of a run that an error ended, as far as it can be written (not where the disk itself failed):
-        the error that ended the run is the one raised."""
+        the error that ended the run is the one raised; ``steps``, where known, those whose results were finite."""
         try:
-            self._summarize(status, error=error)
+            self._summarize(status, error=error, **({} if steps is None else {"steps": steps}))
         except OSError:
             pass
 
@@ -395,11 +396,12 @@ class _Trainer:
         """The run's record at its end (``status`` and what that ending adds), written by rank 0 to ``summary.json``
         whatever the ending; returned to every rank."""
         progress, stats = self.progress, self.comm.stats()
+        steps = ending.pop("steps", progress.step)
         summary = {
             "status": status,
             **ending,
-            "steps": progress.step,
-            "epochs": progress.step / self.steps_per_epoch,
+            "steps": steps,
+            "epochs": steps / self.steps_per_epoch,
             "best": dict(progress.best),
             "comm_bytes": stats["total"],
             "comm_bytes_by_kind": stats,
