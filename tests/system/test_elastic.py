@@ -302,8 +302,10 @@ def test_fewer_than_min_replicas_stop_in_one_line_with_no_process_left(tmp_path:
     assert not [pid for pid in pids.values() if _alive(pid)]
     summary = json.loads((tmp_path / "summary.json").read_text())  # a failed run keeps its record too
     assert (summary["status"], summary["error"]) == ("failed", str(launch.error))
-    assert summary["elastic"]["failed_commits"] >= 1 and summary["elastic"]["replicas"]["2"]["status"] == "failed"
-    assert (tmp_path / "metrics.jsonl").exists()
+    assert summary["elastic"]["replicas"]["2"]["status"] == "failed" and (tmp_path / "metrics.jsonl").exists()
+    # the rounds voted down: those logged, and the one the failure cut short (if the kill fell inside a round)
+    logged = sum(not r["committed"] for r in _rounds(tmp_path / "replica_0"))
+    assert summary["elastic"]["failed_commits"] in (logged, logged + 1)
 
 
 def test_a_whole_job_killed_resumes_from_the_file_checkpoints(healthy: Path, tmp_path: Path) -> None:
@@ -408,7 +410,7 @@ def test_a_diverged_elastic_run_keeps_its_record(tmp_path: Path, capfd) -> None:
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["status"] == "diverged" and summary["diverged"]["loss"] >= summary["diverged"]["start"]
     elastic = summary["elastic"]
-    assert elastic["restarts"] == 1 and elastic["heals"] >= 1 and elastic["failed_commits"] >= 1
+    assert elastic["restarts"] == 1 and elastic["heals"] >= 1  # (a round is voted down if the kill fell inside one)
     assert elastic["replicas"]["1"]["restarts"] == 1 and elastic["replicas"]["1"]["heals"] >= 1
     kept = (tmp_path / "metrics.jsonl").read_text()
     assert kept == (tmp_path / f"replica_{summary['replica']}" / "metrics.jsonl").read_text()
