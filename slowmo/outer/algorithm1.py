@@ -74,7 +74,9 @@ class SlowMomentum(Update):
             for piece in pieces:  # x_{t+1,0} = x_{t,tau} - m v_t; v_{t+1} = x_{t,0} - x_{t+1,0}, where x_{t,0} was
                 x = piece.delta.add_(self.v[piece.start : piece.end], alpha=-self._m(piece))
                 self.x0[piece.start : piece.end].sub_(x)
-            self.x0, self.v = self.v, self.x0  # the two buffers swap roles; x0 receives x_{t+1,0} next
+            self.x0, self.v = self.v, self.x0  # the two buffers swap roles; x0 receives x_{t+1,0}
+            for piece in pieces:
+                self.x0[piece.start : piece.end].copy_(piece.delta)
             return
         for piece in pieces:
             a, b = piece.start, piece.end
@@ -86,6 +88,7 @@ class SlowMomentum(Update):
                 torch.add(x0, delta, alpha=-self.alpha, out=delta).add_(v, alpha=-self.alpha * self.beta)
             else:
                 torch.add(x0, v, alpha=-self.alpha, out=delta)  # x_{t+1,0} = x_{t,0} - alpha v_{t+1}
+            x0.copy_(delta)
 
     def _m(self, piece: Piece) -> float:
         """m = beta gamma_t / gamma_{t-1} (v_t in the units of gamma_t), or beta for the raw pseudo-gradient."""

@@ -66,6 +66,7 @@ class Update(Part):
     """x_{t+1,0} from x_{t,0} and the mean pseudo-gradient Delta_bar, piece by piece (:class:`Piece`)."""
 
     x0: torch.Tensor  # x_{t,0} (this rank's slice when sharded), set by :meth:`bind`
+    pseudo_gradient: str = "scaled"  # what it steps on: Delta_bar / gamma_t ("scaled", so gamma_t > 0) or Delta_bar
 
     def bind(self, x0: torch.Tensor) -> None:
         """Start from x_{0,0}: the outer state, in place of what a checkpoint may load later."""
@@ -73,7 +74,8 @@ class Update(Part):
 
     def step(self, pieces: list[Piece], averaged: bool) -> None:
         """Each piece's ``delta`` holds Delta_bar (with ``averaged``: the averaged model x_{t,tau} = x_{t,0} - Delta_bar
-        instead, which an update may use as it is) and receives x_{t+1,0}."""
+        instead, which an update may use as it is); x_{t+1,0} goes into :attr:`x0` (the update is its one owner) and
+        into ``delta``."""
         raise NotImplementedError
 
     def pieces_by(self, piece: Piece) -> Any:
