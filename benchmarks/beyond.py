@@ -35,7 +35,7 @@ from readme import record
 
 PRESET = BLOCKS["mnist1d"].preset
 SEEDS = (0, 1, 2)
-BASE = ["algorithm=localsgd", "slowmo=on", "optimizer.lr=0.1", "slowmo.beta=0.7", "train.clip_grad_norm=1.0"]
+BASE = ["algorithm=localsgd", "slowmo=on", "optimizer.lr=0.1", "slowmo.update.beta=0.7", "train.clip_grad_norm=1.0"]
 VARIANTS = {  # name -> its overrides on top of BASE
     "SlowMo (Algorithm 1)": [],
     "int8 + error feedback": ["slowmo/mean=compressed", "slowmo.mean.codec=int8"],
@@ -44,28 +44,28 @@ VARIANTS = {  # name -> its overrides on top of BASE
     "eager outer step": ["slowmo/mean=eager"],
     "streaming, P = 4, d = 2": ["slowmo.fragments.count=4", "slowmo.fragments.delay=2"],
     "streaming, P = 4, d = 0": ["slowmo.fragments.count=4"],
-    "outer Nesterov (torch)": ["slowmo/update=nesterov", "slowmo.beta=null", "slowmo.update.options.momentum=0.7"],
+    "outer Nesterov (torch)": ["slowmo/update=nesterov", "~slowmo.update.beta", "slowmo.update.options.momentum=0.7"],
     "post-local SGD, K = 78": ["algorithm.warmup_steps=78"],
 }
 EAGER, STREAMING = ["slowmo/mean=eager"], ["slowmo.fragments.count=4", "slowmo.fragments.delay=2"]
 TUNED = {  # name -> the grid tried on seed 0 (the untuned row first); the best validation accuracy picks one
     "eager outer step, tuned": [  # a one-round-late mean is stable only below alpha = 1 (see the README)
         EAGER,  # (the untuned row: the base's beta = 0.7)
-        [*EAGER, "slowmo.beta=0.0"],
-        [*EAGER, "slowmo.beta=0.3"],
-        [*EAGER, "slowmo.beta=0.5"],
-        [*EAGER, "slowmo/update=nesterov", "slowmo.beta=null", "slowmo.update.options.momentum=0.5"],
-        [*EAGER, "slowmo.alpha=0.5", "slowmo.beta=0.0"],
-        [*EAGER, "slowmo.alpha=0.5", "slowmo.beta=0.5"],
-        [*EAGER, "slowmo.alpha=0.7", "slowmo.beta=0.3"],
+        [*EAGER, "slowmo.update.beta=0.0"],
+        [*EAGER, "slowmo.update.beta=0.3"],
+        [*EAGER, "slowmo.update.beta=0.5"],
+        [*EAGER, "slowmo/update=nesterov", "~slowmo.update.beta", "slowmo.update.options.momentum=0.5"],
+        [*EAGER, "slowmo.update.alpha=0.5", "slowmo.update.beta=0.0"],
+        [*EAGER, "slowmo.update.alpha=0.5", "slowmo.update.beta=0.5"],
+        [*EAGER, "slowmo.update.alpha=0.7", "slowmo.update.beta=0.3"],
     ],
     "streaming, P = 4, d = 2, tuned": [
         STREAMING,
-        [*STREAMING, "slowmo.beta=0.5"],
-        [*STREAMING, "slowmo.beta=0.8"],
+        [*STREAMING, "slowmo.update.beta=0.5"],
+        [*STREAMING, "slowmo.update.beta=0.8"],
         [*STREAMING, "slowmo.fragments.mix=0.5"],
-        [*STREAMING, "slowmo.beta=0.5", "slowmo.fragments.mix=0.5"],
-        [*STREAMING, "slowmo.beta=0.3", "slowmo.fragments.mix=0.5"],
+        [*STREAMING, "slowmo.update.beta=0.5", "slowmo.fragments.mix=0.5"],
+        [*STREAMING, "slowmo.update.beta=0.3", "slowmo.fragments.mix=0.5"],
     ],
 }
 
@@ -120,8 +120,8 @@ class Runner:
 
 
 def cell(extra: list[str], seed: int) -> list[str]:
-    """BASE with ``extra`` on top (an extra key replaces BASE's), then the seed."""
-    keys = {o.split("=")[0] for o in extra}
+    """BASE with ``extra`` on top (an extra key, or its deletion ``~key``, replaces BASE's), then the seed."""
+    keys = {o.lstrip("~").split("=")[0] for o in extra}
     return [*(o for o in BASE if o.split("=")[0] not in keys), *extra, f"seed={seed}"]
 
 

@@ -48,7 +48,7 @@ def model_for(name: str) -> torch.nn.Module:
 
 def measure(comm, model_name: str, algorithm: str, slowmo_on: bool) -> int:
     model = model_for(model_name)
-    opt = optimizer(comm, model, algorithm, H, slowmo={"tau": TAU, "beta": 0.5} if slowmo_on else None)
+    opt = optimizer(comm, model, algorithm, H, slowmo={"tau": TAU, "update": {"beta": 0.5}} if slowmo_on else None)
     generator = torch.Generator().manual_seed(comm.rank)
     for _ in range(STEPS):
         for p in model.parameters():

@@ -76,7 +76,7 @@ def _time_all(comm, suite: str, steps: int, batch: int) -> list[tuple[float, flo
         if algorithm == "compute":  # Local SGD that never averages: no communication at all
             opt = optimizer(comm, model, "localsgd", None, lr=0.01)
         else:
-            settings = None if slowmo is None else {"tau": TAU, "beta": 0.5, **slowmo}
+            settings = None if slowmo is None else {"tau": TAU, "update": {"beta": 0.5}, **slowmo}
             opt = optimizer(comm, model, algorithm, TAU, lr=0.01, slowmo=settings)
         sent: list[int] = []
         start, end = timed_steps(comm, model, opt, batch, steps, warmup=TAU, sent=sent, sync_start=False)

@@ -213,7 +213,7 @@ KINDS = {
 
 def overrides(block: Block, s: Setting, seed: int) -> list[str]:
     out = [f"algorithm={s.algorithm}", f"slowmo={'on' if s.slowmo else 'off'}", f"optimizer.lr={s.lr:g}"]
-    out += [f"slowmo.beta={s.beta:g}"] if s.slowmo else []
+    out += [f"slowmo.update.beta={s.beta:g}"] if s.slowmo else []
     out += [f"slowmo.base_buffers={s.buffers}"] if s.buffers not in (None, block.buffers) else []
     return [*out, f"seed={seed}"]
 

@@ -46,7 +46,7 @@ def row(preset: str, cell: list[str], r: dict) -> dict:
         "seed": config["seed"],
         "label": report.label(r),
         "tau": config["slowmo"]["tau"] if config["slowmo"]["enabled"] else config["algorithm"].get("period"),
-        "beta": config["slowmo"]["beta"] if config["slowmo"]["enabled"] else 0.0,
+        "beta": config["slowmo"]["update"]["beta"] if config["slowmo"]["enabled"] else 0.0,
         **{key: n[key] for key in ("final_train_loss", "best_train_loss", "final_val_acc", "best_val_acc")},
         "mib_sent_per_rank": n["mib_sent_per_rank"],
         "steps": n["steps"],

@@ -73,7 +73,7 @@ def _memory(comm, mode: str) -> dict:
     for sharded in (False, True):  # every code path of both outer steps touched in every configuration, on a tiny
         tiny = torch.nn.Linear(64, 64)  # model: what differs below is data, not pages of code or allocator pools
         warm = optimizer(
-            comm, tiny, "localsgd", 2, lr=0.01, slowmo={"tau": 2, "beta": 0.5, "shard_outer_state": sharded}
+            comm, tiny, "localsgd", 2, lr=0.01, slowmo={"tau": 2, "update": {"beta": 0.5}, "shard_outer_state": sharded}
         )
         for _ in range(4):
             tiny(torch.randn(8, 64)).sum().backward()
@@ -86,7 +86,9 @@ def _memory(comm, mode: str) -> dict:
         "localsgd",
         2,
         lr=0.01,
-        slowmo=None if mode == "localsgd" else {"tau": 2, "beta": 0.5, "shard_outer_state": mode == "sharded"},
+        slowmo=None
+        if mode == "localsgd"
+        else {"tau": 2, "update": {"beta": 0.5}, "shard_outer_state": mode == "sharded"},
     )
     peak = 0
     for _ in range(6):

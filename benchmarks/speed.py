@@ -61,7 +61,12 @@ def _train(comm, rounds: int, steps: int, warmup: int) -> list[list[float]]:
             opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
         else:
             opt = optimizer(
-                comm, model, algorithm, TAU, lr=0.01, slowmo={"tau": TAU, "beta": 0.5} if slowmo_on else None
+                comm,
+                model,
+                algorithm,
+                TAU,
+                lr=0.01,
+                slowmo={"tau": TAU, "update": {"beta": 0.5}} if slowmo_on else None,
             )
         runs.append((model, opt))
 

@@ -18,6 +18,10 @@ import torch
 
 from .report import finished
 from .train import NonFiniteLoss, compose, run
+from .train.config import CONFIG_DIR
+
+ROOT = CONFIG_DIR.parent
+ENTRYPOINTS = ROOT / "experiments"
 
 
 def run_dir(root: Path, cell: list[str]) -> Path:
@@ -54,7 +58,11 @@ def _one(work: tuple[str | None, list[str], Path, bool, bool, str | None]) -> Pa
     start = time.time()
     overrides = [*([f"+experiment={preset}"] if preset else []), *cell, *(["train.overwrite=true"] if fresh else [])]
     config = compose([*overrides, f"run_dir='{directory}'"])
-    own = f"python experiments/{config.task.name}/train.py {' '.join(overrides)} run_dir='{directory}'"
+    script = ENTRYPOINTS / config.task.name / "train.py"  # a task without an entrypoint of its own: digits' takes it
+    script = script if script.is_file() else ENTRYPOINTS / "digits" / "train.py"
+    named = preset or script.parent.name == config.task.name or any(o.startswith("task=") for o in overrides)
+    task = [] if named else [f"task={config.task.name}"]
+    own = f"python {script.relative_to(ROOT)} {' '.join([*task, *overrides])} run_dir='{directory}'"
     try:
         run(config, rerun=rerun or own)
     except NonFiniteLoss:

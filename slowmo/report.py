@@ -16,7 +16,6 @@ import numpy as np
 import yaml
 
 from .algorithms import ALGORITHMS
-from .outer.presets import PRESETS
 from .train.optimizers import OPTIMIZERS
 
 FINISHED = ("completed", "diverged")  # the endings whose numbers a table takes (not preempted, interrupted, failed)
@@ -149,7 +148,7 @@ def differing(keys: list[tuple]) -> list[str]:
     return sorted(name for name, seen in values.items() if len(seen) > 1)
 
 
-NAMED_BY_LABEL = ("algorithm.name", "optimizer.name", "slowmo.enabled", "slowmo.preset")
+NAMED_BY_LABEL = ("algorithm.name", "optimizer.name", "slowmo.enabled", "slowmo.label")
 
 
 def _names(keys: list[tuple]) -> list[str]:
@@ -172,7 +171,7 @@ def _names(keys: list[tuple]) -> list[str]:
 def _label_of(config: dict[str, Any]) -> str:
     name = base_label(config["algorithm"]["name"], config["optimizer"]["name"])
     outer = config["slowmo"]
-    return name + (f" + {PRESETS[outer['preset']].label}" if outer.get("enabled") and outer.get("preset") else "")
+    return name + (f" + {outer['label']}" if outer.get("enabled") and outer.get("label") else "")
 
 
 def title(runs: list[dict[str, Any]]) -> str:

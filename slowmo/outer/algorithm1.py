@@ -33,13 +33,19 @@ PSEUDO_GRADIENTS = ("scaled", "raw")
 
 @dataclass
 class SlowMomentumConfig:
-    """``slowmo/update=slow_momentum``: no knobs of its own; it takes ``slowmo.alpha``, ``beta``, ``nesterov`` and
-    ``pseudo_gradient``."""
+    """``slowmo/update=slow_momentum`` (and the presets' ``bmuf``, ``lookahead``, ``diloco``): slow momentum's knobs."""
 
     name: str
+    alpha: float  # the slow learning rate (the paper: 1)
+    beta: float  # the slow momentum, in [0, 1)
+    nesterov: bool  # the Nesterov form (DiLoCo's)
+    pseudo_gradient: str  # scaled: Delta_bar / gamma_t (SlowMo's) | raw: Delta_bar (BMUF's, DiLoCo's)
+
+    def check(self) -> None:
+        check(alpha=self.alpha, beta=self.beta, pseudo_gradient=self.pseudo_gradient)
 
 
-@UPDATES.register("slow_momentum", SlowMomentumConfig, label="slow momentum (Algorithm 1)", built_by_presets=True)
+@UPDATES.register("slow_momentum", SlowMomentumConfig, label="slow momentum (Algorithm 1)")
 class SlowMomentum(Update):
     """Algorithm 1's outer update: slow momentum beta, slow lr alpha, heavy ball or Nesterov, on Delta / gamma_t
     (``pseudo_gradient="scaled"``, SlowMo's) or on Delta (``"raw"``, BMUF's and DiLoCo's)."""
@@ -68,7 +74,9 @@ class SlowMomentum(Update):
             for piece in pieces:  # x_{t+1,0} = x_{t,tau} - m v_t; v_{t+1} = x_{t,0} - x_{t+1,0}, where x_{t,0} was
                 x = piece.delta.add_(self.v[piece.start : piece.end], alpha=-self._m(piece))
                 self.x0[piece.start : piece.end].sub_(x)
-            self.x0, self.v = self.v, self.x0  # the two buffers swap roles; x0 receives x_{t+1,0} next
+            self.x0, self.v = self.v, self.x0  # the two buffers swap roles; x0 receives x_{t+1,0}
+            for piece in pieces:
+                self.x0[piece.start : piece.end].copy_(piece.delta)
             return
         for piece in pieces:
             a, b = piece.start, piece.end
@@ -80,6 +88,7 @@ class SlowMomentum(Update):
                 torch.add(x0, delta, alpha=-self.alpha, out=delta).add_(v, alpha=-self.alpha * self.beta)
             else:
                 torch.add(x0, v, alpha=-self.alpha, out=delta)  # x_{t+1,0} = x_{t,0} - alpha v_{t+1}
+            x0.copy_(delta)
 
     def _m(self, piece: Piece) -> float:
         """m = beta gamma_t / gamma_{t-1} (v_t in the units of gamma_t), or beta for the raw pseudo-gradient."""

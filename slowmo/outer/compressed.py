@@ -39,10 +39,6 @@ class CompressedMean(Mean):
         self.codec, self.error_feedback = Codec(codec), bool(error_feedback)
         self.residual = torch.empty(0)  # e_i, in the flat parameters' layout
 
-    @classmethod
-    def from_config(cls, cfg: CompressedMeanConfig) -> CompressedMean:
-        return cls(cfg.codec, cfg.error_feedback)
-
     def refuses(self, parts: Parts) -> str | None:
         if self.shard:
             return (

@@ -94,10 +94,6 @@ class EagerMean(Mean):
     def finish(self, flight) -> None:
         """(The mean of this round completes during the next one: :meth:`start` of the next outer step waits.)"""
 
-    @classmethod
-    def from_config(cls, cfg: EagerMeanConfig) -> EagerMean:
-        return cls(cfg.codec, cfg.error_feedback)
-
     def _complete(self, m: int) -> None:
         if self._pending is None:
             return

@@ -44,10 +44,6 @@ class ExactMean(Mean):
             return "a sharded outer state (shard_outer_state) would have to be re-cut at every change of the quorum"
         return None
 
-    @classmethod
-    def from_config(cls, cfg: ExactMeanConfig) -> ExactMean:
-        return cls()
-
     def start(self, flight) -> None:
         if flight.whole:  # the averaged model in place (this rank's slice of it when sharded)
             equal = flight.equal

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from .clip import ClipNorm
     from .fragments import Fragments
 
-UPDATES = Registry("outer update", "slowmo.outer")  # built_by_presets=True: the update a preset's function returns
+UPDATES = Registry("outer update", "slowmo.outer")
 MEANS = Registry("outer mean", "slowmo.outer")
 
 
@@ -66,6 +66,7 @@ class Update(Part):
     """x_{t+1,0} from x_{t,0} and the mean pseudo-gradient Delta_bar, piece by piece (:class:`Piece`)."""
 
     x0: torch.Tensor  # x_{t,0} (this rank's slice when sharded), set by :meth:`bind`
+    pseudo_gradient: str = "scaled"  # what it steps on: Delta_bar / gamma_t ("scaled", so gamma_t > 0) or Delta_bar
 
     def bind(self, x0: torch.Tensor) -> None:
         """Start from x_{0,0}: the outer state, in place of what a checkpoint may load later."""
@@ -73,7 +74,8 @@ class Update(Part):
 
     def step(self, pieces: list[Piece], averaged: bool) -> None:
         """Each piece's ``delta`` holds Delta_bar (with ``averaged``: the averaged model x_{t,tau} = x_{t,0} - Delta_bar
-        instead, which an update may use as it is) and receives x_{t+1,0}."""
+        instead, which an update may use as it is); x_{t+1,0} goes into :attr:`x0` (the update is its one owner) and
+        into ``delta``."""
         raise NotImplementedError
 
     def pieces_by(self, piece: Piece) -> Any:
@@ -111,13 +113,19 @@ class Parts:
     mean: Mean
     fragments: Fragments
     clip: ClipNorm | None = None
+    elastic: str | None = None  # on dist=torchft: the preamble of its refusals (what an elastic run runs)
 
     def check(self) -> None:
-        """ValueError (one line) for the first part that refuses the others."""
+        """ValueError (one line) for the first part that refuses the others, or, on an elastic run, a changing quorum:
+        every rule of a combination is declared by a part (:meth:`Part.refuses`, :meth:`Part.not_elastic`) and
+        checked here."""
         for part in (self.update, self.mean, self.fragments, self.clip):
             reason = part.refuses(self) if part is not None else None
             if reason:
                 raise ValueError(reason)
+            reason = part.not_elastic() if part is not None and self.elastic else None
+            if reason:
+                raise ValueError(f"{self.elastic}; {reason}")
 
 
 def merge(pieces: list[Piece], key) -> list[Piece]:

@@ -1,37 +1,15 @@
-"""The methods that are SlowMo with some settings fixed, as plain functions that return the outer update; each has its
-paper's parameter names and defaults, and is registered for the harness's ``slowmo=<name>``
-(``configs/slowmo/<name>.yaml``) with the ``slowmo.*`` knobs it takes (``knobs``: config key -> its argument), its
-default tau (None: the config must give one) and whether it fixes the update (``fixes_update``, default True: its
-slow momentum may not be replaced by ``slowmo/update=...``).
+"""The methods that are SlowMo with some settings fixed, as plain functions that return the outer update, each with its
+paper's parameter names and defaults (the harness's ``slowmo=bmuf|lookahead|diloco`` are the same defaults as YAML
+files of the parts: ``configs/slowmo/<name>.yaml`` and ``configs/slowmo/update/<name>.yaml``):
 
     opt = slowmo.SlowMo(model, base, slowmo.LocalSGD(comm), tau=12, update=slowmo.presets.bmuf(comm.world_size))
 """
 
 from __future__ import annotations
 
-from ..registry import Registry
 from .algorithm1 import SlowMomentum
 
-PRESETS = Registry("outer preset", "slowmo.outer")
 
-
-@PRESETS.register(
-    "slowmo",
-    label="SlowMo",
-    knobs={"alpha": "alpha", "beta": "beta", "nesterov": "nesterov", "pseudo_gradient": "pseudo_gradient"},
-    tau=None,
-    fixes_update=False,
-)
-def algorithm_1(
-    alpha: float = 1.0, beta: float = 0.0, nesterov: bool = False, pseudo_gradient: str = "scaled"
-) -> SlowMomentum:
-    """Algorithm 1 with every knob free (``slowmo=on``): its update may also be any other (``slowmo/update=...``)."""
-    return SlowMomentum(alpha, beta, nesterov, pseudo_gradient)
-
-
-@PRESETS.register(
-    "bmuf", label="BMUF", knobs={"alpha": "block_lr", "beta": "block_momentum", "nesterov": "nesterov"}, tau=None
-)
 def bmuf(
     world_size: int, block_lr: float = 1.0, block_momentum: float | None = None, nesterov: bool = False
 ) -> SlowMomentum:
@@ -46,14 +24,12 @@ def bmuf(
     return SlowMomentum(block_lr, momentum, nesterov, "raw")
 
 
-@PRESETS.register("lookahead", label="Lookahead", knobs={"alpha": "alpha"}, tau=5)
 def lookahead(alpha: float = 0.5) -> SlowMomentum:
     """Lookahead (Zhang et al., 2019): k = tau fast steps (5), then phi <- phi + alpha (theta - phi): slow momentum
     with beta = 0 (run it over a single worker, ``LocalSGD(Single())``, or over any base algorithm)."""
     return SlowMomentum(alpha, 0.0)
 
 
-@PRESETS.register("diloco", label="DiLoCo", knobs={"alpha": "outer_lr", "beta": "outer_momentum"}, tau=500)
 def diloco(outer_lr: float = 0.7, outer_momentum: float = 0.9) -> SlowMomentum:
     """DiLoCo's outer step (Douillard et al., 2023): Nesterov SGD with lr ``outer_lr`` and momentum
     ``outer_momentum`` on the raw pseudo-gradient Delta = x_{t,0} - x_{t,tau}, every tau (500) inner steps:

@@ -121,7 +121,7 @@ class SlowMo(DistributedOptimizer):
     def _scaled_gammas(self) -> list[float]:
         """Each parameter's gamma_t; the scaled pseudo-gradient divides by it, so it must be > 0."""
         gammas = self.learning_rates()
-        if getattr(self.update, "pseudo_gradient", "scaled") == "scaled" and min(gammas) <= 0:
+        if self.update.pseudo_gradient == "scaled" and min(gammas) <= 0:
             raise ValueError(
                 f"SlowMo divides by the base lr at the outer step, but it is {min(gammas)} at inner step "
                 f"{self._step}; keep the lr schedule above 0 (e.g. start warm-up above 0)"
@@ -141,7 +141,8 @@ class SlowMo(DistributedOptimizer):
         return Flight(fragment, step, members, flat.ranges, gammas, whole, x0, flat.data, self._shard, self.comm, equal)
 
     def _merge(self, flight: Flight) -> None:
-        """The fragment's mean completed, clipped; its update; x_{t+1,0} into x_{t,0} and, mixed, into the model."""
+        """The fragment's mean completed, clipped; its update (which sets x_{t,0} to x_{t+1,0}); x_{t+1,0}, mixed, into
+        the model."""
         self.mean.finish(flight)
         pieces = self._pieces(flight)
         if self.clip is not None:
@@ -151,9 +152,8 @@ class SlowMo(DistributedOptimizer):
                 flight.averaged = False
             self.clip.clip_(flight.values, self.comm, self._shard.enabled)
         self.update.step(pieces, flight.averaged)
-        x0, model, mix = self.update.x0, self._shard.mine(self.flat.data), self.fragments.mix
+        model, mix = self._shard.mine(self.flat.data), self.fragments.mix
         for piece in pieces:
-            x0[piece.start : piece.end].copy_(piece.delta)
             x = model[piece.start : piece.end]
             if x.data_ptr() == piece.delta.data_ptr():  # the update worked on the model itself
                 continue

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 
@@ -23,12 +23,22 @@ from .parts import UPDATES, Piece, Update, merge
 
 @dataclass
 class TorchUpdateConfig:
-    """``slowmo/update=torch`` (or its presets ``nesterov`` and ``adam``); it also takes ``slowmo.alpha`` and
-    ``pseudo_gradient``."""
+    """``slowmo/update=torch`` (or its presets ``nesterov`` and ``adam``)."""
 
     name: str
     optimizer: str  # a torch.optim class (SGD, Adam, ...) or a dotted path to one of your own
     options: dict[str, Any] = field(default_factory=dict)  # its keyword arguments, lr excepted
+    alpha: float = 1.0  # the outer lr, times gamma_t (scaled) or absolute (raw)
+    pseudo_gradient: str = "scaled"  # scaled: Delta_bar / gamma_t | raw: Delta_bar
+
+    RENAMED: ClassVar[dict[str, str]] = {  # slow momentum's knobs, which a torch optimizer takes in its options
+        knob: f"is slow momentum's knob: the outer torch optimizer takes its own in slowmo.update.options (a preset "
+        f"that set it for slow momentum: drop it with ~slowmo.update.{knob})"
+        for knob in ("beta", "nesterov")
+    }
+
+    def check(self) -> None:
+        check(alpha=self.alpha, pseudo_gradient=self.pseudo_gradient)
 
 
 @UPDATES.register("torch", TorchUpdateConfig, label="torch optimizer")
@@ -58,10 +68,6 @@ class TorchUpdate(Update):
         self.x0 = torch.empty(0)
         self._optimizer: torch.optim.Optimizer | None = None
         self._groups: dict[tuple[int, int], int] = {}  # (start, end) of a run of x_{t,0} -> its param group
-
-    @classmethod
-    def from_config(cls, cfg: TorchUpdateConfig, alpha: float, pseudo_gradient: str) -> TorchUpdate:
-        return cls(cfg.optimizer, alpha, pseudo_gradient, cfg.options)
 
     def bind(self, x0: torch.Tensor) -> None:
         self.x0 = x0.clone()

@@ -148,16 +148,18 @@ KEY_LINE = re.compile(r"^(?P<indent> *)(?P<key>[A-Za-z_][\w]*):(?P<value>[^#]*?)
 def help_text(overrides: list[str], config_name: str) -> str:
     """``--help``: the config groups and their options, then every key of the config these overrides compose (the task's
     and the chosen plug-ins'), one per line, with its value and what it means (its YAML file's comment, else the
-    comment of its config dataclass's field)."""
+    comment of its config dataclass's field), and, in parentheses, why a task or preset set it so."""
     _compose(overrides, config_name)  # a mistake here is the usual one line
     tree = compose(overrides, config_name=config_name, with_hydra=True)
     choices = OmegaConf.to_container(tree.hydra.runtime.choices)
     files = [(CONFIG_DIR / f"{config_name}.yaml", ""), (CONFIG_DIR / "config.yaml", "")]
     files += [(CONFIG_DIR / group / f"{option}.yaml", group.replace("/", ".")) for group, option in choices.items()
               if option and (CONFIG_DIR / group / f"{option}.yaml").is_file()]  # fmt: skip
-    meaning: dict[str, str] = {}
+    meaning: dict[str, str] = {}  # what a key is: the comment of its group's file or of config.yaml
+    note: dict[str, str] = {}  # why a task or a preset (a _global_ file) set it as it did
     for path, package in files:
-        meaning.update({k: v for k, v in _yaml_comments(path, package).items() if k not in meaning})
+        into = note if path.read_text().startswith("# @package _global_") else meaning
+        into.update({k: v for k, v in _yaml_comments(path, package).items() if k not in into})
     values = OmegaConf.to_container(tree, resolve=False)
     values.pop("hydra")
     plain = OmegaConf.to_container(compose(overrides, config_name=config_name), resolve=False)
@@ -174,6 +176,7 @@ def help_text(overrides: list[str], config_name: str) -> str:
         group = key.removesuffix(".name").replace(".", "/")
         option = f"the {group} (an option of the group above)" if key.endswith(".name") and group in choices else ""
         comment = meaning.get(key) or fields.get(key) or option
+        comment = f"{comment} ({note[key]})" if key in note and comment else note.get(key, comment)
         lines.append(f"  {key}={json.dumps(value) if not isinstance(value, str) else value}"
                      + (f"  # {comment}" if comment else ""))  # fmt: skip
     return "\n".join(lines)

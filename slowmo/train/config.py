@@ -124,7 +124,7 @@ CHOICES = {
 def compose(
     overrides: list[str] | tuple[str, ...] = (), config_name: str = "config", with_hydra: bool = False
 ) -> DictConfig:
-    """The tree composed with command-line style ``overrides`` (``["algorithm=<name>", "slowmo.beta=0.7",
+    """The tree composed with command-line style ``overrides`` (``["algorithm=<name>", "slowmo.update.beta=0.7",
     "+experiment=quickstart"]``), as ``experiments/<task>/train.py`` would; not yet checked (see :func:`validate`)."""
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         return hydra_compose(config_name=config_name, overrides=list(overrides), return_hydra_config=with_hydra)
@@ -196,7 +196,6 @@ def _outer(values: Any) -> OuterConfig:
         parts[key] = _typed(_entry(registry, f"slowmo.{key}", given).config, given, f"slowmo.{key}")
     outer = _typed(OuterConfig, {k: v for k, v in values.items() if k not in parts}, "slowmo")
     outer.update, outer.mean = parts["update"], parts["mean"]
-    outer.check_parts()
     return outer
 
 
@@ -237,6 +236,8 @@ def validate(cfg: DictConfig | Mapping[str, Any] | Config) -> Config:
 
 
 def _check(config: Config) -> None:
+    if config.dist.backend != elastic.BACKEND:  # (an elastic run's parts are checked with its own rules)
+        config.slowmo.check_parts()
     for (section, key), allowed in CHOICES.items():
         value = getattr(getattr(config, section), key)
         if value not in allowed:
@@ -274,24 +275,20 @@ def _check_elastic(config: Config) -> None:
         raise ConfigError(missing)
     if not config.slowmo.enabled:
         raise ConfigError(
-            f"{works}; slowmo=off has no outer step to vote on (slowmo=on with slowmo.beta=0 is the same)"
+            f"{works}; slowmo=off has no outer step to vote on (slowmo=on with slowmo.update.beta=0 is the same)"
         )
     reason = config.algorithm.not_elastic()
     if reason:
         raise ConfigError(f"{works}; algorithm={config.algorithm.name} does not: {reason}")
-    parts = config.slowmo.build(config.dist.world_size)
-    for part in (parts["mean"], parts["fragments"], parts["clip"], parts["update"]):
-        reason = part.not_elastic() if part is not None else None
-        if reason:
-            raise ConfigError(f"{works}; {reason}")
+    config.slowmo.check_parts(elastic=works)
     if config.train.precision == "fp16":
         raise ConfigError(f"{works}; fp16's loss scaler votes on every inner step (use train.precision=bf16 or fp32)")
     if config.dist.device == "cuda":
         raise ConfigError(f"{works}; on the CPU, over torchft's gloo process group (set dist.device=cpu or auto)")
-    if config.train.max_steps % parts["tau"]:
+    if config.train.max_steps % config.slowmo.tau:
         raise ConfigError(
             f"dist=torchft ends on an outer step (every replica then holds x_T,0): set train.max_steps to a multiple "
-            f"of slowmo.tau = {parts['tau']}, got {config.train.max_steps}"
+            f"of slowmo.tau = {config.slowmo.tau}, got {config.train.max_steps}"
         )
     if config.dist.min_replicas > config.dist.world_size:
         raise ConfigError(

@@ -46,7 +46,7 @@ def build_optimizer(cfg: Config, model: torch.nn.Module, comm: Communicator) -> 
     algorithm = ALGORITHMS[cfg.algorithm.name].build.from_config(comm, cfg.algorithm)
     if not cfg.slowmo.enabled:
         return DistributedOptimizer(model, base, algorithm)
-    return SlowMo(model, base, algorithm, **cfg.slowmo.build(comm.world_size))
+    return SlowMo(model, base, algorithm, **cfg.slowmo.build())
 
 
 def _fingerprint(cfg: Config) -> dict[str, Any]:
@@ -161,7 +161,8 @@ class _Trainer:
             if tensor.is_floating_point() and not torch.isfinite(tensor).all():
                 raise NonFiniteLoss(
                     f"rank {self.rank}: {name} is not finite at step {step}; no checkpoint of it "
-                    "was written, the last good one is kept (lower optimizer.lr or check the data)"
+                    "was written, the last good one is kept (lower optimizer.lr or check the data)",
+                    finite_steps=step - 1,
                 )
         state = {
             **self._state(),
@@ -248,13 +249,13 @@ class _Trainer:
             return self._train()
         except CommError as error:  # a peer died or hung: every surviving rank says where it was
             told = CommError(f"{error} (during step {self.progress.step + 1})")
-            self._summarize("failed", error=str(told))
+            self._summarize_failure("failed", str(told))
             raise told from None
         except NonFiniteLoss as error:
-            self._summarize("diverged", error=str(error))
+            self._summarize_failure("diverged", str(error), steps=error.finite_steps)
             raise
         except Exception as error:
-            self._summarize("failed", error=f"{type(error).__name__}: {error}")
+            self._summarize_failure("failed", f"{type(error).__name__}: {error}")
             raise
         finally:
             data.close(self.train_loader)
@@ -383,15 +384,24 @@ class _Trainer:
         self.loggers.close()
         return summary
 
+    def _summarize_failure(self, status: str, error: str, steps: int | None = None) -> None:
+        """The record of a run that an error ended, as far as it can be written (not where the disk itself failed):
+        the error that ended the run is the one raised; ``steps``, where known, those whose results were finite."""
+        try:
+            self._summarize(status, error=error, **({} if steps is None else {"steps": steps}))
+        except OSError:
+            pass
+
     def _summarize(self, status: str, **ending: Any) -> dict[str, Any]:
         """The run's record at its end (``status`` and what that ending adds), written by rank 0 to ``summary.json``
         whatever the ending; returned to every rank."""
         progress, stats = self.progress, self.comm.stats()
+        steps = ending.pop("steps", progress.step)
         summary = {
             "status": status,
             **ending,
-            "steps": progress.step,
-            "epochs": progress.step / self.steps_per_epoch,
+            "steps": steps,
+            "epochs": steps / self.steps_per_epoch,
             "best": dict(progress.best),
             "comm_bytes": stats["total"],
             "comm_bytes_by_kind": stats,

@@ -13,7 +13,12 @@ from .progress import Progress
 
 
 class NonFiniteLoss(FloatingPointError):
-    """The loss (or, at a checkpoint, a parameter) became NaN or infinite; the last good checkpoint is kept."""
+    """The loss (or, at a checkpoint, a parameter) became NaN or infinite; the last good checkpoint is kept.
+    ``finite_steps``: the steps before the one that made it so (the run's record counts these)."""
+
+    def __init__(self, message: str, finite_steps: int) -> None:
+        super().__init__(message)
+        self.finite_steps = finite_steps
 
 
 class Losses:
@@ -45,7 +50,8 @@ class Losses:
             if step >= 0:
                 raise NonFiniteLoss(
                     f"rank {rank}: loss is {value} at step {int(step)}; stopped before any "
-                    "checkpoint of it was written (lower optimizer.lr or check the data)"
+                    "checkpoint of it was written (lower optimizer.lr or check the data)",
+                    finite_steps=int(step),
                 )
         self.pending.clear()
         self.progress.loss_sum += sum(values)

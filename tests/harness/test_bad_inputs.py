@@ -30,21 +30,33 @@ def test_bad_input(case, finished_run, tmp_path, monkeypatch):
             ["+train.max_step=3"],
             "bad config key 'train.max_step': Key 'max_step' not in 'TrainConfig'; did you mean train.max_steps?",
         ),
-        (
-            ["slowmo=diloco", "slowmo.pseudo_gradient=scaled"],
-            "slowmo.pseudo_gradient is fixed by the diloco preset; leave it unset (null) or choose slowmo=on for "
-            "Algorithm 1 with every knob free",
-        ),
-        (
-            ["slowmo=diloco", "slowmo/update=adam"],
-            "slowmo.update is fixed by the diloco preset; leave it unset or choose slowmo=on for Algorithm 1 with "
-            "every knob free",
-        ),
     ],
 )
 def test_a_config_the_project_refuses_is_one_line(args, line, tmp_path):
     with pytest.raises(ValueError) as info:
         run(compose([*args, f"run_dir={tmp_path}"]))
+    assert str(info.value) == line
+
+
+@pytest.mark.parametrize(
+    "args,line",
+    [
+        (["slowmo=on", "slowmo.beta=0.5"], "slowmo.beta is the update's own knob now: slowmo.update.beta"),
+        (
+            ["slowmo=on", "slowmo.preset=bmuf"],
+            "slowmo.preset is gone: slowmo=<preset> (on, bmuf, lookahead, diloco) sets the parts' defaults, "
+            "slowmo.label names it",
+        ),
+    ],
+)
+def test_a_key_that_moved_into_a_part_is_one_line_naming_its_new_spelling(args, line):
+    from slowmo.train.cli import check_command_line
+
+    with pytest.raises(ValueError) as info:
+        check_command_line(args, "train_digits")
+    assert str(info.value) == line
+    with pytest.raises(ValueError) as info:  # and as a dict of overrides, from Python
+        run({"slowmo": {"enabled": True, args[1].split("=")[0].split(".")[1]: 0.5}})
     assert str(info.value) == line
 
 

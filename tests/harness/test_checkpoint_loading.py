@@ -42,7 +42,7 @@ def _run(run_dir: Path, max_steps: int) -> dict:
         {
             "run_dir": str(run_dir),
             "algorithm": {"name": "osgp"},
-            "slowmo": {"enabled": True, "tau": 5, "beta": 0.6},
+            "slowmo": {"enabled": True, "tau": 5, "update": {"beta": 0.6}},
             "train": {"max_steps": max_steps, "checkpoint_every": 5, "eval_every": 0},
             "logger": {"progress": False, "log_every": 5},
             "dist": {"world_size": 4},

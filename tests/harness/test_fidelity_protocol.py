@@ -117,7 +117,7 @@ def test_the_protocol_tunes_every_cell_to_its_peak_and_evaluates_it_on_every_see
         assert all(len(t.final[(a, kind)]) == len(block.eval_seeds) for kind in bench.KINDS)
     assert len(block.eval_seeds) == 20 and not set(block.eval_seeds) & set(bench.TUNE_SEEDS)
     overrides = bench.overrides(block, t.tuned[(block.bases[0], "average")], 3)
-    assert "slowmo.base_buffers=keep" in overrides and "slowmo.beta=0" in overrides and overrides[-1] == "seed=3"
+    assert "slowmo.base_buffers=keep" in overrides and "slowmo.update.beta=0" in overrides and overrides[-1] == "seed=3"
     bench.write({"mnist1d": t}, tmp_path)
     answer = (tmp_path / "answer.md").read_text()
     assert answer.count("| +1.00 [+1.00, +1.00] ") == 0 and "+1.00 [+1.00, +1.00] (0.000)" in answer

@@ -169,7 +169,7 @@ def test_stop_on_divergence_ends_the_run_there(tmp_path):
             "bad value for train.max_steps: Value 'many' of type 'str' could not be converted to Integer",
         ),
         (
-            ["slowmo.beta=[1"],
+            ["slowmo.update.beta=[1"],
             "cannot read the command line: no viable alternative at input '[1' (Hydra's override grammar)",
         ),
     ],

@@ -30,8 +30,8 @@ def _run(tmp_path, name, seed, **sections):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("runs")
-    beta = [_run(tmp, f"beta{b}-{s}", s, slowmo={"beta": b}) for b in (0.3, 0.8) for s in (0, 1)]
-    lr = [_run(tmp, f"lr{lr}", 0, optimizer={"lr": lr}, slowmo={"beta": 0.3}) for lr in (0.05, 0.2)]
+    beta = [_run(tmp, f"beta{b}-{s}", s, slowmo={"update": {"beta": b}}) for b in (0.3, 0.8) for s in (0, 1)]
+    lr = [_run(tmp, f"lr{lr}", 0, optimizer={"lr": lr}, slowmo={"update": {"beta": 0.3}}) for lr in (0.05, 0.2)]
     return beta, lr
 
 

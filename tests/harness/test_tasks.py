@@ -21,7 +21,7 @@ def cfg(tmp_path, task_name, data, model, **extra):
         "train": {"max_steps": 3, "eval_every": 0},
         "dist": {"world_size": 2},
         "algorithm": {"name": "sgp"},
-        "slowmo": {"enabled": True, "tau": 2, "beta": 0.0},
+        "slowmo": {"enabled": True, "tau": 2, "update": {"beta": 0.0}},
     }
     out.update(extra)
     return out

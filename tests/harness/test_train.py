@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from slowmo.train import run
+from slowmo.train import compose, run, validate
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -33,7 +33,7 @@ def test_digits_learns_and_the_run_directory_is_complete(tmp_path, algorithm, sl
         cfg(
             tmp_path,
             algorithm={"name": algorithm, **({"period": 4} if algorithm == "localsgd" else {})},
-            slowmo={"enabled": slowmo, "tau": 4, "beta": 0.5},
+            slowmo={"enabled": slowmo, "tau": 4, "update": {"beta": 0.5}},
         )
     )
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -62,7 +62,7 @@ def test_an_interrupted_run_resumes_to_the_same_final_model(tmp_path, algorithm,
     common = dict(
         model={"name": "cnn", "width": 8},
         algorithm={"name": algorithm, **({"period": None} if algorithm == "localsgd" else {})},
-        slowmo={"enabled": True, "tau": 6, "beta": 0.6, "base_buffers": "reset"},
+        slowmo={"enabled": True, "tau": 6, "base_buffers": "reset", "update": {"beta": 0.6}},
         schedule=schedule,
     )
     straight = run(cfg(tmp_path / "straight", train={"max_steps": 30, "eval_every": 10}, **common))
@@ -96,7 +96,6 @@ def test_wandb_logs_offline_without_an_api_key(tmp_path, monkeypatch):
 def test_every_cell_of_every_experiment_preset_is_a_valid_config():
     """The presets that made the committed results (and the paper's) compose and pass every check, cell by cell
     (each cell once, whatever its seeds: the seed changes no check)."""
-    from slowmo.train import compose, validate
     from slowmo.train.config import CONFIG_DIR, sweep
 
     presets = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
@@ -110,3 +109,20 @@ def test_every_cell_of_every_experiment_preset_is_a_valid_config():
             assert config.experiment == preset
             if config.algorithm.name == "localsgd":  # H follows tau, as the paper's presets tie them
                 assert config.algorithm.period == config.slowmo.tau
+
+
+@pytest.mark.parametrize("world_size", [2, 8])
+def test_the_outer_presets_yaml_defaults_are_their_python_functions(world_size):
+    """slowmo=bmuf|lookahead|diloco (YAML defaults of the parts) build the updates slowmo.presets' functions return with
+    their papers' defaults (BMUF's block momentum 1 - 1/m included), with their own tau and label: one set of
+    defaults, written twice, kept equal."""
+    import slowmo
+
+    for preset, expected, tau, label in (
+        ("bmuf", slowmo.presets.bmuf(world_size), 12, "BMUF"),
+        ("lookahead", slowmo.presets.lookahead(), 5, "Lookahead"),
+        ("diloco", slowmo.presets.diloco(), 500, "DiLoCo"),
+    ):
+        outer = validate(compose([f"slowmo={preset}", f"dist.world_size={world_size}", "run_dir=x"])).slowmo
+        assert repr(outer.build()["update"]) == repr(expected), preset
+        assert (outer.tau, outer.label) == (tau, label)

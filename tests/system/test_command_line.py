@@ -14,7 +14,7 @@ def _cli(*args):
 
 
 def test_the_command_line_prints_the_one_line_and_exits_2(tmp_path):
-    out = _cli("slowmo=on", "slowmo.beta=1.0", f"hydra.run.dir={tmp_path}")
+    out = _cli("slowmo=on", "slowmo.update.beta=1.0", f"hydra.run.dir={tmp_path}")
     assert out.returncode == 2
     assert out.stderr.strip().splitlines() == [
         "error: beta must be in [0, 1) (slow momentum; the paper tunes it in 0.4-0.8), got 1.0"
@@ -116,7 +116,8 @@ def test_help_gives_every_key_of_the_config_with_its_meaning():
     )
     assert out.returncode == 0, out.stderr
     keys = [line.strip() for line in out.stdout.splitlines() if line.startswith("  ") and "=" in line.split()[0]]
-    assert "optimizer.lr=0.1  # gamma before the schedule's factor" in keys
+    lr = next(key for key in keys if key.startswith("optimizer.lr="))  # what it is, then why digits set it so
+    assert lr.startswith("optimizer.lr=0.05  # gamma before the schedule's factor (at 0.1 (the optimizer's default)")
     assert "algorithm.graph=directed_exponential  # a registered gossip graph (slowmo.graphs), over the nodes" in keys
     assert "dist.world_size=2  # ranks to simulate or spawn locally (torchrun/srun: the job's, recorded)" in keys
     assert all("  # " in key for key in keys), [key for key in keys if "  # " not in key]  # every key explained

@@ -31,7 +31,7 @@ COMMON = [
     "logger.progress=false",
     "slowmo=on",
     "slowmo.tau=8",
-    "slowmo.beta=0.6",
+    "slowmo.update.beta=0.6",
 ]
 CASES = {  # name: (task, processes, overrides)
     "localsgd": ("digits", 4, ["algorithm=localsgd", "algorithm.period=4"]),

@@ -43,7 +43,7 @@ TAU, STEPS = 12, 96
 COMMON = [
     "slowmo=on",
     f"slowmo.tau={TAU}",
-    "slowmo.beta=0.6",
+    "slowmo.update.beta=0.6",
     f"train.max_steps={STEPS}",
     "train.eval_every=0",
     f"logger.log_every={TAU}",
@@ -302,8 +302,10 @@ def test_fewer_than_min_replicas_stop_in_one_line_with_no_process_left(tmp_path:
     assert not [pid for pid in pids.values() if _alive(pid)]
     summary = json.loads((tmp_path / "summary.json").read_text())  # a failed run keeps its record too
     assert (summary["status"], summary["error"]) == ("failed", str(launch.error))
-    assert summary["elastic"]["failed_commits"] >= 1 and summary["elastic"]["replicas"]["2"]["status"] == "failed"
-    assert (tmp_path / "metrics.jsonl").exists()
+    assert summary["elastic"]["replicas"]["2"]["status"] == "failed" and (tmp_path / "metrics.jsonl").exists()
+    # the rounds voted down: those logged, and the one the failure cut short (if the kill fell inside a round)
+    logged = sum(not r["committed"] for r in _rounds(tmp_path / "replica_0"))
+    assert summary["elastic"]["failed_commits"] in (logged, logged + 1)
 
 
 def test_a_whole_job_killed_resumes_from_the_file_checkpoints(healthy: Path, tmp_path: Path) -> None:
@@ -399,7 +401,7 @@ def test_a_diverged_elastic_run_keeps_its_record(tmp_path: Path, capfd) -> None:
     its start (near step 120); replica 1 is killed with -9 on the way (restarted, healed). The run's summary.json says
     diverged, with its restarts, heals and failed commits, its metrics.jsonl and final.pt beside it; the warnings name
     their replica."""
-    overrides = ["optimizer.lr=0.05", "slowmo.alpha=2.0", "slowmo.beta=0.9", "train.max_steps=192"]
+    overrides = ["optimizer.lr=0.05", "slowmo.update.alpha=2.0", "slowmo.update.beta=0.9", "train.max_steps=192"]
     overrides += ["dist.min_replicas=3", f"train.checkpoint_every={TAU}"]
     launch = Launch(tmp_path, *COMMON, *ELASTIC, *overrides)
     launch.until(lambda: len(_rounds(tmp_path / "replica_1")) >= 2)
@@ -408,7 +410,7 @@ def test_a_diverged_elastic_run_keeps_its_record(tmp_path: Path, capfd) -> None:
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["status"] == "diverged" and summary["diverged"]["loss"] >= summary["diverged"]["start"]
     elastic = summary["elastic"]
-    assert elastic["restarts"] == 1 and elastic["heals"] >= 1 and elastic["failed_commits"] >= 1
+    assert elastic["restarts"] == 1 and elastic["heals"] >= 1  # (a round is voted down if the kill fell inside one)
     assert elastic["replicas"]["1"]["restarts"] == 1 and elastic["replicas"]["1"]["heals"] >= 1
     kept = (tmp_path / "metrics.jsonl").read_text()
     assert kept == (tmp_path / f"replica_{summary['replica']}" / "metrics.jsonl").read_text()

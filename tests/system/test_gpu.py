@@ -56,7 +56,7 @@ def cfg(tmp: Path, task: str, **sections) -> dict:
         "logger": {"progress": False, "log_every": 1},
         "train": {"max_steps": 4, "eval_every": 2},
         "algorithm": {"name": "sgp"},
-        "slowmo": {"enabled": True, "tau": 2, "beta": 0.5},
+        "slowmo": {"enabled": True, "tau": 2, "update": {"beta": 0.5}},
         **task_sections(task, tmp),
     }
     for key, value in sections.items():

@@ -21,7 +21,7 @@ def cifar_cfg(run_dir, root, **sections):
         "train": {"max_steps": 12, "eval_every": 6},
         "dist": {"backend": "gloo", "world_size": 2},
         "algorithm": {"name": "localsgd", "period": 2},
-        "slowmo": {"enabled": True, "tau": 4, "beta": 0.5},
+        "slowmo": {"enabled": True, "tau": 4, "update": {"beta": 0.5}},
         "optimizer": {"lr": 0.05},
     }
     for key, value in sections.items():

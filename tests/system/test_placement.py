@@ -71,7 +71,7 @@ def test_every_tensor_of_a_run_is_on_dist_device(tmp_path, device, backend):
             "dist": {"backend": backend, "device": device},
             "model": {"name": "cnn", "width": 8},
             "algorithm": {"name": "osgp"},
-            "slowmo": {"enabled": True, "tau": 4, "beta": 0.5},
+            "slowmo": {"enabled": True, "tau": 4, "update": {"beta": 0.5}},
             "data": {"batch_size": 8},
             "logger": {"progress": False},
             "train": {"max_steps": 8, "eval_every": 4},

@@ -22,7 +22,7 @@ def cfg(run_dir, **sections):
         "train": {"max_steps": 40, "eval_every": 0},
         "dist": {"backend": "gloo", "world_size": 2},
         "algorithm": {"name": "localsgd", "period": 2},
-        "slowmo": {"enabled": True, "tau": 4, "beta": 0.5},
+        "slowmo": {"enabled": True, "tau": 4, "update": {"beta": 0.5}},
         "data": {"batch_size": 16},
         "optimizer": {"lr": 0.05},
     }

@@ -28,7 +28,7 @@ def cfg(run_dir, **sections):
         "dist": {"world_size": 2},
         "train": {"max_steps": 24, "eval_every": 0, "checkpoint_every": 8, "keep_checkpoints": 3},
         "algorithm": {"name": "sgp"},
-        "slowmo": {"enabled": True, "tau": 4, "beta": 0.5},
+        "slowmo": {"enabled": True, "tau": 4, "update": {"beta": 0.5}},
         "data": {"batch_size": 16},
     }
     for key, value in sections.items():
