@@ -2,8 +2,9 @@
 and read what the runs wrote through :func:`slowmo.report.load_run`.
 
 Each cell (a list of overrides on top of ``+experiment=<preset>``) runs in its own directory under ``root``, named by
-its overrides; a finished cell (:func:`slowmo.report.finished`) is not run again (``fresh``: every cell is run anew,
-``train.overwrite=true``), so a sweep that stops resumes where it stopped. A run whose loss becomes non-finite is kept,
+its overrides; a finished cell (:func:`slowmo.report.finished`) is not run again if its settings are the cell's (else
+one line names what differs; ``fresh``: every cell is run anew, ``train.overwrite=true``), so a sweep that stops
+resumes where it stopped. A run whose loss becomes non-finite is kept,
 its ``summary.json`` saying where: an outcome to report, not an error.
 """
 
@@ -18,7 +19,8 @@ import torch
 
 from .report import finished
 from .train import NonFiniteLoss, compose, run
-from .train.config import CONFIG_DIR
+from .train.config import CONFIG_DIR, validate
+from .train.rundir import claim
 
 ROOT = CONFIG_DIR.parent
 ENTRYPOINTS = ROOT / "experiments"
@@ -50,14 +52,15 @@ def run_cells(
 
 def _one(work: tuple[str | None, list[str], Path, bool, bool, str | None]) -> Path:
     preset, cell, directory, fresh, pooled, rerun = work
+    overrides = [*([f"+experiment={preset}"] if preset else []), *cell, *(["train.overwrite=true"] if fresh else [])]
+    config = compose([*overrides, f"run_dir='{directory}'"])
     if not fresh and finished(directory):
+        claim(validate(config))  # one line if the finished run was made by other settings (or older code's keys)
         return directory
     if pooled:  # the pool's size is the parallelism: one thread per run, simulated or gloo ranks alike
         os.environ["OMP_NUM_THREADS"] = "1"
         torch.set_num_threads(1)
     start = time.time()
-    overrides = [*([f"+experiment={preset}"] if preset else []), *cell, *(["train.overwrite=true"] if fresh else [])]
-    config = compose([*overrides, f"run_dir='{directory}'"])
     script = ENTRYPOINTS / config.task.name / "train.py"  # a task without an entrypoint of its own: digits' takes it
     script = script if script.is_file() else ENTRYPOINTS / "digits" / "train.py"
     named = preset or script.parent.name == config.task.name or any(o.startswith("task=") for o in overrides)

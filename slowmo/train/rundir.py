@@ -60,13 +60,14 @@ class Claim:
         return f"{where}: a new run; {again}"
 
 
-def settings(config: Config) -> dict[str, Any]:
-    """What a run computes: every setting but the run-control ones, as ``{"section.key": value}``."""
+def settings(config: Config, run_control: bool = False) -> dict[str, Any]:
+    """What a run computes: every setting but the run-control ones (with ``run_control``: those too), as
+    ``{"section.key": value}``."""
     flat: dict[str, Any] = {}
 
     def walk(node: Any, prefix: str) -> None:
         for field in dataclasses.fields(node):
-            if field.metadata.get("run_control"):
+            if field.metadata.get("run_control") and not run_control:
                 continue
             value = getattr(node, field.name)
             if dataclasses.is_dataclass(value):
@@ -148,10 +149,13 @@ def _differences(run_dir: Path, config: Config, complete: list[Path]) -> list[st
     if not isinstance(recorded, dict) or not _SECTIONS <= recorded.keys():
         found.append(f"no readable {path.name} of a slowmo run" if path.exists() else f"no {path.name}")
     else:
-        theirs = _flatten(recorded)
+        theirs, every = _flatten(recorded), settings(config, run_control=True)
         for key, value in settings(config).items():
             if key in theirs and theirs[key] != value:  # a key the recorded run lacks is one added since: not compared
                 found.append(f"{key}: {_show(theirs[key])} there, {_show(value)} here")
+        # a key this code no longer has (moved to a part's section, or removed): the run was made by other settings
+        gone = [key for key in theirs if not _known(key, every)]
+        found += [f"{key}: {_show(theirs[key])} there, no such key here" for key in gone]
     for directory in complete if not any(f.startswith("dist.world_size:") for f in found) else []:
         ranks = (directory / checkpoint.MARKER).read_text().strip()
         if ranks != str(config.dist.world_size):
@@ -175,6 +179,12 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[prefix + str(key)] = value
     return flat
+
+
+def _known(key: str, every: dict[str, Any]) -> bool:
+    """Whether ``key`` is a setting of this code, or lies inside one whose value is a mapping (a part's options)."""
+    parts = key.split(".")
+    return any(".".join(parts[:n]) in every for n in range(len(parts), 0, -1))
 
 
 def _show(value: Any) -> str:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from slowmo.train import checkpoint, run, validate
+from slowmo.train import checkpoint, compose, run, validate
 from slowmo.train.cli import check_command_line
 from slowmo.train.config import ConfigError
 
@@ -47,6 +47,27 @@ def test_rerunning_a_completed_run_does_nothing_and_touches_nothing(tmp_path, ca
         f"run directory {tmp_path}: its run completed 20 steps, nothing to do (raise train.max_steps to train on, "
         "or add train.overwrite=true to start again)"
     )
+
+
+def test_a_finished_run_of_a_key_this_code_lacks_is_refused_not_reused(tmp_path):
+    """A run directory written by older code (a setting under a key that has moved since, e.g. ``slowmo.beta`` before
+    it became ``slowmo.update.beta``) is another run: a rerun, and a preset's cell runner that would skip it as
+    finished, refuse it in one line naming the key, and touch nothing."""
+    import yaml
+
+    from slowmo.cells import run_cells
+
+    cell = ["slowmo=on", "train.max_steps=4", "train.eval_every=0", "dist.world_size=2", "logger.progress=false"]
+    directory = run_cells(None, [cell], tmp_path)[0]
+    recorded = yaml.safe_load((directory / "config.yaml").read_text())
+    recorded["slowmo"]["beta"] = recorded["slowmo"]["update"].pop("beta")  # as the older code wrote it
+    (directory / "config.yaml").write_text(yaml.safe_dump(recorded))
+    before = _files(directory)
+    command = [*cell, f"run_dir='{directory}'"]
+    for again in (lambda: run_cells(None, [cell], tmp_path), lambda: run(compose(command))):
+        with pytest.raises(ConfigError, match=r"holds another run \(slowmo\.beta: 0\.6 there, no such key here\); "):
+            again()
+    assert _files(directory) == before
 
 
 def test_overwrite_discards_the_run_and_a_requeued_attempt_resumes_instead(tmp_path, monkeypatch, capsys):
