@@ -154,7 +154,7 @@ def _differences(run_dir: Path, config: Config, complete: list[Path]) -> list[st
             if key in theirs and theirs[key] != value:  # a key the recorded run lacks is one added since: not compared
                 found.append(f"{key}: {_show(theirs[key])} there, {_show(value)} here")
         # a key this code no longer has (moved to a part's section, or removed): the run was made by other settings
-        gone = [key for key in theirs if not _known(key, every)]
+        gone = [key for key in theirs if not _known(key, every) and not _other_plugin(key, theirs, every)]
         found += [f"{key}: {_show(theirs[key])} there, no such key here" for key in gone]
     for directory in complete if not any(f.startswith("dist.world_size:") for f in found) else []:
         ranks = (directory / checkpoint.MARKER).read_text().strip()
@@ -185,6 +185,15 @@ def _known(key: str, every: dict[str, Any]) -> bool:
     """Whether ``key`` is a setting of this code, or lies inside one whose value is a mapping (a part's options)."""
     parts = key.split(".")
     return any(".".join(parts[:n]) in every for n in range(len(parts), 0, -1))
+
+
+def _other_plugin(key: str, theirs: dict[str, Any], every: dict[str, Any]) -> bool:
+    """Whether ``key`` lies in a section whose plug-in (its ``name``) differs here: that difference is listed."""
+    parts = key.split(".")
+    return any(
+        theirs.get(f"{section}.name", every.get(f"{section}.name")) != every.get(f"{section}.name")
+        for section in (".".join(parts[:n]) for n in range(1, len(parts)))
+    )
 
 
 def _show(value: Any) -> str:
