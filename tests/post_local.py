@@ -48,9 +48,9 @@ def _build(comm, s: Setup, warmup: int | None, theta0: np.ndarray):
     model = Tiny(theta0)
     kw = {} if warmup is None else {"warmup_steps": warmup}
     algorithm = slowmo.LocalSGD(comm, period=s.period, procs_per_node=s.procs_per_node, **kw)
-    if s.slowmo is None:
+    if s.outer is None:
         return model, slowmo.DistributedOptimizer(model, _base(model, s), algorithm)
-    return model, slowmo.SlowMo(model, _base(model, s), algorithm, **outer(s.slowmo))
+    return model, slowmo.SlowMo(model, _base(model, s), algorithm, **outer(s.outer))
 
 
 def _set_lr(opt, s: Setup, k: int) -> None:
@@ -132,12 +132,12 @@ def post_local_reference(s: Setup, warmup: int) -> np.ndarray:
             buf = g.copy() if k == 0 else s.momentum * buf + g
             g = g + s.momentum * buf if s.nesterov else buf
         theta = theta - lr * g
-        outer = s.slowmo is not None and (k + 1) % s.slowmo["tau"] == 0
+        outer = s.outer is not None and (k + 1) % s.outer["tau"] == 0
         if s.period is not None and k >= warmup and (k + 1) % s.period == 0 and not outer:
             theta = np.tile(theta.mean(axis=0), (n, 1))
         if outer:
-            u = s.slowmo.get("beta", 0.0) * u + (x0 - theta.mean(axis=0)) / lr
-            x0 = x0 - s.slowmo.get("alpha", 1.0) * lr * u
+            u = s.outer["update"].get("beta", 0.0) * u + (x0 - theta.mean(axis=0)) / lr
+            x0 = x0 - s.outer["update"].get("alpha", 1.0) * lr * u
             theta = np.tile(x0, (n, 1))
         out.append(theta.copy())
     return np.stack(out)
@@ -149,14 +149,14 @@ SGD_M = dict(momentum=0.9, nesterov=True, decay_at=7, steps=14)
 CASES = {  # id: (setup, K)
     "H3 K5": (Setup("localsgd", period=3, **SGD_M), 5),
     "H4 K6": (Setup("localsgd", period=4, momentum=0.9, steps=14), 6),
-    "H2 K3 slowmo tau4": (Setup("localsgd", period=2, slowmo=dict(tau=4, beta=0.6), **SGD_M), 3),
+    "H2 K3 slowmo tau4": (Setup("localsgd", period=2, outer=dict(tau=4, update=dict(beta=0.6)), **SGD_M), 3),
     "Hnone K6 slowmo tau4 alpha0.7": (
-        Setup("localsgd", slowmo=dict(tau=4, alpha=0.7, beta=0.5), momentum=0.9, steps=14),
+        Setup("localsgd", outer=dict(tau=4, update=dict(alpha=0.7, beta=0.5)), momentum=0.9, steps=14),
         6,
     ),
     "H3 K4 nodes": (Setup("localsgd", period=3, procs_per_node=2, **SGD_M), 4),
     "H2 K5 nodes slowmo tau4": (
-        Setup("localsgd", period=2, procs_per_node=2, slowmo=dict(tau=4, beta=0.6), **SGD_M),
+        Setup("localsgd", period=2, procs_per_node=2, outer=dict(tau=4, update=dict(beta=0.6)), **SGD_M),
         5,
     ),
 }
@@ -166,7 +166,7 @@ CASES = {  # id: (setup, K)
 def expected_bytes(s: Setup, warmup: int) -> dict[str, int]:
     """K gradient all-reduces of |theta| over all ranks, one per parameter average (Local SGD's, or SlowMo's exact
     one after the warm-up), the node's gradient mean at every later step; plus the start-up broadcast."""
-    tau = s.slowmo["tau"] if s.slowmo else None
+    tau = s.outer["tau"] if s.outer else None
     averages = 0
     for k in range(s.steps):
         outer = tau is not None and (k + 1) % tau == 0

@@ -4,59 +4,30 @@ through the engine (``run_engine``) and through the package's independent plain-
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 import slowmo
-from slowmo.reference import Problem, lr_at, make_data  # noqa: F401 - make_data and lr_at are the tests' too
-from slowmo.reference import reference as numpy_reference
+from slowmo.outer.parts import MEANS, UPDATES
+from slowmo.reference import Problem, algorithm1, beyond, lr_at, make_data  # noqa: F401 - make_data and lr_at are the tests' too
 
 
 @dataclass(frozen=True)
-class Setup:
-    algorithm: str = "localsgd"  # allreduce | localsgd | sgp | osgp
-    world_size: int = 4
-    steps: int = 12
-    period: int | None = None  # LocalSGD's H
-    slowmo: dict | None = field(default=None)  # SlowMo kwargs; None: DistributedOptimizer (no outer step)
-    momentum: float = 0.0
-    nesterov: bool = False
-    lr: tuple[float, float] = (0.05, 0.02)
-    decay_at: int | None = None  # lr halves from this inner step on
-    d: int = 5
-    batch: int = 8
-    seed: int = 0
-    procs_per_node: int = 1
-    graph: type | None = None  # gossip graph class; None: the default (directed exponential)
+class Setup(Problem):
+    """A :class:`~slowmo.reference.Problem` (its ``outer`` in the words of the harness's ``slowmo`` section: ``tau``,
+    ``base_buffers``, ``clip_norm``, ``shard_outer_state`` and the parts' sections ``update``, ``mean``, ``fragments``),
+    run through the engine too; ``graph``: a gossip graph class of the engine (its push-sum matrix the reference's)."""
 
-    def with_(self, **kw) -> Setup:
-        return replace(self, **kw)
+    algorithm: str = "localsgd"
+    graph: type | None = None  # None: the default (directed exponential)
 
-    def problem(self) -> Problem:
-        """The same run in the reference's terms (its base algorithm as the communication it does)."""
-        if self.graph is not None and self.procs_per_node > 1:
-            raise ValueError("the reference gossips between nodes on the directed exponential graph only")
-        return Problem(
-            MIXING[self.algorithm],
-            self.world_size,
-            self.steps,
-            self.period,
-            self.slowmo,
-            self.momentum,
-            self.nesterov,
-            self.lr,
-            self.decay_at,
-            self.d,
-            self.batch,
-            self.seed,
-            self.procs_per_node,
-            None if self.graph is None else uniform_mixing(self.graph(self.world_size)),
-        )
-
-
-MIXING = {"allreduce": "gradient_mean", "localsgd": "average", "sgp": "push_sum", "osgp": "push_sum_late"}
+    def __post_init__(self) -> None:
+        if self.graph is not None:
+            if self.procs_per_node > 1:
+                raise ValueError("the reference gossips between nodes on the directed exponential graph only")
+            object.__setattr__(self, "mixing_matrix", uniform_mixing(self.graph(self.world_size)))
 
 
 def uniform_mixing(graph: slowmo.GossipGraph):
@@ -86,8 +57,10 @@ class Uneven(slowmo.GossipGraph):
 
 
 def reference(s: Setup) -> np.ndarray:
-    """The plain-NumPy reference (slowmo.reference, written from the papers' equations) for this setup."""
-    return numpy_reference(s.problem())
+    """The plain-NumPy reference (slowmo.reference, written from the papers' equations): Algorithm 1's own where the
+    settings are Algorithm 1's, else with the outer step of the parts beyond it."""
+    plain = s.outer is None or algorithm1.within(s.outer)
+    return algorithm1.reference(s) if plain else beyond.reference(s)
 
 
 class LeastSquares(torch.nn.Module):
@@ -119,46 +92,34 @@ def build(comm, s: Setup, theta0: np.ndarray):
     else:
         graph = s.graph(comm.world_size // s.procs_per_node) if s.graph else None
         algorithm = {"sgp": slowmo.SGP, "osgp": slowmo.OSGP}[s.algorithm](comm, graph, s.procs_per_node)
-    if s.slowmo is None:
+    if s.outer is None:
         opt = slowmo.DistributedOptimizer(model, base, algorithm)
     else:
         # streaming fragments deal layers: x and c, one module's, are two layers when given as a list
-        streamed = s.slowmo.get("fragments", 1) > 1
-        opt = slowmo.SlowMo([model.x, model.c] if streamed else model, base, algorithm, **outer(s.slowmo))
+        streamed = s.outer.get("fragments", {}).get("count", 1) > 1
+        opt = slowmo.SlowMo([model.x, model.c] if streamed else model, base, algorithm, **outer(s.outer))
     return model, opt
 
 
 def outer(settings: dict) -> dict:
-    """SlowMo's arguments (tau, the parts, the base-buffer policy) from the settings of slowmo.reference's Problem."""
-    s = dict(settings)
-    tau, base_buffers = s.pop("tau"), s.pop("base_buffers", "keep")
-    alpha, beta = s.pop("alpha", 1.0), s.pop("beta", 0.0)
-    nesterov, pseudo_gradient = s.pop("nesterov", False), s.pop("pseudo_gradient", "scaled")
-    optimizer, beta2, eps = s.pop("outer_optimizer", "sgd"), s.pop("adam_beta2", None), s.pop("adam_eps", None)
-    if optimizer == "sgd":
-        update = slowmo.SlowMomentum(alpha, beta, nesterov, pseudo_gradient)
-    elif optimizer == "nesterov":
-        update = slowmo.TorchUpdate("SGD", alpha, pseudo_gradient, dict(momentum=beta, nesterov=True))
-    else:
-        update = slowmo.TorchUpdate("Adam", alpha, pseudo_gradient, dict(betas=(beta, beta2 or 0.999), eps=eps or 1e-8))
-    codec, error_feedback = s.pop("compression", "none"), s.pop("error_feedback", False)
-    if s.pop("eager", False):
-        mean = slowmo.EagerMean(codec, error_feedback)
-    elif codec != "none":
-        mean = slowmo.CompressedMean(codec, error_feedback)
-    else:
-        mean = slowmo.ExactMean()
-    mean.shard = s.pop("shard_outer_state", False)
-    fragments = slowmo.Fragments(s.pop("fragments", 1), s.pop("sync_delay", 0), s.pop("fragment_mix", 1.0))
-    clip = s.pop("clip_norm", None)
-    assert not s, f"settings the reference knows and this does not: {s}"
+    """SlowMo's arguments (tau, the parts, the base-buffer policy) from the ``slowmo`` section's words: each part
+    built by its registry from its section (slow momentum and the exact mean where none is named)."""
+    unknown = set(settings) - {"tau", "base_buffers", "clip_norm", "shard_outer_state", "update", "mean", "fragments"}
+    assert not unknown, f"not a setting of the slowmo section: {unknown}"
+    update, mean = dict(settings.get("update", {})), dict(settings.get("mean", {}))
+    update, mean = (
+        UPDATES[update.pop("name", "slow_momentum")].build(**update),
+        MEANS[mean.pop("name", "exact")].build(**mean),
+    )
+    mean.shard = settings.get("shard_outer_state", False)
+    clip = settings.get("clip_norm")
     return dict(
-        tau=tau,
+        tau=settings["tau"],
         update=update,
         mean=mean,
-        fragments=fragments,
+        fragments=slowmo.Fragments(**settings.get("fragments", {})),
         clip=None if clip is None else slowmo.ClipNorm(clip),
-        base_buffers=base_buffers,
+        base_buffers=settings.get("base_buffers", "keep"),
     )
 
 

@@ -3,7 +3,7 @@
 on the same problem and compare; the tests do, to ~1e-15.
 
     from slowmo.reference import Problem, reference
-    theta = reference(Problem("push_sum", outer=dict(tau=4, beta=0.5)))   # (ranks, d + 1)
+    theta = reference(Problem("sgp", outer=dict(tau=4, update=dict(beta=0.5))))   # (ranks, d + 1)
 """
 
 from .algorithm1 import Problem, lr_at, make_data, reference, slow_momentum

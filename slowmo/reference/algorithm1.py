@@ -5,23 +5,25 @@ compare (the tests do, to ~1e-15).
 The problem: least squares, 0.5 * mean((A x + c - y)^2), with different data on every rank (rank r at inner step k
 uses its own minibatch A[r, k], y[r, k]) and two parameters in two param groups with different lrs (x, a vector;
 c, a scalar bias), so that per-group gamma_t is exercised. The base optimizer is torch.optim.SGD (momentum,
-Nesterov). ``mixing`` is the base algorithm's communication:
+Nesterov). ``algorithm`` is the base algorithm, by the communication it does:
 
-- ``gradient_mean``: the gradient averaged over all ranks before every step (AR-SGD);
-- ``average``: the parameters averaged every ``period`` steps (Local SGD; None: only the outer step's average);
-- ``push_sum``: push-sum gossip (SGP, Assran et al. 2019, Algorithm 1): the gradient at z = x / w, the base
+- ``allreduce``: the gradient averaged over all ranks before every step (AR-SGD);
+- ``localsgd``: the parameters averaged every ``period`` steps (Local SGD; None: only the outer step's average);
+- ``sgp``: push-sum gossip (SGP, Assran et al. 2019, Algorithm 1): the gradient at z = x / w, the base
   optimizer's step on the numerator x, then (x, w) <- P(k) (x, w) with P(k) column-stochastic; by default the
   time-varying directed exponential graph (keep 1/2, send 1/2), or any ``mixing_matrix`` k -> P(k) over the ranks;
-- ``push_sum_late``: the same, each message mixed one step late (OSGP): a rank keeps its diagonal share at step k
+- ``osgp``: the same, each message mixed one step late (OSGP): a rank keeps its diagonal share at step k
   and adds the off-diagonal shares sent to it at step k - 1.
 
 ``procs_per_node`` > 1 averages gradients inside nodes of consecutive ranks and gossips between nodes. ``outer`` is
-SlowMo's settings (tau, alpha, beta, nesterov, pseudo_gradient, base_buffers; the options beyond Algorithm 1 are
-:mod:`.beyond`'s), None for none. At the inner step that ends an outer iteration no gossip round is made (the exact
-average that follows overwrites it); OSGP's last messages are taken in before that average.
+SlowMo's settings, in the words of the harness's ``slowmo`` section: ``tau``, ``base_buffers`` and the update's knobs
+under ``update`` (alpha, beta, nesterov, pseudo_gradient); None for no outer step. At the inner step that ends an outer
+iteration no gossip round is made (the exact average that follows overwrites it); OSGP's last messages are taken in
+before that average. The outer step is one hook, :class:`Algorithm1` by default; the parts beyond Algorithm 1 (other
+updates and means, fragments, clipping) are :mod:`.beyond`'s hook, which this file does not know of.
 
     from slowmo.reference import Problem, make_data, reference
-    theta = reference(Problem("push_sum", outer=dict(tau=4, beta=0.5)))   # (ranks, d + 1)
+    theta = reference(Problem("sgp", outer=dict(tau=4, update=dict(beta=0.5))))   # (ranks, d + 1)
 """
 
 from __future__ import annotations
@@ -32,12 +34,13 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-ALGORITHM_1 = {"tau", "alpha", "beta", "nesterov", "pseudo_gradient", "base_buffers"}
+ALGORITHM_1 = {"tau", "base_buffers", "update"}  # the settings of Algorithm 1 (the update: slow momentum's knobs)
+SLOW_MOMENTUM = {"alpha", "beta", "nesterov", "pseudo_gradient"}
 
 
 @dataclass(frozen=True)
 class Problem:
-    mixing: str  # gradient_mean | average | push_sum | push_sum_late
+    algorithm: str  # allreduce | localsgd | sgp | osgp
     world_size: int = 4
     steps: int = 12
     period: int | None = None  # average: H
@@ -92,30 +95,61 @@ def slow_momentum(x0, u, delta, gamma, alpha, beta, nesterov=False, raw=False):
     return x0 - lr * (beta * u + g if nesterov else u), u
 
 
-def reference(s: Problem) -> np.ndarray:
-    """The base algorithm of ``s.mixing`` on every rank, and every tau inner steps Algorithm 1's outer step (or the
-    outer step with :mod:`.beyond`'s options); returns theta per rank, shape (n, d + 1)."""
-    from .beyond import Beyond  # the options beyond Algorithm 1, beside it
+def within(outer: dict) -> bool:
+    """Whether the outer settings are Algorithm 1's alone (slow momentum, the exact mean, the whole model at once)."""
+    update = outer.get("update", {})
+    return (
+        set(outer) <= ALGORITHM_1
+        and set(update) <= SLOW_MOMENTUM | {"name"}
+        and update.get("name", "slow_momentum") == "slow_momentum"
+    )
 
+
+class Algorithm1:
+    """Algorithm 1's outer step after each inner step that ends a round: the exact average, the slow momentum step,
+    every rank from x_{t+1,0} (push-sum's weights back to 1), the base buffers kept, reset or averaged."""
+
+    def __init__(self, s: Problem, theta0: np.ndarray) -> None:
+        if not within(s.outer):
+            raise ValueError(f"settings beyond Algorithm 1 in {s.outer}: use slowmo.reference.beyond's outer step")
+        self.s, self.tau, self.update = s, s.outer["tau"], s.outer.get("update", {})
+        self.x0, self.u = theta0.copy(), np.zeros_like(theta0)
+
+    def after_step(self, k: int, lr: np.ndarray, theta: np.ndarray, weight: np.ndarray, buf: list):
+        if (k + 1) % self.tau:
+            return theta, weight, buf
+        n, get = len(theta), self.update.get
+        delta = self.x0 - theta.mean(axis=0)
+        raw = get("pseudo_gradient", "scaled") == "raw"
+        self.x0, self.u = slow_momentum(
+            self.x0, self.u, delta, lr, get("alpha", 1.0), get("beta", 0.0), get("nesterov", False), raw
+        )
+        buf = base_buffers(self.s.outer.get("base_buffers", "keep"), buf, self.s.momentum, np.arange(len(self.x0)))
+        return np.tile(self.x0, (n, 1)), np.ones(n), buf
+
+
+def reference(s: Problem, outer_step: type = Algorithm1) -> np.ndarray:
+    """The base algorithm of ``s.algorithm`` on every rank, and after each inner step the ``outer_step`` hook (built as
+    ``outer_step(s, theta0)``, its ``after_step`` given the step, the lrs, theta, the push-sum weights and the base
+    buffers, and returning the last three): Algorithm 1's by default. Returns theta per rank, shape (n, d + 1)."""
     a, y, theta0 = make_data(s)
-    n, dim = s.world_size, s.d + 1
+    n = s.world_size
     theta, weight, buf = np.tile(theta0, (n, 1)), np.ones(n), [None] * n
-    x0, u = np.tile(theta0, (n, 1)), np.zeros((n, dim))  # one row per rank (equal rows, but under eager updates)
     pending = None  # OSGP: the [x, w] shares sent to each rank at the previous step
     cfg = s.outer
-    beyond = Beyond(s, x0) if cfg is not None and set(cfg) - ALGORITHM_1 else None
+    hook = outer_step(s, theta0) if cfg is not None else None
     for k in range(s.steps):
         lr = lr_at(s, k)
         grads = []
         for r in range(n):
             resid = a[r, k] @ theta[r, :-1] + theta[r, -1] - y[r, k]
             grads.append(np.concatenate([a[r, k].T @ resid, [resid.sum()]]) / s.batch)
-        if s.mixing == "gradient_mean":
+        if s.algorithm == "allreduce":
             grads = [np.mean(grads, axis=0)] * n
         elif s.procs_per_node > 1:  # gradient mean inside each node of procs_per_node consecutive ranks
             p = s.procs_per_node
             grads = [np.mean(grads[r - r % p : r - r % p + p], axis=0) for r in range(n)]
-        push_sum = s.mixing in ("push_sum", "push_sum_late")
+        push_sum = s.algorithm in ("sgp", "osgp")
         if push_sum:  # the base step acts on the numerator x = z w, the gradient having been taken at z
             theta = theta * weight[:, None]
         for r in range(n):  # torch.optim.SGD semantics
@@ -125,31 +159,23 @@ def reference(s: Problem) -> np.ndarray:
                 g = g + s.momentum * buf[r] if s.nesterov else buf[r]
             theta[r] = theta[r] - lr * g
         outer = cfg is not None and (k + 1) % cfg["tau"] == 0
-        if s.mixing == "average" and s.period and (k + 1) % s.period == 0 and not outer:
+        if s.algorithm == "localsgd" and s.period and (k + 1) % s.period == 0 and not outer:
             theta[:] = theta.mean(axis=0)
         if push_sum:
             num = np.concatenate([theta, weight[:, None]], axis=1)  # [x, w] per rank
             if not outer:  # an exact average follows an outer step's last inner step: no gossip round then
                 p = s.mixing_matrix(k) if s.mixing_matrix is not None else _exponential_matrix(s, k)
-                if s.mixing == "push_sum":
+                if s.algorithm == "sgp":
                     num = p @ num
                 else:  # kept now; the shares sent now arrive at the next step
                     kept = np.diag(p)[:, None] * num
                     num, pending = kept + (pending if pending is not None else 0.0), (p - np.diag(np.diag(p))) @ num
-            elif s.mixing == "push_sum_late" and pending is not None:  # the last messages, taken in first
+            elif s.algorithm == "osgp" and pending is not None:  # the last messages, taken in first
                 num, pending = num + pending, None
             weight = num[:, -1].copy()
             theta = num[:, :-1] / weight[:, None]
-        if beyond is not None:
-            theta, weight, buf = beyond.after_step(k, lr, theta, weight, buf)
-        elif outer:  # Algorithm 1: the exact average, the slow momentum step, every rank from x_{t+1,0}
-            delta = x0[0] - theta.mean(axis=0)
-            raw = cfg.get("pseudo_gradient", "scaled") == "raw"
-            new, u[:] = slow_momentum(
-                x0[0], u[0], delta, lr, cfg.get("alpha", 1.0), cfg.get("beta", 0.0), cfg.get("nesterov", False), raw
-            )
-            x0[:], theta, weight = new, np.tile(new, (n, 1)), np.ones(n)
-            buf = base_buffers(cfg.get("base_buffers", "keep"), buf, s.momentum, np.arange(dim))
+        if hook is not None:
+            theta, weight, buf = hook.after_step(k, lr, theta, weight, buf)
     return theta
 
 

@@ -12,32 +12,34 @@ from problems import Setup, Uneven, reference, run_engine
 CASES = {
     "localsgd_H3": Setup("localsgd", period=3),
     "localsgd+slowmo_nesterov_sgd_lr_decay": Setup(
-        "localsgd", slowmo=dict(tau=4, beta=0.6), momentum=0.9, nesterov=True, decay_at=6
+        "localsgd", outer=dict(tau=4, update=dict(beta=0.6)), momentum=0.9, nesterov=True, decay_at=6
     ),
-    "localsgd_H2+slowmo_tau4": Setup("localsgd", period=2, slowmo=dict(tau=4, beta=0.7), steps=13),
+    "localsgd_H2+slowmo_tau4": Setup("localsgd", period=2, outer=dict(tau=4, update=dict(beta=0.7)), steps=13),
     "allreduce": Setup("allreduce", momentum=0.9),
-    "allreduce+slowmo": Setup("allreduce", slowmo=dict(tau=3, beta=0.5)),
+    "allreduce+slowmo": Setup("allreduce", outer=dict(tau=3, update=dict(beta=0.5))),
     "sgp": Setup("sgp"),
-    "sgp+slowmo": Setup("sgp", slowmo=dict(tau=4, beta=0.5), decay_at=5),
+    "sgp+slowmo": Setup("sgp", outer=dict(tau=4, update=dict(beta=0.5)), decay_at=5),
     "osgp": Setup("osgp"),
-    "osgp+slowmo": Setup("osgp", slowmo=dict(tau=4, beta=0.5), momentum=0.9),
-    "osgp+slowmo_outer_nesterov": Setup("osgp", slowmo=dict(tau=4, beta=0.5, nesterov=True)),
-    "sgp_8ranks_4nodes": Setup("sgp", world_size=8, procs_per_node=2, slowmo=dict(tau=5, beta=0.3)),
-    "osgp_6ranks_non_power_of_2": Setup("osgp", world_size=6, slowmo=dict(tau=5, beta=0.3)),
+    "osgp+slowmo": Setup("osgp", outer=dict(tau=4, update=dict(beta=0.5)), momentum=0.9),
+    "osgp+slowmo_outer_nesterov": Setup("osgp", outer=dict(tau=4, update=dict(beta=0.5, nesterov=True))),
+    "sgp_8ranks_4nodes": Setup("sgp", world_size=8, procs_per_node=2, outer=dict(tau=5, update=dict(beta=0.3))),
+    "osgp_6ranks_non_power_of_2": Setup("osgp", world_size=6, outer=dict(tau=5, update=dict(beta=0.3))),
     "sgp_uneven_graph": Setup("sgp", world_size=5, graph=Uneven, momentum=0.9),
-    "osgp_uneven_graph+slowmo": Setup("osgp", world_size=5, graph=Uneven, slowmo=dict(tau=5, beta=0.5), steps=13),
-    "localsgd_slow_lr_0.5": Setup("localsgd", slowmo=dict(tau=3, alpha=0.5, beta=0.4)),
+    "osgp_uneven_graph+slowmo": Setup(
+        "osgp", world_size=5, graph=Uneven, outer=dict(tau=5, update=dict(beta=0.5)), steps=13
+    ),
+    "localsgd_slow_lr_0.5": Setup("localsgd", outer=dict(tau=3, update=dict(alpha=0.5, beta=0.4))),
     "raw_pseudo_gradient": Setup(
-        "localsgd", slowmo=dict(tau=4, alpha=0.8, beta=0.4, pseudo_gradient="raw"), decay_at=5
+        "localsgd", outer=dict(tau=4, update=dict(alpha=0.8, beta=0.4, pseudo_gradient="raw")), decay_at=5
     ),
 }
 for policy in ("keep", "reset", "average"):
     CASES[f"base_buffers_{policy}"] = Setup(
-        "localsgd", slowmo=dict(tau=4, beta=0.5, base_buffers=policy), momentum=0.9, nesterov=True
+        "localsgd", outer=dict(tau=4, base_buffers=policy, update=dict(beta=0.5)), momentum=0.9, nesterov=True
     )
 for name in ("localsgd", "sgp", "osgp"):
     CASES[f"{name}+slowmo_sharded"] = Setup(
-        name, slowmo=dict(tau=4, beta=0.6, shard_outer_state=True), decay_at=7, momentum=0.9
+        name, outer=dict(tau=4, shard_outer_state=True, update=dict(beta=0.6)), decay_at=7, momentum=0.9
     )
 
 
@@ -63,19 +65,21 @@ def test_push_sum_weights_leave_1_where_stepping_x_and_z_differ(name):
 
 
 def test_slow_momentum_changes_the_trajectory():
-    s = Setup("localsgd", slowmo=dict(tau=4, beta=0.6))
-    assert not np.allclose(engine(s), engine(s.with_(slowmo=dict(tau=4, beta=0.0))), atol=1e-6)
+    s = Setup("localsgd", outer=dict(tau=4, update=dict(beta=0.6)))
+    assert not np.allclose(engine(s), engine(s.with_(outer=dict(tau=4, update=dict(beta=0.0)))), atol=1e-6)
 
 
 @pytest.mark.parametrize("name", ["localsgd", "sgp", "osgp"])
 def test_sharded_equals_unsharded(name):
-    s = Setup(name, slowmo=dict(tau=3, beta=0.7, nesterov=True), momentum=0.9, steps=10, d=9)  # 10 values on 4 ranks
-    sharded = s.with_(slowmo=dict(s.slowmo, shard_outer_state=True))
+    s = Setup(
+        name, outer=dict(tau=3, update=dict(beta=0.7, nesterov=True)), momentum=0.9, steps=10, d=9
+    )  # 10 values on 4 ranks
+    sharded = s.with_(outer=dict(s.outer, shard_outer_state=True))
     assert np.array_equal(engine(s), engine(sharded))
 
 
 def test_every_rank_holds_the_same_model_after_an_outer_step():
-    got = engine(Setup("osgp", slowmo=dict(tau=4, beta=0.5), steps=8))
+    got = engine(Setup("osgp", outer=dict(tau=4, update=dict(beta=0.5)), steps=8))
     assert np.array_equal(got, np.tile(got[0], (4, 1)))
 
 

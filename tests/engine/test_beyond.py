@@ -9,6 +9,7 @@ import torch
 
 import slowmo
 from slowmo.compress import Codec, compressed_mean_
+from slowmo.reference import algorithm1, beyond
 
 from problems import Setup, make_data, reference, run_engine
 
@@ -19,47 +20,90 @@ def thetas(s: Setup) -> np.ndarray:
     return np.stack([r["theta"] for r in slowmo.comm.spawn(run_engine, s.world_size, "simulated", args=(s,))])
 
 
+PLAIN = dict(tau=4, update=dict(beta=0.5))  # Algorithm 1 (slow momentum, the exact mean) at tau = 4, beta = 0.5
+
+
 def setup(algorithm: str, **outer) -> Setup:
-    d = BIG if outer.get("compression", "none") != "none" else 5
-    return Setup(algorithm, slowmo=dict(tau=4, beta=0.5) | outer, momentum=0.9, decay_at=6, steps=13, d=d)
+    """The case's sections in place of those of :data:`PLAIN`; |theta| large enough for a codec's chunks."""
+    d = BIG if outer.get("mean", {}).get("codec", "none") != "none" else 5
+    return Setup(algorithm, outer=PLAIN | outer, momentum=0.9, decay_at=6, steps=13, d=d)
 
 
 REFERENCE_CASES = [
-    *[dict(compression=c) for c in ("fp16", "bf16", "int8", "fp8", "fp4")],
-    *[dict(compression=c, error_feedback=True) for c in ("fp16", "bf16", "int8", "fp8", "fp4")],
-    dict(outer_optimizer="nesterov", beta=0.6),
-    dict(outer_optimizer="adam", beta=0.6, alpha=0.3, adam_beta2=0.99, adam_eps=1e-6),
-    dict(outer_optimizer="adam", beta=0.9, alpha=0.01, pseudo_gradient="raw"),
-    dict(clip_norm=0.05, tau=3),
-    dict(eager=True),
-    dict(eager=True, outer_optimizer="nesterov", beta=0.6, alpha=0.7, pseudo_gradient="raw"),
-    dict(  # Streaming-DiLoCo-like: Nesterov on the raw, clipped, int8-compressed pseudo-gradient with error feedback
-        outer_optimizer="nesterov",
-        beta=0.6,
-        alpha=0.7,
-        pseudo_gradient="raw",
-        compression="int8",
-        error_feedback=True,
+    *[dict(mean=dict(name="compressed", codec=c)) for c in ("fp16", "bf16", "int8", "fp8", "fp4")],
+    *[dict(mean=dict(name="compressed", codec=c, error_feedback=True)) for c in ("fp16", "bf16", "int8", "fp8", "fp4")],
+    dict(update=dict(name="torch", optimizer="SGD", options=dict(momentum=0.6, nesterov=True))),
+    dict(update=dict(name="torch", optimizer="Adam", options=dict(betas=(0.6, 0.99), eps=1e-06), alpha=0.3)),
+    dict(
+        update=dict(
+            name="torch",
+            optimizer="Adam",
+            options=dict(betas=(0.9, 0.999), eps=1e-08),
+            alpha=0.01,
+            pseudo_gradient="raw",
+        )
+    ),
+    dict(tau=3, clip_norm=0.05),
+    dict(mean=dict(name="eager")),
+    dict(
+        update=dict(
+            name="torch", optimizer="SGD", options=dict(momentum=0.6, nesterov=True), alpha=0.7, pseudo_gradient="raw"
+        ),
+        mean=dict(name="eager"),
+    ),
+    dict(
         clip_norm=0.1,
+        update=dict(
+            name="torch", optimizer="SGD", options=dict(momentum=0.6, nesterov=True), alpha=0.7, pseudo_gradient="raw"
+        ),
+        mean=dict(name="compressed", codec="int8", error_feedback=True),
     ),
 ]
 LIFTED_CASES = [  # combinations the parts made possible: (algorithms, settings)
-    (("localsgd", "sgp", "osgp"), dict(eager=True, compression="int8", error_feedback=True)),
-    (("localsgd", "osgp"), dict(eager=True, compression="fp8", outer_optimizer="nesterov", beta=0.6, alpha=0.7)),
-    (("localsgd", "allreduce", "sgp"), dict(fragments=2, sync_delay=1, compression="int8", error_feedback=True)),
-    (("localsgd", "osgp"), dict(fragments=2, sync_delay=2, compression="fp4", error_feedback=True, fragment_mix=0.5)),
-    (("sgp", "osgp"), dict(fragments=2, sync_delay=1)),
-    (("sgp", "osgp"), dict(fragments=2, sync_delay=3, fragment_mix=0.5, outer_optimizer="adam", beta=0.9, alpha=0.1)),
-    (("sgp", "osgp"), dict(sync_delay=2, nesterov=True, base_buffers="average")),
+    (("localsgd", "sgp", "osgp"), dict(mean=dict(name="eager", codec="int8", error_feedback=True))),
+    (
+        ("localsgd", "osgp"),
+        dict(
+            update=dict(name="torch", optimizer="SGD", options=dict(momentum=0.6, nesterov=True), alpha=0.7),
+            mean=dict(name="eager", codec="fp8"),
+        ),
+    ),
+    (
+        ("localsgd", "allreduce", "sgp"),
+        dict(mean=dict(name="compressed", codec="int8", error_feedback=True), fragments=dict(count=2, delay=1)),
+    ),
+    (
+        ("localsgd", "osgp"),
+        dict(mean=dict(name="compressed", codec="fp4", error_feedback=True), fragments=dict(count=2, delay=2, mix=0.5)),
+    ),
+    (("sgp", "osgp"), dict(fragments=dict(count=2, delay=1))),
+    (
+        ("sgp", "osgp"),
+        dict(
+            update=dict(name="torch", optimizer="Adam", options=dict(betas=(0.9, 0.999), eps=1e-08), alpha=0.1),
+            fragments=dict(count=2, delay=3, mix=0.5),
+        ),
+    ),
+    (("sgp", "osgp"), dict(base_buffers="average", update=dict(beta=0.5, nesterov=True), fragments=dict(delay=2))),
 ]
 STREAMING_CASES = [  # fragments: x and c (two layers), each with its own outer iterations
-    dict(fragments=2),
-    dict(fragments=2, sync_delay=1),
-    dict(fragments=2, sync_delay=3, fragment_mix=0.5),
-    dict(sync_delay=2),  # one fragment, its all-reduce overlapped with 2 inner steps
-    dict(fragments=2, sync_delay=1, outer_optimizer="nesterov", beta=0.6, alpha=0.7, pseudo_gradient="raw"),
-    dict(fragments=2, sync_delay=2, outer_optimizer="adam", beta=0.9, alpha=0.1, clip_norm=0.05, base_buffers="reset"),
-    dict(fragments=2, sync_delay=1, tau=6, nesterov=True, base_buffers="average"),
+    dict(fragments=dict(count=2)),
+    dict(fragments=dict(count=2, delay=1)),
+    dict(fragments=dict(count=2, delay=3, mix=0.5)),
+    dict(fragments=dict(delay=2)),  # one fragment, its all-reduce overlapped with 2 inner steps
+    dict(
+        update=dict(
+            name="torch", optimizer="SGD", options=dict(momentum=0.6, nesterov=True), alpha=0.7, pseudo_gradient="raw"
+        ),
+        fragments=dict(count=2, delay=1),
+    ),
+    dict(
+        base_buffers="reset",
+        clip_norm=0.05,
+        update=dict(name="torch", optimizer="Adam", options=dict(betas=(0.9, 0.999), eps=1e-08), alpha=0.1),
+        fragments=dict(count=2, delay=2),
+    ),
+    dict(tau=6, base_buffers="average", update=dict(beta=0.5, nesterov=True), fragments=dict(count=2, delay=1)),
 ]
 
 
@@ -79,42 +123,42 @@ def test_outer_step_equals_the_numpy_reference(algorithm, outer):
     expected = reference(s)
     assert np.allclose(thetas(s), expected, rtol=0, atol=1e-12)
     # the option changes the run (the reference of plain SlowMo is not also the answer)
-    plain = {k: v for k, v in s.slowmo.items() if k in ("tau", "alpha", "beta", "pseudo_gradient", "base_buffers")}
-    assert np.abs(reference(s.with_(slowmo=plain)) - expected).max() > 1e-6
+    assert np.abs(reference(s.with_(outer=PLAIN)) - expected).max() > 1e-6
 
 
 def test_error_feedback_keeps_what_compression_lost():
-    s = setup("localsgd", compression="int8")
-    exact = reference(s.with_(slowmo=dict(tau=4, beta=0.5)))
+    s = setup("localsgd", mean=dict(name="compressed", codec="int8"))
+    exact = reference(s.with_(outer=PLAIN))
     without = np.abs(thetas(s) - exact).max()
-    with_ = np.abs(thetas(s.with_(slowmo=s.slowmo | dict(error_feedback=True))) - exact).max()
+    with_ = np.abs(thetas(setup("localsgd", mean=dict(name="compressed", codec="int8", error_feedback=True))) - exact)
+    with_ = with_.max()
     assert 0 < without and 0 < with_ != without
 
 
-def test_options_at_their_defaults_are_bit_identical_to_algorithm_1():
+def test_algorithm_1s_parts_named_at_their_defaults_equal_the_plain_numpy_algorithm_1():
+    """Every part named, at its defaults (slow momentum, the exact mean, one fragment with no delay or mix, no
+    clipping): the engine equals slowmo.reference.algorithm1's own outer step, which knows no other part, and so does
+    the reference's outer step of the parts beyond it."""
+    knobs = dict(alpha=0.8, beta=0.5, nesterov=True, pseudo_gradient="scaled")
     for algorithm in ("localsgd", "sgp", "osgp", "allreduce"):
-        s = setup(algorithm, alpha=0.8, nesterov=True)
-        explicit = s.slowmo | dict(
-            outer_optimizer="sgd",
-            compression="none",
-            error_feedback=False,
-            clip_norm=None,
-            eager=False,
-            fragments=1,
-            sync_delay=0,
-            fragment_mix=1.0,
-        )
-        assert np.array_equal(thetas(s), thetas(s.with_(slowmo=explicit)))
+        named = dict(update=dict(name="slow_momentum", **knobs), mean=dict(name="exact"), clip_norm=None)
+        s = setup(algorithm, **named, fragments=dict(count=1, delay=0, mix=1.0))
+        expected = algorithm1.reference(s.with_(outer=dict(tau=4, update=knobs)))
+        assert np.allclose(thetas(s), expected, rtol=0, atol=1e-12)
+        assert np.allclose(beyond.reference(s), expected, rtol=0, atol=1e-13)
 
 
 def test_torch_nesterov_equals_the_closed_form_nesterov_and_diloco():
-    s = setup("localsgd", beta=0.6, alpha=0.7, outer_optimizer="nesterov", pseudo_gradient="raw")
-    closed = s.with_(slowmo=dict(tau=4, beta=0.6, alpha=0.7, nesterov=True, pseudo_gradient="raw"))
+    nesterov = dict(momentum=0.6, nesterov=True)
+    s = setup(
+        "localsgd", update=dict(name="torch", optimizer="SGD", options=nesterov, alpha=0.7, pseudo_gradient="raw")
+    )
+    closed = s.with_(outer=dict(tau=4, update=dict(alpha=0.7, beta=0.6, nesterov=True, pseudo_gradient="raw")))
     assert np.allclose(thetas(s), thetas(closed), rtol=0, atol=1e-13)
 
 
 def test_allreduce_sends_no_compressed_average_its_replicas_are_equal():
-    s = setup("allreduce", compression="int8", error_feedback=True)
+    s = setup("allreduce", mean=dict(name="compressed", codec="int8", error_feedback=True))
     assert np.allclose(thetas(s), reference(s), rtol=0, atol=1e-12)
     stats = slowmo.comm.spawn(run_engine, 4, "simulated", args=(s,))[0]["stats"]
     assert "all_to_all" not in stats and "all_gather" not in stats
@@ -180,11 +224,11 @@ def test_compressed_mean_is_the_same_on_every_rank_and_sends_the_formula(name, s
 
 
 def test_eager_ranks_differ_by_their_own_terms_and_send_plain_slowmo_bytes():
-    s = setup("localsgd", eager=True).with_(steps=12)  # ends on an outer step
+    s = setup("localsgd", mean=dict(name="eager")).with_(steps=12)  # ends on an outer step
     runs = slowmo.comm.spawn(run_engine, 4, "simulated", args=(s,))
     theta = np.stack([r["theta"] for r in runs])
     assert np.abs(theta - theta[0]).max() > 1e-6  # each rank's x_{t+1,0} has its own fresh term
-    plain = slowmo.comm.spawn(run_engine, 4, "simulated", args=(s.with_(slowmo=dict(tau=4, beta=0.5)),))
+    plain = slowmo.comm.spawn(run_engine, 4, "simulated", args=(s.with_(outer=PLAIN),))
     assert [r["stats"] for r in runs] == [r["stats"] for r in plain]
 
 
@@ -211,7 +255,7 @@ def test_streaming_sends_one_fragment_at_a_time_and_the_peak_per_step_falls_by_p
     plain = slowmo.comm.spawn(_four_layers, 4, "simulated", args=(1,))[0]
     streamed = slowmo.comm.spawn(_four_layers, 4, "simulated", args=(4,))[0]
     ring = lambda nbytes: 2 * 3 * nbytes // 4  # noqa: E731
-    # one fragment (sync_delay=1 makes it streaming too): all 4 layers every 4th step (after step 0's broadcast)
+    # one fragment (a delay of 1 makes it streaming too): all 4 layers every 4th step (after step 0's broadcast)
     assert plain[1:] == [ring(4 * layer) if (k + 1) % 4 == 0 else 0 for k in range(1, 12)]
     # 4 fragments: layer p after the steps k with (k + 1) mod 4 = p, one layer per step
     assert streamed[1:] == [ring(layer)] * 11
@@ -250,8 +294,8 @@ def test_eager_without_momentum_converges_like_plain_slowmo():
     # least squares, 16 ranks with their own optima: the one-round-late mean that eager applies is stable without
     # slow momentum (the README's check of the engine behind the MNIST-1D figures)
     s = Setup("localsgd", world_size=16, steps=240, d=5)
-    for outer in (dict(tau=12, beta=0.0), dict(tau=12, beta=0.0, eager=True)):
-        final, start, best = _mean_squared_errors(s.with_(slowmo=outer))
+    for outer in (dict(tau=12, update=dict(beta=0.0)), dict(tau=12, update=dict(beta=0.0), mean=dict(name="eager"))):
+        final, start, best = _mean_squared_errors(s.with_(outer=outer))
         assert final - best < 0.01 * (start - best), outer
 
 

@@ -21,32 +21,32 @@ CASES = [  # (setup, bytes per rank over STEPS inner steps, excluding the start-
     (Setup("localsgd"), {}),
     (Setup("sgp"), {"send": STEPS * (THETA_BYTES + 8)}),  # |theta| + 1 values per step
     (Setup("osgp"), {"send": STEPS * (THETA_BYTES + 8)}),
-    (Setup("localsgd", slowmo=dict(tau=4)), {"all_reduce": STEPS // 4 * ring(THETA_BYTES)}),
+    (Setup("localsgd", outer=dict(tau=4)), {"all_reduce": STEPS // 4 * ring(THETA_BYTES)}),
     (
-        Setup("localsgd", period=2, slowmo=dict(tau=4)),  # the Local SGD average at an outer step is skipped
+        Setup("localsgd", period=2, outer=dict(tau=4)),  # the Local SGD average at an outer step is skipped
         {"all_reduce": (STEPS // 2) * ring(THETA_BYTES)},
     ),
     (  # no gossip round at an outer step: the exact average overwrites it
-        Setup("sgp", slowmo=dict(tau=4)),
+        Setup("sgp", outer=dict(tau=4)),
         {"send": (STEPS - STEPS // 4) * (THETA_BYTES + 8), "all_reduce": 3 * ring(THETA_BYTES)},
     ),
     (  # AllReduce keeps the replicas equal: no exact average at an outer step
-        Setup("allreduce", slowmo=dict(tau=6)),
+        Setup("allreduce", outer=dict(tau=6)),
         {"all_reduce": STEPS * ring(THETA_BYTES)},
     ),
     # sharded: reduce-scatter + all-gather of the flat parameters padded to 8 values (a multiple of 4 ranks)
     (
-        Setup("localsgd", slowmo=dict(tau=4, shard_outer_state=True)),
+        Setup("localsgd", outer=dict(tau=4, shard_outer_state=True)),
         {"reduce_scatter": 3 * (3 * 64 // 4), "all_gather": 3 * (3 * 64 // 4)},
     ),
     # compressed outer average (slowmo/compress.py): 6 values padded to 8, shards of L = 2; each outer step sends
     # (n - 1) S(L) in the all-to-all and in the all-gather, S(2) = 2 int8 codes + one float32 scale, or 2 fp16 values
     (
-        Setup("localsgd", slowmo=dict(tau=4, compression="int8", error_feedback=True)),
+        Setup("localsgd", outer=dict(tau=4, mean=dict(name="compressed", codec="int8", error_feedback=True))),
         {"all_to_all": 3 * 3 * (2 + 4), "all_gather": 3 * 3 * (2 + 4)},
     ),
     (
-        Setup("sgp", slowmo=dict(tau=4, compression="fp16")),
+        Setup("sgp", outer=dict(tau=4, mean=dict(name="compressed", codec="fp16"))),
         {"send": (STEPS - STEPS // 4) * (THETA_BYTES + 8), "all_to_all": 3 * 3 * 4, "all_gather": 3 * 3 * 4},
     ),
 ]
@@ -65,7 +65,7 @@ def test_bytes_per_rank_equal_the_formula(setup, expected):
 
 def test_sharded_and_unsharded_outer_steps_send_the_same_bytes_when_no_padding_is_needed():
     def outer_bytes(shard):
-        s = Setup("localsgd", d=7, slowmo=dict(tau=4, shard_outer_state=shard))  # 8 values: no padding
+        s = Setup("localsgd", d=7, outer=dict(tau=4, shard_outer_state=shard))  # 8 values: no padding
         stats = slowmo.comm.spawn(run_engine, N, "simulated", args=(s,))[0]["stats"]
         return stats["total"] - stats["broadcast"]
 

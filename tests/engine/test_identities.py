@@ -14,14 +14,16 @@ def thetas(s: Setup, fn=run_engine) -> np.ndarray:
 
 
 def test_alpha1_beta0_is_local_sgd_with_exact_average_every_tau():
-    with_slowmo = Setup("localsgd", slowmo=dict(tau=4, alpha=1.0, beta=0.0), momentum=0.9, decay_at=5, steps=14)
-    local_sgd = with_slowmo.with_(slowmo=None, period=4)
+    with_slowmo = Setup(
+        "localsgd", outer=dict(tau=4, update=dict(alpha=1.0, beta=0.0)), momentum=0.9, decay_at=5, steps=14
+    )
+    local_sgd = with_slowmo.with_(outer=None, period=4)
     assert np.allclose(thetas(with_slowmo), thetas(local_sgd), rtol=0, atol=1e-13)
 
 
 def _sgp_with_manual_exact_average(comm, s: Setup):
     data = make_data(s)
-    model, opt = build(comm, s.with_(slowmo=None), data[2])
+    model, opt = build(comm, s.with_(outer=None), data[2])
     for k in range(s.steps):
         train(model, opt, s, data, k, k + 1, comm)
         if (k + 1) % 4 == 0:
@@ -31,12 +33,12 @@ def _sgp_with_manual_exact_average(comm, s: Setup):
 
 @pytest.mark.parametrize("name", ["sgp", "osgp"])
 def test_alpha1_beta0_is_gossip_with_exact_average_every_tau(name):
-    s = Setup(name, slowmo=dict(tau=4, alpha=1.0, beta=0.0), steps=13)
+    s = Setup(name, outer=dict(tau=4, update=dict(alpha=1.0, beta=0.0)), steps=13)
     assert np.allclose(thetas(s), thetas(s, _sgp_with_manual_exact_average), rtol=0, atol=1e-13)
 
 
 def test_tau1_allreduce_is_single_process_sgd_on_the_union_of_the_data():
-    s = Setup("allreduce", slowmo=dict(tau=1, alpha=1.0, beta=0.0), momentum=0.9, nesterov=True, decay_at=4)
+    s = Setup("allreduce", outer=dict(tau=1, update=dict(alpha=1.0, beta=0.0)), momentum=0.9, nesterov=True, decay_at=4)
     a, y, theta0 = make_data(s)
     x, c = torch.nn.Parameter(torch.tensor(theta0[:-1])), torch.nn.Parameter(torch.tensor(theta0[-1]))
     opt = torch.optim.SGD([{"params": [x]}, {"params": [c]}], lr=0.1, momentum=0.9, nesterov=True)
@@ -107,8 +109,8 @@ def _push_sum_trace(comm, s: Setup):
 
 
 def test_scaled_and_raw_pseudo_gradients_agree_under_a_constant_lr_only():
-    scaled = Setup("localsgd", slowmo=dict(tau=4, alpha=0.9, beta=0.6), lr=(0.05, 0.05))
-    raw = scaled.with_(slowmo=dict(scaled.slowmo, pseudo_gradient="raw"))
+    scaled = Setup("localsgd", outer=dict(tau=4, update=dict(alpha=0.9, beta=0.6)), lr=(0.05, 0.05))
+    raw = scaled.with_(outer=dict(tau=4, update=dict(alpha=0.9, beta=0.6, pseudo_gradient="raw")))
     assert np.allclose(thetas(scaled), thetas(raw), rtol=0, atol=1e-13)
     decayed = dict(decay_at=5)
     assert not np.allclose(thetas(scaled.with_(**decayed)), thetas(raw.with_(**decayed)), atol=1e-6)
@@ -124,7 +126,7 @@ def _local_steps(theta, a, y, lr, k, batch):
 
 def _preset_run(comm, s: Setup, preset: str, kwargs: dict):
     data = make_data(s)
-    model, _ = build(comm, s.with_(slowmo=None), data[2])
+    model, _ = build(comm, s.with_(outer=None), data[2])
     base = torch.optim.SGD([{"params": [model.x], "lr": s.lr[0]}, {"params": [model.c], "lr": s.lr[1]}], lr=0.1)
     kwargs = dict(kwargs)
     tau = kwargs.pop("k" if preset == "lookahead" else "tau")

@@ -37,7 +37,7 @@ def test_engine_equals_the_numpy_reference(name):
 
 @pytest.mark.parametrize(
     "s",
-    [Setup("localsgd", period=3, momentum=0.9), Setup("localsgd", period=2, slowmo=dict(tau=4, beta=0.6))],
+    [Setup("localsgd", period=3, momentum=0.9), Setup("localsgd", period=2, outer=dict(tau=4, update=dict(beta=0.6)))],
     ids=["H3", "H2 slowmo"],
 )
 def test_warmup_zero_is_bit_identical_to_local_sgd_without_it(s):

@@ -11,34 +11,55 @@ import slowmo
 from problems import Setup, build, make_data, run_engine, train
 
 CASES = {
-    "localsgd+slowmo": Setup("localsgd", slowmo=dict(tau=4, beta=0.6), momentum=0.9, nesterov=True),
-    "sgp+slowmo": Setup("sgp", slowmo=dict(tau=4, beta=0.5), momentum=0.9),
-    "osgp+slowmo": Setup("osgp", slowmo=dict(tau=4, beta=0.5)),
+    "localsgd+slowmo": Setup("localsgd", outer=dict(tau=4, update=dict(beta=0.6)), momentum=0.9, nesterov=True),
+    "sgp+slowmo": Setup("sgp", outer=dict(tau=4, update=dict(beta=0.5)), momentum=0.9),
+    "osgp+slowmo": Setup("osgp", outer=dict(tau=4, update=dict(beta=0.5))),
     "osgp": Setup("osgp", momentum=0.9),
-    "sgp+slowmo sharded": Setup("sgp", slowmo=dict(tau=4, beta=0.5, shard_outer_state=True)),
+    "sgp+slowmo sharded": Setup("sgp", outer=dict(tau=4, shard_outer_state=True, update=dict(beta=0.5))),
     "allreduce": Setup("allreduce", momentum=0.9),
     "localsgd+slowmo int8 error feedback, outer adam": Setup(
         "localsgd",
-        slowmo=dict(tau=4, beta=0.5, alpha=0.3, outer_optimizer="adam", compression="int8", error_feedback=True),
+        outer=dict(
+            tau=4,
+            update=dict(name="torch", optimizer="Adam", options=dict(betas=(0.5, 0.999), eps=1e-08), alpha=0.3),
+            mean=dict(name="compressed", codec="int8", error_feedback=True),
+        ),
         d=40,
     ),
-    "localsgd+slowmo eager (an all-reduce in flight)": Setup("localsgd", slowmo=dict(tau=4, beta=0.5, eager=True)),
+    "localsgd+slowmo eager (an all-reduce in flight)": Setup(
+        "localsgd", outer=dict(tau=4, update=dict(beta=0.5), mean=dict(name="eager"))
+    ),
     "localsgd+slowmo streaming (a fragment in flight)": Setup(
         "localsgd",
-        slowmo=dict(tau=4, beta=0.9, alpha=0.1, fragments=2, sync_delay=1, fragment_mix=0.6, outer_optimizer="adam"),
+        outer=dict(
+            tau=4,
+            update=dict(name="torch", optimizer="Adam", options=dict(betas=(0.9, 0.999), eps=1e-08), alpha=0.1),
+            fragments=dict(count=2, delay=1, mix=0.6),
+        ),
         momentum=0.9,
     ),
     "osgp+slowmo eager int8 (an all-to-all of codes in flight)": Setup(
-        "osgp", slowmo=dict(tau=4, beta=0.5, eager=True, compression="int8", error_feedback=True), d=40
+        "osgp",
+        outer=dict(tau=4, update=dict(beta=0.5), mean=dict(name="eager", codec="int8", error_feedback=True)),
+        d=40,
     ),
     "osgp+slowmo streaming int8 (a compressed fragment in flight)": Setup(
         "osgp",
-        slowmo=dict(tau=4, beta=0.5, fragments=2, sync_delay=2, compression="int8", error_feedback=True),
+        outer=dict(
+            tau=4,
+            update=dict(beta=0.5),
+            mean=dict(name="compressed", codec="int8", error_feedback=True),
+            fragments=dict(count=2, delay=2),
+        ),
         momentum=0.9,
         d=40,
     ),
     "sgp+slowmo outer nesterov, clipped": Setup(
-        "sgp", slowmo=dict(tau=4, beta=0.6, outer_optimizer="nesterov", clip_norm=0.05), momentum=0.9
+        "sgp",
+        outer=dict(
+            tau=4, clip_norm=0.05, update=dict(name="torch", optimizer="SGD", options=dict(momentum=0.6, nesterov=True))
+        ),
+        momentum=0.9,
     ),
 }
 
@@ -85,18 +106,18 @@ def _load(comm, saved_setup: Setup, new_setup: Setup):
     "saved,new,message",
     [
         (
-            Setup("sgp", slowmo=dict(tau=4)),
-            Setup("localsgd", slowmo=dict(tau=4)),
+            Setup("sgp", outer=dict(tau=4)),
+            Setup("localsgd", outer=dict(tau=4)),
             "the checkpoint was saved by algorithm SGP but this run uses LocalSGD",
         ),
         (
-            Setup("sgp", slowmo=dict(tau=4)),
+            Setup("sgp", outer=dict(tau=4)),
             Setup("sgp"),
             "the checkpoint was saved by optimizer SlowMo but this run uses DistributedOptimizer",
         ),
         (
-            Setup("sgp", slowmo=dict(tau=4)),
-            Setup("sgp", slowmo=dict(tau=4, shard_outer_state=True)),
+            Setup("sgp", outer=dict(tau=4)),
+            Setup("sgp", outer=dict(tau=4, shard_outer_state=True)),
             "resume with the same model, world size and shard_outer_state",
         ),
     ],

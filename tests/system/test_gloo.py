@@ -16,25 +16,53 @@ from problems import Setup, reference, run_clearing_grads, run_engine
 
 SETUPS = [
     Setup("allreduce", momentum=0.9),
-    Setup("allreduce", slowmo=dict(tau=3, beta=0.5)),
+    Setup("allreduce", outer=dict(tau=3, update=dict(beta=0.5))),
     Setup("localsgd", period=3),
-    Setup("localsgd", slowmo=dict(tau=4, beta=0.6), momentum=0.9, nesterov=True, decay_at=6),
+    Setup("localsgd", outer=dict(tau=4, update=dict(beta=0.6)), momentum=0.9, nesterov=True, decay_at=6),
     Setup("sgp"),
-    Setup("sgp", slowmo=dict(tau=4, beta=0.5, base_buffers="average"), momentum=0.9),
+    Setup("sgp", outer=dict(tau=4, base_buffers="average", update=dict(beta=0.5)), momentum=0.9),
     Setup("osgp"),
-    Setup("osgp", slowmo=dict(tau=4, beta=0.5, nesterov=True, shard_outer_state=True)),
-    Setup("sgp", procs_per_node=2, slowmo=dict(tau=4, beta=0.5)),
+    Setup("osgp", outer=dict(tau=4, shard_outer_state=True, update=dict(beta=0.5, nesterov=True))),
+    Setup("sgp", procs_per_node=2, outer=dict(tau=4, update=dict(beta=0.5))),
     Setup(  # the compressed average (all-to-all, all-gather of int8 codes) with outer Adam
         "localsgd",
-        slowmo=dict(tau=4, beta=0.5, alpha=0.3, outer_optimizer="adam", compression="int8", error_feedback=True),
+        outer=dict(
+            tau=4,
+            update=dict(name="torch", optimizer="Adam", options=dict(betas=(0.5, 0.999), eps=1e-08), alpha=0.3),
+            mean=dict(name="compressed", codec="int8", error_feedback=True),
+        ),
         d=40,
     ),
-    Setup("sgp", slowmo=dict(tau=4, beta=0.6, outer_optimizer="nesterov", compression="fp8", clip_norm=0.05), d=40),
-    Setup("osgp", slowmo=dict(tau=4, beta=0.5, eager=True), momentum=0.9),  # the all-reduce in flight for real
-    Setup("localsgd", slowmo=dict(tau=4, beta=0.5, fragments=2, sync_delay=2, fragment_mix=0.5), momentum=0.9),
+    Setup(
+        "sgp",
+        outer=dict(
+            tau=4,
+            clip_norm=0.05,
+            update=dict(name="torch", optimizer="SGD", options=dict(momentum=0.6, nesterov=True)),
+            mean=dict(name="compressed", codec="fp8"),
+        ),
+        d=40,
+    ),
+    Setup(
+        "osgp", outer=dict(tau=4, update=dict(beta=0.5), mean=dict(name="eager")), momentum=0.9
+    ),  # the all-reduce in flight for real
+    Setup(
+        "localsgd", outer=dict(tau=4, update=dict(beta=0.5), fragments=dict(count=2, delay=2, mix=0.5)), momentum=0.9
+    ),
     # the combinations of parts: int8 codes in flight across a round (eager) and across a fragment's delay
-    Setup("osgp", slowmo=dict(tau=4, beta=0.5, eager=True, compression="int8", error_feedback=True), d=40),
-    Setup("sgp", slowmo=dict(tau=4, beta=0.5, fragments=2, sync_delay=1, compression="fp8"), momentum=0.9, d=40),
+    Setup(
+        "osgp",
+        outer=dict(tau=4, update=dict(beta=0.5), mean=dict(name="eager", codec="int8", error_feedback=True)),
+        d=40,
+    ),
+    Setup(
+        "sgp",
+        outer=dict(
+            tau=4, update=dict(beta=0.5), mean=dict(name="compressed", codec="fp8"), fragments=dict(count=2, delay=1)
+        ),
+        momentum=0.9,
+        d=40,
+    ),
 ]
 
 
@@ -49,7 +77,7 @@ def both():
     return sim, gloo
 
 
-@pytest.mark.parametrize("index", range(len(SETUPS)), ids=[f"{s.algorithm}-{s.slowmo}" for s in SETUPS])
+@pytest.mark.parametrize("index", range(len(SETUPS)), ids=[f"{s.algorithm}-{s.outer}" for s in SETUPS])
 def test_gloo_equals_simulated(both, index):
     sim, gloo = both
     for rank in range(4):
