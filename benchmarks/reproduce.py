@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> None:
         runs = [report.load_run(d) for d in run_cells(preset, cells, args.runs / preset, args.jobs)]
         rows = [row(preset, cell, r) for cell, r in zip(cells, runs, strict=True)]
         print(f"\n## {preset}\n\n{summarize(rows, args.out, preset)}")
-        setup = runs[0]["config"]
+        setup = next(r["config"] for r in runs if r["config"]["slowmo"]["enabled"])  # a SlowMo cell's tau and beta
         seeds = len({r["seed"] for r in rows})
         where = (
             f"{setup['task']['name']}, {setup['dist']['world_size']} simulated ranks, "
@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> None:
                 runs,
                 args.out / f"{preset}_curves.png",
                 "epoch",
-                f"{where}, tau = {setup['slowmo']['tau']}, beta = {setup['slowmo']['beta']}, {seeds} seeds "
+                f"{where}, tau = {setup['slowmo']['tau']}, beta = {setup['slowmo']['update']['beta']}, {seeds} seeds "
                 "(mean ± sample std)",
             )
         else:

@@ -34,13 +34,13 @@ def main(argv: list[str] | None = None) -> None:
     runs = [report.load_run(d) for d in run_cells(PRESET, sweep(PRESET), args.runs, fresh=args.fresh, rerun=again)]
     command = f"slowmo-quickstart (+experiment={PRESET}, the preset's sweep)"
     markdown = report.write_table(report.table(runs), out, command)
-    setup = runs[0]["config"]
+    setup = next(run["config"] for run in runs if run["config"]["slowmo"]["enabled"])  # a SlowMo cell's tau and beta
     report.figure(
         runs,
         out / "loss.png",
         "step",
         f"digits, {setup['dist']['world_size']} simulated ranks, {setup['train']['max_steps']} steps "
-        f"(tau = {setup['slowmo']['tau']}, beta = {setup['slowmo']['beta']})",
+        f"(tau = {setup['slowmo']['tau']}, beta = {setup['slowmo']['update']['beta']})",
     )
     print()
     print(markdown)
