@@ -27,8 +27,9 @@ ENTRYPOINTS = ROOT / "experiments"
 
 
 def run_dir(root: Path, cell: list[str]) -> Path:
-    """The directory of ``cell``'s run under ``root``: its overrides, comma-separated."""
-    return root / ",".join(cell)
+    """The directory of ``cell``'s run under ``root``: its overrides, comma-separated, one name (a config group's
+    slash, as in ``slowmo/mean=eager``, written as a dot)."""
+    return root / ",".join(cell).replace("/", ".")
 
 
 def run_cells(

@@ -70,6 +70,20 @@ def test_a_finished_run_of_a_key_this_code_lacks_is_refused_not_reused(tmp_path)
     assert _files(directory) == before
 
 
+def test_a_cell_that_picks_a_config_group_option_runs_in_one_directory(tmp_path):
+    """``slowmo/mean=eager`` in a cell: its run directory is one child of the root, not a path through ``slowmo/``."""
+    from slowmo.cells import run_cells
+    from slowmo.report import finished
+
+    cell = ["slowmo=on", "slowmo/mean=eager", "train.max_steps=4", "train.eval_every=0", "dist.world_size=2"]
+    directory = run_cells(None, [cell], tmp_path)[0]
+    assert (
+        directory.parent == tmp_path
+        and finished(directory)
+        and [p.name for p in tmp_path.iterdir()] == [directory.name]
+    )
+
+
 def test_overwrite_discards_the_run_and_a_requeued_attempt_resumes_instead(tmp_path, monkeypatch, capsys):
     run(cfg(tmp_path, train={"max_steps": 30}))
     assert [d.name for d in checkpoint.sorted_checkpoints(tmp_path / "checkpoints")] == ["step_20", "step_30"]
