@@ -1,4 +1,4 @@
-"""The simulator's cost, and SlowMo's memory with and without ``shard_outer_state``.
+"""The simulator's cost, and SlowMo's memory with its outer state whole and sharded (``slowmo/mean=sharded``).
 
 1. Throughput: 8 simulated ranks in one process (batch b each, AllReduce and Local SGD) against one rank with
    batch 8b, on CIFAR-shaped random data and ResNet-20; samples/s of each and their ratio (target >= 0.8).
@@ -73,7 +73,12 @@ def _memory(comm, mode: str) -> dict:
     for sharded in (False, True):  # every code path of both outer steps touched in every configuration, on a tiny
         tiny = torch.nn.Linear(64, 64)  # model: what differs below is data, not pages of code or allocator pools
         warm = optimizer(
-            comm, tiny, "localsgd", 2, lr=0.01, slowmo={"tau": 2, "update": {"beta": 0.5}, "shard_outer_state": sharded}
+            comm,
+            tiny,
+            "localsgd",
+            2,
+            lr=0.01,
+            slowmo={"tau": 2, "update": {"beta": 0.5}, "mean": {"name": "sharded" if sharded else "exact"}},
         )
         for _ in range(4):
             tiny(torch.randn(8, 64)).sum().backward()
@@ -88,7 +93,7 @@ def _memory(comm, mode: str) -> dict:
         lr=0.01,
         slowmo=None
         if mode == "localsgd"
-        else {"tau": 2, "update": {"beta": 0.5}, "shard_outer_state": mode == "sharded"},
+        else {"tau": 2, "update": {"beta": 0.5}, "mean": {"name": "sharded" if mode == "sharded" else "exact"}},
     )
     peak = 0
     for _ in range(6):

@@ -5,7 +5,7 @@ opt = slowmo.SlowMo(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=
 loss.backward(); opt.step(); opt.zero_grad()
 
 The outer step's parts: the update (SlowMomentum, TorchUpdate, or slowmo.presets.bmuf/lookahead/diloco), the mean
-(ExactMean, CompressedMean, EagerMean), Fragments and ClipNorm.
+(ExactMean, ShardedMean, CompressedMean, EagerMean), Fragments and ClipNorm.
 """
 
 from pkgutil import extend_path
@@ -23,6 +23,7 @@ from .outer import (
     EagerMean,
     ExactMean,
     Fragments,
+    ShardedMean,
     SlowMo,
     SlowMomentum,
     TorchUpdate,
@@ -43,6 +44,7 @@ __all__ = [
     "DistributedOptimizer",
     "EagerMean",
     "ExactMean",
+    "ShardedMean",
     "Fragments",
     "GossipGraph",
     "LocalSGD",

@@ -1,4 +1,4 @@
-"""SlowMo's outer state sharded over the ranks (fairscale's memory-efficient mode, ``shard_outer_state=True``).
+"""SlowMo's outer state sharded over the ranks (fairscale's memory-efficient mode, ``slowmo/mean=sharded``).
 
 The |theta| flat parameters are stored padded to m L values (L = ceil(|theta| / m); :class:`~slowmo.flat.
 FlatParameters` with ``multiple=m``) and rank r keeps only the slice [r L, (r + 1) L) of x_{t,0} and u: 2|theta|/m

@@ -475,16 +475,10 @@ CASES = [
         "steps: use one delay or the other (with eager: one fragment, no delay, no mix)",
     ),
     Case(
-        "a compressed mean with a sharded outer state",
-        lambda t: {"slowmo": {"enabled": True, "shard_outer_state": True, "mean": {"name": "compressed"}}},
-        "a compressed mean sends Delta_i = x_{{t,0}} - x^i, which needs all of x_{{t,0}} on every rank, and a sharded "
-        "outer state keeps 1/m of it: use one or the other (shard_outer_state=false, or the exact mean)",
-    ),
-    Case(
         "a sharded outer state with streaming fragments",
-        lambda t: {"slowmo": {"enabled": True, "shard_outer_state": True, "fragments": {"count": 2}}},
-        "shard_outer_state keeps 1/m of every parameter's outer state per rank and a streaming fragment whole "
-        "layers: they do not combine (set fragments to one, no delay, no mix, or shard_outer_state=false)",
+        lambda t: {"slowmo": {"enabled": True, "mean": {"name": "sharded"}, "fragments": {"count": 2}}},
+        "a sharded outer state keeps 1/m of every parameter's outer state per rank and a streaming fragment whole "
+        "layers: they do not combine (set fragments to one, no delay, no mix, or slowmo/mean=exact)",
     ),
     *[
         Case(f"the key slowmo.{key} of before the parts", lambda t, key=key, v=v: {"slowmo": {key: v}}, message)
@@ -501,6 +495,12 @@ CASES = [
                 "torch (slowmo.update.optimizer, slowmo.update.options)",
             ),
             ("sync_delay", 2, "slowmo.sync_delay is now slowmo.fragments.delay"),
+            (
+                "shard_outer_state",
+                True,
+                "slowmo.shard_outer_state is now the mean: slowmo/mean=sharded (the exact mean, 1/m of the outer "
+                "state per rank)",
+            ),
             ("fragments", 4, "slowmo.fragments is now a section: slowmo.fragments.count=<P> (and .delay, .mix)"),
         )
     ],

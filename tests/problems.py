@@ -17,7 +17,7 @@ from slowmo.reference import Problem, algorithm1, beyond, lr_at, make_data  # no
 @dataclass(frozen=True)
 class Setup(Problem):
     """A :class:`~slowmo.reference.Problem` (its ``outer`` in the words of the harness's ``slowmo`` section: ``tau``,
-    ``base_buffers``, ``clip_norm``, ``shard_outer_state`` and the parts' sections ``update``, ``mean``, ``fragments``),
+    ``base_buffers``, ``clip_norm`` and the parts' sections ``update``, ``mean``, ``fragments``),
     run through the engine too; ``graph``: a gossip graph class of the engine (its push-sum matrix the reference's)."""
 
     algorithm: str = "localsgd"
@@ -104,14 +104,13 @@ def build(comm, s: Setup, theta0: np.ndarray):
 def outer(settings: dict) -> dict:
     """SlowMo's arguments (tau, the parts, the base-buffer policy) from the ``slowmo`` section's words: each part
     built by its registry from its section (slow momentum and the exact mean where none is named)."""
-    unknown = set(settings) - {"tau", "base_buffers", "clip_norm", "shard_outer_state", "update", "mean", "fragments"}
+    unknown = set(settings) - {"tau", "base_buffers", "clip_norm", "update", "mean", "fragments"}
     assert not unknown, f"not a setting of the slowmo section: {unknown}"
     update, mean = dict(settings.get("update", {})), dict(settings.get("mean", {}))
     update, mean = (
         UPDATES[update.pop("name", "slow_momentum")].build(**update),
         MEANS[mean.pop("name", "exact")].build(**mean),
     )
-    mean.shard = settings.get("shard_outer_state", False)
     clip = settings.get("clip_norm")
     return dict(
         tau=settings["tau"],

@@ -1,9 +1,9 @@
 """SlowMo's outer step, built from parts (:mod:`.parts`): Algorithm 1's update alone in :mod:`.algorithm1`, any torch
-optimizer as the update (:mod:`.torch_update`), the exact, compressed or eager mean (:mod:`.exact`, :mod:`.compressed`,
-:mod:`.eager`), fragments (:mod:`.fragments`), clipping (:mod:`.clip`), the presets (:mod:`.presets`) and the optimizer
-that puts them together (:mod:`.slowmo`). A new part is one module here plus its YAML file
-(``configs/slowmo/update/<name>.yaml`` or ``configs/slowmo/mean/<name>.yaml``); a directory on ``PYTHONPATH`` holding
-``slowmo/outer/<name>.py`` adds one from outside the source tree."""
+optimizer as the update (:mod:`.torch_update`), the exact, sharded, compressed or eager mean (:mod:`.exact`,
+:mod:`.sharded`, :mod:`.compressed`, :mod:`.eager`), fragments (:mod:`.fragments`), clipping (:mod:`.clip`), the
+presets (:mod:`.presets`) and the optimizer that puts them together (:mod:`.slowmo`). A new part is one module here
+plus its YAML file (``configs/slowmo/update/<name>.yaml`` or ``configs/slowmo/mean/<name>.yaml``); a directory on
+``PYTHONPATH`` holding ``slowmo/outer/<name>.py`` adds one from outside the source tree."""
 
 from pkgutil import extend_path
 
@@ -15,6 +15,7 @@ from .eager import EagerMean
 from .exact import ExactMean
 from .fragments import Fragments, layers_of
 from .parts import MEANS, UPDATES, Parts
+from .sharded import ShardedMean
 from .slowmo import SlowMo
 from .torch_update import TorchUpdate
 
@@ -27,6 +28,7 @@ __all__ = [
     "CompressedMean",
     "EagerMean",
     "ExactMean",
+    "ShardedMean",
     "Fragments",
     "Parts",
     "SlowMo",

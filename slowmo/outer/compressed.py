@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from ..compress import CODECS, Codec, Exchange, gather_mean_
-from .parts import MEANS, Mean, Parts
+from .parts import MEANS, Mean
 
 
 @dataclass
@@ -38,14 +38,6 @@ class CompressedMean(Mean):
             raise ValueError(f"codec must be one of {', '.join(CODECS[1:])}, got {codec!r}")
         self.codec, self.error_feedback = Codec(codec), bool(error_feedback)
         self.residual = torch.empty(0)  # e_i, in the flat parameters' layout
-
-    def refuses(self, parts: Parts) -> str | None:
-        if self.shard:
-            return (
-                "a compressed mean sends Delta_i = x_{t,0} - x^i, which needs all of x_{t,0} on every rank, and a "
-                "sharded outer state keeps 1/m of it: use one or the other (shard_outer_state=false, or the exact mean)"
-            )
-        return None
 
     def not_elastic(self) -> str | None:
         return "the compressed mean's all-to-all and error-feedback residuals assume a fixed set of ranks"

@@ -4,8 +4,7 @@
     slowmo.tau, base_buffers, clip_norm          the outer step's own keys (slowmo.label names it in tables)
     slowmo/update=slow_momentum|torch|nesterov|adam|bmuf|lookahead|diloco
     slowmo.update.alpha, beta, nesterov, ...     the update's knobs (configs/slowmo/update/<name>.yaml)
-    slowmo/mean=exact|compressed|eager           slowmo.mean.codec, ...: the mean's
-    slowmo.shard_outer_state                      1/m of the outer state per rank
+    slowmo/mean=exact|sharded|compressed|eager   slowmo.mean.codec, ...: the mean's (sharded: 1/m of the state per rank)
     slowmo.fragments.count|delay|mix             streaming fragments
 
 Each part's section is checked against its own dataclass (``slowmo.update`` against the chosen update's), as the
@@ -38,7 +37,6 @@ class OuterConfig:
     label: str  # what tables and figures call this outer step (SlowMo, BMUF, Lookahead, DiLoCo)
     tau: int = setting(minimum=1)  # inner steps per outer step
     base_buffers: str  # keep | reset | average
-    shard_outer_state: bool  # the mean's outer state sharded: 1/m of x_{t,0} and u per rank
     clip_norm: float | None  # max L2 norm of the mean pseudo-gradient (parameter units); null: no clipping
     fragments: FragmentsConfig
     update: Any = None  # slowmo/update=<name>: checked against that update's dataclass (slowmo.train.config)
@@ -60,6 +58,7 @@ class OuterConfig:
         "eager": "is now the mean: slowmo/mean=eager",
         "fragments": "is now a section: slowmo.fragments.count=<P> (and .delay, .mix)",
         "sync_delay": "is now slowmo.fragments.delay",
+        "shard_outer_state": "is now the mean: slowmo/mean=sharded (the exact mean, 1/m of the outer state per rank)",
         "fragment_mix": "is now slowmo.fragments.mix",
     }
 
@@ -84,7 +83,6 @@ class OuterConfig:
         try:
             update = part(UPDATES, self.update)
             mean = part(MEANS, self.mean)
-            mean.shard = self.shard_outer_state
             fragments = Fragments(self.fragments.count, self.fragments.delay, self.fragments.mix)
             clip = ClipNorm(self.clip_norm) if self.clip_norm is not None else None
             Parts(self.tau, update, mean, fragments, clip, elastic).check()

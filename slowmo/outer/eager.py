@@ -45,11 +45,6 @@ class EagerMean(Mean):
         self._pending: Any = None  # the all-reduce of the sum, or the compressed exchange, in flight
 
     def refuses(self, parts: Parts) -> str | None:
-        if self.shard:
-            return (
-                "eager updates keep the mean of a whole round in flight as an all-reduce: a sharded outer state "
-                "(shard_outer_state) would need a reduce-scatter in flight instead; use one or the other"
-            )
         if not parts.fragments.whole:
             return (
                 "eager updates delay the whole mean by a round, streaming fragments each fragment's by "

@@ -86,7 +86,7 @@ class Update(Part):
 class Mean(Part):
     """The mean over the ranks of the pseudo-gradients of one fragment (:class:`~slowmo.outer.fragments.Flight`)."""
 
-    shard: bool = False  # this rank keeps only its 1/m slice of the outer state (the mean arrives as that slice)
+    shards_state: bool = False  # the outer state is cut in m slices, one per rank (the mean arrives as this rank's)
 
     def bind(self, numel: int, like: torch.Tensor) -> None:
         """The run's size (``numel`` values of the flat parameters) and dtype/device (``like``), for any state kept."""

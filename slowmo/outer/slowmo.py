@@ -44,7 +44,7 @@ class SlowMo(DistributedOptimizer):
             back the base algorithm with an exact average every tau steps; the paper tunes beta in 0.4-0.8); or
             :class:`~slowmo.TorchUpdate` (any torch optimizer), or a preset's (:mod:`slowmo.outer.presets`).
         mean: how the pseudo-gradients are averaged (default :class:`~slowmo.ExactMean`;
-            :class:`~slowmo.CompressedMean`, :class:`~slowmo.EagerMean`).
+            :class:`~slowmo.ShardedMean`, :class:`~slowmo.CompressedMean`, :class:`~slowmo.EagerMean`).
         fragments: :class:`~slowmo.Fragments` (default: one, no delay: the whole model at once).
         clip: :class:`~slowmo.ClipNorm` of the mean pseudo-gradient, or None.
         base_buffers: "keep", "reset" or "average" the base optimizer's state at each outer step.
@@ -75,7 +75,7 @@ class SlowMo(DistributedOptimizer):
         super().__init__(params, base_optimizer, algorithm)
         self.tau, self.base_buffers = tau, base_buffers
         self.fragments.bind(layers or list(range(len(self._params))), tau)
-        self._shard = Shard(self.comm, self.flat.numel, self.mean.shard)
+        self._shard = Shard(self.comm, self.flat.numel, self.mean.shards_state)
         self._gammas: list[float] | None = None  # gamma_{t-1} of each parameter (at its last outer step)
         self._outer = 0
 
@@ -85,7 +85,7 @@ class SlowMo(DistributedOptimizer):
         return self._outer
 
     def _flat_multiple(self) -> int:
-        return self.comm.world_size if self.mean.shard else 1  # the sharded state: m slices of equal length
+        return self.comm.world_size if self.mean.shards_state else 1  # the sharded state: m slices of equal length
 
     def _start(self) -> None:
         super()._start()  # every rank now holds rank 0's parameters: x_{0,0}
@@ -233,7 +233,7 @@ class SlowMo(DistributedOptimizer):
             raise ValueError(
                 f"the checkpoint's SlowMo state is for {outer['numel']} parameters sharded as "
                 f"{outer['shard']}, this run has {self._shard.numel} sharded as {self._shard.key}; "
-                "resume with the same model, world size and shard_outer_state"
+                "resume with the same model, world size and mean (slowmo/mean=exact or sharded)"
             )
         if outer["parts"] != self._kinds():
             raise ValueError(

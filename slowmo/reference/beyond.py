@@ -15,7 +15,7 @@ format's definition; one outer-step hook for :func:`.algorithm1.reference`. The 
   the steps k with (k + 1) mod tau = p tau / P, its mean (exact or compressed) applied d steps later, mixed:
   x_p <- mix x~_p + (1 - mix) x_p, x_{0,p} <- x~_p (Streaming DiLoCo, 2025). Over push-sum, x_p is the de-biased z
   and the weights go on; they are reset to 1 only by an outer step of the whole model at once;
-- ``shard_outer_state``: where the state is kept, not what is computed (nothing here).
+- ``mean: sharded``: the exact mean, where the state is kept (1/m per rank) not what is computed.
 
     from slowmo.reference import Problem
     from slowmo.reference.beyond import reference
@@ -93,7 +93,7 @@ class Beyond:
                     self.residual = sent - decoded
                 self.own, self.total = decoded, n * mean
             return (fresh + others) / n
-        if kind == "exact" or self.s.algorithm == "allreduce":  # (equal replicas: nothing to compress)
+        if kind in ("exact", "sharded") or self.s.algorithm == "allreduce":  # (equal replicas: nothing to compress)
             return np.tile(fresh.mean(axis=0), (n, 1))
         sent = fresh + self.residual[:, e]
         mean, decoded = compressed_mean(sent, codec)

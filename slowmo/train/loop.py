@@ -57,7 +57,7 @@ def _fingerprint(cfg: Config) -> dict[str, Any]:
         "width": getattr(cfg.model, "width", None),
         "algorithm": cfg.algorithm.name,
         "slowmo": cfg.slowmo.enabled,
-        "shard_outer_state": cfg.slowmo.shard_outer_state,
+        "mean": cfg.slowmo.mean.name if cfg.slowmo.enabled else None,  # (a sharded state: cut in this run's m)
     }
 
 

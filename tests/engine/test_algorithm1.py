@@ -39,7 +39,7 @@ for policy in ("keep", "reset", "average"):
     )
 for name in ("localsgd", "sgp", "osgp"):
     CASES[f"{name}+slowmo_sharded"] = Setup(
-        name, outer=dict(tau=4, shard_outer_state=True, update=dict(beta=0.6)), decay_at=7, momentum=0.9
+        name, outer=dict(tau=4, update=dict(beta=0.6), mean=dict(name="sharded")), decay_at=7, momentum=0.9
     )
 
 
@@ -74,7 +74,7 @@ def test_sharded_equals_unsharded(name):
     s = Setup(
         name, outer=dict(tau=3, update=dict(beta=0.7, nesterov=True)), momentum=0.9, steps=10, d=9
     )  # 10 values on 4 ranks
-    sharded = s.with_(outer=dict(s.outer, shard_outer_state=True))
+    sharded = s.with_(outer=dict(s.outer, mean=dict(name="sharded")))
     assert np.array_equal(engine(s), engine(sharded))
 
 

@@ -36,7 +36,7 @@ CASES = [  # (setup, bytes per rank over STEPS inner steps, excluding the start-
     ),
     # sharded: reduce-scatter + all-gather of the flat parameters padded to 8 values (a multiple of 4 ranks)
     (
-        Setup("localsgd", outer=dict(tau=4, shard_outer_state=True)),
+        Setup("localsgd", outer=dict(tau=4, mean=dict(name="sharded"))),
         {"reduce_scatter": 3 * (3 * 64 // 4), "all_gather": 3 * (3 * 64 // 4)},
     ),
     # compressed outer average (slowmo/compress.py): 6 values padded to 8, shards of L = 2; each outer step sends
@@ -65,7 +65,9 @@ def test_bytes_per_rank_equal_the_formula(setup, expected):
 
 def test_sharded_and_unsharded_outer_steps_send_the_same_bytes_when_no_padding_is_needed():
     def outer_bytes(shard):
-        s = Setup("localsgd", d=7, outer=dict(tau=4, shard_outer_state=shard))  # 8 values: no padding
+        s = Setup(
+            "localsgd", d=7, outer=dict(tau=4, mean=dict(name="sharded" if shard else "exact"))
+        )  # 8 values: no padding
         stats = slowmo.comm.spawn(run_engine, N, "simulated", args=(s,))[0]["stats"]
         return stats["total"] - stats["broadcast"]
 

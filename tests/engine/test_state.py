@@ -15,7 +15,7 @@ CASES = {
     "sgp+slowmo": Setup("sgp", outer=dict(tau=4, update=dict(beta=0.5)), momentum=0.9),
     "osgp+slowmo": Setup("osgp", outer=dict(tau=4, update=dict(beta=0.5))),
     "osgp": Setup("osgp", momentum=0.9),
-    "sgp+slowmo sharded": Setup("sgp", outer=dict(tau=4, shard_outer_state=True, update=dict(beta=0.5))),
+    "sgp+slowmo sharded": Setup("sgp", outer=dict(tau=4, update=dict(beta=0.5), mean=dict(name="sharded"))),
     "allreduce": Setup("allreduce", momentum=0.9),
     "localsgd+slowmo int8 error feedback, outer adam": Setup(
         "localsgd",
@@ -117,8 +117,8 @@ def _load(comm, saved_setup: Setup, new_setup: Setup):
         ),
         (
             Setup("sgp", outer=dict(tau=4)),
-            Setup("sgp", outer=dict(tau=4, shard_outer_state=True)),
-            "resume with the same model, world size and shard_outer_state",
+            Setup("sgp", outer=dict(tau=4, mean=dict(name="sharded"))),
+            "resume with the same model, world size and mean",
         ),
     ],
 )

@@ -114,7 +114,8 @@ class Sign(Update):
         self.alpha = alpha
 
     def refuses(self, parts):
-        return "the sign update needs all of x_{t,0}: leave shard_outer_state off" if parts.mean.shard else None
+        needs = "the sign update needs all of x_{t,0}: use a mean that keeps it whole"
+        return needs if parts.mean.shards_state else None
 
     def bind(self, x0):
         self.x0 = x0.clone()
@@ -181,8 +182,8 @@ def test_a_new_outer_update_is_one_module_and_one_yaml_file(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     c = torch.load(tmp_path / "sm" / "final.pt")["model"]
     assert any(not torch.equal(a[k], c[k]) for k in a)
-    out = cli(plugins, *train, "slowmo.shard_outer_state=true", f"hydra.run.dir={tmp_path / 'runs' / 'bad'}")
+    out = cli(plugins, *train, "slowmo/mean=sharded", f"hydra.run.dir={tmp_path / 'runs' / 'bad'}")
     assert out.returncode == 2 and out.stderr.strip().splitlines()[-1] == (
-        "error: the sign update needs all of x_{t,0}: leave shard_outer_state off"
+        "error: the sign update needs all of x_{t,0}: use a mean that keeps it whole"
     )
     assert not (tmp_path / "runs" / "bad").exists()  # Hydra made the directory; the refused command took it away

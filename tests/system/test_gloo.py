@@ -22,7 +22,7 @@ SETUPS = [
     Setup("sgp"),
     Setup("sgp", outer=dict(tau=4, base_buffers="average", update=dict(beta=0.5)), momentum=0.9),
     Setup("osgp"),
-    Setup("osgp", outer=dict(tau=4, shard_outer_state=True, update=dict(beta=0.5, nesterov=True))),
+    Setup("osgp", outer=dict(tau=4, update=dict(beta=0.5, nesterov=True), mean=dict(name="sharded"))),
     Setup("sgp", procs_per_node=2, outer=dict(tau=4, update=dict(beta=0.5))),
     Setup(  # the compressed average (all-to-all, all-gather of int8 codes) with outer Adam
         "localsgd",
