@@ -91,7 +91,7 @@ def figure(by_name: dict[str, list[dict]], path: Path, low: float = -20.0) -> No
     ax.set_xlim(low, max(8.0, ax.get_xlim()[1]))
     ax.set_yticks(range(len(names)), names, fontsize=8)
     ax.invert_yaxis()
-    ax.set(xlabel="test accuracy minus plain SlowMo's, same seed (points; dots: seeds, bar: mean)")
+    ax.set(xlabel="test accuracy minus plain SlowMo's, same seed (points)\ndots: seeds, bar: their mean")
     ax.set_title("MNIST-1D, 16 simulated ranks, Local SGD + SlowMo, equal inner steps", fontsize=9)
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
