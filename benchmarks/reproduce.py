@@ -147,8 +147,7 @@ def main(argv: list[str] | None = None) -> None:
                 runs,
                 args.out / f"{preset}_curves.png",
                 "epoch",
-                f"{where}, tau = {setup['slowmo']['tau']}, beta = {setup['slowmo']['update']['beta']}, {seeds} seeds "
-                "(mean ± sample std)",
+                f"{where}, tau = {setup['slowmo']['tau']}, beta = {setup['slowmo']['update']['beta']}, {seeds} seeds",
             )
         else:
             key = preset.split("_")[1]
