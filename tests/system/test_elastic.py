@@ -206,9 +206,10 @@ def test_kill_9_of_a_replica_restarts_it_and_heals_it_from_a_live_peer(tmp_path:
     elastic = summary["elastic"]
     assert summary["status"] == "completed" and elastic["restarts"] == 1 and elastic["heals"] >= 1
     assert elastic["replicas"]["1"] == {"status": "completed", "restarts": 1, "heals": 1}
-    # the survivors record the same failed commits, and the run's summary counts them
+    # the survivors record the same failed commits (the round the kill fell in; none if it fell between two rounds,
+    # where the next quorum waits for the restarted replica), and the run's summary counts them
     failed = {i: [r["step"] for r in _rounds(tmp_path / f"replica_{i}") if not r["committed"]] for i in (0, 2)}
-    assert failed[0] and failed[0] == failed[2] and elastic["failed_commits"] == len(failed[0])
+    assert failed[0] == failed[2] and elastic["failed_commits"] == len(failed[0]) <= 1
     assert all(r["participants"] == [0, 1, 2] for r in _rounds(tmp_path / "replica_0") if r["committed"])
     # the heal: replica 1's state at the heal equals, bit for bit, the checkpoint one survivor wrote at that step
     heal = next(
@@ -381,8 +382,10 @@ def test_no_listener_beyond_loopback_and_a_replica_killed_from_the_dashboard_com
     _kill_from_the_dashboard(where["lighthouse"], 1)
     assert launch.wait().error is None
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["status"] == "completed" and summary["steps"] == 240 and summary["elastic"]["failed_commits"] >= 1
+    assert summary["status"] == "completed" and summary["steps"] == 240
     assert summary["elastic"]["replicas"]["1"] == {"status": "completed", "restarts": 1, "heals": 1}
+    logged = sum(not r["committed"] for r in _rounds(tmp_path / f"replica_{summary['replica']}"))
+    assert summary["elastic"]["failed_commits"] == logged <= 1  # (the round the kill fell in, if it fell in one)
 
 
 def test_a_configuration_error_in_the_replicas_is_told_once_and_not_restarted(tmp_path: Path, capfd) -> None:
