@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .parts import MEANS, Mean, Parts
+from .exact import ExactMean
+from .parts import MEANS, Parts
 
 
 @dataclass
@@ -20,8 +21,9 @@ class ShardedMeanConfig:
 
 
 @MEANS.register("sharded", ShardedMeanConfig, label="exact mean, sharded state")
-class ShardedMean(Mean):
-    """The exact mean, arriving as this rank's 1/m slice of the outer state."""
+class ShardedMean(ExactMean):
+    """The exact mean, arriving as this rank's 1/m slice of the outer state (its whole-model path, which
+    :class:`~slowmo.outer.exact.ExactMean` takes through the run's :class:`~slowmo.shard.Shard`)."""
 
     shards_state = True
 
@@ -35,13 +37,6 @@ class ShardedMean(Mean):
 
     def not_elastic(self) -> str | None:
         return "a sharded outer state (slowmo/mean=sharded) would have to be re-cut at every change of the quorum"
-
-    def start(self, flight) -> None:
-        flight.values = flight.shard.mine(flight.data) if flight.equal else flight.shard.mean_(flight.data)
-        flight.averaged = True
-
-    def finish(self, flight) -> None:
-        """(The reduce-scatter completed in :meth:`start`.)"""
 
     def __repr__(self) -> str:
         return "ShardedMean()"
