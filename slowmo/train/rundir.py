@@ -116,8 +116,11 @@ def claim(config: Config) -> Claim:
         )
     if config.train.resume == "never":
         _refuse(run_dir, "holds a run and train.resume=never", "resume it (train.resume=auto)")
-    stopped = summary is not None and (summary.get("diverged") or {}).get("stopped") and config.train.stop_on_divergence
-    if summary is not None and (done == config.train.max_steps or stopped):
+    # a run ended where it was evaluated at its end (its final metrics); one that failed or was stopped by a signal
+    # at its last step (a peer killed during the final average) still has that end to do
+    ended = summary is not None and "final" in summary
+    stopped = ended and (summary.get("diverged") or {}).get("stopped") and config.train.stop_on_divergence
+    if ended and (done == config.train.max_steps or stopped):
         return Claim("complete", newest, summary)
     return Claim("resume", newest)
 

@@ -49,6 +49,30 @@ def test_rerunning_a_completed_run_does_nothing_and_touches_nothing(tmp_path, ca
     )
 
 
+def test_a_run_that_failed_at_its_last_step_is_finished_by_a_rerun_not_reported_done(tmp_path, monkeypatch):
+    """A peer killed after the last step's checkpoint, during the final average: rank 0 records ``failed`` at
+    step max_steps. A rerun resumes from that checkpoint and does the run's end (its final metrics, ``final.pt``)
+    instead of taking the record for a completed run (it once said "nothing to do" and had no final metrics)."""
+    from slowmo.comm.base import CommError
+    from slowmo.train.loop import _Trainer
+
+    straight = run(cfg(tmp_path / "straight"))
+    finish = _Trainer._finish
+
+    def peer_lost(self, ending):
+        raise CommError("a peer died")
+
+    monkeypatch.setattr(_Trainer, "_finish", peer_lost)
+    with pytest.raises(CommError):
+        run(cfg(tmp_path / "run"))
+    failed = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert failed["status"] == "failed" and failed["steps"] == 20 and not (tmp_path / "run" / "final.pt").exists()
+    monkeypatch.setattr(_Trainer, "_finish", finish)
+    summary = run(cfg(tmp_path / "run"))
+    assert summary["status"] == "completed" and summary["final"] == straight["final"]
+    assert (tmp_path / "run" / "final.pt").exists()
+
+
 def test_a_finished_run_of_a_key_this_code_lacks_is_refused_not_reused(tmp_path):
     """A run directory written by older code (a setting under a key that has moved since, e.g. ``slowmo.beta`` before
     it became ``slowmo.update.beta``) is another run: a rerun, and a preset's cell runner that would skip it as
