@@ -25,49 +25,20 @@ import time
 from pathlib import Path
 
 import numpy as np
-from fidelity import BLOCKS, paired
+from fidelity import paired
 
 from slowmo import report
 from slowmo.cells import run_cells
 from slowmo.report import mean_std
 
+from common import suite
 from readme import record
 
-PRESET = BLOCKS["mnist1d"].preset
+SUITE = suite("beyond")  # configs/benchmark/beyond.yaml
+PRESET, BASE, VARIANTS = SUITE["preset"], SUITE["base"].split(), SUITE["cells"]
+PLAIN = next(iter(VARIANTS))  # plain SlowMo, every variant's reference
+TUNED = {name: [line.split() for line in grid] for name, grid in SUITE["tuned"].items()}
 SEEDS = (0, 1, 2)
-BASE = ["algorithm=localsgd", "slowmo=on", "optimizer.lr=0.1", "slowmo.update.beta=0.7", "train.clip_grad_norm=1.0"]
-VARIANTS = {  # name -> its overrides on top of BASE
-    "SlowMo (Algorithm 1)": [],
-    "int8 + error feedback": ["slowmo/mean=compressed", "slowmo.mean.codec=int8"],
-    "fp8 + error feedback": ["slowmo/mean=compressed", "slowmo.mean.codec=fp8"],
-    "fp4 + error feedback": ["slowmo/mean=compressed", "slowmo.mean.codec=fp4"],
-    "eager outer step": ["slowmo/mean=eager"],
-    "streaming, P = 4, d = 2": ["slowmo.fragments.count=4", "slowmo.fragments.delay=2"],
-    "streaming, P = 4, d = 0": ["slowmo.fragments.count=4"],
-    "outer Nesterov (torch)": ["slowmo/update=nesterov", "~slowmo.update.beta", "slowmo.update.options.momentum=0.7"],
-    "post-local SGD, K = 78": ["algorithm.warmup_steps=78"],
-}
-EAGER, STREAMING = ["slowmo/mean=eager"], ["slowmo.fragments.count=4", "slowmo.fragments.delay=2"]
-TUNED = {  # name -> the grid tried on seed 0 (the untuned row first); the best validation accuracy picks one
-    "eager outer step, tuned": [  # a one-round-late mean is stable only below alpha = 1 (see the README)
-        EAGER,  # (the untuned row: the base's beta = 0.7)
-        [*EAGER, "slowmo.update.beta=0.0"],
-        [*EAGER, "slowmo.update.beta=0.3"],
-        [*EAGER, "slowmo.update.beta=0.5"],
-        [*EAGER, "slowmo/update=nesterov", "~slowmo.update.beta", "slowmo.update.options.momentum=0.5"],
-        [*EAGER, "slowmo.update.alpha=0.5", "slowmo.update.beta=0.0"],
-        [*EAGER, "slowmo.update.alpha=0.5", "slowmo.update.beta=0.5"],
-        [*EAGER, "slowmo.update.alpha=0.7", "slowmo.update.beta=0.3"],
-    ],
-    "streaming, P = 4, d = 2, tuned": [
-        STREAMING,
-        [*STREAMING, "slowmo.update.beta=0.5"],
-        [*STREAMING, "slowmo.update.beta=0.8"],
-        [*STREAMING, "slowmo.fragments.mix=0.5"],
-        [*STREAMING, "slowmo.update.beta=0.5", "slowmo.fragments.mix=0.5"],
-        [*STREAMING, "slowmo.update.beta=0.3", "slowmo.fragments.mix=0.5"],
-    ],
-}
 
 
 def figure(by_name: dict[str, list[dict]], path: Path, low: float = -20.0) -> None:
@@ -78,8 +49,8 @@ def figure(by_name: dict[str, list[dict]], path: Path, low: float = -20.0) -> No
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    plain = np.array([r["test_acc_at_best_val"] for r in by_name["SlowMo (Algorithm 1)"]])
-    names = [name for name in by_name if name != "SlowMo (Algorithm 1)"]
+    plain = np.array([r["test_acc_at_best_val"] for r in by_name[PLAIN]])
+    names = [name for name in by_name if name != PLAIN]
     fig, ax = plt.subplots(figsize=(10, 0.45 * len(names) + 1.4))
     for y, name in enumerate(names):
         diff = np.array([r["test_acc_at_best_val"] for r in by_name[name]]) - plain
@@ -148,7 +119,7 @@ def main(argv: list[str] | None = None) -> None:
     for i, (name, extra) in enumerate(chosen.items()):
         label = f"{name}: {' '.join(o.removeprefix('slowmo.') for o in extra)}"
         by_name[label] = tuned[i * len(SEEDS) : (i + 1) * len(SEEDS)]
-    plain = [r["test_acc_at_best_val"] for r in by_name["SlowMo (Algorithm 1)"]]
+    plain = [r["test_acc_at_best_val"] for r in by_name[PLAIN]]
     lines = [
         "| variant | best train loss | test acc at best val (%) | paired vs SlowMo (points) | 95 % interval | p |",
         "|---|---|---|---|---|---|",
@@ -156,7 +127,7 @@ def main(argv: list[str] | None = None) -> None:
     for name, rs in by_name.items():
         losses, accs = [r["best_train_loss"] for r in rs], [r["test_acc_at_best_val"] for r in rs]
         row = f"| {name} | {mean_std(losses, 4)} | {mean_std(accs)} |"
-        if name == "SlowMo (Algorithm 1)":
+        if name == PLAIN:
             lines.append(row + " - | - | - |")
         else:
             mean, low, high, p, _ = paired(accs, plain)

@@ -29,49 +29,57 @@ from pathlib import Path
 
 import torch
 
+from slowmo import SGP, AllReduce, LocalSGD
+from slowmo.algorithms import Algorithm
 from slowmo.comm import spawn
-from slowmo.models import ModelConfig, build_model
-from slowmo.models.small import SmallConfig
+from slowmo.models import build_model
+from slowmo.train.config import Config
 
-from common import optimizer
+from common import config, optimizer, suite
 from readme import record
 
-H, TAU, STEPS = 4, 12, 24  # STEPS is a multiple of both: whole periods only
+SUITE = suite("comm_volume")  # configs/benchmark/comm_volume.yaml
+STEPS = 24  # a multiple of H = 4 and tau = 12: whole periods only
 
 
-def model_for(name: str) -> torch.nn.Module:
+def model_for(overrides: str) -> torch.nn.Module:
     torch.manual_seed(0)
-    if name == "resnet18":
-        return build_model(ModelConfig("resnet18"), num_classes=10, input_shape=(3, 32, 32))
-    return build_model(SmallConfig("mlp", 64), num_classes=10, input_shape=(1, 8, 8))
+    return build_model(config([overrides]).model, num_classes=10, input_shape=tuple(SUITE["models"][overrides]))
 
 
-def measure(comm, model_name: str, algorithm: str, slowmo_on: bool) -> int:
-    model = model_for(model_name)
-    opt = optimizer(comm, model, algorithm, H, slowmo={"tau": TAU, "update": {"beta": 0.5}} if slowmo_on else None)
+def measure(comm, model_overrides: str, cfg: Config) -> tuple[int, float]:
+    """The bytes this rank sent in STEPS steps, and the formula's bytes per step."""
+    model = model_for(model_overrides)
+    opt = optimizer(comm, model, cfg)
     generator = torch.Generator().manual_seed(comm.rank)
     for _ in range(STEPS):
         for p in model.parameters():
             p.grad = torch.randn(p.shape, generator=generator) * 1e-3
         opt.step()
     stats = comm.stats()
-    return stats["total"] - stats.get("broadcast", 0)  # not the one-time broadcast of rank 0's initial model
+    sent = stats["total"] - stats.get("broadcast", 0)  # not the one-time broadcast of rank 0's initial model
+    return sent, theory(model, opt.algorithm, cfg, comm.world_size)
 
 
-def theory(model: torch.nn.Module, algorithm: str, slowmo_on: bool, n: int) -> float:
+def theory(model: torch.nn.Module, algorithm: Algorithm, cfg: Config, n: int) -> float:
     params = sum(p.numel() for p in model.parameters()) * 4
     buffers = sum(b.numel() for b in model.buffers() if b.is_floating_point()) * 4
     ring = 2 * (n - 1) / n  # bytes sent per byte all-reduced (ring)
     gossip = params + 4
-    per_step = {"allreduce": ring * params, "localsgd": ring * (params + buffers) / H, "sgp": gossip, "osgp": gossip}[
-        algorithm
-    ]
-    if slowmo_on:
-        per_step += ring * (buffers if algorithm == "allreduce" else params + buffers) / TAU
-        if algorithm == "localsgd":  # the Local SGD averages that fall on an outer step are skipped
-            per_step -= ring * (params + buffers) / math.lcm(H, TAU)
-        if algorithm in ("sgp", "osgp"):  # so is the gossip round of an outer step
-            per_step -= gossip / TAU
+    if isinstance(algorithm, AllReduce):
+        per_step = ring * params
+    elif isinstance(algorithm, LocalSGD):
+        per_step = ring * (params + buffers) / algorithm.period
+    else:
+        assert isinstance(algorithm, SGP)  # (and OSGP)
+        per_step = gossip
+    if cfg.slowmo.enabled:
+        tau = cfg.slowmo.tau
+        per_step += ring * (buffers if isinstance(algorithm, AllReduce) else params + buffers) / tau
+        if isinstance(algorithm, LocalSGD):  # the Local SGD averages that fall on an outer step are skipped
+            per_step -= ring * (params + buffers) / math.lcm(algorithm.period, tau)
+        if isinstance(algorithm, SGP):  # so is the gossip round of an outer step
+            per_step -= gossip / tau
     return per_step
 
 
@@ -80,33 +88,34 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("results/comm_volume"))
     args = parser.parse_args(argv)
     rows = []
-    for model_name in ("resnet18", "mlp"):
-        model = model_for(model_name)
-        param_bytes = sum(p.numel() for p in model.parameters()) * 4
+    cells = {name: config(SUITE["base"].split(), cell) for name, cell in SUITE["cells"].items()}
+    for model_overrides in SUITE["models"]:
+        model_name = config([model_overrides]).model.name
+        param_bytes = sum(p.numel() for p in model_for(model_overrides).parameters()) * 4
         for n in (2, 4, 8):
-            for algorithm in ("allreduce", "localsgd", "sgp", "osgp"):
-                for slowmo_on in (False, True):
-                    sent = spawn(measure, n, "simulated", args=(model_name, algorithm, slowmo_on))
-                    assert len(set(sent)) == 1, f"ranks sent different amounts: {sent}"
-                    rows.append(
-                        {
-                            "model": model_name,
-                            "algorithm": algorithm,
-                            "slowmo": slowmo_on,
-                            "world_size": n,
-                            "period_H": H if algorithm == "localsgd" else "",
-                            "tau": TAU if slowmo_on else "",
-                            "param_bytes": param_bytes,
-                            "bytes_per_step_measured": sent[0] / STEPS,
-                            "bytes_per_step_theory": theory(model, algorithm, slowmo_on, n),
-                        }
-                    )
-                    r = rows[-1]
-                    print(
-                        f"{model_name:>8} n={n} {algorithm:>9}{' + SlowMo' if slowmo_on else '         '} "
-                        f"{r['bytes_per_step_measured']:>14,.1f} B/step   theory {r['bytes_per_step_theory']:>14,.1f}",
-                        flush=True,
-                    )
+            for name, cfg in cells.items():
+                measured = spawn(measure, n, "simulated", args=(model_overrides, cfg))
+                sent = [bytes_ for bytes_, _ in measured]
+                assert len(set(sent)) == 1, f"ranks sent different amounts: {sent}"
+                rows.append(
+                    {
+                        "model": model_name,
+                        "algorithm": cfg.algorithm.name,
+                        "slowmo": cfg.slowmo.enabled,
+                        "world_size": n,
+                        "period_H": getattr(cfg.algorithm, "period", None) or "",
+                        "tau": cfg.slowmo.tau if cfg.slowmo.enabled else "",
+                        "param_bytes": param_bytes,
+                        "bytes_per_step_measured": sent[0] / STEPS,
+                        "bytes_per_step_theory": measured[0][1],
+                    }
+                )
+                r = rows[-1]
+                print(
+                    f"{model_name:>8} n={n} {name:>18} {r['bytes_per_step_measured']:>14,.1f} B/step   "
+                    f"theory {r['bytes_per_step_theory']:>14,.1f}",
+                    flush=True,
+                )
     args.out.mkdir(parents=True, exist_ok=True)
     with open(args.out / "comm_volume.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, list(rows[0]))

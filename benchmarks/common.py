@@ -1,5 +1,5 @@
-"""What the benchmarks share: the optimizer, built by the training stack's own builder, the timed loop, and the GPU
-benchmarks' command line."""
+"""What the benchmarks share: their configurations (``configs/benchmark/<suite>.yaml``), the optimizer of one, built
+by the training stack's own builder, the timed loop, and the GPU benchmarks' command line."""
 
 from __future__ import annotations
 
@@ -9,23 +9,67 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 
+from slowmo import report
 from slowmo.inner import DistributedOptimizer
-from slowmo.train import build_optimizer, validate
+from slowmo.train import build_optimizer, compose, validate
+from slowmo.train.config import CONFIG_DIR, Config, cells_of, to_dict
+
+SUITES = CONFIG_DIR / "benchmark"
 
 
-def optimizer(
-    comm, model: torch.nn.Module, algorithm: str, period: int | None = None, lr: float = 0.1, slowmo: dict | None = None
-) -> DistributedOptimizer:
-    """SGD (momentum 0.9, no Nesterov) under ``algorithm`` (allreduce | localsgd | sgp | osgp; Local SGD averages
-    every ``period`` steps, never when None), wrapped in SlowMo when ``slowmo`` gives its settings (tau, beta, ...)."""
-    cfg = validate(
-        {
-            "optimizer": {"name": "sgd", "lr": lr, "momentum": 0.9, "nesterov": False},
-            "algorithm": {"name": algorithm, **({"period": period} if algorithm == "localsgd" else {})},
-            "slowmo": {"enabled": slowmo is not None, **(slowmo or {})},
-        }
-    )
+def read(name: str) -> dict:
+    """``configs/benchmark/<name>.yaml`` as it is written."""
+    return yaml.safe_load((SUITES / f"{name}.yaml").read_text())
+
+
+def suite(name: str) -> dict:
+    """``configs/benchmark/<name>.yaml``: a benchmark's configurations, so that its code names no plug-in. ``base``:
+    the overrides every cell shares; ``cells``: a list of lines of overrides, each a sweep in Hydra's grammar
+    (``algorithm=a,b slowmo=off,on``: a cell per combination, the last varying fastest) named as
+    :func:`slowmo.report.names` names cells (the registries' labels, ``Local SGD + SlowMo``, and the settings that
+    tell them apart), or ``{name: line}``, one cell named by the file. Returns the file's mapping with ``cells`` as
+    {name: overrides}; its other keys are the benchmark's own."""
+    spec = read(name)
+    base = spec.get("base", "").split()
+    cells: list[tuple[str | None, list[str]]] = []
+    for line in spec["cells"]:
+        if isinstance(line, dict):
+            cells += [(key, value.split()) for key, value in line.items()]
+        else:
+            cells += [(None, cell) for cell in cells_of(line.split())]
+    unnamed = [cell for key, cell in cells if key is None]
+    names = iter(report.names([to_dict(config(base, cell)) for cell in unnamed]))
+    spec["cells"] = {key or next(names): cell for key, cell in cells}
+    return spec
+
+
+def config(*overrides: list[str]) -> Config:
+    """The checked config of these overrides (a suite's ``base``, then a cell's): a later one replaces an earlier one
+    of the same key, and ``~key`` deletes it."""
+    merged: dict[str, str] = {}
+    for line in overrides:
+        for override in line:
+            key = override.lstrip("~+").split("=")[0]
+            merged.pop(key, None)
+            merged[key] = override
+    return validate(compose([*merged.values(), "run_dir=runs/benchmark"]))  # (no run: nothing is written there)
+
+
+def with_and_without(cells: dict[str, Config]) -> list[tuple[str, str]]:
+    """(X + the outer step, X): each cell with an outer step and the cell that is the same without it."""
+
+    def key(cfg: Config) -> tuple:
+        flat = report.settings({"config": to_dict(cfg)})
+        return tuple(sorted((k, repr(v)) for k, v in flat.items() if not k.startswith("slowmo.")))
+
+    bases = {key(cfg): name for name, cfg in cells.items() if not cfg.slowmo.enabled}
+    return [(name, bases[key(cfg)]) for name, cfg in cells.items() if cfg.slowmo.enabled and key(cfg) in bases]
+
+
+def optimizer(comm, model: torch.nn.Module, cfg: Config) -> DistributedOptimizer:
+    """The run's optimizer of ``cfg`` (its base optimizer, base algorithm and outer step) over ``model``."""
     return build_optimizer(cfg, model, comm)
 
 

@@ -36,28 +36,22 @@ import threading
 import time
 from pathlib import Path
 
+from slowmo.cells import ENTRYPOINTS
+
+from common import config, read
 from readme import record
 
 ROOT = Path(__file__).resolve().parents[1]
-TAU = 12
-COMMON = [
-    "slowmo=on",
-    f"slowmo.tau={TAU}",
-    "slowmo.update.beta=0.6",
-    "train.eval_every=0",
-    "train.checkpoint_every=0",
-    "logger.progress=false",
-    f"logger.log_every={TAU}",
-    "dist.world_size=3",
-    "dist.timeout_s=30",
-]
+COMMON = read("elastic")["base"].split()  # configs/benchmark/elastic.yaml
+TAU = config(COMMON).slowmo.tau
+SCRIPT = ENTRYPOINTS / config(COMMON).task.name / "train.py"
 ENV = {**os.environ, "RUST_LOG": "warn", "PYTHONWARNINGS": "ignore"}
 
 
 def _train(run_dir: Path, *overrides: str, kill_after: int | None = None) -> tuple[dict, float | None]:
-    """One run of experiments/mnist1d/train.py; with ``kill_after``, replica 1 is killed with -9 right after its
+    """One run of the task's experiments/<task>/train.py; with ``kill_after``, replica 1 is killed with -9 right after its
     ``kill_after``-th outer step (returns the time of the kill)."""
-    command = [sys.executable, str(ROOT / "experiments/mnist1d/train.py"), *COMMON, *overrides, f"run_dir={run_dir}"]
+    command = [sys.executable, str(SCRIPT), *COMMON, *overrides, f"run_dir={run_dir}"]
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV)
     pids: dict[int, int] = {}
     lines: list[str] = []

@@ -37,32 +37,19 @@ from pathlib import Path
 import torch
 
 from slowmo.comm import spawn
+from slowmo.train.config import Config
 
-from common import optimizer, timed_steps
+from common import config, optimizer, suite, timed_steps, with_and_without
 from readme import record
 
-TAU = 12
-SUITES = {  # suite -> (label, algorithm, SlowMo's settings or None)
-    "algorithms": [
-        ("compute only", "compute", None),
-        ("AR-SGD", "allreduce", None),
-        ("AR-SGD + SlowMo", "allreduce", {}),
-        ("Local SGD", "localsgd", None),
-        ("Local SGD + SlowMo", "localsgd", {}),
-        ("SGP", "sgp", None),
-        ("SGP + SlowMo", "sgp", {}),
-        ("OSGP", "osgp", None),
-        ("OSGP + SlowMo", "osgp", {}),
-    ],
-    "beyond": [
-        ("compute only", "compute", None),
-        ("Local SGD + SlowMo", "localsgd", {}),
-        ("streaming P=4 d=3", "localsgd", {"fragments": {"count": 4, "delay": 3}}),
-        ("eager", "localsgd", {"mean": {"name": "eager"}}),
-        ("int8 + EF", "localsgd", {"mean": {"name": "compressed", "codec": "int8", "error_feedback": True}}),
-        ("fp4 + EF", "localsgd", {"mean": {"name": "compressed", "codec": "fp4", "error_feedback": True}}),
-    ],
-}
+TAU = 12  # the suites' tau: the warm-up is one outer iteration
+SUITES = ("algorithms", "beyond")  # configs/benchmark/emulated_network[_beyond].yaml
+
+
+def cells(name: str) -> dict[str, Config]:
+    """The suite's configurations by name: compute only first, then the reference of the ratios."""
+    spec = suite("emulated_network" if name == "algorithms" else f"emulated_network_{name}")
+    return {label: config(spec["base"].split(), cell) for label, cell in spec["cells"].items()}
 
 
 def _time_all(comm, suite: str, steps: int, batch: int) -> list[tuple[float, float, list[int]]]:
@@ -70,14 +57,10 @@ def _time_all(comm, suite: str, steps: int, batch: int) -> list[tuple[float, flo
     import torchvision
 
     results = []
-    for _, algorithm, slowmo in SUITES[suite]:
+    for cfg in cells(suite).values():
         torch.manual_seed(0)
         model = torchvision.models.resnet18(num_classes=10)
-        if algorithm == "compute":  # Local SGD that never averages: no communication at all
-            opt = optimizer(comm, model, "localsgd", None, lr=0.01)
-        else:
-            settings = None if slowmo is None else {"tau": TAU, "update": {"beta": 0.5}, **slowmo}
-            opt = optimizer(comm, model, algorithm, TAU, lr=0.01, slowmo=settings)
+        opt = optimizer(comm, model, cfg)
         sent: list[int] = []
         start, end = timed_steps(comm, model, opt, batch, steps, warmup=TAU, sent=sent, sync_start=False)
         results.append((start, end, sent))
@@ -87,7 +70,7 @@ def _time_all(comm, suite: str, steps: int, batch: int) -> list[tuple[float, flo
 def worker(args: argparse.Namespace) -> None:
     """Inside the namespace: 4 gloo ranks on 127.0.0.1; prints one CSV line per configuration."""
     ranks = spawn(_time_all, 4, "gloo", args=(args.suite, args.steps, args.batch), timeout=600)
-    for i, (label, _, _) in enumerate(SUITES[args.suite]):
+    for i, label in enumerate(cells(args.suite)):
         seconds = max(rank[i][1] - rank[i][0] for rank in ranks)  # the slowest rank's steady-state window
         sent = [sum(rank[i][2][k] for rank in ranks) / len(ranks) for k in range(args.steps)]
         print(f"ROW;{label};{args.steps / seconds};{sum(sent) / args.steps};{max(sent)}", flush=True)
@@ -143,18 +126,21 @@ def shaped_run(rate: str, args: argparse.Namespace) -> list[dict]:
                 }
             )
     by = {r["config"]: r for r in rows}
-    compute = by["compute only"]["its_per_s"]
+    named = cells(args.suite)
+    compute, first = list(named)[:2]  # compute only, and the reference of the ratios
     for r in rows:
-        r["vs_compute_only"] = r["its_per_s"] / compute
-        r["exposed_comm_s_per_step"] = 1 / r["its_per_s"] - 1 / compute
+        r["vs_compute_only"] = r["its_per_s"] / by[compute]["its_per_s"]
+        r["exposed_comm_s_per_step"] = 1 / r["its_per_s"] - 1 / by[compute]["its_per_s"]
+    without = dict(with_and_without(named))
     for r in rows:
         if args.suite == "algorithms":
-            r["vs_ar_sgd"] = r["its_per_s"] / by["AR-SGD"]["its_per_s"]
-            without = r["config"].removesuffix(" + SlowMo")
-            r["vs_without_slowmo"] = r["its_per_s"] / by[without]["its_per_s"] if without != r["config"] else ""
+            r[f"vs {first}"] = r["its_per_s"] / by[first]["its_per_s"]
+            r["vs_without_slowmo"] = (
+                r["its_per_s"] / by[without[r["config"]]]["its_per_s"] if r["config"] in without else ""
+            )
         else:
-            plain = by["Local SGD + SlowMo"]["exposed_comm_s_per_step"]
-            removed = r["config"] not in ("compute only", "Local SGD + SlowMo")
+            removed = r["config"] not in (compute, first)
+            plain = by[first]["exposed_comm_s_per_step"]
             r["comm_removed_vs_slowmo"] = 1 - r["exposed_comm_s_per_step"] / plain if removed else ""
     return rows
 
@@ -166,7 +152,7 @@ def bar_chart(rows: list[dict], suite: str, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     rates = list(dict.fromkeys(r["rate"] for r in rows))
-    labels = [label for label, _, _ in SUITES[suite]]
+    labels = list(cells(suite))
     fig, ax = plt.subplots(figsize=(11 if suite == "algorithms" else 8, 4))
     width = 0.8 / len(rates)
     for i, rate in enumerate(rates):
@@ -183,7 +169,7 @@ def bar_chart(rows: list[dict], suite: str, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--suite", choices=sorted(SUITES), default="algorithms")
+    parser.add_argument("--suite", choices=SUITES, default="algorithms")
     parser.add_argument("--rates", nargs="+", default=["1gbit", "10gbit"])
     parser.add_argument("--steps", type=int, default=24, help="timed steps (a multiple of tau = 12)")
     parser.add_argument("--batch", type=int, default=16)
@@ -197,7 +183,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for rate in args.rates:
         rows += shaped_run(rate, args)
-        for r in rows[-len(SUITES[args.suite]) :]:
+        for r in rows[-len(cells(args.suite)) :]:
             print(
                 f"{rate:>7} {r['config']:>20} {r['its_per_s']:7.2f} it/s  x{r['vs_compute_only']:.2f} compute  "
                 f"{r['mean_bytes_per_step'] / 2**20:8.2f} MiB/step (peak {r['peak_bytes_per_step'] / 2**20:.2f})",

@@ -61,6 +61,7 @@ from slowmo.cells import run_cells
 from slowmo.report import mean_std
 from slowmo.train.config import compose, sweep
 
+from common import read
 from readme import record
 
 HERE = Path(__file__).resolve().parent
@@ -89,8 +90,7 @@ class Block:
     """One of Table 1's blocks: its preset (its sweep gives the bases and the evaluation seeds), its metrics (the first
     is the paper's and the tuning score), its lr grid, and which extra studies it runs."""
 
-    name: str
-    preset: str
+    preset: str  # fidelity_<name>
     title: str
     paper: str  # the paper's block this one stands for
     metrics: tuple[Metric, ...]
@@ -98,6 +98,10 @@ class Block:
     start_lrs: tuple[float, ...]
     decomposition: bool = False
     joint: bool = False
+
+    @property
+    def name(self) -> str:
+        return self.preset.removeprefix("fidelity_")
 
     def __post_init__(self) -> None:
         if self.decomposition and self.buffers != "reset":
@@ -140,7 +144,6 @@ BLOCKS = {
     b.name: b
     for b in (
         Block(
-            "mnist1d",
             "fidelity_mnist1d",
             "MNIST-1D, 1D CNN, SGD + Nesterov, buffers zeroed",
             "CIFAR-10",
@@ -151,7 +154,6 @@ BLOCKS = {
             joint=True,
         ),
         Block(
-            "resnet1d",
             "fidelity_resnet1d",
             "MNIST-1D, 1D ResNet with BatchNorm, weight decay, three decays",
             "CIFAR-10",
@@ -160,7 +162,6 @@ BLOCKS = {
             (0.1, 0.2, 0.4),
         ),
         Block(
-            "translation",
             "fidelity_translation",
             "generated En-De, Transformer, Adam, buffers kept",
             "WMT'16",
@@ -173,7 +174,6 @@ BLOCKS = {
             (5e-4, 1e-3, 2e-3),
         ),
         Block(
-            "regime",
             "fidelity_regime",
             "MNIST-1D x 5 data, 64 per rank, 1D CNN",
             "CIFAR-10",
@@ -183,10 +183,8 @@ BLOCKS = {
         ),
     )
 }
-# The paper's Table 1 (best validation accuracy or BLEU: base, then with SlowMo; AR rows have no SlowMo value)
-PAPER = {
-    "CIFAR-10": {"allreduce": (92.66, None), "localsgd": (91.73, 93.20), "sgp": (93.90, 94.32), "osgp": (93.17, 93.74)},
-    "WMT'16": {"allreduce": (27.17, None), "localsgd": (26.62, 27.14), "sgp": (26.92, 27.84)},
+PAPER = {  # the paper's Table 1 (configs/benchmark/fidelity.yaml): block -> base -> (base, with SlowMo)
+    block: {base: tuple(values) for base, values in rows.items()} for block, rows in read("fidelity")["paper"].items()
 }
 
 

@@ -30,18 +30,21 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 from PIL import Image
 from torch.utils.data import Dataset
 
 from slowmo.comm import Single, free_port
 from slowmo.comm.launch import DistEnv, init_distributed
-from slowmo.models import ModelConfig, Transformer, build_model
+from slowmo.models import Transformer, build_model
 from slowmo.tasks import TASKS, Task, TaskContext
 from slowmo.tasks.base import ImageData, classification
 from slowmo.tasks.wmt16 import EOS, PAD, collate, translation_loss
 from slowmo.train import data, train_rank, validate
+from slowmo.train.config import Config, to_dict
+from slowmo.train.optimizers import OPTIMIZERS
 
-from common import gpu_arguments
+from common import config, gpu_arguments, read
 from readme import record
 
 SIZES = {  # name: image px, images per batch, sentence pairs per batch, tokens per sentence, timed steps, JPEGs
@@ -53,8 +56,6 @@ SIZES = {  # name: image px, images per batch, sentence pairs per batch, tokens 
         steps=60,
         warmup=20,
         jpegs=2048,
-        resnet="resnet50",
-        transformer="transformer_wmt_en_de",
         workers=8,
     ),
     "small": dict(
@@ -65,12 +66,11 @@ SIZES = {  # name: image px, images per batch, sentence pairs per batch, tokens 
         steps=2,
         warmup=1,
         jpegs=16,
-        resnet="resnet50",
-        transformer="transformer_tiny",
         workers=1,
     ),
 }
 VOCAB = 32000
+SPEC = read("gpu_throughput")  # configs/benchmark/gpu_throughput.yaml: what each measure trains
 
 
 class Repeat(Dataset):
@@ -106,28 +106,30 @@ def plain_loop(model, batch, loss_fn, optimizer, device, steps: int, warmup: int
     return (time.perf_counter() - start) / steps
 
 
-def project_loop(task: Task, sections: dict, device: torch.device, steps: int, warmup: int, workdir: Path) -> float:
+def project_loop(
+    task: Task, measure: str, size: dict, sections: dict, device: torch.device, steps: int, warmup: int, workdir: Path
+) -> float:
     """Seconds per step of ``slowmo.train.train_rank`` at world size 1, from the wall times it logs (each taken
-    after reading the losses, i.e. after the GPU has finished those steps)."""
+    after reading the losses, i.e. after the GPU has finished those steps): ``measure``'s configuration
+    (:data:`SPEC`), with ``sections`` on top."""
     backend = "nccl" if device.type == "cuda" else "gloo"
     run_dir = workdir / f"loop_{time.monotonic_ns()}"
-    cfg = validate(
-        {
-            **sections,
-            "algorithm": {"name": "allreduce"},
-            "schedule": {"name": "constant"},
-            "dist": {"backend": backend, "device": device.type, "world_size": 1},
-            "logger": {"progress": False, "log_every": warmup},
-            "train": {
-                "max_steps": warmup + steps,
-                "eval_every": 0,
-                "precision": "bf16",
-                "resume": "never",
-                "signal_check_every": warmup + steps,
-            },
-            "run_dir": str(run_dir),
-        }
+    composed = to_dict(
+        config(SPEC[measure].split(), SPEC["models"][size["name"]][measure].split(), SPEC["loop"].split())
     )
+    run = {
+        "dist": {"backend": backend, "device": device.type, "world_size": 1},
+        "logger": {"progress": False, "log_every": warmup},
+        "train": {
+            "max_steps": warmup + steps,
+            "eval_every": 0,
+            "precision": "bf16",
+            "resume": "never",
+            "signal_check_every": warmup + steps,
+        },
+        "run_dir": str(run_dir),
+    }
+    cfg = validate(OmegaConf.merge(composed, sections, run))  # (no other plug-in: the same tree)
     if backend == "nccl":
         comm = init_distributed("nccl", env=DistEnv(0, 1, 0, 1, "127.0.0.1", free_port(), "single"))
     else:
@@ -142,8 +144,13 @@ def project_loop(task: Task, sections: dict, device: torch.device, steps: int, w
     return (times[warmup + steps] - times[warmup]) / steps
 
 
+def trained(measure: str, size: dict) -> Config:
+    """The checked config of ``measure`` (images | translation) at ``size``: its lines of :data:`SPEC`."""
+    return config(SPEC[measure].split(), SPEC["models"][size["name"]][measure].split())
+
+
 def resnet(size: dict) -> torch.nn.Module:
-    return build_model(ModelConfig(size["resnet"]), num_classes=1000, input_shape=(3, size["px"], size["px"]))
+    return build_model(trained("images", size).model, num_classes=1000, input_shape=(3, size["px"], size["px"]))
 
 
 def images(size: dict, device: torch.device, workdir: Path) -> dict:
@@ -159,8 +166,9 @@ def images(size: dict, device: torch.device, workdir: Path) -> dict:
     def loss(net, b):
         return torch.nn.functional.cross_entropy(net(b[0]), b[1])
 
-    sgd = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True)
-    plain = plain_loop(model, batch, loss, sgd, device, size["steps"], size["warmup"])
+    cfg = trained("images", size)
+    base = OPTIMIZERS[cfg.optimizer.name].build(model.parameters(), cfg.optimizer)  # the project's base optimizer
+    plain = plain_loop(model, batch, loss, base, device, size["steps"], size["warmup"])
     total = n * (size["warmup"] + size["steps"] + 1)
     loader = ImageData(eval_batch_size=n, num_workers=size["workers"], prefetch_factor=4, batch_size=n)
     task = classification(
@@ -168,19 +176,16 @@ def images(size: dict, device: torch.device, workdir: Path) -> dict:
     )
     ours = project_loop(
         task,
-        {
-            "task": {"name": "imagenet"},
-            "model": {"name": size["resnet"]},
-            "data": {"batch_size": n, "num_workers": size["workers"], "prefetch_factor": 4},
-            "optimizer": {"name": "sgd", "lr": 0.1, "momentum": 0.9, "nesterov": True},
-        },
+        "images",
+        size,
+        {"data": {"batch_size": n, "num_workers": size["workers"], "prefetch_factor": 4}},
         device,
         size["steps"],
         size["warmup"],
         workdir,
     )
     return {
-        "measure": f"{size['resnet']} images/s ({px} px, batch {n}, bf16, channels-last)",
+        "measure": f"{cfg.model.name} images/s ({px} px, batch {n}, bf16, channels-last)",
         "project_loop": n / ours,
         "plain_loop": n / plain,
         "ratio": plain / ours,
@@ -193,14 +198,15 @@ def transformer(size: dict, device: torch.device, workdir: Path) -> dict:
     torch.manual_seed(0)
     words = torch.randint(EOS + 1, VOCAB, (2, length - 1)).tolist()
     example = (words[0] + [EOS], words[1] + [EOS], "")
-    model = Transformer(VOCAB, size["transformer"], PAD).to(device)
+    cfg = trained("translation", size)
+    model = Transformer(VOCAB, cfg.model.name, PAD).to(device)
     batch = data.to_device(collate([example] * pairs), device)
 
     def loss(net, b):
         return translation_loss(net, b, 0.1)
 
-    adam = torch.optim.Adam(model.parameters(), lr=5e-4, betas=(0.9, 0.98))
-    plain = plain_loop(model, batch, loss, adam, device, size["steps"], size["warmup"])
+    base = OPTIMIZERS[cfg.optimizer.name].build(model.parameters(), cfg.optimizer)  # the project's base optimizer
+    plain = plain_loop(model, batch, loss, base, device, size["steps"], size["warmup"])
     total = pairs * (size["warmup"] + size["steps"] + 1)
 
     def batches(epoch: int) -> list[list[int]]:
@@ -212,7 +218,7 @@ def transformer(size: dict, device: torch.device, workdir: Path) -> dict:
         )
 
     task = Task(
-        Transformer(VOCAB, size["transformer"], PAD),
+        Transformer(VOCAB, cfg.model.name, PAD),
         Repeat(total, example),
         Repeat(pairs, example),
         collate,
@@ -224,12 +230,9 @@ def transformer(size: dict, device: torch.device, workdir: Path) -> dict:
     )
     ours = project_loop(
         task,
-        {
-            "task": {"name": "wmt16"},
-            "model": {"name": size["transformer"]},
-            "data": {"num_workers": size["workers"], "prefetch_factor": 4},
-            "optimizer": {"name": "adam", "lr": 5e-4, "betas": [0.9, 0.98]},
-        },
+        "translation",
+        size,
+        {"data": {"num_workers": size["workers"], "prefetch_factor": 4}},
         device,
         size["steps"],
         size["warmup"],
@@ -237,7 +240,7 @@ def transformer(size: dict, device: torch.device, workdir: Path) -> dict:
     )
     tokens = pairs * length  # target tokens per step, EOS included (fairseq's count)
     return {
-        "measure": f"{size['transformer']} target tokens/s ({pairs} x {length} tokens, bf16)",
+        "measure": f"{cfg.model.name} target tokens/s ({pairs} x {length} tokens, bf16)",
         "project_loop": tokens / ours,
         "plain_loop": tokens / plain,
         "ratio": plain / ours,
@@ -263,14 +266,9 @@ def pipeline(size: dict, device: torch.device, workdir: Path, model_images_per_s
     root = workdir / "imagefolder"
     write_jpegs(root, size["jpegs"])
     n, workers = size["images"], size["workers"]
-    cfg = validate(
-        {
-            "task": {"name": "imagenet"},
-            "model": {"name": size["resnet"]},
-            "data": {"root": str(root), "batch_size": n, "image_size": size["px"], "num_workers": workers},
-        }
-    )
-    task = TASKS["imagenet"].build(cfg.task, cfg.data, cfg.model, TaskContext(0, 1, 0, workdir))
+    sections = {"data": {"root": str(root), "batch_size": n, "image_size": size["px"], "num_workers": workers}}
+    cfg = validate(OmegaConf.merge(to_dict(trained("images", size)), sections))
+    task = TASKS[cfg.task.name].build(cfg.task, cfg.data, cfg.model, TaskContext(0, 1, 0, workdir))
     sampler = data.EpochBatches(task.train_batches)
     loader = data.loader(data.Seeded(task.train_set, 0), sampler, task.collate, workers, 2, device.type == "cuda")
     warmup, timed, seen, epoch = 2, 0, 0, 0  # the first batches wait for the workers to start
@@ -305,7 +303,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = True
-    size = SIZES["small" if args.small else "full"]
+    name = "small" if args.small else "full"
+    size = {**SIZES[name], "name": name}
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         image_row = images(size, device, workdir)

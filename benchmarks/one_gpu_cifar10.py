@@ -27,34 +27,32 @@ from slowmo.tasks.cifar10 import write_batches
 from slowmo.train import compose, run
 from slowmo.train.config import sweep
 
-from common import gpu_arguments
+from common import gpu_arguments, read
 from readme import record
 
 PRESET = "paper_cifar10_one_gpu"
 SWEEP = sweep(PRESET)  # its cells x seeds, as Hydra's sweeper runs them
-CELLS = list(dict.fromkeys(tuple(o.split("=")[1] for o in cell if not o.startswith("seed=")) for cell in SWEEP))
+CELLS = [list(c) for c in dict.fromkeys(tuple(o for o in cell if not o.startswith("seed=")) for cell in SWEEP)]
 SEEDS = len(SWEEP) // len(CELLS)
 SIZES = {  # images per CIFAR batch file (5 training files, 1 test file), steps timed, cells, overrides
     "full": dict(per_file=10_000, steps=13, cells=CELLS, overrides=[]),
-    "small": dict(
+    "small": dict(  # the sweep's last cell (the outer step over the most involved base), at toy width and data
         per_file=16,
         steps=2,
-        cells=[("localsgd", "on")],
-        overrides=["model=resnet20", "model.width=2", "data.batch_size=2", "data.num_workers=0", "dist.device=cpu"],
+        cells=CELLS[-1:],
+        overrides=read("one_gpu_cifar10")["small"].split(),  # configs/benchmark/one_gpu_cifar10.yaml
     ),
 }
 
 
-def time_cell(cell: tuple[str, str], size: dict, root: Path, workdir: Path) -> dict:
+def time_cell(cell: list[str], size: dict, root: Path, workdir: Path) -> dict:
     """Run ``size['steps']`` steps of one cell; its seconds per step (after the first) and of its final evaluation,
     and the preset's steps and evaluations of a whole run."""
-    algorithm, slowmo = cell
-    run_dir = workdir / f"{algorithm}-{slowmo}"
+    run_dir = workdir / "-".join(o.split("=")[-1] for o in cell)
     config = compose(
         [
             f"+experiment={PRESET}",
-            f"algorithm={algorithm}",
-            f"slowmo={slowmo}",
+            *cell,
             f"data.root={root}",
             "data.verify_checksums=false",
             *size["overrides"],
@@ -70,7 +68,7 @@ def time_cell(cell: tuple[str, str], size: dict, root: Path, workdir: Path) -> d
     images = config.dist.world_size * config.data.batch_size
     evaluation = summary["wall_time"] - walls[size["steps"]]  # the final one, and the run's close
     return {
-        "cell": f"{algorithm} slowmo={slowmo}",
+        "cell": " ".join(cell),
         "world_size": config.dist.world_size,
         "images_per_step": images,
         "s_per_step": per_step,
@@ -81,7 +79,7 @@ def time_cell(cell: tuple[str, str], size: dict, root: Path, workdir: Path) -> d
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    small = "toy width and data, Local SGD + SlowMo (a smoke run)"
+    small = "toy width and data, the sweep's last cell (a smoke run)"
     args, machine = gpu_arguments(__doc__, "results/one_gpu_cifar10", small, argv)
     size = SIZES["small" if args.small else "full"]
     with tempfile.TemporaryDirectory() as tmp:

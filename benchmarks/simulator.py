@@ -22,19 +22,29 @@ from pathlib import Path
 import torch
 
 from slowmo.comm import Single, spawn
-from slowmo.models import ModelConfig, ResNet20, build_model
+from slowmo.models import ResNet20, build_model
+from slowmo.outer.parts import MEANS
+from slowmo.train.config import Config
 
-from common import optimizer, timed_steps
+from common import config, optimizer, read, suite, timed_steps
 from readme import record
 
 MiB = 2**20
 
 
-def _train(comm, batch: int, steps: int, algorithm: str) -> tuple[float, float]:
+MODEL = read("simulator_memory")["model"]
+
+
+def cells(name: str) -> dict[str, Config]:
+    """configs/benchmark/simulator_<name>.yaml's configurations by name (the reference first)."""
+    spec = suite(f"simulator_{name}")
+    return {label: config(spec["base"].split(), cell) for label, cell in spec["cells"].items()}
+
+
+def _train(comm, batch: int, steps: int, cfg: Config) -> tuple[float, float]:
     torch.manual_seed(0)
     model = ResNet20(16, 10)
-    opt = optimizer(comm, model, algorithm, 12, lr=0.05)
-    return timed_steps(comm, model, opt, batch, steps, warmup=2)
+    return timed_steps(comm, model, optimizer(comm, model, cfg), batch, steps, warmup=2)
 
 
 def _elapsed(spans: list[tuple[float, float]]) -> float:
@@ -45,22 +55,23 @@ def _elapsed(spans: list[tuple[float, float]]) -> float:
 
 def throughput(batch: int, steps: int, ranks: int) -> list[dict]:
     rows = []
-    single = _elapsed([_train(Single(), batch * ranks, steps, "allreduce")])
+    configs = cells("throughput")
+    single = _elapsed([_train(Single(), batch * ranks, steps, next(iter(configs.values())))])
     rows.append(
         {
             "benchmark": "throughput",
-            "setup": f"1 rank, batch {batch * ranks}",
+            "setup": f"1 rank, batch {batch * ranks}, {next(iter(configs))}",
             "samples_per_s": batch * ranks * steps / single,
             "ratio": 1.0,
         }
     )
-    for algorithm in ("allreduce", "localsgd"):
-        elapsed = _elapsed(spawn(_train, ranks, "simulated", args=(batch, steps, algorithm)))
+    for name, cfg in configs.items():
+        elapsed = _elapsed(spawn(_train, ranks, "simulated", args=(batch, steps, cfg)))
         sps = batch * ranks * steps / elapsed
         rows.append(
             {
                 "benchmark": "throughput",
-                "setup": f"{ranks} simulated ranks, batch {batch} each, {algorithm}",
+                "setup": f"{ranks} simulated ranks, batch {batch} each, {name}",
                 "samples_per_s": sps,
                 "ratio": sps / rows[0]["samples_per_s"],
             }
@@ -68,41 +79,25 @@ def throughput(batch: int, steps: int, ranks: int) -> list[dict]:
     return rows
 
 
-def _memory(comm, mode: str) -> dict:
+def _memory(comm, cfg: Config) -> dict:
     torch.manual_seed(0)
-    for sharded in (False, True):  # every code path of both outer steps touched in every configuration, on a tiny
-        tiny = torch.nn.Linear(64, 64)  # model: what differs below is data, not pages of code or allocator pools
-        warm = optimizer(
-            comm,
-            tiny,
-            "localsgd",
-            2,
-            lr=0.01,
-            slowmo={"tau": 2, "update": {"beta": 0.5}, "mean": {"name": "sharded" if sharded else "exact"}},
-        )
+    for outer in [c for c in cells("memory").values() if c.slowmo.enabled]:  # every code path of each outer step
+        tiny = torch.nn.Linear(64, 64)  # touched in every configuration, on a tiny model: what differs below is data,
+        warm = optimizer(comm, tiny, outer)  # not pages of code or allocator pools
         for _ in range(4):
             tiny(torch.randn(8, 64)).sum().backward()
             warm.step()
     del tiny, warm
-    model = build_model(ModelConfig("resnet18"), num_classes=10, input_shape=(3, 32, 32))
-    opt = optimizer(
-        comm,
-        model,
-        "localsgd",
-        2,
-        lr=0.01,
-        slowmo=None
-        if mode == "localsgd"
-        else {"tau": 2, "update": {"beta": 0.5}, "mean": {"name": "sharded" if mode == "sharded" else "exact"}},
-    )
+    model = build_model(config([MODEL]).model, num_classes=10, input_shape=(3, 32, 32))
+    opt = optimizer(comm, model, cfg)
     peak = 0
     for _ in range(6):
         for p in model.parameters():
             p.grad.fill_(1e-3)
         opt.step()
         peak = max(peak, _resident())
-    outer = opt.state_dict().get("outer", {})
-    state = sum(t.numel() * t.element_size() for t in (outer.get("x0"), outer.get("v")) if t is not None)
+    update = opt.state_dict().get("outer", {}).get("update", {})  # x_{t,0} and v: this rank's part of them
+    state = sum(t.numel() * t.element_size() for t in update.values() if isinstance(t, torch.Tensor))
     return {"peak_rss": peak, "outer_state": state, "params": sum(p.numel() * 4 for p in model.parameters())}
 
 
@@ -113,17 +108,20 @@ def _resident() -> int:
 
 
 def memory(ranks: int) -> list[dict]:
-    results = {mode: spawn(_memory, ranks, "gloo", args=(mode,)) for mode in ("localsgd", "unsharded", "sharded")}
-    params = results["localsgd"][0]["params"]
+    configs = cells("memory")
+    results = {name: spawn(_memory, ranks, "gloo", args=(cfg,)) for name, cfg in configs.items()}
+    alone, *outer = configs  # the base alone is the reference
+    params = results[alone][0]["params"]
     rows = []
-    for mode in ("unsharded", "sharded"):
-        extra = max(r["peak_rss"] - b["peak_rss"] for r, b in zip(results[mode], results["localsgd"], strict=True))
-        target = (2 * params / ranks if mode == "sharded" else 2 * params) + MiB
+    for name in outer:
+        extra = max(r["peak_rss"] - b["peak_rss"] for r, b in zip(results[name], results[alone], strict=True))
+        sharded = MEANS[configs[name].slowmo.mean.name].build.shards_state  # 1/m of the outer state per rank
+        target = (2 * params / ranks if sharded else 2 * params) + MiB
         rows.append(
             {
                 "benchmark": "memory",
-                "setup": f"SlowMo {mode}, {ranks} gloo ranks, ResNet-18",
-                "outer_state_mib_per_rank": max(r["outer_state"] for r in results[mode]) / MiB,
+                "setup": f"{name}, {ranks} gloo ranks, ResNet-18",
+                "outer_state_mib_per_rank": max(r["outer_state"] for r in results[name]) / MiB,
                 "extra_resident_mib_per_rank": extra / MiB,
                 "target_mib": target / MiB,
                 "param_mib": params / MiB,

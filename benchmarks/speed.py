@@ -29,18 +29,13 @@ import torch
 
 from slowmo.comm import Single, spawn
 
-from common import optimizer
+from common import config, optimizer, suite, with_and_without
 from readme import record
 
-CONFIGS = [  # name, algorithm, SlowMo on
-    ("DDP", None, False),
-    ("AllReduce", "allreduce", False),
-    ("Local SGD", "localsgd", False),
-    ("Local SGD + SlowMo", "localsgd", True),
-    ("SGP", "sgp", False),
-    ("SGP + SlowMo", "sgp", True),
-]
-TAU, BATCH = 12, 16
+SUITE = suite("speed")  # configs/benchmark/speed.yaml
+CELLS = {name: config(SUITE["base"].split(), cell) for name, cell in SUITE["cells"].items()}
+REFERENCE = "DDP"  # torch's, over the same ResNet-18 and base optimizer
+TAU, BATCH = 12, 16  # (the suite's tau: two outer iterations per round)
 
 
 def _resnet18() -> torch.nn.Module:
@@ -50,24 +45,18 @@ def _resnet18() -> torch.nn.Module:
     return torchvision.models.resnet18(num_classes=10)
 
 
-def _train(comm, rounds: int, steps: int, warmup: int) -> list[list[float]]:
-    """Every configuration on these ranks, in interleaved rounds; returns each one's seconds per round."""
+def _train(comm, rounds: int, steps: int, warmup: int) -> tuple[list[list[float]], list[bool]]:
+    """Every configuration on these ranks, in interleaved rounds; returns each one's seconds per round, and whether
+    its base algorithm keeps the ranks' parameters equal (a gradient mean, as DDP)."""
     x, y = torch.randn(BATCH, 3, 32, 32), torch.randint(0, 10, (BATCH,))
     runs = []
-    for _, algorithm, slowmo_on in CONFIGS:
+    for cfg in [None, *CELLS.values()]:
         model = _resnet18()
-        if algorithm is None:
+        if cfg is None:  # the reference
             model = torch.nn.parallel.DistributedDataParallel(model)
             opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
         else:
-            opt = optimizer(
-                comm,
-                model,
-                algorithm,
-                TAU,
-                lr=0.01,
-                slowmo={"tau": TAU, "update": {"beta": 0.5}} if slowmo_on else None,
-            )
+            opt = optimizer(comm, model, cfg)
         runs.append((model, opt))
 
     def steps_of(model, opt, count: int) -> None:
@@ -87,19 +76,19 @@ def _train(comm, rounds: int, steps: int, warmup: int) -> list[list[float]]:
             steps_of(model, opt, steps)
             comm.barrier()
             seconds[index].append(time.perf_counter() - start)
-    return seconds
+    return seconds, [getattr(opt, "algorithm", None) is not None and opt.algorithm.replicas_equal for _, opt in runs]
 
 
 def throughput(rounds: int, steps: int, ranks: int) -> list[dict]:
-    seconds = spawn(_train, ranks, "gloo", args=(rounds, steps, 3), timeout=1800)[0]
-    per_round = {name: [steps / t for t in s] for (name, _, _), s in zip(CONFIGS, seconds, strict=True)}
+    seconds, equal = spawn(_train, ranks, "gloo", args=(rounds, steps, 3), timeout=1800)[0]
+    per_round = {name: [steps / t for t in s] for name, s in zip([REFERENCE, *CELLS], seconds, strict=True)}
     rate = {name: statistics.median(r) for name, r in per_round.items()}
     rows = []
-    for name, against, goal in (
-        ("AllReduce", "DDP", 1.0),
-        ("Local SGD + SlowMo", "Local SGD", 0.99),
-        ("SGP + SlowMo", "SGP", None),
-    ):
+    equal = [n for (n, c), e in zip(CELLS.items(), equal[1:], strict=True) if e and not c.slowmo.enabled]
+    for name, against, goal in [
+        *((n, REFERENCE, 1.0) for n in equal),  # the gradient mean, against DDP's
+        *((outer, base, 0.99) for outer, base in with_and_without(CELLS)),  # the outer step's cost
+    ]:
         rows.append(
             {
                 "benchmark": "throughput",

@@ -138,6 +138,12 @@ def group(runs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
     return {name: list(members.values()) for name, members in zip(_names(list(cells)), cells.values(), strict=True)}
 
 
+def names(configs: list[dict[str, Any]]) -> list[str]:
+    """The names of the cells these configs (:func:`slowmo.train.config.to_dict`'s) make, as :func:`group` names them:
+    the labels, and the settings that tell the cells apart."""
+    return _names([_frozen(settings({"config": config})) for config in configs])
+
+
 def differing(keys: list[tuple]) -> list[str]:
     """The settings with more than one value among the cells of ``keys`` (:func:`_frozen` settings) that have them (a
     setting only some cells have, an algorithm's own or the outer step's, is told by the label)."""

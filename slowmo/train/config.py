@@ -134,13 +134,15 @@ def sweep(experiment: str) -> list[list[str]]:
     """The cells of an experiment preset's sweep (its ``hydra.sweeper.params``, in Hydra's override grammar), each as
     the overrides that make it, in the order Hydra's basic sweeper runs them (the last parameter varies fastest)."""
     params = compose([f"+experiment={experiment}"], with_hydra=True).hydra.sweeper.params or {}
-    parsed = OverridesParser.create().parse_overrides([f"{key}={value}" for key, value in params.items()])
+    return cells_of([f"{key}={value}" for key, value in params.items()])
+
+
+def cells_of(overrides: list[str]) -> list[list[str]]:
+    """The cells a command line's ``overrides`` sweep (``algorithm=a,b slowmo=off,on``: one per combination, the last
+    varying fastest, as Hydra's basic sweeper runs them), each as the overrides that make it."""
     axes = [
-        [
-            f"{o.key_or_group}={v}"
-            for v in (o.sweep_string_iterator() if o.is_sweep_override() else [o.get_value_element_as_str()])
-        ]
-        for o in parsed
+        [f"{o.key_or_group}={v}" for v in o.sweep_string_iterator()] if o.is_sweep_override() else [o.input_line]
+        for o in OverridesParser.create().parse_overrides(overrides)
     ]
     return [list(cell) for cell in itertools.product(*axes)]
 

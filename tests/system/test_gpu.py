@@ -172,6 +172,6 @@ def test_the_one_gpu_cifar10_preset_is_the_papers_cells_on_32_simulated_ranks_an
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     (row,) = bench.main(["--device", "cpu", "--small", "--out", str(tmp_path)])
-    assert row["cell"] == "localsgd slowmo=on" and row["world_size"] == 32 and row["images_per_step"] == 64
+    assert row["cell"] == "algorithm=osgp slowmo=on" and row["world_size"] == 32 and row["images_per_step"] == 64
     assert 0 < row["s_per_step"] < row["s_per_run"] and row["s_per_epoch"] == pytest.approx(row["s_per_step"] * 80 / 64)
     assert (tmp_path / "one_gpu_cifar10.md").read_text().strip() in (tmp_path / "README.md").read_text()
