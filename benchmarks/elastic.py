@@ -49,8 +49,8 @@ ENV = {**os.environ, "RUST_LOG": "warn", "PYTHONWARNINGS": "ignore"}
 
 
 def _train(run_dir: Path, *overrides: str, kill_after: int | None = None) -> tuple[dict, float | None]:
-    """One run of the task's experiments/<task>/train.py; with ``kill_after``, replica 1 is killed with -9 right after its
-    ``kill_after``-th outer step (returns the time of the kill)."""
+    """One run of the task's experiments/<task>/train.py; with ``kill_after``, replica 1 is killed with -9 right
+    after its ``kill_after``-th outer step (returns the time of the kill)."""
     command = [sys.executable, str(SCRIPT), *COMMON, *overrides, f"run_dir={run_dir}"]
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV)
     pids: dict[int, int] = {}
