@@ -68,27 +68,29 @@ class SlowMomentum(Update):
     def pieces_by(self, piece: Piece) -> Any:
         return piece.gamma, piece.previous
 
-    def step(self, pieces: list[Piece], averaged: bool) -> None:
-        pieces = merge(pieces, self.pieces_by)
-        if averaged and self.alpha == 1.0 and not self.nesterov:
-            for piece in pieces:  # x_{t+1,0} = x_{t,tau} - m v_t; v_{t+1} = x_{t,0} - x_{t+1,0}, where x_{t,0} was
-                x = piece.delta.add_(self.v[piece.start : piece.end], alpha=-self._m(piece))
-                self.x0[piece.start : piece.end].sub_(x)
-            self.x0, self.v = self.v, self.x0  # the two buffers swap roles; x0 receives x_{t+1,0}
-            for piece in pieces:
-                self.x0[piece.start : piece.end].copy_(piece.delta)
-            return
-        for piece in pieces:
+    def step(self, pieces: list[Piece]) -> None:
+        for piece in merge(pieces, self.pieces_by):
             a, b = piece.start, piece.end
             delta, x0, v = piece.delta, self.x0[a:b], self.v[a:b]
-            if averaged:
-                torch.sub(x0, delta, out=delta)  # Delta
             torch.add(delta, v, alpha=self._m(piece), out=v)  # v_{t+1} = m v_t + Delta
             if self.nesterov:  # x_{t+1,0} = x_{t,0} - alpha (beta v_{t+1} + Delta)
                 torch.add(x0, delta, alpha=-self.alpha, out=delta).add_(v, alpha=-self.alpha * self.beta)
             else:
                 torch.add(x0, v, alpha=-self.alpha, out=delta)  # x_{t+1,0} = x_{t,0} - alpha v_{t+1}
             x0.copy_(delta)
+
+    def step_from_average(self, pieces: list[Piece]) -> bool:
+        """alpha = 1, heavy ball: x_{t+1,0} = x_{t,tau} - m v_t and v_{t+1} = x_{t,0} - x_{t+1,0}, 3 passes."""
+        if self.alpha != 1.0 or self.nesterov:
+            return False
+        pieces = merge(pieces, self.pieces_by)
+        for piece in pieces:  # where x_{t,0} was, v_{t+1}
+            x = piece.delta.add_(self.v[piece.start : piece.end], alpha=-self._m(piece))
+            self.x0[piece.start : piece.end].sub_(x)
+        self.x0, self.v = self.v, self.x0  # the two buffers swap roles; x0 receives x_{t+1,0}
+        for piece in pieces:
+            self.x0[piece.start : piece.end].copy_(piece.delta)
+        return True
 
     def _m(self, piece: Piece) -> float:
         """m = beta gamma_t / gamma_{t-1} (v_t in the units of gamma_t), or beta for the raw pseudo-gradient."""

@@ -72,11 +72,17 @@ class Update(Part):
         """Start from x_{0,0}: the outer state, in place of what a checkpoint may load later."""
         raise NotImplementedError
 
-    def step(self, pieces: list[Piece], averaged: bool) -> None:
-        """Each piece's ``delta`` holds Delta_bar (with ``averaged``: the averaged model x_{t,tau} = x_{t,0} - Delta_bar
-        instead, which an update may use as it is); x_{t+1,0} goes into :attr:`x0` (the update is its one owner) and
+    def step(self, pieces: list[Piece]) -> None:
+        """Each piece's ``delta`` holds Delta_bar; x_{t+1,0} goes into :attr:`x0` (the update is its one owner) and
         into ``delta``."""
         raise NotImplementedError
+
+    def step_from_average(self, pieces: list[Piece]) -> bool:
+        """Optional: the step from the averaged model x_{t,tau} = x_{t,0} - Delta_bar, which each piece's ``delta``
+        holds when the exact mean averaged the whole model in place, where the update has a form that needs no
+        Delta_bar (Algorithm 1's 3-pass form, bit for bit the base algorithm at beta = 0); whether it stepped. When
+        it did not, the caller forms Delta_bar and calls :meth:`step`."""
+        return False
 
     def pieces_by(self, piece: Piece) -> Any:
         """What runs of parameters may share one piece (equal values of this key, contiguous)."""
@@ -96,7 +102,8 @@ class Mean(Part):
         raise NotImplementedError
 
     def finish(self, flight: Any) -> None:
-        """Complete the mean: ``flight.values`` then holds Delta_bar (``flight.averaged``: the averaged model)."""
+        """Complete the mean: ``flight.values`` then holds Delta_bar (``flight.averaged``: the averaged model, which
+        only :meth:`SlowMo._merge <slowmo.outer.slowmo.SlowMo._merge>` reads before any update sees it)."""
         raise NotImplementedError
 
     def settle(self, world_size: int) -> None:

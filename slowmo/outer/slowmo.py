@@ -145,13 +145,13 @@ class SlowMo(DistributedOptimizer):
         the model."""
         self.mean.finish(flight)
         pieces = self._pieces(flight)
-        if self.clip is not None:
-            if flight.averaged:  # Delta_bar from the averaged model first
+        if not (flight.averaged and self.clip is None and self.update.step_from_average(pieces)):
+            if flight.averaged:  # Delta_bar = x_{t,0} - x_{t,tau}
                 for piece in pieces:
                     torch.sub(self.update.x0[piece.start : piece.end], piece.delta, out=piece.delta)
-                flight.averaged = False
-            self.clip.clip_(flight.values, self.comm, self._shard.enabled)
-        self.update.step(pieces, flight.averaged)
+            if self.clip is not None:
+                self.clip.clip_(flight.values, self.comm, self._shard.enabled)
+            self.update.step(pieces)
         model, mix = self._shard.mine(self.flat.data), self.fragments.mix
         for piece in pieces:
             x = model[piece.start : piece.end]

@@ -72,15 +72,13 @@ class TorchUpdate(Update):
     def bind(self, x0: torch.Tensor) -> None:
         self.x0 = x0.clone()
 
-    def step(self, pieces: list[Piece], averaged: bool) -> None:
+    def step(self, pieces: list[Piece]) -> None:
         pieces = merge(pieces, self.pieces_by)
         scaled = self.pseudo_gradient == "scaled"
         optimizer = self._over([(piece.start, piece.end) for piece in pieces])
         for group in optimizer.param_groups:  # only these pieces step
             group["params"][0].grad = None
         for piece in pieces:
-            if averaged:
-                torch.sub(self.x0[piece.start : piece.end], piece.delta, out=piece.delta)
             group = optimizer.param_groups[self._groups[piece.start, piece.end]]
             group["lr"] = self.alpha * piece.gamma if scaled else self.alpha
             group["params"][0].grad = piece.delta / piece.gamma if scaled else piece.delta

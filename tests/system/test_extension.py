@@ -120,11 +120,9 @@ class Sign(Update):
     def bind(self, x0):
         self.x0 = x0.clone()
 
-    def step(self, pieces, averaged):
+    def step(self, pieces):
         for piece in pieces:
             x0 = self.x0[piece.start : piece.end]
-            if averaged:
-                torch.sub(x0, piece.delta, out=piece.delta)
             torch.add(x0, piece.delta.sign(), alpha=-self.alpha * piece.gamma, out=piece.delta)
             x0.copy_(piece.delta)
 
