@@ -68,6 +68,18 @@ class CompressedMean(Mean):
             flight.scatter(flight.residual[: flight.length], self.residual)
         flight.values = flight.values[: flight.length]
 
+    def heard(self, flight, out: torch.Tensor) -> None:
+        """D(Q(p_i)), shard by shard as the exchange encoded it: p_i less what phase 1 lost."""
+        sent, length = flight.values, flight.length
+        if flight.work is None:  # nothing sent: this rank's Delta is the mean
+            out.copy_(sent[:length])
+        elif flight.residual is not None:
+            torch.sub(sent[:length], flight.residual[:length], out=out)
+        else:
+            out.copy_(
+                torch.cat([self.codec.roundtrip(shard) for shard in sent.view(flight.comm.world_size, -1)])[:length]
+            )
+
     def state_dict(self) -> dict[str, Any]:
         return {"residual": self.residual.clone()}
 

@@ -22,6 +22,7 @@ reset to 1 only when the whole model has just been set to one value on every ran
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Any
 
@@ -143,14 +144,31 @@ class Flight:
         self.work: Any = None
         self.residual: torch.Tensor | None = None
 
-    def pack(self, padded_to: int = 1) -> None:
-        """``values`` = x_{0,p} - x^i_p, the members' ranges one after the other (zeros after, to a multiple of
-        ``padded_to``)."""
-        self.values = self.data.new_zeros(-(-self.length // padded_to) * padded_to)
+    def packed(self) -> Flight:
+        """This flight's fragment as one that packs its values (:meth:`pack`) instead of working on the model."""
+        twin = copy.copy(self)
+        twin.whole, twin.values, twin.averaged, twin.work, twin.residual = False, torch.empty(0), False, None, None
+        return twin
+
+    def deltas(self, out: torch.Tensor | None = None) -> torch.Tensor:
+        """x_{0,p} - x^i_p, the members' ranges one after the other (into ``out``, of the fragment's length, if
+        given)."""
+        values = self.data.new_empty(self.length) if out is None else out
         offset = 0
         for a, b in self.ranges:
-            torch.sub(self.x0[a:b], self.data[a:b], out=self.values[offset : offset + b - a])
+            torch.sub(self.x0[a:b], self.data[a:b], out=values[offset : offset + b - a])
             offset += b - a
+        return values
+
+    def pack(self, padded_to: int = 1) -> None:
+        """``values`` = x_{0,p} - x^i_p, the members' ranges one after the other (zeros after, to a multiple of
+        ``padded_to``); in the tensor ``values`` already holds where it has that size (a buffer handed over)."""
+        size = -(-self.length // padded_to) * padded_to
+        if self.values.numel() == size:
+            self.values[self.length :].zero_()
+        else:
+            self.values = self.data.new_zeros(size)
+        self.deltas(self.values[: self.length])
 
     def gather(self, flat: torch.Tensor) -> torch.Tensor:
         """The members' ranges of a flat-layout tensor, packed."""

@@ -106,6 +106,12 @@ class Mean(Part):
         only :meth:`SlowMo._merge <slowmo.outer.slowmo.SlowMo._merge>` reads before any update sees it)."""
         raise NotImplementedError
 
+    def heard(self, flight: Any, out: torch.Tensor) -> None:
+        """c_i into ``out``: what the mean takes of this rank's pseudo-gradients in ``flight`` (started, not yet
+        finished), in the fragment's packed order: Delta_i itself for the exact mean, its decoded codes for a
+        compressed one."""
+        raise NotImplementedError
+
     def settle(self, world_size: int) -> None:
         """Complete what the mean keeps in flight outside the fragments' flights (the numbers are those it would
         give later): before a checkpoint, and at the end."""
