@@ -274,15 +274,16 @@ class Ledger:
         return [job for job in dict.fromkeys(jobs) if job[:2] not in self.index]
 
     def run(self, jobs: Iterable[tuple[Setting, int, str]]) -> None:
-        """Run every (setting, seed, purpose) not in the ledger yet, in one pool; append them once they finished."""
+        """Run every (setting, seed, purpose) not in the ledger yet, in one pool; each appended as it finishes (in
+        order), so that a sweep stopped mid-round keeps what it finished."""
         todo = self.missing(jobs)
         if not todo:
             return
         cells = [overrides(self.block, s, seed) for s, seed, _ in todo]
-        here, new = machine(), []
-        for (s, seed, purpose), cell, directory in zip(
-            todo, cells, run_cells(self.block.preset, cells, self.runs, self.jobs), strict=True
-        ):
+        here = machine()
+
+        def record(i: int, directory: Path) -> None:
+            (s, seed, purpose), cell = todo[i], cells[i]
             numbers = report.load_run(directory)["numbers"]
             summary = directory / "summary.json"
             row = {
@@ -297,15 +298,17 @@ class Ledger:
             }
             row.update({key: numbers[key] for key in self.fields[len(COLUMNS) : -len(MACHINE)]})
             row.update(here, run_s=round(json.loads(summary.read_text())["wall_time"], 1) if summary.is_file() else "")
-            new.append({key: str(value) for key, value in row.items()})
-        fresh = not self.path.is_file()
-        with self.path.open("a", newline="") as f:
-            writer = csv.DictWriter(f, self.fields)
-            if fresh:
-                writer.writeheader()
-            writer.writerows(new)
-        self.rows += new
-        self.index.update({(setting_of(r), int(r["seed"])): r for r in new})
+            new = {key: str(value) for key, value in row.items()}
+            fresh = not self.path.is_file()
+            with self.path.open("a", newline="") as f:
+                writer = csv.DictWriter(f, self.fields)
+                if fresh:
+                    writer.writeheader()
+                writer.writerow(new)
+            self.rows.append(new)
+            self.index[(setting_of(new), int(new["seed"]))] = new
+
+        run_cells(self.block.preset, cells, self.runs, self.jobs, done=record)
 
 
 # ------------------------------------------------------------------------------------------------ reading a ledger

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -39,16 +41,21 @@ def run_cells(
     jobs: int = 1,
     fresh: bool = False,
     rerun: str | None = None,
+    done: Callable[[int, Path], None] | None = None,
 ) -> list[Path]:
     """Run every cell of ``preset`` (None: cells of the config tree's own defaults) not yet finished, ``jobs`` at a
     time (more than one: a process each, one CPU thread each); returns the cells' run directories, in order. Each
     run's first line says how to resume it: ``rerun`` (the command that runs the cells again, e.g. the benchmark's),
-    or the cell's own training command."""
+    or the cell's own training command. ``done(i, directory)``: called for each cell as it finishes (in order), so
+    that a caller can record it before the others end."""
     work = [(preset, cell, run_dir(root, cell), fresh, jobs > 1, rerun) for cell in cells]
-    if jobs <= 1:
-        return [_one(w) for w in work]
-    with ProcessPoolExecutor(jobs) as pool:
-        return list(pool.map(_one, work))
+    directories = []
+    with ProcessPoolExecutor(jobs) if jobs > 1 else nullcontext() as pool:
+        for i, directory in enumerate(pool.map(_one, work) if pool else map(_one, work)):
+            if done is not None:
+                done(i, directory)
+            directories.append(directory)
+    return directories
 
 
 def _one(work: tuple[str | None, list[str], Path, bool, bool, str | None]) -> Path:

@@ -94,6 +94,19 @@ def test_a_finished_run_of_a_key_this_code_lacks_is_refused_not_reused(tmp_path)
     assert _files(directory) == before
 
 
+def test_run_cells_reports_each_cell_as_it_finishes_so_a_stopped_sweep_keeps_it(tmp_path):
+    """``done(i, directory)`` is called for each cell once its run is finished, in order, before the pool returns (the
+    fidelity ledger appends each run there: a sweep stopped mid-round keeps what it finished)."""
+    from slowmo.cells import run_cells
+    from slowmo.report import finished
+
+    common = ["train.max_steps=4", "train.eval_every=0", "dist.world_size=2", "logger.progress=false"]
+    cells = [[*common, f"seed={seed}"] for seed in (0, 1, 2)]
+    seen = []
+    directories = run_cells(None, cells, tmp_path, jobs=2, done=lambda i, d: seen.append((i, d, finished(d))))
+    assert seen == [(i, d, True) for i, d in enumerate(directories)] and len(set(directories)) == 3
+
+
 def test_a_cell_that_picks_a_config_group_option_runs_in_one_directory(tmp_path):
     """``slowmo/mean=eager`` in a cell: its run directory is one child of the root, not a path through ``slowmo/``."""
     from slowmo.cells import run_cells
