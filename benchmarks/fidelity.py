@@ -627,6 +627,48 @@ def beta_figure(t: Tables, path: Path) -> None:
     plt.close(fig)
 
 
+def decomposition_figure(t: Tables, path: Path) -> None:
+    """Per base, each cell of the decomposition minus the base, paired by seed, on the paper's metric: the mean and
+    its 95 % t interval (what the decomposition table says, drawn)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kinds = [
+        ("average", "the exact average alone"),
+        ("reset", "the buffer reset alone (beta = 0)"),
+        ("slowmo", "SlowMo, buffers reset (the paper's)"),
+        ("kept", "SlowMo, buffers kept"),
+    ]
+    metric, bases = t.block.metrics[0], [a for a in t.block.bases if (a, "base") in t.final]
+    fig, ax = plt.subplots(figsize=(7.5, 4))
+    width = 0.8 / len(kinds)
+    for k, (kind, label) in enumerate(kinds):
+        xs, means, errors = [], [], [[], []]
+        for i, a in enumerate(bases):
+            if not t.complete((a, kind), (a, "base")):
+                continue
+            mean, low, high, _, _ = paired(t.values((a, kind), metric.key), t.values((a, "base"), metric.key))
+            xs.append(i + (k - (len(kinds) - 1) / 2) * width)
+            means.append(mean)
+            errors[0].append(mean - low)
+            errors[1].append(high - mean)
+        ax.bar(xs, means, width, yerr=errors, capsize=2, label=label)
+    ax.axhline(0, color="k", lw=0.8)
+    ax.set_xticks(range(len(bases)), [t.block.label(a) for a in bases])
+    ax.set(ylabel=f"{metric.label} minus the base's, same seed")
+    ax.set_title(
+        f"{t.block.title}\n{len(t.block.eval_seeds)} seeds: mean and 95 % t interval of the paired difference",
+        fontsize=9,
+    )
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 # ------------------------------------------------------------------------------------------------ the protocol
 def write(tables: dict[str, Tables], out: Path) -> None:
     """Every table and figure of ``out`` from the ledgers' rows alone."""
@@ -640,6 +682,8 @@ def write(tables: dict[str, Tables], out: Path) -> None:
         (out / f"{name}.md").write_text("\n".join(parts))
         if any(p == "beta" for p, _, _ in t.searches.values()):
             beta_figure(t, out / f"{name}_beta.png")
+        if t.block.decomposition:
+            decomposition_figure(t, out / f"{name}_decomposition.png")
     (out / "answer.md").write_text(answer(tables))
 
 
