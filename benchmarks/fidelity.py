@@ -619,7 +619,7 @@ def beta_figure(t: Tables, path: Path) -> None:
         style = "-o" if kind == "slowmo" else "--s"
         ax.plot(xs, ys, style, label=f"{t.name((a, kind))} (lr {at(0.0).lr:g})", markersize=4)
     ax.set(xlabel="beta", ylabel=f"{t.read.metric.label}, mean of {len(TUNE_SEEDS)} tuning seeds")
-    ax.set_title(f"{t.block.title}: beta at the base's tuned lr", fontsize=9)
+    ax.set_title(f"{t.block.title}:\nbeta at the base's tuned lr", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -680,8 +680,8 @@ def write(tables: dict[str, Tables], out: Path) -> None:
             parts.append(t.joint_table())
         parts += ["Tuning:", "", t.tuning_table()]
         (out / f"{name}.md").write_text("\n".join(parts))
-        if any(p == "beta" for p, _, _ in t.searches.values()):
-            beta_figure(t, out / f"{name}_beta.png")
+        if any(t.read.score(at(x)) is not None for p, grid, at in t.searches.values() if p == "beta" for x in grid):
+            beta_figure(t, out / f"{name}_beta.png")  # (once a beta was scored)
         if t.block.decomposition:
             decomposition_figure(t, out / f"{name}_decomposition.png")
     (out / "answer.md").write_text(answer(tables))
