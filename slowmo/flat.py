@@ -55,6 +55,9 @@ class FlatParameters:
     backward pass) is copied back into its view by :meth:`attach_grads`, which every step calls.
     """
 
+    whole_over: tuple[Communicator, ...] = ()  # groups whose ranks hold the rest of each parameter (none: it is whole)
+    gradients_averaged = False  # whether the backward pass itself averages the gradients across replicas (HSDP)
+
     def __init__(self, params: Sequence[torch.Tensor], multiple: int = 1) -> None:
         first = params[0]
         self.params = list(params)
@@ -78,6 +81,16 @@ class FlatParameters:
                 self.grad_views.append(grad)
                 self.ranges.append((offset, offset + p.numel()))
                 offset += p.numel()
+
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        """Scale the gradient g by min(1, max_norm / (||g||_2 + 1e-6)) in place; returns ||g||_2."""
+        norm = torch.linalg.vector_norm(self.grad)
+        self.grad.mul_(torch.clamp(max_norm / (norm + 1e-6), max=1.0))
+        return norm
+
+    def gradient_mean(self, comm: Communicator, bucket_mb: float) -> GradientMean | None:
+        """The mean of the gradient buffer over ``comm`` at every step (:class:`GradientMean`)."""
+        return GradientMean(comm, self, bucket_mb)
 
     def owns(self, index: int) -> bool:
         """Whether parameter ``index`` still lives in this buffer: False once a newer FlatParameters took it over (a

@@ -15,6 +15,7 @@ from torch import nn
 
 from .algorithms.base import Algorithm
 from .flat import FlatParameters, average_, flatten, unflatten_
+from .replicas import ShardedParameters, is_sharded, local
 
 
 def _parameters(params: Iterable[torch.Tensor] | Iterable[dict]) -> list[torch.Tensor]:
@@ -47,9 +48,10 @@ class DistributedOptimizer(torch.optim.Optimizer):
         base_optimizer: torch.optim.Optimizer,
         algorithm: Algorithm,
     ) -> None:
-        if isinstance(params, nn.Module):
-            buffers = [b for b in params.buffers() if b.is_floating_point()]
-            params = list(params.parameters())
+        module = params if isinstance(params, nn.Module) else None
+        if module is not None:
+            buffers = [b for b in module.buffers() if b.is_floating_point()]
+            params = list(module.parameters())
         else:
             buffers, params = [], _parameters(params)
         _check_parameters(params, base_optimizer)
@@ -57,7 +59,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
         self.base_optimizer = base_optimizer
         self.algorithm = algorithm
         self.comm = algorithm.comm
-        self.flat = FlatParameters(params, self._flat_multiple())  # the parameters become views of flat.data
+        self.flat = self._flat(module, params)  # the parameters become views of flat.data
         self._params, self._buffers = params, buffers
         algorithm.bind(self.flat, buffers)
         self._step = 0
@@ -71,6 +73,17 @@ class DistributedOptimizer(torch.optim.Optimizer):
     def _flat_multiple(self) -> int:
         """The flat buffers are padded to a multiple of this (SlowMo's sharded state: the ranks)."""
         return 1
+
+    def _flat(self, module: nn.Module | None, params: list[torch.Tensor]) -> FlatParameters:
+        """The parameters' flat storage: theirs, or, for a model sharded by FSDP2 (sharded replicas), its local
+        shards'."""
+        if not is_sharded(params):
+            return FlatParameters(params, self._flat_multiple())
+        if module is None:
+            raise ValueError("a model sharded by FSDP2: pass the model itself, not its parameters")
+        if self._flat_multiple() != 1:
+            raise ValueError("sharded replicas already shard the outer state (1/k per rank): use slowmo/mean=exact")
+        return ShardedParameters(module, params, self.comm)
 
     # ----------------------------------------------------------------------------------- stepping
     def zero_grad(self, set_to_none: bool = True) -> None:  # type: ignore[override]
@@ -88,9 +101,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
         optimizer will use: the mean over ranks for AllReduce, the local one for Local SGD and SGP); returns ||g||_2
         before clipping. As ``torch.nn.utils.clip_grad_norm_``, the factor is max_norm / (||g||_2 + 1e-6), at most 1."""
         self.wait_gradients()
-        norm = torch.linalg.vector_norm(self.flat.grad)
-        self.flat.grad.mul_(torch.clamp(max_norm / (norm + 1e-6), max=1.0))
-        return norm
+        return self.flat.clip_grad_norm_(max_norm)
 
     @torch.no_grad()
     def step(self, closure=None):  # type: ignore[override]
@@ -150,7 +161,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
             for _, value in entries:
                 value.zero_()
         else:
-            average_(self.comm, [value for p, value in entries if value.shape == p.shape])
+            average_(self.comm, [local(value) for p, value in entries if value.shape == p.shape])
 
     # ----------------------------------------------------------------------------------- the averaged model
     @torch.no_grad()

@@ -67,9 +67,14 @@ class Algorithm:
     def bind(self, flat: FlatParameters, buffers: list[torch.Tensor]) -> None:
         """Called once by the optimizer: the model's flat parameters and its floating-point buffers (model order)."""
         self.flat, self.params, self.buffers = flat, flat.params, buffers
+        if flat.gradients_averaged and not self.replicas_equal:
+            raise ValueError(
+                f"{type(self).__name__} over an HSDP model: HSDP averages the gradients across replicas at every "
+                "step (AR-SGD's); shard the model inside each replica only (ShardedReplicas.shard(model))"
+            )
         group = self.gradient_group()
         if group is not None:
-            self._gradient_mean = GradientMean(group, flat, self.bucket_mb)
+            self._gradient_mean = flat.gradient_mean(group, self.bucket_mb)
 
     def gradient_group(self) -> Communicator | None:
         """The ranks whose gradients are averaged at every step (default: this rank's node, if any)."""

@@ -100,7 +100,7 @@ class LocalSGD(Algorithm):
     def bind(self, flat: FlatParameters, buffers: list[torch.Tensor]) -> None:
         super().bind(flat, buffers)
         if self.warmup_steps > 0:
-            self._warmup_mean = GradientMean(self.comm, flat, self.bucket_mb)
+            self._warmup_mean = flat.gradient_mean(self.comm, self.bucket_mb)
             self._switch()
 
     def _switch(self) -> None:

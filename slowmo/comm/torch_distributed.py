@@ -117,6 +117,11 @@ class TorchDistributed(Communicator):
             then=None if buffer is tensor else lambda: tensor.copy_(buffer),
         )
 
+    def of(self, group: dist.ProcessGroup, label: str) -> TorchDistributed:
+        """A communicator over ``group`` (made by every rank, e.g. a device mesh's), counting its bytes with this one's
+        under ``label``."""
+        return TorchDistributed(group, self.timeout, self.label + label, self._bytes)
+
     def _new_group(self, partition: list[list[int]], label: str) -> Communicator:
         mine = None
         for group_ranks in partition:  # every rank creates every group, in the same order

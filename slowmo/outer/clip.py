@@ -1,10 +1,12 @@
 """Clipping of the mean pseudo-gradient, as the DiLoCo family clips its outer gradient:
 Delta_bar <- Delta_bar min(1, c / (||Delta_bar||_2 + 1e-6)), the norm over all the parameters of the step (over the
-ranks' slices when the outer state is sharded), before the outer update."""
+ranks' slices when the outer state is sharded, over a replica's shards with sharded replicas), before the outer
+update."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 
@@ -22,10 +24,11 @@ class ClipNorm(Part):
             raise ValueError(f"clip_norm must be finite, got {max_norm!r}")
         self.max_norm = float(max_norm)
 
-    def clip_(self, delta: torch.Tensor, comm: Communicator, sharded: bool) -> None:
-        """In place; ``sharded``: ``delta`` is this rank's slice, the norm's square is summed over the ranks."""
+    def clip_(self, delta: torch.Tensor, over: Sequence[Communicator] = ()) -> None:
+        """In place; ``over``: the groups whose ranks hold the rest of Delta_bar (this rank's is a slice), over which
+        the norm's square is summed."""
         square = delta.pow(2).sum().reshape(1)
-        if sharded:
+        for comm in over:
             comm.all_reduce(square)
         delta.mul_(torch.clamp(self.max_norm / (square.sqrt() + 1e-6), max=1.0))
 

@@ -150,7 +150,7 @@ class SlowMo(DistributedOptimizer):
                 for piece in pieces:
                     torch.sub(self.update.x0[piece.start : piece.end], piece.delta, out=piece.delta)
             if self.clip is not None:
-                self.clip.clip_(flight.values, self.comm, self._shard.enabled)
+                self.clip.clip_(flight.values, ((self.comm,) if self._shard.enabled else ()) + self.flat.whole_over)
             self.update.step(pieces)
         model, mix = self._shard.mine(self.flat.data), self.fragments.mix
         for piece in pieces:

@@ -1,0 +1,176 @@
+"""Sharded replicas: m replicas of k ranks, FSDP2 inside each replica, the base algorithm and the outer step across.
+
+The paper's worker is a node of 8 GPUs that averages its gradients at every step; at scale today each worker (a
+*replica*) is k ranks that shard the model with FSDP, and SlowMo's (or DiLoCo's) outer step runs on each rank's own
+shard against the rank holding the same shard index in every other replica (torchft with torchtitan, PrimeIntellect's
+prime). Here world rank w = r k + j is shard j of replica r:
+
+- inside replica r the model is ``fully_shard``-ed (FSDP2) over a mesh of its k ranks, its blocks then its root: the
+  inner step is FSDP's own (all-gather of the parameters for the forward and backward passes, reduce-scatter of the
+  mean gradient), the base optimizer steps on the local shards;
+- the base algorithm and the outer step run on the ``cross`` group of the m ranks holding shard j, on that shard's
+  values alone: every operation of Local SGD, SGP and Algorithm 1 is elementwise in theta (an average, a push-sum
+  mix, u_{t+1} = beta u_t + Delta / gamma_t, x_{t+1,0} = x_{t,0} - alpha gamma_t u_{t+1}), so the k shards together
+  take exactly the step the whole model would; only a norm over the whole model (the pseudo-gradient's clip) needs
+  the replica, where the shards' squared norms are summed. x_{t,0} and u of a shard live on its rank: 2|theta|/k.
+- AR-SGD over sharded replicas is HSDP: FSDP2 over the (m, k) mesh, replicate across replicas and shard inside.
+
+Every rank's local shard (FSDP pads each parameter's dim 0 to a multiple of k) is moved into one flat buffer
+(:class:`ShardedParameters`) that FSDP then all-gathers from and the base optimizer steps in: the algorithms work on
+it in place, as on an unsharded model's :class:`~slowmo.flat.FlatParameters`, with no copy per step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
+
+from .comm import Communicator
+from .comm.torch_distributed import TorchDistributed
+from .flat import FlatParameters, GradientMean
+
+
+class ShardedReplicas:
+    """The world of ``comm`` as m = world / ``size`` replicas of ``size`` ranks (consecutive world ranks), with the
+    groups inside a replica (``replica``: FSDP's) and across replicas (``cross``: the base algorithm's and the outer
+    step's), and the (m, k) device mesh FSDP2 shards over.
+
+    Args:
+        comm: the world, over ``torch.distributed`` (FSDP2 needs process groups: not the simulator).
+        size: k, the ranks of a replica.
+        device_type: "cpu" (gloo) or "cuda".
+    """
+
+    def __init__(self, comm: Communicator, size: int, device_type: str) -> None:
+        if not isinstance(comm, TorchDistributed) or comm.group is not None:
+            raise ValueError(
+                "sharded replicas need torch.distributed's world (FSDP2 shards over its process groups): "
+                "use dist.backend=gloo or nccl, not the simulator"
+            )
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1 or comm.world_size % size:
+            raise ValueError(
+                f"dist.replica_size={size!r} does not divide the world of {comm.world_size} ranks into replicas; "
+                "launch a multiple of replica_size ranks"
+            )
+        self.size, self.count = size, comm.world_size // size  # k, m
+        self.mesh = init_device_mesh(device_type, (self.count, size), mesh_dim_names=("replicate", "shard"))
+        self.replica = comm.of(self.mesh.get_group("shard"), "replica/")
+        self.cross = comm.of(self.mesh.get_group("replicate"), "")
+
+    def shard(self, model: nn.Module, replicate: bool = False) -> nn.Module:
+        """``model``, sharded inside the replica with FSDP2: each block (:func:`blocks`), then the root; with
+        ``replicate``, HSDP over the whole mesh (FSDP2 then also averages the gradients across replicas)."""
+        mesh: DeviceMesh = self.mesh if replicate else self.mesh["shard"]
+        for block in blocks(model):
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        return model
+
+
+def blocks(model: nn.Module) -> list[nn.Module]:
+    """The units FSDP2 gathers one at a time: the elements of the model's ``nn.ModuleList`` s (a Transformer's
+    layers), or else the root's children that hold parameters (a ResNet's stages)."""
+    listed = [m for module in model.modules() if isinstance(module, nn.ModuleList) for m in module]
+    if listed:
+        return [m for m in listed if any(True for _ in m.parameters())]
+    return [child for child in model.children() if any(True for _ in child.parameters())]
+
+
+def is_sharded(params: Sequence[torch.Tensor]) -> bool:
+    """Whether ``params`` are FSDP2's sharded parameters (DTensors)."""
+    return any(isinstance(p, DTensor) for p in params)
+
+
+class ShardedParameters(FlatParameters):
+    """An FSDP2 model's local shards moved into one buffer, ``data``: each parameter's padded shard (FSDP pads dim 0
+    to a multiple of k, with zeros that no parameter sees) becomes a view of it, and FSDP all-gathers from that view,
+    so the base optimizer's steps and the outer step's writes are the model's. ``ranges`` are the padded shards';
+    there is no flat gradient (FSDP's reduce-scattered gradients are its own DTensors)."""
+
+    def __init__(self, module: nn.Module, params: Sequence[torch.Tensor], comm: TorchDistributed) -> None:
+        """``comm``: the group the algorithm runs on (across replicas), whose counters the replica's bytes join."""
+        managed = {id(fp.sharded_param): fp for fp in _fsdp_params(module)}
+        missing = [i for i, p in enumerate(params) if id(p) not in managed]
+        if missing:
+            raise ValueError(
+                f"parameters {missing[:5]} are not sharded by FSDP2 on this model; shard the whole model "
+                "(ShardedReplicas.shard) before building the optimizer over it"
+            )
+        self.params = list(params)
+        mesh: DeviceMesh = params[0].device_mesh
+        self.gradients_averaged = mesh.ndim == 2  # HSDP: FSDP2 also averages the gradients across replicas
+        self.replica = comm.of(mesh.get_group(mesh.ndim - 1), "replica/")
+        self.whole_over = (self.replica,)
+        self._fsdp = [managed[id(p)] for p in params]
+        sizes = [fp._sharded_param_data.numel() for fp in self._fsdp]
+        self.numel = sum(sizes)
+        first = self._fsdp[0]._sharded_param_data
+        self.data = torch.zeros(self.numel, dtype=first.dtype, device=first.device)
+        self.grad = self.data.new_empty(0)
+        self.grad_views = [None] * len(params)
+        self.ranges, self._addresses, self.generation = [], [], 0
+        offset = 0
+        with torch.no_grad():
+            for fp, size in zip(self._fsdp, sizes, strict=True):
+                slot = self.data[offset : offset + size]
+                slot.copy_(fp._sharded_param_data)
+                padded = slot.view(fp.padded_sharded_param_size)
+                length = fp.sharded_param._local_tensor.size(0)
+                fp._sharded_param_data = slot  # FSDP all-gathers from here
+                fp.sharded_param._local_tensor = padded.narrow(0, 0, length)  # the optimizer steps in here
+                self._addresses.append(slot.data_ptr())
+                self.ranges.append((offset, offset + size))
+                offset += size
+
+    def owns(self, index: int) -> bool:
+        return self._fsdp[index]._sharded_param_data.data_ptr() == self._addresses[index]
+
+    def gradient_mean(self, comm: Communicator, bucket_mb: float) -> GradientMean | None:
+        """None: the gradient mean over the replicas is HSDP's own (FSDP2 over the (m, k) mesh)."""
+        if not self.gradients_averaged:
+            raise ValueError(
+                "an algorithm that averages gradients across replicas (AR-SGD, Local SGD's warm-up, "
+                "procs_per_node) runs over sharded replicas as HSDP: shard with ShardedReplicas.shard(model, "
+                "replicate=True) (AR-SGD), or set algorithm.warmup_steps=0 and procs_per_node=1"
+            )
+        return None
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+        self.generation += 1
+
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        """Scale the replica's mean gradient by min(1, max_norm / (||g||_2 + 1e-6)), the norm over the whole model
+        (the shards' squares summed inside the replica); returns ||g||_2."""
+        grads = [p.grad.to_local() for p in self.params if p.grad is not None]
+        square = torch.stack([g.pow(2).sum() for g in grads]).sum().reshape(1) if grads else self.data.new_zeros(1)
+        norm = self.replica.all_reduce(square).sqrt()
+        factor = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+        for g in grads:
+            g.mul_(factor)
+        return norm.reshape(())
+
+    def full_tensors(self) -> list[torch.Tensor]:
+        """The whole parameters (an all-gather inside the replica), in model order."""
+        return [p.full_tensor() for p in self.params]
+
+
+def _fsdp_params(module: nn.Module) -> list:
+    """FSDP2's records of the sharded parameters of ``module`` and its submodules."""
+    out = []
+    for sub in module.modules():
+        state = sub._get_fsdp_state() if hasattr(sub, "_get_fsdp_state") else None
+        group = state._fsdp_param_group if state is not None else None
+        out += group.fsdp_params if group is not None else []
+    return out
+
+
+def local(tensor: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard (a view of it), or the tensor itself."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
