@@ -15,6 +15,7 @@ from slowmo.replicas import ShardedReplicas
 
 WORLD, K, STEPS, TAU, BATCH = 4, 2, 100, 2, 5  # 50 outer steps
 RTOL = 1e-6
+STATE = "slowmo over local sgd"  # the case whose bytes and outer state are checked
 
 
 def _model() -> nn.Module:
@@ -82,10 +83,19 @@ def _all_cases(comm) -> dict:
         opt = _slowmo(model, replicas.cross, case)
         _train(model, opt, comm.rank)
         sharded = _whole(model)
+        if case == STATE:
+            out["bytes"], out["shard"] = comm.stats(), opt.flat.numel
+            out["state"] = sum(t.numel() * t.element_size() for t in opt.update.state_dict().values())
         model = _model()  # the reference: each replica a DDP of whole copies, the same algorithm over the same group
         ddp = nn.parallel.DistributedDataParallel(model, process_group=replicas.mesh.get_group("shard"))
         _train(model, _slowmo(model, replicas.cross, case), comm.rank, ddp)
         out[case] = (sharded, _whole(model))
+    model = replicas.shard(_model(), replicate=True)  # AR-SGD: HSDP against DDP over the 4 ranks
+    _train(model, slowmo.DistributedOptimizer(model, _sgd(model), slowmo.AllReduce(replicas.cross)), comm.rank)
+    reference = _model()
+    ddp = nn.parallel.DistributedDataParallel(reference)
+    _train(reference, _sgd(reference), comm.rank, ddp)
+    out["ar-sgd"] = (_whole(model), _whole(reference))
     return out
 
 
@@ -94,7 +104,7 @@ def runs():
     return slowmo.comm.spawn(_all_cases, WORLD, "gloo", timeout=120)
 
 
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", [*CASES, "ar-sgd"])
 def test_sharded_replicas_equal_the_unsharded_run(runs, case):
     for rank, result in enumerate(runs):
         sharded, unsharded = result[case]
@@ -103,3 +113,20 @@ def test_sharded_replicas_equal_the_unsharded_run(runs, case):
         assert moved > 1e-2, moved  # (the run trained)
         error = np.abs(sharded - unsharded).max() / np.abs(unsharded).max()
         assert error <= RTOL, (rank, error)
+
+
+def test_outer_bytes_are_the_ring_formula_on_a_shard_and_the_state_is_a_shard(runs):
+    """Per rank: one all-reduce of the local shard (L values, float32) across the m replicas per outer step,
+    2 (m - 1) / m 4 L bytes; x_{0,0} broadcast once; the clip's and nothing else's bytes inside the replica.
+    x_{t,0} and u: 2 L values, at most 2 |theta| / k + 1 MiB."""
+    m, outer = WORLD // K, STEPS // TAU
+    params = list(_model().parameters())
+    whole = sum(p.numel() for p in params)
+    padded = sum(-(-p.shape[0] // K) * (p.numel() // p.shape[0]) for p in params)  # dim 0 to a multiple of k, 1/k
+    for rank, result in enumerate(runs):
+        length, sent = result["shard"], result["bytes"]
+        assert length == padded
+        assert sent["all_reduce"] == outer * (2 * (m - 1) * 4 * length // m), (rank, sent)
+        assert sent["broadcast"] == (4 * length if rank < K else 0)  # (the last of the chain sends nothing)
+        assert not any(kind.startswith("replica/") for kind in sent), sent
+        assert result["state"] == 2 * 4 * length <= 2 * 4 * whole / K + 2**20
