@@ -88,6 +88,22 @@ class FlatParameters:
         self.grad.mul_(torch.clamp(max_norm / (norm + 1e-6), max=1.0))
         return norm
 
+    def distribute_state_(self, optimizer: torch.optim.Optimizer) -> None:
+        """After a checkpoint's ``optimizer.load_state_dict``: its state as the parameters hold theirs (here: as
+        loaded)."""
+
+    def whole(self, shards: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The whole parameters of which ``shards`` (one per parameter, model order) are this rank's parts."""
+        return shards
+
+    def averaged_inside(self, buffers: list[torch.Tensor]) -> list[torch.Tensor]:
+        """``buffers`` averaged over the ranks holding the other parts of the model too (none here)."""
+        return buffers
+
+    def whole_model(self, params: list[torch.Tensor], buffers: list[torch.Tensor]) -> list[torch.Tensor] | None:
+        """The parameters and buffers, whole, where this rank holds parts of them; None: they are whole."""
+        return None
+
     def gradient_mean(self, comm: Communicator, bucket_mb: float) -> GradientMean | None:
         """The mean of the gradient buffer over ``comm`` at every step (:class:`GradientMean`)."""
         return GradientMean(comm, self, bucket_mb)

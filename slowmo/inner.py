@@ -15,7 +15,7 @@ from torch import nn
 
 from .algorithms.base import Algorithm
 from .flat import FlatParameters, average_, flatten, unflatten_
-from .replicas import ShardedParameters, is_sharded, local
+from .replicas import ShardedParameters, is_sharded, local, local_tree
 
 
 def _parameters(params: Iterable[torch.Tensor] | Iterable[dict]) -> list[torch.Tensor]:
@@ -166,11 +166,18 @@ class DistributedOptimizer(torch.optim.Optimizer):
     # ----------------------------------------------------------------------------------- the averaged model
     @torch.no_grad()
     def averaged_parameters(self) -> list[torch.Tensor]:
-        """Copies of the parameters and floating-point buffers averaged over all ranks (model order), leaving the
-        training state untouched: the model to evaluate."""
-        tensors = [t.detach().clone() for t in self._params + self._buffers]
+        """Copies of the parameters and floating-point buffers averaged over all ranks (model order), whole, leaving
+        the training state untouched: the model to evaluate."""
+        tensors = [local(t).detach().clone() for t in self._params + self._buffers]
         average_(self.comm, tensors)
-        return tensors
+        n = len(self._params)
+        return self.flat.whole(tensors[:n]) + self.flat.averaged_inside(tensors[n:])
+
+    @torch.no_grad()
+    def whole_parameters(self) -> list[torch.Tensor] | None:
+        """This rank's parameters and floating-point buffers, whole, where the model holds only a shard of them
+        (sharded replicas); None where it holds them whole."""
+        return self.flat.whole_model(self._params, self._buffers)
 
     @torch.no_grad()
     def synchronize(self) -> None:
@@ -179,6 +186,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
         self.algorithm.flush()
         self.comm.all_reduce(self.flat.values, "mean")
         average_(self.comm, self._buffers)
+        self.flat.averaged_inside(self._buffers)
         self.algorithm.reset_weights()
 
     # ----------------------------------------------------------------------------------- checkpoints
@@ -191,7 +199,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
             "algorithm": type(self.algorithm).__name__,
             "step": self._step,
             "started": self._started,
-            "base": self.base_optimizer.state_dict(),
+            "base": local_tree(self.base_optimizer.state_dict()),
             "algorithm_state": self.algorithm.state_dict(),
         }
 
@@ -215,6 +223,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
                 "start a new run directory"
             )
         self.base_optimizer.load_state_dict(state_dict["base"])
+        self.flat.distribute_state_(self.base_optimizer)
         self.param_groups = self.base_optimizer.param_groups  # loading made new group dicts: share them again
         self.algorithm.load_state_dict(state_dict["algorithm_state"])
         self._step = state_dict["step"]

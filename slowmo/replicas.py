@@ -23,6 +23,7 @@ it in place, as on an unsharded model's :class:`~slowmo.flat.FlatParameters`, wi
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -32,7 +33,7 @@ from torch.distributed.tensor import DTensor
 
 from .comm import Communicator
 from .comm.torch_distributed import TorchDistributed
-from .flat import FlatParameters, GradientMean
+from .flat import FlatParameters, GradientMean, average_
 
 
 class ShardedReplicas:
@@ -156,9 +157,33 @@ class ShardedParameters(FlatParameters):
             g.mul_(factor)
         return norm.reshape(())
 
-    def full_tensors(self) -> list[torch.Tensor]:
-        """The whole parameters (an all-gather inside the replica), in model order."""
-        return [p.full_tensor() for p in self.params]
+    def distribute_state_(self, optimizer: torch.optim.Optimizer) -> None:
+        """After ``optimizer.load_state_dict`` of a :func:`local_tree`: each state tensor of a parameter's shape
+        (momentum, moments) a DTensor again, as the parameter's."""
+        for p in self.params:
+            state = optimizer.state.get(p, {})
+            for key, value in state.items():
+                if torch.is_tensor(value) and not isinstance(value, DTensor) and value.shape == local(p).shape:
+                    state[key] = DTensor.from_local(
+                        value, p.device_mesh, p.placements, shape=p.shape, stride=p.stride()
+                    )
+
+    def whole(self, shards: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The whole parameters whose local shards (unpadded, model order) are ``shards``: an all-gather inside the
+        replica."""
+        return [
+            DTensor.from_local(s, p.device_mesh, p.placements, shape=p.shape, stride=p.stride()).full_tensor()
+            for s, p in zip(shards, self.params, strict=True)
+        ]
+
+    def averaged_inside(self, buffers: list[torch.Tensor]) -> list[torch.Tensor]:
+        """``buffers`` (BatchNorm statistics: each rank of a replica keeps its own, as under FSDP) averaged over the
+        replica too."""
+        average_(self.replica, buffers)
+        return buffers
+
+    def whole_model(self, params: list[torch.Tensor], buffers: list[torch.Tensor]) -> list[torch.Tensor]:
+        return self.whole([local(p).detach() for p in params]) + [b.detach().clone() for b in buffers]
 
 
 def _fsdp_params(module: nn.Module) -> list:
@@ -169,6 +194,35 @@ def _fsdp_params(module: nn.Module) -> list:
         group = state._fsdp_param_group if state is not None else None
         out += group.fsdp_params if group is not None else []
     return out
+
+
+def local_tree(state: Any) -> Any:
+    """``state`` (nested dicts and lists) with every DTensor replaced by its local shard: what one rank's checkpoint
+    file holds of a sharded model or optimizer."""
+    if isinstance(state, DTensor):
+        return state.to_local()
+    if isinstance(state, dict):
+        return {key: local_tree(value) for key, value in state.items()}
+    if isinstance(state, list | tuple):
+        return type(state)(local_tree(value) for value in state)
+    return state
+
+
+def load_model_state_(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """A checkpoint's model state (:func:`local_tree` of the model's) back into ``model``, whole or sharded (each
+    rank's shards into its own, in place)."""
+    targets = model.state_dict()
+    if not any(isinstance(t, DTensor) for t in targets.values()):
+        model.load_state_dict(state)
+        return
+    if set(targets) != set(state):
+        raise ValueError(
+            f"the checkpoint's model has entries {sorted(set(state) ^ set(targets))[:5]} that this model has not, or "
+            "the reverse; resume with the same model"
+        )
+    with torch.no_grad():
+        for name, target in targets.items():
+            local(target).copy_(state[name])
 
 
 def local(tensor: torch.Tensor) -> torch.Tensor:

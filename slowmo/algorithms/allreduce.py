@@ -15,6 +15,7 @@ class AllReduce(Algorithm):
     holds the same parameters after every step, so SlowMo's exact average is skipped (``replicas_equal``)."""
 
     replicas_equal = True
+    averages_gradients = True
 
     def gradient_group(self) -> Communicator:
         return self.comm

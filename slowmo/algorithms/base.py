@@ -32,6 +32,13 @@ class AlgorithmConfig:
             return "procs_per_node > 1 makes a replica of several processes; phase 1 runs one process per replica"
         return None
 
+    def not_in_shards(self) -> str | None:
+        """Why this algorithm, so configured, cannot run across sharded replicas (dist.replica_size > 1) on each rank's
+        shard, in one line; None when it can."""
+        if self.procs_per_node > 1:
+            return "a sharded replica is the node, whose ranks average gradients through FSDP (procs_per_node=1)"
+        return None
+
 
 class Algorithm:
     """A base algorithm: the communication of one inner step, around the base optimizer's step, on the model's
@@ -45,6 +52,7 @@ class Algorithm:
     """
 
     replicas_equal = False  # True: every rank holds the same parameters after every step (no exact average needed)
+    averages_gradients = False  # True: the mean gradient over all ranks at every step (over sharded replicas: HSDP)
     bucket_mb = 25.0  # gradient-mean bucket size (MB), as DDP's bucket_cap_mb
 
     def __init__(self, comm: Communicator, procs_per_node: int = 1) -> None:
@@ -67,10 +75,10 @@ class Algorithm:
     def bind(self, flat: FlatParameters, buffers: list[torch.Tensor]) -> None:
         """Called once by the optimizer: the model's flat parameters and its floating-point buffers (model order)."""
         self.flat, self.params, self.buffers = flat, flat.params, buffers
-        if flat.gradients_averaged and not self.replicas_equal:
+        if flat.gradients_averaged != self.averages_gradients:
             raise ValueError(
-                f"{type(self).__name__} over an HSDP model: HSDP averages the gradients across replicas at every "
-                "step (AR-SGD's); shard the model inside each replica only (ShardedReplicas.shard(model))"
+                f"{type(self).__name__} over sharded replicas: HSDP (ShardedReplicas.shard(model, replicate=True)) "
+                "averages the gradients across replicas at every step, for AR-SGD and nothing else"
             )
         group = self.gradient_group()
         if group is not None:

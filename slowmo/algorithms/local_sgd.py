@@ -30,6 +30,13 @@ class LocalSGDConfig(AlgorithmConfig):
             return "the warm-up's gradient all-reduce comes at every inner step (set algorithm.warmup_steps=0)"
         return super().not_elastic()
 
+    def not_in_shards(self) -> str | None:
+        if self.warmup_steps:
+            return (
+                "the warm-up averages the gradients across replicas at every inner step (set algorithm.warmup_steps=0)"
+            )
+        return super().not_in_shards()
+
     def check(self) -> None:
         if _bad_warmup(self.warmup_steps):
             raise ConfigError(

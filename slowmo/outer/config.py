@@ -72,12 +72,13 @@ class OuterConfig:
         except ValueError as error:
             raise ConfigError(str(error)) from None
 
-    def check_parts(self, elastic: str | None = None) -> None:
+    def check_parts(self, elastic: str | None = None, sharded: str | None = None) -> None:
         """Once the update and mean sections are typed: the parts they make, and whether they combine (``elastic``:
-        the preamble of an elastic run's refusals, whose parts must also run on a changing quorum)."""
-        self.build(elastic)
+        the preamble of an elastic run's refusals, whose parts must also run on a changing quorum; ``sharded``: of
+        sharded replicas', whose parts run on a shard of the model)."""
+        self.build(elastic, sharded)
 
-    def build(self, elastic: str | None = None) -> dict[str, Any]:
+    def build(self, elastic: str | None = None, sharded: str | None = None) -> dict[str, Any]:
         """SlowMo's arguments after the base optimizer and algorithm: tau, the parts and the base-buffer policy;
         refused in one line where a part refuses its settings or the others (:meth:`Parts.check`)."""
         try:
@@ -85,7 +86,7 @@ class OuterConfig:
             mean = part(MEANS, self.mean)
             fragments = Fragments(self.fragments.count, self.fragments.delay, self.fragments.mix)
             clip = ClipNorm(self.clip_norm) if self.clip_norm is not None else None
-            Parts(self.tau, update, mean, fragments, clip, elastic).check()
+            Parts(self.tau, update, mean, fragments, clip, elastic, sharded).check()
         except ValueError as error:
             raise ConfigError(str(error)) from None
         return {

@@ -55,6 +55,11 @@ class Part:
         in one line; None when it can."""
         return None
 
+    def not_in_shards(self) -> str | None:
+        """Why this part cannot run on each rank's shard of a sharded replica (dist.replica_size > 1), in one line;
+        None when it can."""
+        return None
+
     def state_dict(self) -> dict[str, Any]:
         return {}
 
@@ -127,18 +132,22 @@ class Parts:
     fragments: Fragments
     clip: ClipNorm | None = None
     elastic: str | None = None  # on dist=torchft: the preamble of its refusals (what an elastic run runs)
+    sharded: str | None = None  # on sharded replicas: the preamble of their refusals
 
     def check(self) -> None:
-        """ValueError (one line) for the first part that refuses the others, or, on an elastic run, a changing quorum:
-        every rule of a combination is declared by a part (:meth:`Part.refuses`, :meth:`Part.not_elastic`) and
-        checked here."""
+        """ValueError (one line) for the first part that refuses the others, a changing quorum (an elastic run) or a
+        shard of the model (sharded replicas): every rule of a combination is declared by a part
+        (:meth:`Part.refuses`, :meth:`Part.not_elastic`, :meth:`Part.not_in_shards`) and checked here."""
         for part in (self.update, self.mean, self.fragments, self.clip):
-            reason = part.refuses(self) if part is not None else None
+            if part is None:
+                continue
+            reason = part.refuses(self)
             if reason:
                 raise ValueError(reason)
-            reason = part.not_elastic() if part is not None and self.elastic else None
-            if reason:
-                raise ValueError(f"{self.elastic}; {reason}")
+            for preamble, why in ((self.elastic, part.not_elastic), (self.sharded, part.not_in_shards)):
+                reason = why() if preamble else None
+                if reason:
+                    raise ValueError(f"{preamble}; {reason}")
 
 
 def merge(pieces: list[Piece], key) -> list[Piece]:

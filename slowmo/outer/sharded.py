@@ -38,5 +38,8 @@ class ShardedMean(ExactMean):
     def not_elastic(self) -> str | None:
         return "a sharded outer state (slowmo/mean=sharded) would have to be re-cut at every change of the quorum"
 
+    def not_in_shards(self) -> str | None:
+        return "each rank already keeps only its shard's outer state, 1/k of it (use slowmo/mean=exact)"
+
     def __repr__(self) -> str:
         return "ShardedMean()"

@@ -58,6 +58,7 @@ class DistConfig:
     backend: str = setting(run_control=True)  # simulated | gloo | nccl
     device: str = setting(run_control=True)  # auto (the local GPU under nccl, else the CPU) | cpu | cuda
     world_size: int = setting(minimum=1)  # ranks to simulate or spawn locally (torchrun/srun: the job's, recorded)
+    replica_size: int = setting(minimum=1)  # k ranks per replica, sharding the model with FSDP2 (1: whole copies)
     timeout_s: float = setting(run_control=True, minimum=0.001)  # seconds a rank waits for a peer, then fails
 
 
@@ -238,7 +239,9 @@ def validate(cfg: DictConfig | Mapping[str, Any] | Config) -> Config:
 
 
 def _check(config: Config) -> None:
-    if config.dist.backend != elastic.BACKEND:  # (an elastic run's parts are checked with its own rules)
+    if config.dist.replica_size > 1:
+        _check_sharded(config)
+    elif config.dist.backend != elastic.BACKEND:  # (an elastic run's parts are checked with its own rules)
         config.slowmo.check_parts()
     for (section, key), allowed in CHOICES.items():
         value = getattr(getattr(config, section), key)
@@ -297,6 +300,25 @@ def _check_elastic(config: Config) -> None:
             f"dist.min_replicas={config.dist.min_replicas} is more than the dist.world_size={config.dist.world_size} "
             "replicas: no round could commit"
         )
+
+
+def _check_sharded(config: Config) -> None:
+    """dist.replica_size = k > 1: replicas of k ranks sharding the model with FSDP2, the algorithm across replicas on
+    each rank's shard (slowmo.replicas). What does not combine with it is refused here, in one line that says why."""
+    dist, k = config.dist, config.dist.replica_size
+    works = f"dist.replica_size={k} shards each replica's model with FSDP2 over torch.distributed"
+    if dist.backend not in ("gloo", "nccl"):
+        elastic_next = " (elastic sharded replicas are the next step)" if dist.backend == elastic.BACKEND else ""
+        raise ConfigError(f"{works}: use dist=gloo or dist=nccl, not dist={dist.backend}{elastic_next}")
+    if dist.world_size % k:
+        raise ConfigError(f"{works}: dist.world_size={dist.world_size} is not a whole number of replicas of {k} ranks")
+    reason = config.algorithm.not_in_shards()
+    if reason:
+        raise ConfigError(f"{works}; algorithm={config.algorithm.name} does not run on it: {reason}")
+    if config.train.precision == "fp16":
+        raise ConfigError(f"{works}; fp16's loss scaler does not run on its sharded gradients (use bf16)")
+    if config.slowmo.enabled:
+        config.slowmo.check_parts(sharded=works)
 
 
 def renamed(key: str) -> str | None:

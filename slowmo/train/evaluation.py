@@ -34,7 +34,8 @@ class Evaluator:
     ) -> None:
         """``loading``: the ``data`` config section (workers, eval_batch_size); ``show``: a progress bar when slow."""
         self.task, self.comm, self.device, self.channels_last, self.show = task, comm, device, channels_last, show
-        self.model = copy.deepcopy(model)
+        self.model = copy.deepcopy(model)  # (of the whole model: built before any sharding)
+        self.evaluated = model  # the model the last metrics are of
         self.loaders = {  # split -> (its dataset, this rank's loader of it)
             split: (
                 dataset,
@@ -52,14 +53,16 @@ class Evaluator:
         }
 
     @torch.no_grad()
-    def __call__(self, model: torch.nn.Module, precision: Precision, averaged: list[torch.Tensor] | None) -> dict:
-        """The metrics of ``model`` or, given ``averaged`` (its parameters and floating buffers averaged over the
-        ranks), of that average, in this evaluator's copy; the training state is left untouched."""
-        if averaged is not None:
+    def __call__(self, model: torch.nn.Module, precision: Precision, values: list[torch.Tensor] | None) -> dict:
+        """The metrics of ``model`` or, given ``values`` (whole parameters and floating buffers: the model averaged
+        over the ranks, or a sharded model's own), of those, in this evaluator's copy; the training state is left
+        untouched."""
+        if values is not None:
             own = list(self.model.parameters()) + [b for b in self.model.buffers() if b.is_floating_point()]
-            for target, value in zip(own, averaged, strict=True):
+            for target, value in zip(own, values, strict=True):
                 target.detach().copy_(value)
             model = self.model
+        self.evaluated = model
         was_training = model.training
         model.eval()
         metrics: dict[str, float] = {}

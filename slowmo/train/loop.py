@@ -27,6 +27,7 @@ from ..comm import CommError, Communicator, launch
 from ..inner import DistributedOptimizer
 from ..outer import SlowMo
 from ..registry import ConfigError
+from ..replicas import ShardedReplicas, load_model_state_, local_tree
 from ..tasks import TASKS, Task, TaskContext
 from . import checkpoint, data, preemption, rundir
 from .config import Config, to_dict
@@ -58,6 +59,7 @@ def _fingerprint(cfg: Config) -> dict[str, Any]:
         "algorithm": cfg.algorithm.name,
         "slowmo": cfg.slowmo.enabled,
         "mean": cfg.slowmo.mean.name if cfg.slowmo.enabled else None,  # (a sharded state: cut in this run's m)
+        **({"replica_size": cfg.dist.replica_size} if cfg.dist.replica_size > 1 else {}),  # (the shards' cut)
     }
 
 
@@ -95,7 +97,10 @@ class _Trainer:
         self.model = self.task.model.to(  # (only 4-D weights, convolutions, change format)
             self.device, memory_format=torch.channels_last if self.channels_last else torch.preserve_format
         )
-        self.opt = build_optimizer(cfg, self.model, comm)
+        loading, show = cfg.data, self.is_main and cfg.logger.progress
+        self.evaluator = Evaluator(self.task, self.model, loading, self.local, self.device, self.channels_last, show)
+        self.model, across = self._replicas(self.model)
+        self.opt = build_optimizer(cfg, self.model, across)
         self.precision = Precision(cfg.train.precision, self.device, comm, cfg.train.clip_grad_norm)
         torch.manual_seed(cfg.seed * 1000 + self.rank + 1)  # this rank's stream (dropout); augmentation: data.Seeded
         self.sampler = data.EpochBatches(self.task.train_batches)
@@ -105,7 +110,7 @@ class _Trainer:
                 f"the training set gives no full batch to each of {self.world} ranks; lower "
                 "data.batch_size (or data.max_tokens) or the number of ranks"
             )
-        loading, pin = cfg.data, self.device.type == "cuda"
+        pin = self.device.type == "cuda"
         self.train_loader = data.loader(
             data.Seeded(self.task.train_set, cfg.seed),
             self.sampler,
@@ -114,8 +119,6 @@ class _Trainer:
             loading.prefetch_factor,
             pin,
         )
-        show = self.is_main and cfg.logger.progress
-        self.evaluator = Evaluator(self.task, self.model, loading, self.local, self.device, self.channels_last, show)
         self.lr_factor = SCHEDULES[cfg.schedule.name].build(cfg.schedule, self.steps_per_epoch)
         self.base_lrs = [group["lr"] for group in self.opt.param_groups]
         self.progress = Progress()
@@ -138,6 +141,15 @@ class _Trainer:
         comm.on_round(lambda vote: self.loggers.log({"step": self.progress.step, **vote}))
         comm.join(self._state, self._heal)  # an elastic replica behind its peers takes their state here
 
+    def _replicas(self, model: torch.nn.Module) -> tuple[torch.nn.Module, Communicator]:
+        """The model and the group the algorithm runs on: all ranks, each with a whole copy, or, with
+        dist.replica_size = k > 1, the model sharded by FSDP2 inside each replica of k ranks and the group of the ranks
+        holding the same shard in the other replicas (AR-SGD: HSDP)."""
+        if self.cfg.dist.replica_size == 1:
+            return model, self.comm
+        replicas = ShardedReplicas(self.comm, self.cfg.dist.replica_size, self.device.type)
+        return replicas.shard(model, ALGORITHMS[self.cfg.algorithm.name].build.averages_gradients), replicas.cross
+
     def _build_task(self) -> Task:
         """Rank 0 first (it may write files into the run directory for the others), then the others."""
         cfg = self.cfg
@@ -156,7 +168,7 @@ class _Trainer:
     def _save(self) -> None:
         self.losses.read()  # a NaN loss stops the run before its checkpoint is written
         step = self.progress.step
-        model_state = self.model.state_dict()
+        model_state = local_tree(self.model.state_dict())
         for name, tensor in model_state.items():
             if tensor.is_floating_point() and not torch.isfinite(tensor).all():
                 raise NonFiniteLoss(
@@ -165,7 +177,7 @@ class _Trainer:
                     finite_steps=step - 1,
                 )
         state = {
-            **self._state(),
+            **self._state(model_state),
             "comm_bytes": self.comm.stats(),  # this rank's counters: a resumed run counts on (not a heal's)
             "rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
@@ -175,12 +187,12 @@ class _Trainer:
         directory, keep = self.run_dir / "checkpoints" / f"step_{step}", self.cfg.train.keep_checkpoints
         checkpoint.save(directory, self.local, state, keep, f"rank {self.rank}")
 
-    def _state(self) -> dict[str, Any]:
+    def _state(self, model: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
         """The training state a checkpoint holds and a healing replica receives: the model, the optimizer (the base
         optimizer's state, SlowMo's x_{t,0} and u), the loss scaler, the progress (step, epoch, data position: the lr
         schedule follows the step) and the group's membership counters."""
         return {
-            "model": self.model.state_dict(),
+            "model": model if model is not None else local_tree(self.model.state_dict()),
             "optimizer": self.opt.state_dict(),
             "precision": self.precision.state_dict(),
             "membership": self.comm.state_dict(),
@@ -188,7 +200,7 @@ class _Trainer:
         }
 
     def _load(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
+        load_model_state_(self.model, state["model"])
         self.opt.load_state_dict(state["optimizer"])
         self.precision.load_state_dict(state["precision"])
         self.comm.load_state_dict(state.get("membership", {}))  # (absent from checkpoints before it)
@@ -235,10 +247,9 @@ class _Trainer:
         """The metrics of the model averaged over the ranks (or of this rank's: after the final average), with the
         best so far updated."""
         averaged = averaged and self.comm.agrees_between_rounds  # (else: no collective outside a round's vote)
-        if averaged:
-            with self.comm.uncounted():
-                average = self.opt.averaged_parameters()
-        metrics = self.evaluator(self.model, self.precision, average if averaged else None)
+        with self.comm.uncounted():
+            values = self.opt.averaged_parameters() if averaged else self.opt.whole_parameters()
+        metrics = self.evaluator(self.model, self.precision, values)
         return track_best(self.progress.best, metrics, self.task.main_metric)
 
     # ----------------------------------------------------------------------------------- the loop
@@ -377,7 +388,7 @@ class _Trainer:
         diverged = progress.divergence.record()
         if self.is_main:
             self.loggers.log({**self.last_record, "comm_bytes": self.comm.stats()["total"], **final})
-            model = {name: tensor.cpu() for name, tensor in self.model.state_dict().items()}
+            model = {name: tensor.cpu() for name, tensor in self.evaluator.evaluated.state_dict().items()}
             torch.save({"model": model}, self.run_dir / "final.pt")
         status = Ending.DIVERGED if diverged else ending
         summary = self._summarize(status.value, diverged=diverged, final=final)

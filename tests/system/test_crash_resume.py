@@ -36,6 +36,8 @@ COMMON = [
 CASES = {  # name: (task, processes, overrides)
     "localsgd": ("digits", 4, ["algorithm=localsgd", "algorithm.period=4"]),
     "osgp": ("digits", 4, ["algorithm=osgp"]),
+    # 2 replicas of 2 ranks sharding the model with FSDP2: each rank's file holds its shards
+    "sharded replicas": ("digits", 4, ["algorithm=localsgd", "algorithm.period=4", "dist.replica_size=2"]),
     # augmentation on, batches loaded by 2 worker processes per rank, across epoch boundaries (5 steps per epoch)
     "cifar10 with workers": (
         "cifar10",
@@ -152,6 +154,7 @@ def uninterrupted(tmp_path_factory):
         # SGP's state is OSGP's without the message in flight: its bit-exact resume is tests/engine/test_state.py's
         ("localsgd", "by hand"),
         ("osgp", "by torchrun"),
+        ("sharded replicas", "by hand"),
         ("cifar10 with workers", "by hand"),
         pytest.param("cifar10 on cuda", "by hand", marks=[pytest.mark.gpu, needs_cuda]),
     ],
