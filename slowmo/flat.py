@@ -88,6 +88,9 @@ class FlatParameters:
         self.grad.mul_(torch.clamp(max_norm / (norm + 1e-6), max=1.0))
         return norm
 
+    def count_inner_step(self) -> None:
+        """Count the bytes sent by collectives that run outside slowmo's communicators in an inner step (none here)."""
+
     def distribute_state_(self, optimizer: torch.optim.Optimizer) -> None:
         """After a checkpoint's ``optimizer.load_state_dict``: its state as the parameters hold theirs (here: as
         loaded)."""

@@ -117,6 +117,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
         if not self._started:
             self._start()
         self.flat.attach_grads()
+        self.flat.count_inner_step()
         self.algorithm.before_step(self._step)
         self.base_optimizer.step()
         outer = self._ends_outer_iteration()

@@ -67,9 +67,9 @@ class ShardedReplicas:
         """``model``, sharded inside the replica with FSDP2: each block (:func:`blocks`), then the root; with
         ``replicate``, HSDP over the whole mesh (FSDP2 then also averages the gradients across replicas)."""
         mesh: DeviceMesh = self.mesh if replicate else self.mesh["shard"]
-        for block in blocks(model):
-            fully_shard(block, mesh=mesh)
-        fully_shard(model, mesh=mesh)
+        for block in blocks(model):  # (gathered again for the backward pass)
+            fully_shard(block, mesh=mesh, reshard_after_forward=True)
+        fully_shard(model, mesh=mesh, reshard_after_forward=False)  # (the root's stay gathered until then)
         return model
 
 
@@ -107,6 +107,7 @@ class ShardedParameters(FlatParameters):
         self.gradients_averaged = mesh.ndim == 2  # HSDP: FSDP2 also averages the gradients across replicas
         self.replica = comm.of(mesh.get_group(mesh.ndim - 1), "replica/")
         self.whole_over = (self.replica,)
+        self._inner = _inner_bytes(module, self.replica, comm)
         self._fsdp = [managed[id(p)] for p in params]
         sizes = [fp._sharded_param_data.numel() for fp in self._fsdp]
         self.numel = sum(sizes)
@@ -140,6 +141,12 @@ class ShardedParameters(FlatParameters):
                 "replicate=True) (AR-SGD), or set algorithm.warmup_steps=0 and procs_per_node=1"
             )
         return None
+
+    def count_inner_step(self) -> None:
+        """The bytes FSDP's collectives sent in the inner step just taken, counted under ``replica/`` (HSDP's across
+        replicas as the algorithm's): logical bytes, by the formula of :func:`_inner_bytes`."""
+        for group, kind, nbytes in self._inner:
+            group.record(kind, nbytes)
 
     def zero_grad(self) -> None:
         for p in self.params:
@@ -186,14 +193,43 @@ class ShardedParameters(FlatParameters):
         return self.whole([local(p).detach() for p in params]) + [b.detach().clone() for b in buffers]
 
 
-def _fsdp_params(module: nn.Module) -> list:
-    """FSDP2's records of the sharded parameters of ``module`` and its submodules."""
+def _inner_bytes(module: nn.Module, replica: Communicator, across: Communicator) -> list[tuple[Communicator, str, int]]:
+    """Bytes one rank sends in one inner step through FSDP2's own collectives, by kind, as slowmo.comm counts its
+    collectives (ring algorithms, logical bytes: gloo's reduce-scatter is an all-reduce underneath). For each unit of
+    P elements (its parameters' padded shards times k): an all-gather of P for the forward pass and, but for the root
+    (:meth:`ShardedReplicas.shard` keeps its parameters gathered until then), again for the backward pass, each
+    (k - 1)/k 4P bytes for float32; a reduce-scatter of the gradients, (k - 1)/k 4P; under HSDP an all-reduce of the
+    shard across the m replicas, 2 (m - 1)/m 4P/k (counted on ``across``: AR-SGD's gradient all-reduce)."""
+    out: dict[tuple[Communicator, str], int] = {}
+    for sub, params in _units(module):
+        if not params:
+            continue
+        mesh: DeviceMesh = params[0].sharded_param.device_mesh
+        k = mesh.size(mesh.ndim - 1)
+        shard = sum(fp._sharded_param_data.numel() * fp._sharded_param_data.element_size() for fp in params)
+        gathers = 1 if sub is module else 2
+        sent = {(replica, "all_gather"): gathers * (k - 1) * shard, (replica, "reduce_scatter"): (k - 1) * shard}
+        if mesh.ndim == 2:
+            sent[(across, "all_reduce")] = 2 * (mesh.size(0) - 1) * shard // mesh.size(0)
+        for key, nbytes in sent.items():
+            out[key] = out.get(key, 0) + nbytes
+    return [(group, kind, nbytes) for (group, kind), nbytes in out.items()]
+
+
+def _units(module: nn.Module) -> list[tuple[nn.Module, list]]:
+    """FSDP2's units of ``module``: each sharded module and its records of the parameters it gathers."""
     out = []
     for sub in module.modules():
         state = sub._get_fsdp_state() if hasattr(sub, "_get_fsdp_state") else None
         group = state._fsdp_param_group if state is not None else None
-        out += group.fsdp_params if group is not None else []
+        if group is not None:
+            out.append((sub, group.fsdp_params))
     return out
+
+
+def _fsdp_params(module: nn.Module) -> list:
+    """FSDP2's records of the sharded parameters of ``module`` and its submodules."""
+    return [fp for _, params in _units(module) for fp in params]
 
 
 def local_tree(state: Any) -> Any:

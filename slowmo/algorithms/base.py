@@ -75,7 +75,7 @@ class Algorithm:
     def bind(self, flat: FlatParameters, buffers: list[torch.Tensor]) -> None:
         """Called once by the optimizer: the model's flat parameters and its floating-point buffers (model order)."""
         self.flat, self.params, self.buffers = flat, flat.params, buffers
-        if flat.gradients_averaged != self.averages_gradients:
+        if flat.gradients_averaged and not self.averages_gradients:
             raise ValueError(
                 f"{type(self).__name__} over sharded replicas: HSDP (ShardedReplicas.shard(model, replicate=True)) "
                 "averages the gradients across replicas at every step, for AR-SGD and nothing else"

@@ -278,6 +278,10 @@ class Communicator(ABC):
         finally:
             self._purpose = saved
 
+    def record(self, kind: str, nbytes: int) -> None:
+        """Count ``nbytes`` this rank sent in a collective of ``kind`` that ran outside this communicator (FSDP's)."""
+        self._count(kind, nbytes)
+
     def _count(self, kind: str, nbytes: int) -> None:
         if self._counting:
             self._bytes[self._purpose + self.label + kind] += nbytes

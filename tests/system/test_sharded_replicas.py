@@ -5,9 +5,12 @@ against 4-rank DDP. The reference runs are independent of the sharded path (no F
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
 from torch import nn
 
 import slowmo
@@ -36,7 +39,8 @@ def _adamw(model: nn.Module) -> torch.optim.Optimizer:
     return torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.1)
 
 
-CASES = {  # name -> (base optimizer, SlowMo's keyword arguments)
+LOCAL = slowmo.LocalSGD
+CASES = {  # name -> (base optimizer, SlowMo's keyword arguments[, the base algorithm over the cross group])
     "slowmo over local sgd": (_sgd, {"update": lambda: slowmo.SlowMomentum(beta=0.6), "base_buffers": "reset"}),
     "diloco, adamw inside": (
         _adamw,
@@ -53,13 +57,18 @@ CASES = {  # name -> (base optimizer, SlowMo's keyword arguments)
         _sgd,
         {"update": lambda: slowmo.SlowMomentum(beta=0.6), "clip": lambda: slowmo.ClipNorm(0.01)},
     ),
+    "eager mean": (_sgd, {"update": lambda: slowmo.SlowMomentum(beta=0.5), "mean": lambda: slowmo.EagerMean()}),
+    # push-sum is elementwise too: each shard gossips with its own index, every weight the same
+    "slowmo over sgp": (_sgd, {"update": lambda: slowmo.SlowMomentum(beta=0.6)}, slowmo.SGP),
+    "slowmo over osgp": (_sgd, {"update": lambda: slowmo.SlowMomentum(beta=0.6)}, slowmo.OSGP),
 }
 
 
 def _slowmo(model, comm, case: str):
-    base, parts = CASES[case]
+    base, parts, algorithm = (*CASES[case], LOCAL)[:3]
     kwargs = {key: value() if callable(value) else value for key, value in parts.items()}
-    return slowmo.SlowMo(model, base(model), slowmo.LocalSGD(comm), tau=TAU, **kwargs)
+    built = algorithm(comm) if algorithm is LOCAL else algorithm(comm, slowmo.DirectedExponential(comm.world_size))
+    return slowmo.SlowMo(model, base(model), built, tau=TAU, **kwargs)
 
 
 def _train(model, opt, rank: int, forward=None) -> None:
@@ -75,16 +84,50 @@ def _whole(model) -> np.ndarray:
     return torch.cat([p.detach().reshape(-1) for p in whole]).double().numpy()
 
 
+@contextlib.contextmanager
+def _fsdp_bytes(group):
+    """The bytes this rank sends in FSDP2's all-gathers and reduce-scatters on ``group`` (ring: (k - 1)/k of the
+    gathered or scattered buffer), counted from the calls themselves."""
+    sent = {"all_gather": 0, "reduce_scatter": 0}
+    names = {
+        "all_gather": ("all_gather_single", "all_gather_into_tensor"),
+        "reduce_scatter": ("reduce_scatter_single", "reduce_scatter_tensor"),
+    }
+    saved = {}
+    for kind, candidates in names.items():
+        for name in candidates:
+            original = getattr(dist, name, None)
+            if original is None:
+                continue
+            saved[name] = original
+
+            def counted(*args, _kind=kind, _original=original, **kwargs):
+                tensors = [a for a in (*args, *kwargs.values()) if torch.is_tensor(a)]
+                if kwargs.get("group") is group:
+                    big = max(t.numel() * t.element_size() for t in tensors)
+                    n = dist.get_world_size(group)
+                    sent[_kind] += (n - 1) * big // n
+                return _original(*args, **kwargs)
+
+            setattr(dist, name, counted)
+    try:
+        yield sent
+    finally:
+        for name, original in saved.items():
+            setattr(dist, name, original)
+
+
 def _all_cases(comm) -> dict:
     out = {}
     replicas = ShardedReplicas(comm, K, "cpu")
     for case in CASES:
         model = replicas.shard(_model())
         opt = _slowmo(model, replicas.cross, case)
-        _train(model, opt, comm.rank)
+        with _fsdp_bytes(replicas.mesh.get_group("shard")) if case == STATE else contextlib.nullcontext() as fsdp:
+            _train(model, opt, comm.rank)
         sharded = _whole(model)
         if case == STATE:
-            out["bytes"], out["shard"] = comm.stats(), opt.flat.numel
+            out["bytes"], out["shard"], out["fsdp"] = comm.stats(), opt.flat.numel, fsdp
             out["state"] = sum(t.numel() * t.element_size() for t in opt.update.state_dict().values())
         model = _model()  # the reference: each replica a DDP of whole copies, the same algorithm over the same group
         ddp = nn.parallel.DistributedDataParallel(model, process_group=replicas.mesh.get_group("shard"))
@@ -117,7 +160,8 @@ def test_sharded_replicas_equal_the_unsharded_run(runs, case):
 
 def test_outer_bytes_are_the_ring_formula_on_a_shard_and_the_state_is_a_shard(runs):
     """Per rank: one all-reduce of the local shard (L values, float32) across the m replicas per outer step,
-    2 (m - 1) / m 4 L bytes; x_{0,0} broadcast once; the clip's and nothing else's bytes inside the replica.
+    2 (m - 1) / m 4 L bytes; x_{0,0} broadcast once; inside the replica, FSDP's all-gathers and reduce-scatters,
+    counted by slowmo's formula, equal to what FSDP's calls send.
     x_{t,0} and u: 2 L values, at most 2 |theta| / k + 1 MiB."""
     m, outer = WORLD // K, STEPS // TAU
     params = list(_model().parameters())
@@ -128,5 +172,11 @@ def test_outer_bytes_are_the_ring_formula_on_a_shard_and_the_state_is_a_shard(ru
         assert length == padded
         assert sent["all_reduce"] == outer * (2 * (m - 1) * 4 * length // m), (rank, sent)
         assert sent["broadcast"] == (4 * length if rank < K else 0)  # (the last of the chain sends nothing)
-        assert not any(kind.startswith("replica/") for kind in sent), sent
+        # FSDP's own, inside the replica: the formula slowmo counts with, against the bytes of FSDP's calls
+        assert sent["replica/all_gather"] == result["fsdp"]["all_gather"] > 0, (sent, result["fsdp"])
+        assert sent["replica/reduce_scatter"] == result["fsdp"]["reduce_scatter"] > 0, (sent, result["fsdp"])
+        assert {kind for kind in sent if kind.startswith("replica/")} == {
+            "replica/all_gather",
+            "replica/reduce_scatter",
+        }
         assert result["state"] == 2 * 4 * length <= 2 * 4 * whole / K + 2**20
