@@ -51,6 +51,17 @@ def ring_all_reduce_bytes(nbytes: int, n: int) -> int:
     return 2 * (n - 1) * nbytes // n
 
 
+class Bytes(Counter):
+    """Bytes sent by kind, shared by a communicator and the groups made from it, with the switches they share: whether
+    operations are counted now, and under which purpose (so that :meth:`Communicator.uncounted` on the world also
+    silences a sub-group's collectives run meanwhile, e.g. an evaluation's average over sharded replicas' groups)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counting = True
+        self.purpose = ""
+
+
 class Communicator(ABC):
     """One rank's view of a group of ``world_size`` ranks.
 
@@ -68,13 +79,11 @@ class Communicator(ABC):
     # an elastic group agrees only in a round's vote, after which its replicas hold the same model
     agrees_between_rounds: bool = True
 
-    def __init__(self, rank: int, world_size: int, label: str = "", counter: Counter | None = None) -> None:
+    def __init__(self, rank: int, world_size: int, label: str = "", counter: Bytes | None = None) -> None:
         self.rank = rank
         self.world_size = world_size
         self.label = label
-        self._bytes: Counter = counter if counter is not None else Counter()
-        self._counting = True
-        self._purpose = ""
+        self._bytes: Bytes = counter if counter is not None else Bytes()
 
     # ----------------------------------------------------------------------------------- collectives
     def all_reduce(self, tensor: torch.Tensor, op: ReduceOp = "sum") -> torch.Tensor:
@@ -262,29 +271,29 @@ class Communicator(ABC):
     @contextmanager
     def uncounted(self) -> Iterator[None]:
         """Operations inside are not counted (metrics, evaluation, checkpoint barriers: not training traffic)."""
-        saved, self._counting = self._counting, False
+        saved, self._bytes.counting = self._bytes.counting, False
         try:
             yield
         finally:
-            self._counting = saved
+            self._bytes.counting = saved
 
     @contextmanager
     def control(self) -> Iterator[None]:
         """Operations inside are control traffic (e.g. the ranks agreeing to skip an fp16 step): counted, under
         ``control/<kind>``, apart from the algorithm's own traffic."""
-        saved, self._purpose = self._purpose, "control/"
+        saved, self._bytes.purpose = self._bytes.purpose, "control/"
         try:
             yield
         finally:
-            self._purpose = saved
+            self._bytes.purpose = saved
 
     def record(self, kind: str, nbytes: int) -> None:
         """Count ``nbytes`` this rank sent in a collective of ``kind`` that ran outside this communicator (FSDP's)."""
         self._count(kind, nbytes)
 
     def _count(self, kind: str, nbytes: int) -> None:
-        if self._counting:
-            self._bytes[self._purpose + self.label + kind] += nbytes
+        if self._bytes.counting:
+            self._bytes[self._bytes.purpose + self.label + kind] += nbytes
 
     def _check_peer(self, peer: int) -> None:
         if not 0 <= peer < self.world_size or peer == self.rank:
