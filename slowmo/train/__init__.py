@@ -3,7 +3,17 @@
 from ..registry import ConfigError
 from .config import Config, compose, validate
 from .launcher import run
-from .loop import build_optimizer, train_rank
+from .loop import build_optimizer, place_model, train_rank
 from .losses import NonFiniteLoss
 
-__all__ = ["Config", "ConfigError", "NonFiniteLoss", "build_optimizer", "compose", "run", "train_rank", "validate"]
+__all__ = [
+    "Config",
+    "ConfigError",
+    "NonFiniteLoss",
+    "build_optimizer",
+    "compose",
+    "place_model",
+    "run",
+    "train_rank",
+    "validate",
+]

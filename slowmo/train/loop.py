@@ -50,6 +50,18 @@ def build_optimizer(cfg: Config, model: torch.nn.Module, comm: Communicator) -> 
     return SlowMo(model, base, algorithm, **cfg.slowmo.build())
 
 
+def place_model(
+    cfg: Config, model: torch.nn.Module, comm: Communicator, device_type: str
+) -> tuple[torch.nn.Module, Communicator]:
+    """The model and the group the base algorithm runs on: all ranks, each with a whole copy, or, with
+    dist.replica_size = k > 1, the model sharded by FSDP2 inside each replica of k ranks and the group of the ranks
+    holding the same shard in the other replicas (AR-SGD: HSDP)."""
+    if cfg.dist.replica_size == 1:
+        return model, comm
+    replicas = ShardedReplicas(comm, cfg.dist.replica_size, device_type)
+    return replicas.shard(model, ALGORITHMS[cfg.algorithm.name].build.averages_gradients), replicas.cross
+
+
 def _fingerprint(cfg: Config) -> dict[str, Any]:
     """What a checkpoint must agree on to be resumed."""
     return {
@@ -99,7 +111,7 @@ class _Trainer:
         )
         loading, show = cfg.data, self.is_main and cfg.logger.progress
         self.evaluator = Evaluator(self.task, self.model, loading, self.local, self.device, self.channels_last, show)
-        self.model, across = self._replicas(self.model)
+        self.model, across = place_model(cfg, self.model, comm, self.device.type)
         self.opt = build_optimizer(cfg, self.model, across)
         self.precision = Precision(cfg.train.precision, self.device, comm, cfg.train.clip_grad_norm)
         torch.manual_seed(cfg.seed * 1000 + self.rank + 1)  # this rank's stream (dropout); augmentation: data.Seeded
@@ -140,15 +152,6 @@ class _Trainer:
         self._at: tuple[int, int] | None = None
         comm.on_round(lambda vote: self.loggers.log({"step": self.progress.step, **vote}))
         comm.join(self._state, self._heal)  # an elastic replica behind its peers takes their state here
-
-    def _replicas(self, model: torch.nn.Module) -> tuple[torch.nn.Module, Communicator]:
-        """The model and the group the algorithm runs on: all ranks, each with a whole copy, or, with
-        dist.replica_size = k > 1, the model sharded by FSDP2 inside each replica of k ranks and the group of the ranks
-        holding the same shard in the other replicas (AR-SGD: HSDP)."""
-        if self.cfg.dist.replica_size == 1:
-            return model, self.comm
-        replicas = ShardedReplicas(self.comm, self.cfg.dist.replica_size, self.device.type)
-        return replicas.shard(model, ALGORITHMS[self.cfg.algorithm.name].build.averages_gradients), replicas.cross
 
     def _build_task(self) -> Task:
         """Rank 0 first (it may write files into the run directory for the others), then the others."""
