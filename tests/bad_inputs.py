@@ -133,6 +133,7 @@ class Case:
     gloo: bool = True  # attempted on real gloo processes too (not where the case picks its own backend)
 
 
+SHARDED = "dist.replica_size=2 shards each replica's model with FSDP2 over torch.distributed"
 ELASTIC = "dist=torchft runs Local SGD under SlowMo or a preset, the whole model averaged exactly (phase 1); "
 CASES = [
     Case(
@@ -189,6 +190,32 @@ CASES = [
         lambda t: {"dist": {"backend": "torchft"}, "slowmo": {"enabled": True, "mean": {"name": "compressed"}}},
         ELASTIC + "the compressed mean's all-to-all and error-feedback residuals assume a fixed set of ranks",
         gloo=False,
+    ),
+    Case(
+        "sharded replicas on the simulator",
+        lambda t: {"dist": {"replica_size": 2}},
+        SHARDED + ": use dist=gloo or dist=nccl, not dist=simulated",
+        gloo=False,
+    ),
+    Case(
+        "a sharded outer state on sharded replicas",
+        lambda t: {
+            "dist": {"backend": "gloo", "replica_size": 2},
+            "slowmo": {"enabled": True, "mean": {"name": "sharded"}},
+        },
+        SHARDED + "; each rank already keeps only its shard's outer state, 1/k of it (use slowmo/mean=exact)",
+    ),
+    Case(
+        "a warm-up on sharded replicas",
+        lambda t: {"dist": {"backend": "gloo", "replica_size": 2}, "algorithm": {"warmup_steps": 2}},
+        SHARDED + "; algorithm=localsgd does not run on it: the warm-up averages the gradients across replicas at "
+        "every inner step (set algorithm.warmup_steps=0)",
+    ),
+    Case(
+        "replicas that do not divide the world",
+        lambda t: {"dist": {"backend": "gloo", "replica_size": 3}},
+        "dist.replica_size=3: the 2 ranks are not a whole number of replicas of 3 ranks; launch a multiple of 3 ranks "
+        "(a replica is k consecutive ranks: with torchrun or SLURM, one node's)",
     ),
     Case(
         "an elastic run that does not end on an outer step",

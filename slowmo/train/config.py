@@ -310,8 +310,6 @@ def _check_sharded(config: Config) -> None:
     if dist.backend not in ("gloo", "nccl"):
         elastic_next = " (elastic sharded replicas are the next step)" if dist.backend == elastic.BACKEND else ""
         raise ConfigError(f"{works}: use dist=gloo or dist=nccl, not dist={dist.backend}{elastic_next}")
-    if dist.world_size % k:
-        raise ConfigError(f"{works}: dist.world_size={dist.world_size} is not a whole number of replicas of {k} ranks")
     reason = config.algorithm.not_in_shards()
     if reason:
         raise ConfigError(f"{works}; algorithm={config.algorithm.name} does not run on it: {reason}")
@@ -319,6 +317,17 @@ def _check_sharded(config: Config) -> None:
         raise ConfigError(f"{works}; fp16's loss scaler does not run on its sharded gradients (use bf16)")
     if config.slowmo.enabled:
         config.slowmo.check_parts(sharded=works)
+
+
+def check_world_size(config: Config) -> None:
+    """Once the world size is known (the config's, or the launch's under torchrun/srun): whole replicas of
+    dist.replica_size ranks."""
+    world, k = config.dist.world_size, config.dist.replica_size
+    if world % k:
+        raise ConfigError(
+            f"dist.replica_size={k}: the {world} ranks are not a whole number of replicas of {k} ranks; launch a "
+            f"multiple of {k} ranks (a replica is k consecutive ranks: with torchrun or SLURM, one node's)"
+        )
 
 
 def renamed(key: str) -> str | None:

@@ -18,7 +18,7 @@ from ..comm import elastic, launch, spawn
 from ..registry import ConfigError
 from ..tasks import TASKS
 from . import preemption, rundir
-from .config import Config, validate
+from .config import Config, check_world_size, validate
 from .loop import train_rank
 
 
@@ -48,6 +48,7 @@ def run(cfg: Any, run_name: str | None = None, rerun: str | None = None) -> dict
         if config.dist.backend == "nccl":
             launch.check_placement(config.algorithm.procs_per_node, "nccl", config.dist.world_size)
         launch.resolve_device(config.dist.device, config.dist.backend)  # one line here rather than one per rank
+    check_world_size(config)
     claim = rundir.claim(config)
     if env.rank == 0:
         print(claim.describe(run_dir, rerun or f"run_dir={run_dir}"), file=sys.stderr, flush=True)
