@@ -13,12 +13,19 @@ from __future__ import annotations
 import functools
 import weakref
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch.utils.hooks import RemovableHandle
 
 from .comm import Communicator
 from .comm.base import Work
+
+PER_PARAMETER = "per_parameter"  # a checkpoint's outer state, one tensor per parameter (sharded replicas)
+
+
+def is_per_parameter(value: Any) -> bool:
+    return isinstance(value, dict) and set(value) == {PER_PARAMETER}
 
 
 def flatten(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -62,6 +69,7 @@ class FlatParameters:
         first = params[0]
         self.params = list(params)
         self.numel = sum(p.numel() for p in params)
+        self.whole_numel = self.numel  # the parameters' values on all ranks holding parts of them (here: this one)
         size = -(-self.numel // multiple) * multiple
         self.data = torch.zeros(size, dtype=first.dtype, device=first.device)
         self.grad = torch.zeros_like(self.data)
@@ -91,9 +99,23 @@ class FlatParameters:
     def count_inner_step(self) -> None:
         """Count the bytes sent by collectives that run outside slowmo's communicators in an inner step (none here)."""
 
-    def distribute_state_(self, optimizer: torch.optim.Optimizer) -> None:
-        """After a checkpoint's ``optimizer.load_state_dict``: its state as the parameters hold theirs (here: as
-        loaded)."""
+    def per_parameter(self, state: dict[str, Any]) -> dict[str, Any]:
+        """A part's ``state`` as a checkpoint holds it: here as it is (sharded replicas: per parameter)."""
+        return state
+
+    def flat_layout(self, state: dict[str, Any]) -> dict[str, Any]:
+        """The inverse of :meth:`per_parameter`; a state of sharded replicas' per parameter (their checkpoint, loaded
+        into whole copies) into this buffer's layout."""
+
+        def convert(value: Any) -> Any:
+            if is_per_parameter(value):
+                flat = self.data.new_zeros(self.data.numel())
+                for piece, p, (a, _) in zip(value[PER_PARAMETER], self.params, self.ranges, strict=True):
+                    flat.as_strided(p.shape, p.stride(), a).copy_(piece)
+                return flat
+            return {key: convert(v) for key, v in value.items()} if isinstance(value, dict) else value
+
+        return convert(state)
 
     def whole(self, shards: list[torch.Tensor]) -> list[torch.Tensor]:
         """The whole parameters of which ``shards`` (one per parameter, model order) are this rank's parts."""

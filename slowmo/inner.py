@@ -15,7 +15,7 @@ from torch import nn
 
 from .algorithms.base import Algorithm
 from .flat import FlatParameters, average_, flatten, unflatten_
-from .replicas import ShardedParameters, is_sharded, local, local_tree
+from .replicas import ShardedParameters, is_sharded, local
 
 
 def _parameters(params: Iterable[torch.Tensor] | Iterable[dict]) -> list[torch.Tensor]:
@@ -200,7 +200,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
             "algorithm": type(self.algorithm).__name__,
             "step": self._step,
             "started": self._started,
-            "base": local_tree(self.base_optimizer.state_dict()),
+            "base": self.base_optimizer.state_dict(),
             "algorithm_state": self.algorithm.state_dict(),
         }
 
@@ -224,7 +224,6 @@ class DistributedOptimizer(torch.optim.Optimizer):
                 "start a new run directory"
             )
         self.base_optimizer.load_state_dict(state_dict["base"])
-        self.flat.distribute_state_(self.base_optimizer)
         self.param_groups = self.base_optimizer.param_groups  # loading made new group dicts: share them again
         self.algorithm.load_state_dict(state_dict["algorithm_state"])
         self._step = state_dict["step"]

@@ -23,17 +23,20 @@ it in place, as on an unsharded model's :class:`~slowmo.flat.FlatParameters`, wi
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed import checkpoint as dcp
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import empty as distributed_empty
 
 from .comm import Communicator
 from .comm.torch_distributed import TorchDistributed
-from .flat import FlatParameters, GradientMean, average_
+from .flat import PER_PARAMETER, FlatParameters, GradientMean, average_, is_per_parameter
 
 
 class ShardedReplicas:
@@ -111,6 +114,7 @@ class ShardedParameters(FlatParameters):
         self._fsdp = [managed[id(p)] for p in params]
         sizes = [fp._sharded_param_data.numel() for fp in self._fsdp]
         self.numel = sum(sizes)
+        self.whole_numel = sum(p.numel() for p in params)
         first = self._fsdp[0]._sharded_param_data
         self.data = torch.zeros(self.numel, dtype=first.dtype, device=first.device)
         self.grad = self.data.new_empty(0)
@@ -164,16 +168,43 @@ class ShardedParameters(FlatParameters):
             g.mul_(factor)
         return norm.reshape(())
 
-    def distribute_state_(self, optimizer: torch.optim.Optimizer) -> None:
-        """After ``optimizer.load_state_dict`` of a :func:`local_tree`: each state tensor of a parameter's shape
-        (momentum, moments) a DTensor again, as the parameter's."""
-        for p in self.params:
-            state = optimizer.state.get(p, {})
-            for key, value in state.items():
-                if torch.is_tensor(value) and not isinstance(value, DTensor) and value.shape == local(p).shape:
-                    state[key] = DTensor.from_local(
-                        value, p.device_mesh, p.placements, shape=p.shape, stride=p.stride()
-                    )
+    def per_parameter(self, state: dict[str, Any]) -> dict[str, Any]:
+        """``state`` with each tensor in this buffer's layout (x_{t,0}, u: one value per local shard's element) as one
+        DTensor per parameter, laid out as the parameter (so that a checkpoint of it can be loaded with another k)."""
+
+        def convert(value: Any) -> Any:
+            if isinstance(value, dict):
+                return {key: convert(v) for key, v in value.items()}
+            return self._distributed(value) if self._flat_layout(value) else value
+
+        return convert(state)
+
+    def flat_layout(self, state: dict[str, Any]) -> dict[str, Any]:
+        """The inverse of :meth:`per_parameter`."""
+
+        def convert(value: Any) -> Any:
+            if is_per_parameter(value):
+                return self._flattened(value)
+            return {key: convert(v) for key, v in value.items()} if isinstance(value, dict) else value
+
+        return convert(state)
+
+    def _flat_layout(self, value: Any) -> bool:
+        return torch.is_tensor(value) and value.dim() == 1 and value.numel() == self.numel
+
+    def _distributed(self, flat: torch.Tensor) -> dict[str, list[DTensor]]:
+        pieces = []
+        for p, fp, (a, b) in zip(self.params, self._fsdp, self.ranges, strict=True):
+            shard = flat[a:b].view(fp.padded_sharded_param_size).narrow(0, 0, local(p).shape[0])
+            pieces.append(DTensor.from_local(shard, p.device_mesh, p.placements, shape=p.shape, stride=p.stride()))
+        return {PER_PARAMETER: pieces}
+
+    def _flattened(self, value: dict[str, list[torch.Tensor]]) -> torch.Tensor:
+        flat = self.data.new_zeros(self.numel)
+        for piece, fp, (a, b) in zip(value[PER_PARAMETER], self._fsdp, self.ranges, strict=True):
+            shard = local(piece)
+            flat[a:b].view(fp.padded_sharded_param_size).narrow(0, 0, shard.shape[0]).copy_(shard)
+        return flat
 
     def whole(self, shards: list[torch.Tensor]) -> list[torch.Tensor]:
         """The whole parameters whose local shards (unpadded, model order) are ``shards``: an all-gather inside the
@@ -232,21 +263,60 @@ def _fsdp_params(module: nn.Module) -> list:
     return [fp for _, params in _units(module) for fp in params]
 
 
-def local_tree(state: Any) -> Any:
-    """``state`` (nested dicts and lists) with every DTensor replaced by its local shard: what one rank's checkpoint
-    file holds of a sharded model or optimizer."""
-    if isinstance(state, DTensor):
-        return state.to_local()
-    if isinstance(state, dict):
-        return {key: local_tree(value) for key, value in state.items()}
-    if isinstance(state, list | tuple):
-        return type(state)(local_tree(value) for value in state)
+SHARDED = "dcp"  # the key of a checkpoint's marker of a tensor saved with torch.distributed.checkpoint
+
+
+def split_sharded(state: Any, path: str = "") -> tuple[dict[str, DTensor], Any]:
+    """``state`` (nested dicts and lists) cut in two: its DTensors, by path, for ``torch.distributed.checkpoint``
+    (sharded files that can be loaded with another k), and the rest, each DTensor replaced by a marker of plain data
+    (its path, global shape and dtype) that one rank's file holds. A path starts with the replica's index: the
+    replicas' models differ between outer steps, and DCP would keep one copy of a tensor saved under one name."""
+    tensors: dict[str, DTensor] = {}
+
+    def walk(node: Any, at: str) -> Any:
+        if isinstance(node, DTensor):
+            at = f"replica{torch.distributed.get_rank() // node.device_mesh.size(node.device_mesh.ndim - 1)}{at}"
+            tensors[at] = node
+            return {SHARDED: at, "shape": list(node.shape), "dtype": str(node.dtype).removeprefix("torch.")}
+        if isinstance(node, dict):
+            return {key: walk(value, f"{at}/{key}") for key, value in node.items()}
+        if isinstance(node, list | tuple):
+            return type(node)(walk(value, f"{at}/{i}") for i, value in enumerate(node))
+        return node
+
+    return tensors, walk(state, path)
+
+
+def join_sharded(rest: Any, directory: Path, like: torch.Tensor) -> Any:
+    """The inverse of :func:`split_sharded`: each marker of ``rest`` becomes the DTensor loaded from ``directory``
+    (``torch.distributed.checkpoint``, every rank at once), laid out as ``like`` is (this run's mesh and placements:
+    the checkpoint's own, or another k's, which DCP reshards to)."""
+    targets: dict[str, DTensor] = {}
+
+    def walk(node: Any) -> Any:
+        if isinstance(node, dict) and SHARDED in node:
+            shape, dtype = node["shape"], getattr(torch, node["dtype"])
+            target = (
+                distributed_empty(shape, dtype=dtype, device_mesh=like.device_mesh, placements=like.placements)
+                if isinstance(like, DTensor)
+                else torch.empty(shape, dtype=dtype, device=like.device)  # (whole copies: k = 1)
+            )
+            targets[node[SHARDED]] = target
+            return target
+        if isinstance(node, dict):
+            return {key: walk(value) for key, value in node.items()}
+        if isinstance(node, list | tuple):
+            return type(node)(walk(value) for value in node)
+        return node
+
+    state = walk(rest)
+    if targets:
+        dcp.load(targets, checkpoint_id=str(directory))
     return state
 
 
 def load_model_state_(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """A checkpoint's model state (:func:`local_tree` of the model's) back into ``model``, whole or sharded (each
-    rank's shards into its own, in place)."""
+    """A checkpoint's model state back into ``model``, whole or sharded (each rank's shards into its own, in place)."""
     targets = model.state_dict()
     if not any(isinstance(t, DTensor) for t in targets.values()):
         model.load_state_dict(state)
@@ -258,7 +328,7 @@ def load_model_state_(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
         )
     with torch.no_grad():
         for name, target in targets.items():
-            local(target).copy_(state[name])
+            local(target).copy_(local(state[name]))
 
 
 def local(tensor: torch.Tensor) -> torch.Tensor:

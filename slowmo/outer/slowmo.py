@@ -218,10 +218,10 @@ class SlowMo(DistributedOptimizer):
             "t": self._outer,
             "gammas": self._gammas,
             "shard": self._shard.key,
-            "numel": self._shard.numel,
+            "numel": self.flat.whole_numel,
             "parts": self._kinds(),
-            "update": self.update.state_dict(),
-            "mean": self.mean.state_dict(),
+            "update": self.flat.per_parameter(self.update.state_dict()),
+            "mean": self.flat.per_parameter(self.mean.state_dict()),
             "fragments": self.fragments.state_dict(),
         }
         return state
@@ -229,10 +229,10 @@ class SlowMo(DistributedOptimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
         super().load_state_dict(state_dict)
         outer = state_dict["outer"]
-        if outer["numel"] != self._shard.numel or outer["shard"] != self._shard.key:
+        if outer["numel"] != self.flat.whole_numel or outer["shard"] != self._shard.key:
             raise ValueError(
                 f"the checkpoint's SlowMo state is for {outer['numel']} parameters sharded as "
-                f"{outer['shard']}, this run has {self._shard.numel} sharded as {self._shard.key}; "
+                f"{outer['shard']}, this run has {self.flat.whole_numel} sharded as {self._shard.key}; "
                 "resume with the same model, world size and mean (slowmo/mean=exact or sharded)"
             )
         if outer["parts"] != self._kinds():
@@ -242,8 +242,8 @@ class SlowMo(DistributedOptimizer):
             )
         like = self.flat.data
         self._outer, self._gammas = outer["t"], outer["gammas"]
-        self.update.load_state_dict(outer["update"], like)
-        self.mean.load_state_dict(outer["mean"], like)
+        self.update.load_state_dict(self.flat.flat_layout(outer["update"]), like)
+        self.mean.load_state_dict(self.flat.flat_layout(outer["mean"]), like)
         self.fragments.in_flight = {}
         for fragment, saved in outer["fragments"].items():
             flight = self._flight(int(fragment), saved["step"], saved["gammas"])

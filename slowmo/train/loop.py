@@ -24,10 +24,11 @@ from tqdm import tqdm
 
 from ..algorithms import ALGORITHMS
 from ..comm import CommError, Communicator, launch
+from ..flat import is_per_parameter
 from ..inner import DistributedOptimizer
 from ..outer import SlowMo
 from ..registry import ConfigError
-from ..replicas import ShardedReplicas, load_model_state_, local_tree
+from ..replicas import ShardedReplicas, load_model_state_, local
 from ..tasks import TASKS, Task, TaskContext
 from . import checkpoint, data, preemption, rundir
 from .config import Config, to_dict
@@ -48,6 +49,28 @@ def build_optimizer(cfg: Config, model: torch.nn.Module, comm: Communicator) -> 
     if not cfg.slowmo.enabled:
         return DistributedOptimizer(model, base, algorithm)
     return SlowMo(model, base, algorithm, **cfg.slowmo.build())
+
+
+def reshardable(state: dict[str, Any], directory: Path, saved_k: int) -> None:
+    """ConfigError (one line) where a checkpoint of sharded replicas holds, besides the model, the base optimizer's
+    state and the outer state per parameter, a tensor laid out by its k (OSGP's messages in flight, a fragment's
+    mean in flight, an outer torch optimizer's state): it resumes only with its own k."""
+
+    def laid_out(node: Any, at: str) -> str | None:
+        if isinstance(node, dict) and not is_per_parameter(node):
+            return next(filter(None, (laid_out(v, f"{at}/{key}") for key, v in node.items())), None)
+        if isinstance(node, list | tuple):
+            return next(filter(None, (laid_out(v, f"{at}/{i}") for i, v in enumerate(node))), None)
+        return at if torch.is_tensor(node) and node.numel() > 1 else None
+
+    optimizer = {key: value for key, value in state["optimizer"].items() if key != "base"}
+    found = laid_out(optimizer, "optimizer")
+    if found:
+        raise ConfigError(
+            f"the checkpoint in {directory} holds {found}, laid out for {saved_k} ranks per replica; resume it with "
+            f"dist.replica_size={saved_k} (another k reshards the model, the base optimizer and SlowMomentum's "
+            "x_{t,0} and u, and the compressed and eager means' per-parameter state)"
+        )
 
 
 def place_model(
@@ -171,16 +194,15 @@ class _Trainer:
     def _save(self) -> None:
         self.losses.read()  # a NaN loss stops the run before its checkpoint is written
         step = self.progress.step
-        model_state = local_tree(self.model.state_dict())
-        for name, tensor in model_state.items():
-            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+        for name, tensor in self.model.state_dict().items():
+            if tensor.is_floating_point() and not torch.isfinite(local(tensor)).all():
                 raise NonFiniteLoss(
                     f"rank {self.rank}: {name} is not finite at step {step}; no checkpoint of it "
                     "was written, the last good one is kept (lower optimizer.lr or check the data)",
                     finite_steps=step - 1,
                 )
         state = {
-            **self._state(model_state),
+            **self._state(),
             "comm_bytes": self.comm.stats(),  # this rank's counters: a resumed run counts on (not a heal's)
             "rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
@@ -190,12 +212,12 @@ class _Trainer:
         directory, keep = self.run_dir / "checkpoints" / f"step_{step}", self.cfg.train.keep_checkpoints
         checkpoint.save(directory, self.local, state, keep, f"rank {self.rank}")
 
-    def _state(self, model: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
+    def _state(self) -> dict[str, Any]:
         """The training state a checkpoint holds and a healing replica receives: the model, the optimizer (the base
         optimizer's state, SlowMo's x_{t,0} and u), the loss scaler, the progress (step, epoch, data position: the lr
         schedule follows the step) and the group's membership counters."""
         return {
-            "model": model if model is not None else local_tree(self.model.state_dict()),
+            "model": self.model.state_dict(),
             "optimizer": self.opt.state_dict(),
             "precision": self.precision.state_dict(),
             "membership": self.comm.state_dict(),
@@ -227,24 +249,43 @@ class _Trainer:
         return healed
 
     def _resume(self) -> None:
-        directory, state, skipped = checkpoint.newest(self.run_dir / "checkpoints", self.local, self.device)
+        k = self.cfg.dist.replica_size
+        m = self.world // k
+
+        def file_of(saved: int) -> int | None:  # another k: the first rank of this rank's replica, k_old = saved / m
+            return (self.rank // k) * (saved // m) if saved % m == 0 and saved // m > 1 else None
+
+        root = self.run_dir / "checkpoints"
+        like = next(self.model.parameters())
+        directory, state, skipped = checkpoint.newest(root, self.local, self.device, like, file_of)
         unreadable = f" ({'; '.join(skipped)}: skipped)" if skipped else ""
         if directory is None:
             if skipped and self.is_main:
                 print(f"starting over at step 0: no checkpoint could be read{unreadable}", file=sys.stderr, flush=True)
             return
-        if state["fingerprint"] != _fingerprint(self.cfg):
+        saved = checkpoint.saved_world(directory)
+        resharded = f", resharded from {saved // m} to {k} ranks per replica" if saved != self.world else ""
+        mine = _fingerprint(self.cfg)
+        if resharded:
+            mine = {**{key: v for key, v in mine.items() if key != "replica_size"}, "replica_size": saved // m}
+            reshardable(state, directory, saved // m)
+        if state["fingerprint"] != mine:
             raise ConfigError(
                 f"the checkpoint in {directory} is of another run ({state['fingerprint']}), this "
                 f"run is {_fingerprint(self.cfg)}; use a new run directory or train.resume=never"
             )
         self._load(state)
         self.comm.restore_stats(state.get("comm_bytes", {}))  # (absent from checkpoints before it)
-        torch.set_rng_state(state["rng"])
-        if self.device.type == "cuda" and state["cuda_rng"] is not None:
-            torch.cuda.set_rng_state(state["cuda_rng"], self.device)
+        if not resharded:  # (resharded: each rank keeps the random stream it started with)
+            torch.set_rng_state(state["rng"])
+            if self.device.type == "cuda" and state["cuda_rng"] is not None:
+                torch.cuda.set_rng_state(state["cuda_rng"], self.device)
         if self.is_main:
-            print(f"resuming at step {self.progress.step} from {directory}{unreadable}", file=sys.stderr, flush=True)
+            print(
+                f"resuming at step {self.progress.step} from {directory}{resharded}{unreadable}",
+                file=sys.stderr,
+                flush=True,
+            )
 
     def _evaluate(self, averaged: bool = True) -> dict[str, float]:
         """The metrics of the model averaged over the ranks (or of this rank's: after the final average), with the

@@ -153,18 +153,32 @@ def _differences(run_dir: Path, config: Config, complete: list[Path]) -> list[st
         found.append(f"no readable {path.name} of a slowmo run" if path.exists() else f"no {path.name}")
     else:
         theirs, every = _flatten(recorded), settings(config, run_control=True)
+        resharded = _resharded(theirs, config)
         for key, value in settings(config).items():
+            if key in resharded:
+                continue
             if key in theirs and theirs[key] != value:  # a key the recorded run lacks is one added since: not compared
                 found.append(f"{key}: {_show(theirs[key])} there, {_show(value)} here")
         # a key this code no longer has (moved to a part's section, or removed): the run was made by other settings
         gone = [key for key in theirs if not _known(key, every) and not _other_plugin(key, theirs, every)]
         found += [f"{key}: {_show(theirs[key])} there, no such key here" for key in gone]
-    for directory in complete if not any(f.startswith("dist.world_size:") for f in found) else []:
+    world_told = any(f.startswith("dist.world_size:") for f in found) or "dist.world_size" in resharded
+    for directory in complete if not world_told else []:
         ranks = (directory / checkpoint.MARKER).read_text().strip()
         if ranks != str(config.dist.world_size):
             found.append(f"{directory.name} saved by {ranks} ranks, this run has {config.dist.world_size}")
             break
     return found
+
+
+def _resharded(theirs: dict[str, Any], config: Config) -> tuple[str, ...]:
+    """The keys in which a run of sharded replicas may differ from the one it resumes: the ranks per replica (and so the
+    world), the replicas staying the same (their checkpoint's DCP files load into another k: slowmo.replicas)."""
+    world, k = theirs.get("dist.world_size"), theirs.get("dist.replica_size", 1)
+    if not isinstance(world, int) or not isinstance(k, int) or k <= 1 or world % k:
+        return ()
+    same_replicas = world // k == config.dist.world_size // config.dist.replica_size
+    return ("dist.world_size", "dist.replica_size") if same_replicas else ()
 
 
 def _summary(run_dir: Path) -> dict[str, Any] | None:

@@ -94,3 +94,26 @@ def test_a_peers_state_holding_another_pickled_object_is_refused_not_run(tmp_pat
         decode_state(encode_state({"model": _Planted(trace)}))
     assert str(refused.value) == "a peer's state holds a pickled posix.mkdir, not only tensors and plain data; refused"
     assert not trace.exists()
+
+
+def test_a_checkpoint_with_state_laid_out_by_its_k_is_refused_another_k_in_one_line(tmp_path):
+    """Resharding keeps what is per parameter (the base optimizer's state, x_{t,0} and u); OSGP's message in flight is
+    laid out by the checkpoint's k: refused, naming where it is and the k to resume with."""
+    from slowmo.flat import PER_PARAMETER
+    from slowmo.train.loop import reshardable
+
+    per_parameter = {PER_PARAMETER: [torch.zeros(3, 2), torch.zeros(4)]}
+    fine = {
+        "optimizer": {
+            "base": {"state": {0: {"momentum_buffer": torch.zeros(3, 2)}}},
+            "outer": {"update": {"x0": per_parameter, "v": per_parameter}, "mean": {}},
+            "algorithm_state": {"weight": torch.ones(1)},
+        }
+    }
+    reshardable(fine, tmp_path, 2)  # (nothing laid out by k: no error)
+    fine["optimizer"]["algorithm_state"]["in_flight"] = [torch.zeros(10)]
+    with pytest.raises(ValueError) as error:
+        reshardable(fine, tmp_path, 2)
+    message = str(error.value)
+    assert "\n" not in message
+    assert "optimizer/algorithm_state/in_flight/0" in message and "dist.replica_size=2" in message

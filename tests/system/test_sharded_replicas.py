@@ -6,6 +6,7 @@ against 4-rank DDP. The reference runs are independent of the sharded path (no F
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,16 +15,18 @@ import torch.distributed as dist
 from torch import nn
 
 import slowmo
-from slowmo.replicas import ShardedReplicas
+from slowmo.flat import PER_PARAMETER
+from slowmo.replicas import ShardedReplicas, load_model_state_
+from slowmo.train import checkpoint
 
 WORLD, K, STEPS, TAU, BATCH = 4, 2, 100, 2, 5  # 50 outer steps
 RTOL = 1e-6
 STATE = "slowmo over local sgd"  # the case whose bytes and outer state are checked
 
 
-def _model() -> nn.Module:
+def _model(device: str = "cpu") -> nn.Module:
     torch.manual_seed(0)  # every rank the same initial model; odd widths: FSDP pads the shards of dim 0
-    return nn.Sequential(nn.Linear(6, 9), nn.Tanh(), nn.Linear(9, 7), nn.Tanh(), nn.Linear(7, 3))
+    return nn.Sequential(nn.Linear(6, 9), nn.Tanh(), nn.Linear(9, 7), nn.Tanh(), nn.Linear(7, 3)).to(device)
 
 
 def _data(rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,9 +74,10 @@ def _slowmo(model, comm, case: str):
     return slowmo.SlowMo(model, base(model), built, tau=TAU, **kwargs)
 
 
-def _train(model, opt, rank: int, forward=None) -> None:
-    x, y = _data(rank)
-    for k in range(STEPS):
+def _train(model, opt, rank: int, forward=None, steps: int = STEPS) -> None:
+    device = next(model.parameters()).device
+    x, y = (t.to(device) for t in _data(rank))
+    for k in range(steps):
         opt.zero_grad()
         nn.functional.mse_loss((forward or model)(x[k]), y[k]).backward()
         opt.step()
@@ -81,7 +85,7 @@ def _train(model, opt, rank: int, forward=None) -> None:
 
 def _whole(model) -> np.ndarray:
     whole = [p.full_tensor() if hasattr(p, "full_tensor") else p for p in model.parameters()]
-    return torch.cat([p.detach().reshape(-1) for p in whole]).double().numpy()
+    return torch.cat([p.detach().reshape(-1) for p in whole]).double().cpu().numpy()
 
 
 @contextlib.contextmanager
@@ -117,11 +121,11 @@ def _fsdp_bytes(group):
             setattr(dist, name, original)
 
 
-def _all_cases(comm) -> dict:
+def _all_cases(comm, device: str = "cpu") -> dict:
     out = {}
-    replicas = ShardedReplicas(comm, K, "cpu")
+    replicas = ShardedReplicas(comm, K, device)
     for case in CASES:
-        model = replicas.shard(_model())
+        model = replicas.shard(_model(device))
         opt = _slowmo(model, replicas.cross, case)
         with _fsdp_bytes(replicas.mesh.get_group("shard")) if case == STATE else contextlib.nullcontext() as fsdp:
             _train(model, opt, comm.rank)
@@ -129,13 +133,13 @@ def _all_cases(comm) -> dict:
         if case == STATE:
             out["bytes"], out["shard"], out["fsdp"] = comm.stats(), opt.flat.numel, fsdp
             out["state"] = sum(t.numel() * t.element_size() for t in opt.update.state_dict().values())
-        model = _model()  # the reference: each replica a DDP of whole copies, the same algorithm over the same group
+        model = _model(device)  # the reference: each replica a DDP of whole copies, the same algorithm, the same group
         ddp = nn.parallel.DistributedDataParallel(model, process_group=replicas.mesh.get_group("shard"))
         _train(model, _slowmo(model, replicas.cross, case), comm.rank, ddp)
         out[case] = (sharded, _whole(model))
-    model = replicas.shard(_model(), replicate=True)  # AR-SGD: HSDP against DDP over the 4 ranks
+    model = replicas.shard(_model(device), replicate=True)  # AR-SGD: HSDP against DDP over the 4 ranks
     _train(model, slowmo.DistributedOptimizer(model, _sgd(model), slowmo.AllReduce(replicas.cross)), comm.rank)
-    reference = _model()
+    reference = _model(device)
     ddp = nn.parallel.DistributedDataParallel(reference)
     _train(reference, _sgd(reference), comm.rank, ddp)
     out["ar-sgd"] = (_whole(model), _whole(reference))
@@ -180,3 +184,71 @@ def test_outer_bytes_are_the_ring_formula_on_a_shard_and_the_state_is_a_shard(ru
             "replica/reduce_scatter",
         }
         assert result["state"] == 2 * 4 * length <= 2 * 4 * whole / K + 2**20
+
+
+needs_cuda = pytest.mark.skipif(
+    not torch.cuda.is_available(),
+    reason="no CUDA GPU on this machine (scripts/gpu_check.sh runs these where there is one)",
+)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_sharded_replicas_on_cuda_tensors_equal_the_unsharded_run():
+    """The same 2 x 2 ranks over gloo, sharing one GPU, every tensor on it."""
+    runs = slowmo.comm.spawn(_all_cases, WORLD, "gloo", args=("cuda",), timeout=300)
+    for case in [*CASES, "ar-sgd"]:
+        for result in runs:
+            sharded, unsharded = result[case]
+            assert np.abs(sharded - unsharded).max() / np.abs(unsharded).max() <= RTOL, case
+
+
+# ------------------------------------------------------------------------------------- resharding a checkpoint
+def _save_at_k(comm, root: str) -> dict:
+    """2 replicas of 2 ranks, trained, checkpointed (DCP for the sharded tensors); what each replica holds, whole."""
+    replicas = ShardedReplicas(comm, K, "cpu")
+    model = replicas.shard(_model())
+    opt = _slowmo(model, replicas.cross, STATE)
+    _train(model, opt, comm.rank, steps=STEPS - 1)  # (mid-round: the replicas differ)
+    outer = opt.flat.per_parameter(opt.update.state_dict())
+    whole = {key: [t.full_tensor() for t in outer[key][PER_PARAMETER]] for key in ("x0", "v")}
+    momentum = [opt.base_optimizer.state[p]["momentum_buffer"].full_tensor() for p in model.parameters()]
+    directory = Path(root) / "step_1"
+    checkpoint.save(directory, comm, {"model": model.state_dict(), "optimizer": opt.state_dict()}, 0, "test")
+    return {"model": _whole(model), **whole, "momentum": momentum}
+
+
+def _load_at_k1(comm, root: str) -> dict:
+    """The same 2 replicas as whole copies (k = 1): the checkpoint loaded, each rank reading its replica's."""
+    model = _model()
+    opt = _slowmo(model, comm, STATE)
+    saved_k = 2
+
+    directory, state, _ = checkpoint.newest(
+        Path(root), comm, torch.device("cpu"), next(model.parameters()), lambda saved: comm.rank * saved_k
+    )
+    load_model_state_(model, state["model"])
+    opt.load_state_dict(state["optimizer"])
+    params = list(model.parameters())
+    views = {
+        key: [
+            opt.update.state_dict()[key][a:b].view(p.shape) for p, (a, b) in zip(params, opt.flat.ranges, strict=True)
+        ]
+        for key in ("x0", "v")
+    }
+    momentum = [opt.base_optimizer.state[p]["momentum_buffer"] for p in params]
+    return {"model": _whole(model), **views, "momentum": momentum, "directory": directory.name}
+
+
+def test_a_checkpoint_of_sharded_replicas_loads_into_another_k(tmp_path):
+    """k = 2 -> k = 1, the same 2 replicas: each replica's model, its base optimizer's momentum and SlowMo's x_{t,0} and
+    u come back equal (DCP reshards them; each replica's under its own name, as the replicas differ)."""
+    saved = slowmo.comm.spawn(_save_at_k, WORLD, "gloo", args=(str(tmp_path),), timeout=120)
+    loaded = slowmo.comm.spawn(_load_at_k1, WORLD // K, "gloo", args=(str(tmp_path),), timeout=120)
+    assert not np.array_equal(saved[0]["model"], saved[K]["model"])  # (the replicas differ: Local SGD mid-round)
+    for replica, got in enumerate(loaded):
+        want = saved[replica * K]
+        assert got["directory"] == "step_1"
+        assert np.array_equal(got["model"], want["model"])
+        for key in ("x0", "v", "momentum"):
+            assert all(torch.equal(a, b) for a, b in zip(got[key], want[key], strict=True)), key
