@@ -73,6 +73,21 @@ def optimizer(comm, model: torch.nn.Module, cfg: Config) -> DistributedOptimizer
     return build_optimizer(cfg, model, comm)
 
 
+def interleaved(comm, runs: list[tuple], steps_of, rounds: int, steps: int) -> list[list[float]]:
+    """Each of ``runs`` (model, optimizer) timed for ``steps`` steps (``steps_of(model, opt, steps)``) in each of
+    ``rounds`` rounds, one after the other within a round, the ranks passing a barrier around each: drifts of the
+    machine hit all alike. Returns each run's seconds per round."""
+    seconds: list[list[float]] = [[] for _ in runs]
+    for _ in range(rounds):
+        for index, (model, opt) in enumerate(runs):
+            comm.barrier()
+            start = time.perf_counter()
+            steps_of(model, opt, steps)
+            comm.barrier()
+            seconds[index].append(time.perf_counter() - start)
+    return seconds
+
+
 def timed_steps(
     comm,
     model: torch.nn.Module,

@@ -2,7 +2,7 @@
 
 4 gloo processes on this machine, one thread each; a small Transformer encoder (4 layers, d = 256, 4 heads, feed-forward
 1024, vocabulary 2000: 3.7 M parameters) trained as a language model on fixed random tokens, batch 8 x 64 per rank,
-Adam inside. The configurations (``configs/benchmark/sharded.yaml``): SlowMo over Local SGD (tau = 12) with 2
+Adam inside. The configurations (``configs/benchmark/sharded_replicas.yaml``): SlowMo over Local SGD (tau = 12) with 2
 replicas of 2 ranks sharding the model with FSDP2, the same with each rank a whole copy (the gradient averaged inside
 the replica), and AR-SGD over the 4 ranks with whole copies and as HSDP. All live in the same 4 processes and are
 timed in interleaved rounds of 24 steps (2 outer iterations), so that drifts of the machine hit all alike; a ratio is
@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import csv
 import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -32,10 +31,10 @@ from torch.distributed.tensor import DTensor
 from slowmo.comm import spawn
 from slowmo.train import place_model
 
-from common import config, optimizer, suite
+from common import config, interleaved, optimizer, suite
 from readme import record
 
-SUITE = suite("sharded")  # configs/benchmark/sharded.yaml
+SUITE = suite("sharded_replicas")  # configs/benchmark/sharded_replicas.yaml
 CELLS = {name: config(SUITE["base"].split(), cell) for name, cell in SUITE["cells"].items()}
 REFERENCE = next(name for name, cfg in CELLS.items() if cfg.slowmo.enabled and cfg.dist.replica_size == 1)
 TAU, BATCH, LENGTH, VOCAB = 12, 8, 64, 2000
@@ -107,14 +106,7 @@ def _train(comm, rounds: int, steps: int, warmup: int) -> dict:
                 if kind != "total" and n > before.get(kind, 0)
             }
         )
-    seconds: list[list[float]] = [[] for _ in runs]
-    for _ in range(rounds):
-        for index, (model, opt) in enumerate(runs):
-            comm.barrier()
-            start = time.perf_counter()
-            steps_of(model, opt, steps)
-            comm.barrier()
-            seconds[index].append(time.perf_counter() - start)
+    seconds = interleaved(comm, runs, steps_of, rounds, steps)
     return {"seconds": seconds, "memory": [_memory(model, opt) for model, opt in runs], "sent": sent}
 
 

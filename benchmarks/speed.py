@@ -29,7 +29,7 @@ import torch
 
 from slowmo.comm import Single, spawn
 
-from common import config, optimizer, suite, with_and_without
+from common import config, interleaved, optimizer, suite, with_and_without
 from readme import record
 
 SUITE = suite("speed")  # configs/benchmark/speed.yaml
@@ -68,14 +68,7 @@ def _train(comm, rounds: int, steps: int, warmup: int) -> tuple[list[list[float]
 
     for model, opt in runs:
         steps_of(model, opt, warmup)
-    seconds: list[list[float]] = [[] for _ in runs]
-    for _ in range(rounds):
-        for index, (model, opt) in enumerate(runs):
-            comm.barrier()
-            start = time.perf_counter()
-            steps_of(model, opt, steps)
-            comm.barrier()
-            seconds[index].append(time.perf_counter() - start)
+    seconds = interleaved(comm, runs, steps_of, rounds, steps)
     return seconds, [getattr(opt, "algorithm", None) is not None and opt.algorithm.replicas_equal for _, opt in runs]
 
 
