@@ -32,10 +32,14 @@ commit, the CPU model and torch's CPU capability), appended as runs finish; a ru
 the protocol spans sittings, and every table is computed from the ledgers alone (``--report``). Run it from a git
 worktree pinned at one commit (it refuses a dirty tree), so that work elsewhere never changes the code under a sweep;
 ``--verify N`` reruns N recorded runs and says whether this commit reproduces their numbers bit for bit (how a sweep
-moves to a newer commit). One run: ``python experiments/<task>/train.py <its overrides>`` (the ledger's column).
+moves to a newer commit; rows of one CPU kind only: float rounding differs between kinds). ``--rerun-here BASE ...``
+reruns the evaluation of SlowMo and those bases, at the ledger's tuned settings, on this machine's kind of CPU into
+``machines/<capability>/``, and ``machines_<block>.md`` compares the paired differences with the ledger's. One run:
+``python experiments/<task>/train.py <its overrides>`` (the ledger's column).
 
     python benchmarks/fidelity.py [--blocks mnist1d ...]   # the protocol, resumable
     python benchmarks/fidelity.py --report                  # the tables and the answer page, from the ledgers
+    python benchmarks/fidelity.py --blocks mnist1d --rerun-here localsgd sgp   # the same on another kind of CPU
 """
 
 from __future__ import annotations
@@ -671,8 +675,12 @@ def decomposition_figure(t: Tables, path: Path) -> None:
 
 # ------------------------------------------------------------------------------------------------ the protocol
 def write(tables: dict[str, Tables], out: Path) -> None:
-    """Every table and figure of ``out`` from the ledgers' rows alone."""
+    """Every table and figure of ``out`` from the ledgers' rows alone (and the reruns on other CPUs, under
+    ``out/machines/``)."""
     for name, t in tables.items():
+        again = {d.name: list(csv.DictReader(d.joinpath(f"runs_{name}.csv").open())) for d in machines(out, name)}
+        if again:
+            (out / f"machines_{name}.md").write_text(machine_table(t, again))
         parts = [f"## {t.block.title} (`+experiment={t.block.preset}`)", "", t.cell_table(), t.paired_table()]
         if t.block.decomposition:
             parts.append(t.decomposition_table())
@@ -687,6 +695,56 @@ def write(tables: dict[str, Tables], out: Path) -> None:
     (out / "answer.md").write_text(answer(tables))
 
 
+# ------------------------------------------------------------------------------------------------ another CPU
+MACHINES = "machines"  # out/machines/<capability>/runs_<block>.csv: a block's evaluation rerun on another kind of CPU
+
+
+def machines(out: Path, name: str) -> list[Path]:
+    return sorted(d for d in (out / MACHINES).glob("*") if (d / f"runs_{name}.csv").is_file())
+
+
+def rerun_here(block: Block, out: Path, runs: Path, jobs: int, bases: list[str]) -> None:
+    """The evaluation of SlowMo and its base on ``bases`` (the tuned settings of the ledger in ``out``: no tuning
+    again), on every evaluation seed, on this machine, into ``out/machines/<torch's CPU capability>/``."""
+    here = machine()["cpu_capability"].lower()
+    t = Tables(block, Ledger(block, out, runs, jobs).rows)
+    (out / MACHINES / here).mkdir(parents=True, exist_ok=True)
+    ledger = Ledger(block, out / MACHINES / here, runs / MACHINES / here, jobs)
+    cells = [(a, kind) for a in bases for kind in ("base", "slowmo")]
+    ledger.run([(t.tuned[c], seed, "evaluate") for c in cells for seed in block.eval_seeds])
+
+
+def machine_table(t: Tables, again: dict[str, list[dict]]) -> str:
+    """SlowMo − base paired by seed on the ledger's machine and on each rerun's: means, 95 % intervals, and whether
+    each mean falls inside the other's interval."""
+    tune = [r for r in t.read.index.values() if r["purpose"] == "tune"]
+    mine = {(d["comparison"], d["metric"].key): d for d in t.differences(t.slowmo_pairs(), family=False)}
+    where = sorted({f"{r['cpu']} ({r['cpu_capability']})" for rs in t.final.values() for r in rs})
+    lines = []
+    for name, rows in again.items():
+        other = Tables(t.block, tune + rows)
+        theirs = other.differences(other.slowmo_pairs(), family=False)
+        machine_of = sorted({f"{r['cpu']} ({r['cpu_capability']})" for r in rows})
+        lines += [
+            f"Evaluation rerun on {', '.join(machine_of)} (`{MACHINES}/{name}/`), against the ledger's "
+            f"({', '.join(where)}); the same tuned settings and seeds.",
+            "",
+            "| comparison | metric | seeds | ledger's machine | rerun | difference of the means | each mean inside "
+            "the other's interval |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for d in theirs:
+            m = mine[(d["comparison"], d["metric"].key)]
+            inside = m["low"] <= d["mean"] <= m["high"] and d["low"] <= m["mean"] <= d["high"]
+            lines.append(
+                f"| {d['comparison']} | {d['metric'].label} | {len(other.final[d['x']])} | "
+                f"{m['mean']:+.2f} [{m['low']:+.2f}, {m['high']:+.2f}] | {d['mean']:+.2f} [{d['low']:+.2f}, "
+                f"{d['high']:+.2f}] | {d['mean'] - m['mean']:+.2f} | {'yes' if inside else 'no'} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
 def jobs_of(t: Tables) -> list[tuple[Setting, int, str]]:
     jobs = [(s, seed, "tune") for s in t.wanted for seed in TUNE_SEEDS]
     return jobs + [(s, seed, "evaluate") for s in t.tuned.values() for seed in t.block.eval_seeds]
@@ -696,7 +754,11 @@ def verify(ledger: Ledger, n: int, runs: Path) -> list[str]:
     """Rerun ``n`` of the ledger's evaluation runs made on this CPU (spread over it) in fresh directories; a line each
     saying whether this commit gives their recorded numbers bit for bit."""
     here = machine()
-    rows = [r for r in ledger.rows if r["purpose"] == "evaluate" and r["cpu"] == here["cpu"]]
+    rows = [
+        r
+        for r in ledger.rows
+        if r["purpose"] == "evaluate" and (r["cpu"], r["cpu_capability"]) == (here["cpu"], here["cpu_capability"])
+    ]
     picked = rows[:: max(1, len(rows) // n)][:n]
     cells = [r["overrides"].split()[1:] for r in picked]
     dirs = run_cells(ledger.block.preset, cells, runs / "verify" / ledger.block.name, ledger.jobs, fresh=True)
@@ -721,6 +783,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("results/fidelity"))
     parser.add_argument("--report", action="store_true", help="the tables from the ledgers; run nothing")
     parser.add_argument("--verify", type=int, metavar="N", help="rerun N recorded runs per block; run nothing else")
+    parser.add_argument(
+        "--rerun-here",
+        nargs="+",
+        metavar="BASE",
+        help="rerun these bases' evaluation (base and SlowMo, the ledger's tuned settings) on this machine, into "
+        "out/machines/<CPU capability>/; run nothing else",
+    )
     args = parser.parse_args(argv)
     blocks = [BLOCKS[b] for b in args.blocks]
     ledgers = {b.name: Ledger(b, args.out, args.runs, args.jobs) for b in blocks}
@@ -728,7 +797,9 @@ def main(argv: list[str] | None = None) -> None:
         status = subprocess.run(
             ["git", "status", "--porcelain", "--untracked-files=no"], cwd=HERE, capture_output=True, text=True
         ).stdout
-        if status.strip():
+        root = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=HERE, capture_output=True, text=True)
+        own = args.out.resolve().relative_to(Path(root.stdout.strip()).resolve()).as_posix() + "/"
+        if any(not line[3:].startswith(own) for line in status.splitlines()):  # (the ledgers it appends to aside)
             raise SystemExit(
                 "fidelity: this checkout has uncommitted changes; run the sweep from a clean git worktree "
                 "pinned at one commit (git worktree add ../fidelity HEAD), so every row's commit is its code"
@@ -739,7 +810,11 @@ def main(argv: list[str] | None = None) -> None:
             print("\n".join(verify(ledger, args.verify, args.runs)))
         return
     start, before = time.time(), sum(len(ledger.rows) for ledger in ledgers.values())
-    while not args.report:  # each block's searches a round at a time, tuned cells' evaluation seeds beside them
+    for block in blocks if args.rerun_here else []:
+        rerun_here(block, args.out, args.runs, args.jobs, args.rerun_here)
+    while (
+        not args.report and not args.rerun_here
+    ):  # each block's searches a round at a time, tuned cells' evaluation seeds beside them
         todo = {name: ledger.missing(jobs_of(Tables(ledger.block, ledger.rows))) for name, ledger in ledgers.items()}
         if not any(todo.values()):
             break

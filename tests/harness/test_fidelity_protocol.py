@@ -142,3 +142,41 @@ def test_the_committed_tables_are_what_the_committed_ledgers_give(bench, tmp_pat
     bench.write(tables, out)
     for table in [p.name for p in RESULTS.glob("*.md") if p.name not in ("README.md", "findings.md")]:
         assert (out / table).read_text() == (RESULTS / table).read_text(), f"results/fidelity/{table} is stale"
+
+
+def test_a_rerun_on_another_cpu_is_compared_with_the_ledger_interval_by_interval(bench, tmp_path):
+    """The machine table: SlowMo − base per base on the ledger's CPU and on a rerun's, 'yes' where each mean falls in
+    the other's 95 % interval. The rerun here: the same numbers plus seed-dependent noise on one base (inside), and
+    a shift of 3 points on another (outside), computed by hand from the paired differences."""
+    block = bench.BLOCKS["mnist1d"]
+    rows, t = synthetic_ledger(bench, block, dict(zip(block.bases, (0.4, 0.2, 0.8, 0.4), strict=True)))
+    first, second = block.bases[1], block.bases[2]
+    for r in rows:
+        r.update(cpu="A", cpu_capability="AVX512")
+        if r["purpose"] == "evaluate" and r["slowmo"] == "True":  # (some spread: an interval of some width)
+            r["best_val_acc"] = str(float(r["best_val_acc"]) + 0.1 * (int(r["seed"]) % 2 - 0.5))
+    t = bench.Tables(block, rows)
+    again = []
+    for r in rows:
+        if r["purpose"] != "evaluate" or r["algorithm"] not in (first, second) or r["base_buffers"]:
+            continue
+        if (r["slowmo"] == "True") != (r["beta"] == "0.5"):  # (the tuned SlowMo cell: beta 0.5, buffers zeroed)
+            continue
+        acc = float(r["best_val_acc"])
+        if r["slowmo"] == "True":
+            acc += 3.0 if r["algorithm"] == second else 0.05 * (int(r["seed"]) % 3 - 1)
+        again.append({**r, "best_val_acc": str(acc), "cpu": "B", "cpu_capability": "AVX2"})
+    (tmp_path / "machines" / "avx2").mkdir(parents=True)
+    with open(tmp_path / "machines" / "avx2" / "runs_mnist1d.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, list(again[0]))
+        writer.writeheader()
+        writer.writerows(again)
+    bench.write({"mnist1d": t}, tmp_path)
+    table = (tmp_path / "machines_mnist1d.md").read_text()
+    assert "rerun on B (AVX2)" in table and "against the ledger's (A (AVX512))" in table
+    lines = {line.split(" | ")[0].strip("| "): line for line in table.splitlines() if "best val acc" in line}
+    near = [x for x in lines if x.startswith(block.label(first))][0]
+    far = [x for x in lines if x.startswith(block.label(second))][0]
+    assert lines[near].endswith("| yes |") and lines[far].endswith("| no |")
+    assert "| +3.00 |" in lines[far]  # the difference of the means: the shift
+    assert len(lines) == 2  # (only the bases rerun)

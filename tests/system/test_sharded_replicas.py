@@ -74,12 +74,14 @@ def _slowmo(model, comm, case: str):
     return slowmo.SlowMo(model, base(model), built, tau=TAU, **kwargs)
 
 
-def _train(model, opt, rank: int, forward=None, steps: int = STEPS) -> None:
+def _train(model, opt, rank: int, forward=None, steps: int = STEPS, clip: float | None = None) -> None:
     device = next(model.parameters()).device
     x, y = (t.to(device) for t in _data(rank))
     for k in range(steps):
         opt.zero_grad()
         nn.functional.mse_loss((forward or model)(x[k]), y[k]).backward()
+        if clip is not None:  # (train.clip_grad_norm: the norm of the replica's mean gradient, the whole model's)
+            opt.clip_grad_norm_(clip)
         opt.step()
 
 
@@ -137,6 +139,12 @@ def _all_cases(comm, device: str = "cpu") -> dict:
         ddp = nn.parallel.DistributedDataParallel(model, process_group=replicas.mesh.get_group("shard"))
         _train(model, _slowmo(model, replicas.cross, case), comm.rank, ddp)
         out[case] = (sharded, _whole(model))
+    model = replicas.shard(_model(device))  # the inner gradient clipped
+    _train(model, _slowmo(model, replicas.cross, STATE), comm.rank, clip=0.05)
+    reference = _model(device)
+    ddp = nn.parallel.DistributedDataParallel(reference, process_group=replicas.mesh.get_group("shard"))
+    _train(reference, _slowmo(reference, replicas.cross, STATE), comm.rank, ddp, clip=0.05)
+    out["clipped gradient"] = (_whole(model), _whole(reference))
     model = replicas.shard(_model(device), replicate=True)  # AR-SGD: HSDP against DDP over the 4 ranks
     _train(model, slowmo.DistributedOptimizer(model, _sgd(model), slowmo.AllReduce(replicas.cross)), comm.rank)
     reference = _model(device)
@@ -151,7 +159,7 @@ def runs():
     return slowmo.comm.spawn(_all_cases, WORLD, "gloo", timeout=120)
 
 
-@pytest.mark.parametrize("case", [*CASES, "ar-sgd"])
+@pytest.mark.parametrize("case", [*CASES, "clipped gradient", "ar-sgd"])
 def test_sharded_replicas_equal_the_unsharded_run(runs, case):
     for rank, result in enumerate(runs):
         sharded, unsharded = result[case]
@@ -197,7 +205,7 @@ needs_cuda = pytest.mark.skipif(
 def test_sharded_replicas_on_cuda_tensors_equal_the_unsharded_run():
     """The same 2 x 2 ranks over gloo, sharing one GPU, every tensor on it."""
     runs = slowmo.comm.spawn(_all_cases, WORLD, "gloo", args=("cuda",), timeout=300)
-    for case in [*CASES, "ar-sgd"]:
+    for case in [*CASES, "clipped gradient", "ar-sgd"]:
         for result in runs:
             sharded, unsharded = result[case]
             assert np.abs(sharded - unsharded).max() / np.abs(unsharded).max() <= RTOL, case
