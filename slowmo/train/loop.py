@@ -249,11 +249,11 @@ class _Trainer:
         return healed
 
     def _resume(self) -> None:
-        k = self.cfg.dist.replica_size
-        m = self.world // k
+        k, ranks = self.cfg.dist.replica_size, self.local  # (the ranks that write a checkpoint together)
+        m = ranks.world_size // k
 
         def file_of(saved: int) -> int | None:  # another k: the first rank of this rank's replica, k_old = saved / m
-            return (self.rank // k) * (saved // m) if saved % m == 0 and saved // m > 1 else None
+            return (ranks.rank // k) * (saved // m) if saved % m == 0 and saved // m > 1 else None
 
         root = self.run_dir / "checkpoints"
         like = next(self.model.parameters())
@@ -264,7 +264,7 @@ class _Trainer:
                 print(f"starting over at step 0: no checkpoint could be read{unreadable}", file=sys.stderr, flush=True)
             return
         saved = checkpoint.saved_world(directory)
-        resharded = f", resharded from {saved // m} to {k} ranks per replica" if saved != self.world else ""
+        resharded = f", resharded from {saved // m} to {k} ranks per replica" if saved != ranks.world_size else ""
         mine = _fingerprint(self.cfg)
         if resharded:
             mine = {**{key: v for key, v in mine.items() if key != "replica_size"}, "replica_size": saved // m}
