@@ -17,7 +17,9 @@ prime). Here world rank w = r k + j is shard j of replica r:
 
 Every rank's local shard (FSDP pads each parameter's dim 0 to a multiple of k) is moved into one flat buffer
 (:class:`ShardedParameters`) that FSDP then all-gathers from and the base optimizer steps in: the algorithms work on
-it in place, as on an unsharded model's :class:`~slowmo.flat.FlatParameters`, with no copy per step.
+it in place, as on an unsharded model's :class:`~slowmo.flat.FlatParameters`, with no copy per step. That move sets
+two fields of FSDP2's record of each parameter (``_sharded_param_data``, the DTensor's ``_local_tensor``), the ones
+FSDP's own ``reset_sharded_param`` sets (tested here on torch 2.14; the parity tests fail if a version changes them).
 """
 
 from __future__ import annotations
@@ -40,9 +42,9 @@ from .flat import PER_PARAMETER, FlatParameters, GradientMean, average_, is_per_
 
 
 class ShardedReplicas:
-    """The world of ``comm`` as m = world / ``size`` replicas of ``size`` ranks (consecutive world ranks), with the
-    groups inside a replica (``replica``: FSDP's) and across replicas (``cross``: the base algorithm's and the outer
-    step's), and the (m, k) device mesh FSDP2 shards over.
+    """The world of ``comm`` as m = world / ``size`` replicas of ``size`` ranks (consecutive world ranks): the (m, k)
+    device mesh FSDP2 shards over (its ``shard`` dimension a replica, its ``replicate`` dimension the ranks of one
+    shard index) and ``cross``, the latter as a communicator: the group the base algorithm and the outer step run on.
 
     Args:
         comm: the world, over ``torch.distributed`` (FSDP2 needs process groups: not the simulator).
@@ -61,9 +63,8 @@ class ShardedReplicas:
                 f"dist.replica_size={size!r} does not divide the world of {comm.world_size} ranks into replicas; "
                 "launch a multiple of replica_size ranks"
             )
-        self.size, self.count = size, comm.world_size // size  # k, m
-        self.mesh = init_device_mesh(device_type, (self.count, size), mesh_dim_names=("replicate", "shard"))
-        self.replica = comm.of(self.mesh.get_group("shard"), "replica/")
+        shape = (comm.world_size // size, size)  # (m, k)
+        self.mesh = init_device_mesh(device_type, shape, mesh_dim_names=("replicate", "shard"))
         self.cross = comm.of(self.mesh.get_group("replicate"), "")
 
     def shard(self, model: nn.Module, replicate: bool = False) -> nn.Module:
