@@ -122,7 +122,10 @@ class FlatParameters:
         return shards
 
     def averaged_inside(self, buffers: list[torch.Tensor]) -> list[torch.Tensor]:
-        """``buffers`` averaged over the ranks holding the other parts of the model too (none here)."""
+        """``buffers`` averaged over the ranks holding the other parts of the model too (:attr:`whole_over`; none for
+        a whole model)."""
+        for comm in self.whole_over:
+            average_(comm, buffers)
         return buffers
 
     def whole_model(self, params: list[torch.Tensor], buffers: list[torch.Tensor]) -> list[torch.Tensor] | None:

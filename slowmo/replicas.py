@@ -38,7 +38,7 @@ from torch.distributed.tensor import empty as distributed_empty
 
 from .comm import Communicator
 from .comm.torch_distributed import TorchDistributed
-from .flat import PER_PARAMETER, FlatParameters, GradientMean, average_, is_per_parameter
+from .flat import PER_PARAMETER, FlatParameters, GradientMean, is_per_parameter
 
 
 class ShardedReplicas:
@@ -214,12 +214,6 @@ class ShardedParameters(FlatParameters):
             DTensor.from_local(s, p.device_mesh, p.placements, shape=p.shape, stride=p.stride()).full_tensor()
             for s, p in zip(shards, self.params, strict=True)
         ]
-
-    def averaged_inside(self, buffers: list[torch.Tensor]) -> list[torch.Tensor]:
-        """``buffers`` (BatchNorm statistics: each rank of a replica keeps its own, as under FSDP) averaged over the
-        replica too."""
-        average_(self.replica, buffers)
-        return buffers
 
     def whole_model(self, params: list[torch.Tensor], buffers: list[torch.Tensor]) -> list[torch.Tensor]:
         return self.whole([local(p).detach() for p in params]) + [b.detach().clone() for b in buffers]
