@@ -192,6 +192,11 @@ CASES = [
         gloo=False,
     ),
     Case(
+        "the outer state on an unknown device",
+        lambda t: {"slowmo": {"enabled": True, "state_device": "gpu"}},
+        "slowmo.state_device must be null (the outer state with the model) or cpu (in host memory), got 'gpu'",
+    ),
+    Case(
         "sharded replicas on the simulator",
         lambda t: {"dist": {"replica_size": 2}},
         SHARDED + ": use dist=gloo or dist=nccl, not dist=simulated",

@@ -102,9 +102,10 @@ def build(comm, s: Setup, theta0: np.ndarray):
 
 
 def outer(settings: dict) -> dict:
-    """SlowMo's arguments (tau, the parts, the base-buffer policy) from the ``slowmo`` section's words: each part
-    built by its registry from its section (slow momentum and the exact mean where none is named)."""
-    unknown = set(settings) - {"tau", "base_buffers", "clip_norm", "update", "mean", "fragments"}
+    """SlowMo's arguments (tau, the parts, the base-buffer policy, where the outer state lives) from the ``slowmo``
+    section's words: each part built by its registry from its section (slow momentum and the exact mean where none is
+    named)."""
+    unknown = set(settings) - {"tau", "base_buffers", "clip_norm", "update", "mean", "fragments", "state_device"}
     assert not unknown, f"not a setting of the slowmo section: {unknown}"
     update, mean = dict(settings.get("update", {})), dict(settings.get("mean", {}))
     update, mean = (
@@ -119,6 +120,7 @@ def outer(settings: dict) -> dict:
         fragments=slowmo.Fragments(**settings.get("fragments", {})),
         clip=None if clip is None else slowmo.ClipNorm(clip),
         base_buffers=settings.get("base_buffers", "keep"),
+        state_device=settings.get("state_device"),
     )
 
 

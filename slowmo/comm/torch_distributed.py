@@ -44,20 +44,23 @@ class TorchDistributed(Communicator):
         self.group = group
         self.timeout = timeout
         self._global = dist.get_process_group_ranks(group) if group is not None else list(range(self.world_size))
-        self._host_only = dist.get_backend(group) == "gloo"
+        self._device_type = "cpu" if dist.get_backend(group) == "gloo" else "cuda"  # what the backend moves
         self.overlaps = True
 
-    def _host(self, tensor: torch.Tensor) -> torch.Tensor:
-        """The buffer the backend works on: ``tensor`` itself, or its host copy for gloo and a GPU tensor."""
-        return tensor.cpu() if self._host_only and tensor.device.type != "cpu" else tensor
+    def _staged(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The buffer the backend works on: ``tensor`` itself, or its copy where the backend moves tensors (gloo, a
+        GPU tensor: the host; NCCL, a host tensor such as an outer state in host memory: the GPU)."""
+        if tensor.device.type == self._device_type:
+            return tensor
+        return tensor.cpu() if self._device_type == "cpu" else tensor.cuda()
 
     def _all_reduce(self, tensor: torch.Tensor) -> None:
-        buffer = self._host(tensor)
+        buffer = self._staged(tensor)
         self._guard(lambda: dist.all_reduce(buffer, group=self.group), "all_reduce")
         _copy_back(tensor, buffer)
 
     def _all_reduce_async(self, tensor: torch.Tensor) -> Work:
-        buffer = self._host(tensor)
+        buffer = self._staged(tensor)
         try:
             work = dist.all_reduce(buffer, group=self.group, async_op=True)
         except RuntimeError as error:
@@ -69,22 +72,22 @@ class TorchDistributed(Communicator):
         )
 
     def _reduce_scatter(self, output: torch.Tensor, input: torch.Tensor) -> None:
-        out, inp = self._host(output), self._host(input)
+        out, inp = self._staged(output), self._staged(input)
         self._guard(lambda: _REDUCE_SCATTER(out, inp, group=self.group), "reduce_scatter")
         _copy_back(output, out)
 
     def _all_gather(self, output: torch.Tensor, input: torch.Tensor) -> None:
-        out, inp = self._host(output), self._host(input)
+        out, inp = self._staged(output), self._staged(input)
         self._guard(lambda: _ALL_GATHER(out, inp, group=self.group), "all_gather")
         _copy_back(output, out)
 
     def _all_to_all(self, output: torch.Tensor, input: torch.Tensor) -> None:
-        out, inp = self._host(output), self._host(input)
+        out, inp = self._staged(output), self._staged(input)
         self._guard(lambda: dist.all_to_all_single(out, inp, group=self.group), "all_to_all")
         _copy_back(output, out)
 
     def _all_to_all_async(self, output: torch.Tensor, input: torch.Tensor) -> Work:
-        out, inp = self._host(output), self._host(input)
+        out, inp = self._staged(output), self._staged(input)
         try:
             work = dist.all_to_all_single(out, inp, group=self.group, async_op=True)
         except RuntimeError as error:
@@ -94,7 +97,7 @@ class TorchDistributed(Communicator):
         return _Timed(work, self, "all_to_all", keep=inp, then=None if out is output else lambda: output.copy_(out))
 
     def _broadcast(self, tensor: torch.Tensor, src: int) -> None:
-        buffer = self._host(tensor)
+        buffer = self._staged(tensor)
         self._guard(lambda: dist.broadcast(buffer, src=self._global[src], group=self.group), "broadcast")
         _copy_back(tensor, buffer)
 
@@ -102,12 +105,12 @@ class TorchDistributed(Communicator):
         self._guard(lambda: dist.barrier(group=self.group), "barrier")
 
     def _isend(self, tensor: torch.Tensor, dst: int) -> Work:
-        buffer = self._host(tensor)  # a host copy is taken now: the tensor may change once this returns
+        buffer = self._staged(tensor)  # a copy is taken now: the tensor may change once this returns
         work = dist.isend(buffer, dst=self._global[dst], group=self.group)
         return _Timed(work, self, f"send to rank {self._global[dst]}", keep=buffer)
 
     def _irecv(self, tensor: torch.Tensor, src: int) -> Work:
-        buffer = self._host(tensor)
+        buffer = self._staged(tensor)
         work = dist.irecv(buffer, src=self._global[src], group=self.group)
         return _Timed(
             work,

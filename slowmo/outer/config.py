@@ -1,7 +1,8 @@
 """The harness's ``slowmo`` section and the outer step it builds. Each part owns its knobs, in its own section:
 
     slowmo=off|on|bmuf|lookahead|diloco        a preset: YAML defaults for the parts (configs/slowmo/<preset>.yaml)
-    slowmo.tau, base_buffers, clip_norm          the outer step's own keys (slowmo.label names it in tables)
+    slowmo.tau, base_buffers, clip_norm,         the outer step's own keys (slowmo.label names it in tables)
+    slowmo.state_device
     slowmo/update=slow_momentum|torch|nesterov|adam|bmuf|lookahead|diloco
     slowmo.update.alpha, beta, nesterov, ...     the update's knobs (configs/slowmo/update/<name>.yaml)
     slowmo/mean=exact|sharded|compressed|eager   slowmo.mean.codec, ...: the mean's (sharded: 1/m of the state per rank)
@@ -38,6 +39,7 @@ class OuterConfig:
     tau: int = setting(minimum=1)  # inner steps per outer step
     base_buffers: str  # keep | reset | average
     clip_norm: float | None  # max L2 norm of the mean pseudo-gradient (parameter units); null: no clipping
+    state_device: str | None  # null: the outer state with the model; cpu: in host memory (prime's offload)
     fragments: FragmentsConfig
     update: Any = None  # slowmo/update=<name>: checked against that update's dataclass (slowmo.train.config)
     mean: Any = None  # slowmo/mean=<name>: checked against that mean's dataclass
@@ -65,6 +67,11 @@ class OuterConfig:
     def check(self) -> None:
         if self.base_buffers not in BASE_BUFFERS:
             raise ConfigError(f"base_buffers must be 'keep', 'reset' or 'average', got {self.base_buffers!r}")
+        if self.state_device not in (None, "cpu"):
+            raise ConfigError(
+                f"slowmo.state_device must be null (the outer state with the model) or cpu (in host memory), got "
+                f"{self.state_device!r}"
+            )
         try:
             check(tau=self.tau)
             if self.clip_norm is not None:
@@ -96,6 +103,7 @@ class OuterConfig:
             "fragments": fragments,
             "clip": clip,
             "base_buffers": self.base_buffers,
+            "state_device": self.state_device,
         }
 
 

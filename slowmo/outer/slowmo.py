@@ -48,6 +48,12 @@ class SlowMo(DistributedOptimizer):
         fragments: :class:`~slowmo.Fragments` (default: one, no delay: the whole model at once).
         clip: :class:`~slowmo.ClipNorm` of the mean pseudo-gradient, or None.
         base_buffers: "keep", "reset" or "average" the base optimizer's state at each outer step.
+        state_device: where the outer state lives (x_{t,0}, the update's and the mean's state, and a copy of the
+            model that the outer step works on): None, with the parameters; "cpu", in host memory, as prime offloads
+            it, so that a GPU holds nothing of the outer step between outer steps (page-locked when the parameters
+            are on a GPU). The outer step then copies each fragment's parameters there at its launch and its merge, and
+            x_{t+1,0} back; the numbers are the same, bit for bit. (Given the parameters' own device, the state has
+            its buffers there: on a CPU run, one copy of the model more.)
     """
 
     FORMAT = "slowmo/2"  # the outer state as parts
@@ -63,6 +69,7 @@ class SlowMo(DistributedOptimizer):
         fragments: Fragments | None = None,
         clip: ClipNorm | None = None,
         base_buffers: Literal["keep", "reset", "average"] = "keep",
+        state_device: str | torch.device | None = None,
     ) -> None:
         check(tau=tau)
         if base_buffers not in BASE_BUFFERS:
@@ -76,6 +83,11 @@ class SlowMo(DistributedOptimizer):
         self.tau, self.base_buffers = tau, base_buffers
         self.fragments.bind(layers or list(range(len(self._params))), tau)
         self._shard = Shard(self.comm, self.flat.numel, self.mean.shards_state)
+        self._staged = self.flat.data  # the model as the outer step works on it: the buffer, or its host copy
+        if state_device is not None:  # (its own buffers even on the parameters' device: a CPU run tests this path)
+            data = self.flat.data
+            pinned = data.is_cuda and torch.device(state_device).type == "cpu"
+            self._staged = torch.empty(data.numel(), dtype=data.dtype, device=state_device, pin_memory=pinned)
         self._gammas: list[float] | None = None  # gamma_{t-1} of each parameter (at its last outer step)
         self._outer = 0
 
@@ -89,8 +101,18 @@ class SlowMo(DistributedOptimizer):
 
     def _start(self) -> None:
         super()._start()  # every rank now holds rank 0's parameters: x_{0,0}
-        self.update.bind(self._shard.mine(self.flat.data))
-        self.mean.bind(self.flat.numel, self.flat.data)
+        self._stage(None, to_state=True)
+        self.update.bind(self._shard.mine(self._staged))
+        self.mean.bind(self.flat.numel, self._staged)
+
+    def _stage(self, ranges: list[tuple[int, int]] | None, to_state: bool) -> None:
+        """With the outer state on another device: the model's ``ranges`` (None: all of it) into its copy there
+        (``to_state``), or back."""
+        if self._staged is self.flat.data:
+            return
+        source, target = (self.flat.data, self._staged) if to_state else (self._staged, self.flat.data)
+        for a, b in ranges or [(0, self.flat.numel)]:
+            target[a:b].copy_(source[a:b])
 
     def _ends_outer_iteration(self) -> bool:
         return (self._step + 1) % self.tau == 0
@@ -131,6 +153,7 @@ class SlowMo(DistributedOptimizer):
     def _launch(self, fragment: int, step: int, gammas: list[float]) -> None:
         members = self.fragments.members[fragment]
         flight = self._flight(fragment, step, [gammas[i] for i in members])
+        self._stage(None if flight.whole else flight.ranges, to_state=True)
         self.mean.start(flight)
         self.fragments.in_flight[fragment] = flight
 
@@ -138,12 +161,16 @@ class SlowMo(DistributedOptimizer):
         members, whole = self.fragments.members[fragment], self.fragments.whole
         equal = self.algorithm.replicas_equal  # every rank holds the same x (AllReduce): nothing to average
         flat, x0 = self.flat, self.update.x0
-        return Flight(fragment, step, members, flat.ranges, gammas, whole, x0, flat.data, self._shard, self.comm, equal)
+        return Flight(
+            fragment, step, members, flat.ranges, gammas, whole, x0, self._staged, self._shard, self.comm, equal
+        )
 
     def _merge(self, flight: Flight) -> None:
         """The fragment's mean completed, clipped; its update (which sets x_{t,0} to x_{t+1,0}); x_{t+1,0}, mixed, into
         the model."""
         self.mean.finish(flight)
+        if not flight.whole:  # (the model moved on since the launch: its values now, for the mix)
+            self._stage(flight.ranges, to_state=True)
         pieces = self._pieces(flight)
         if not (flight.averaged and self.clip is None and self.update.step_from_average(pieces)):
             if flight.averaged:  # Delta_bar = x_{t,0} - x_{t,tau}
@@ -152,7 +179,7 @@ class SlowMo(DistributedOptimizer):
             if self.clip is not None:
                 self.clip.clip_(flight.values, ((self.comm,) if self._shard.enabled else ()) + self.flat.whole_over)
             self.update.step(pieces)
-        model, mix = self._shard.mine(self.flat.data), self.fragments.mix
+        model, mix = self._shard.mine(self._staged), self.fragments.mix
         for piece in pieces:
             x = model[piece.start : piece.end]
             if x.data_ptr() == piece.delta.data_ptr():  # the update worked on the model itself
@@ -163,10 +190,12 @@ class SlowMo(DistributedOptimizer):
                 x.mul_(1.0 - mix).add_(piece.delta, alpha=mix)
         if flight.whole:
             self._gammas = list(flight.gammas)
-            self._shard.gather_(self.flat.data)
+            self._shard.gather_(self._staged)
+            self._stage(None, to_state=False)
             self.algorithm.reset_weights()  # every rank holds the same model: push-sum's weights back to 1
             self._base_state_(self.base_buffers)
         else:
+            self._stage(flight.ranges, to_state=False)
             gammas = self._gammas or self.learning_rates()
             for i, gamma in zip(flight.members, flight.gammas, strict=True):
                 gammas[i] = gamma
@@ -240,7 +269,7 @@ class SlowMo(DistributedOptimizer):
                 f"the checkpoint's outer step is {outer['parts']}, this run's is {self._kinds()}; resume with the "
                 "same parts, or start a new run directory"
             )
-        like = self.flat.data
+        like = self._staged
         self._outer, self._gammas = outer["t"], outer["gammas"]
         self.update.load_state_dict(self.flat.flat_layout(outer["update"]), like)
         self.mean.load_state_dict(self.flat.flat_layout(outer["mean"]), like)

@@ -126,6 +126,29 @@ def test_outer_step_equals_the_numpy_reference(algorithm, outer):
     assert np.abs(reference(s.with_(outer=PLAIN)) - expected).max() > 1e-6
 
 
+@pytest.mark.parametrize(
+    "algorithm,outer",
+    [
+        ("localsgd", {}),
+        ("sgp", dict(mean=dict(name="sharded"))),
+        ("localsgd", dict(mean=dict(name="eager", codec="int8", error_feedback=True))),
+        (
+            "osgp",
+            dict(mean=dict(name="compressed", codec="fp4", error_feedback=True), fragments=dict(count=2, delay=2)),
+        ),
+        ("allreduce", dict(clip_norm=0.05, fragments=dict(count=2, delay=3, mix=0.5))),
+    ],
+    ids=lambda v: _case_id(v) if isinstance(v, dict) else v,
+)
+def test_the_outer_state_in_host_memory_takes_the_same_steps(algorithm, outer):
+    """``state_device="cpu"``: x_{t,0}, the parts' state and the outer step's copy of the model in buffers of their
+    own (host memory, where the model is on a GPU), the model copied there and back around each fragment's mean."""
+    s = setup(algorithm, **outer).with_(steps=15)
+    offloaded = thetas(s.with_(outer=s.outer | {"state_device": "cpu"}))
+    assert np.array_equal(offloaded, thetas(s))
+    assert np.allclose(offloaded, reference(s), rtol=0, atol=1e-12)
+
+
 def test_error_feedback_keeps_what_compression_lost():
     s = setup("localsgd", mean=dict(name="compressed", codec="int8"))
     exact = reference(s.with_(outer=PLAIN))

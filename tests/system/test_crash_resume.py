@@ -36,8 +36,13 @@ COMMON = [
 CASES = {  # name: (task, processes, overrides)
     "localsgd": ("digits", 4, ["algorithm=localsgd", "algorithm.period=4"]),
     "osgp": ("digits", 4, ["algorithm=osgp"]),
-    # 2 replicas of 2 ranks sharding the model with FSDP2: each rank's file holds its shards
-    "sharded replicas": ("digits", 4, ["algorithm=localsgd", "algorithm.period=4", "dist.replica_size=2"]),
+    # 2 replicas of 2 ranks sharding the model with FSDP2: each rank's file holds its shards; the outer state in
+    # buffers of its own (host memory, on a GPU)
+    "sharded replicas": (
+        "digits",
+        4,
+        ["algorithm=localsgd", "algorithm.period=4", "dist.replica_size=2", "slowmo.state_device=cpu"],
+    ),
     # augmentation on, batches loaded by 2 worker processes per rank, across epoch boundaries (5 steps per epoch)
     "cifar10 with workers": (
         "cifar10",

@@ -22,6 +22,7 @@ from slowmo.train import checkpoint
 WORLD, K, STEPS, TAU, BATCH = 4, 2, 100, 2, 5  # 50 outer steps
 RTOL = 1e-6
 STATE = "slowmo over local sgd"  # the case whose bytes and outer state are checked
+OFFLOADED = "outer state in host memory"
 
 
 def _model(device: str = "cpu") -> nn.Module:
@@ -60,6 +61,12 @@ CASES = {  # name -> (base optimizer, SlowMo's keyword arguments[, the base algo
         _sgd,
         {"update": lambda: slowmo.SlowMomentum(beta=0.6), "clip": lambda: slowmo.ClipNorm(0.01)},
     ),
+    # x_{t,0}, u and the model's copy the outer step works on in host memory (prime's offload); the reference keeps
+    # them with the model
+    OFFLOADED: (
+        _sgd,
+        {"update": lambda: slowmo.SlowMomentum(beta=0.6), "base_buffers": "reset", "state_device": "cpu"},
+    ),
     "eager mean": (_sgd, {"update": lambda: slowmo.SlowMomentum(beta=0.5), "mean": lambda: slowmo.EagerMean()}),
     # push-sum is elementwise too: each shard gossips with its own index, every weight the same
     "slowmo over sgp": (_sgd, {"update": lambda: slowmo.SlowMomentum(beta=0.6)}, slowmo.SGP),
@@ -67,9 +74,11 @@ CASES = {  # name -> (base optimizer, SlowMo's keyword arguments[, the base algo
 }
 
 
-def _slowmo(model, comm, case: str):
+def _slowmo(model, comm, case: str, reference: bool = False):
     base, parts, algorithm = (*CASES[case], LOCAL)[:3]
     kwargs = {key: value() if callable(value) else value for key, value in parts.items()}
+    if reference:
+        kwargs.pop("state_device", None)
     built = algorithm(comm) if algorithm is LOCAL else algorithm(comm, slowmo.DirectedExponential(comm.world_size))
     return slowmo.SlowMo(model, base(model), built, tau=TAU, **kwargs)
 
@@ -135,9 +144,12 @@ def _all_cases(comm, device: str = "cpu") -> dict:
         if case == STATE:
             out["bytes"], out["shard"], out["fsdp"] = comm.stats(), opt.flat.numel, fsdp
             out["state"] = sum(t.numel() * t.element_size() for t in opt.update.state_dict().values())
+        if case == OFFLOADED:  # the bytes of the outer state on the model's device: none where that is a GPU
+            state = [*opt.update.state_dict().values(), opt.update.x0, opt.update.v]
+            out["offloaded"] = {t.device.type for t in state}, sum(t.nbytes for t in state if t.is_cuda)
         model = _model(device)  # the reference: each replica a DDP of whole copies, the same algorithm, the same group
         ddp = nn.parallel.DistributedDataParallel(model, process_group=replicas.mesh.get_group("shard"))
-        _train(model, _slowmo(model, replicas.cross, case), comm.rank, ddp)
+        _train(model, _slowmo(model, replicas.cross, case, reference=True), comm.rank, ddp)
         out[case] = (sharded, _whole(model))
     model = replicas.shard(_model(device))  # the inner gradient clipped
     _train(model, _slowmo(model, replicas.cross, STATE), comm.rank, clip=0.05)
@@ -209,6 +221,8 @@ def test_sharded_replicas_on_cuda_tensors_equal_the_unsharded_run():
         for result in runs:
             sharded, unsharded = result[case]
             assert np.abs(sharded - unsharded).max() / np.abs(unsharded).max() <= RTOL, case
+    for result in runs:
+        assert result["offloaded"] == ({"cpu"}, 0), result["offloaded"]  # 0 bytes of the outer state on the GPU
 
 
 # ------------------------------------------------------------------------------------- resharding a checkpoint
