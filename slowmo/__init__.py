@@ -5,7 +5,7 @@ opt = slowmo.SlowMo(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=
 loss.backward(); opt.step(); opt.zero_grad()
 
 The outer step's parts: the update (SlowMomentum, TorchUpdate, or slowmo.presets.bmuf/lookahead/diloco), the mean
-(ExactMean, ShardedMean, CompressedMean, EagerMean), Fragments and ClipNorm.
+(ExactMean, ShardedMean, CompressedMean, RowCompressedMean, EagerMean), Fragments and ClipNorm.
 """
 
 from pkgutil import extend_path
@@ -23,6 +23,7 @@ from .outer import (
     EagerMean,
     ExactMean,
     Fragments,
+    RowCompressedMean,
     ShardedMean,
     SlowMo,
     SlowMomentum,
@@ -44,6 +45,7 @@ __all__ = [
     "DistributedOptimizer",
     "EagerMean",
     "ExactMean",
+    "RowCompressedMean",
     "ShardedMean",
     "Fragments",
     "GossipGraph",

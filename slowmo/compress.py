@@ -91,11 +91,41 @@ class Codec:
         padded = torch.nn.functional.pad(values, (0, -length % self.chunk)).view(-1, self.chunk)
         scales = (padded.abs().amax(dim=1) / top).to(torch.float32)  # s_c, stored as float32
         divisor = scales.to(values.dtype).where(scales > 0, torch.ones((), dtype=values.dtype, device=values.device))
-        scaled = (padded / divisor[:, None]).reshape(-1)[:length]
+        return self._codes((padded / divisor[:, None]).reshape(-1)[:length]), scales
+
+    def _codes(self, scaled: torch.Tensor) -> torch.Tensor:
+        top = _SCALED[self.name][1]
         scaled = scaled.clamp(-top, top)  # (s_c was rounded to float32)
         if self.name == "fp4":
-            return _e2m1_encode(scaled), scales
-        return (scaled.round() if self.name == "int8" else scaled).to(self.code_dtype), scales
+            return _e2m1_encode(scaled)
+        return (scaled.round() if self.name == "int8" else scaled).to(self.code_dtype)
+
+    # ------------------------------------------------------------------ a scale per row
+    def row_nbytes(self, rows: torch.Tensor) -> int:
+        """The bytes of the values of ``rows`` (a row's length each) with a float32 scale per row."""
+        return self._code_bytes(int(rows.sum())) + 4 * rows.numel()
+
+    def encode_rows(self, values: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """``values`` (1-D, rows of the lengths ``rows`` one after the other) as ``row_nbytes(rows)`` bytes: the
+        codes, then a float32 scale per row, s_r = max|p_r| / top."""
+        top = _SCALED[self.name][1]
+        index = torch.repeat_interleave(torch.arange(rows.numel(), device=values.device), rows)
+        peak = values.new_zeros(rows.numel()).scatter_reduce_(0, index, values.abs(), "amax")
+        scales = (peak / top).to(torch.float32)
+        divisor = scales.to(values.dtype).where(scales > 0, torch.ones((), dtype=values.dtype, device=values.device))
+        codes = self._codes(values / divisor[index])
+        return torch.cat([codes.view(torch.uint8), scales.view(torch.uint8)])
+
+    def decode_rows(self, data: torch.Tensor, rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The values that ``data`` (:meth:`encode_rows`' bytes, possibly followed by padding) encodes, in ``dtype``."""
+        length = int(rows.sum())
+        end = self._code_bytes(length)
+        if self.name == "fp4":
+            codes = _e2m1_decode(data[:end], length, dtype)
+        else:
+            codes = data[:end].view(self.code_dtype).to(dtype)
+        scales = data[end : end + 4 * rows.numel()].clone().view(torch.float32).to(dtype)
+        return codes * scales.repeat_interleave(rows)
 
 
 def _e2m1_encode(values: torch.Tensor) -> torch.Tensor:
@@ -169,3 +199,66 @@ def gather_mean_(comm: Communicator, values: torch.Tensor, mean_shard: torch.Ten
     for j in range(n):
         shards[j] = codec.decode(gathered[j * size : (j + 1) * size], length, values.dtype)
     return values
+
+
+class RowExchange:
+    """The two-phase compressed mean with a scale per row (:class:`~slowmo.outer.compressed_rows.RowCompressedMean`),
+    started: ``values`` (p_i: rows of the lengths ``rows``, one after the other) encoded at once, a scale per row, and
+    cut into n pieces of whole rows (about length / n values each); piece j, padded to the largest piece's bytes,
+    goes to rank j (one all-to-all in flight until :meth:`finish`). ``residual``, if given, receives
+    p_i - D(Q(p_i)) at once. :meth:`finish` averages rank j's piece (the ranks' decoded rows added in rank order),
+    encodes it with a scale per row, and all-gathers the pieces into ``values``: every row's arithmetic is the same
+    whichever rank averages it, so the mean of a row does not depend on how the vector is laid out or cut (a sharded
+    replica's shard holds whole rows)."""
+
+    def __init__(
+        self,
+        comm: Communicator,
+        values: torch.Tensor,
+        rows: torch.Tensor,
+        codec: Codec,
+        residual: torch.Tensor | None = None,
+    ) -> None:
+        n, length = comm.world_size, values.numel()
+        ends = torch.cumsum(rows, 0)
+        targets = torch.arange(1, n, device=rows.device) * length // n  # piece j ends at the first row end >= j L/n
+        cuts = [0, *torch.searchsorted(ends, targets).add_(1).clamp_(max=rows.numel()).tolist(), rows.numel()]
+        self.comm, self.codec, self.values, self.dtype = comm, codec, values, values.dtype
+        self.pieces = [rows[a:b] for a, b in zip(cuts[:-1], cuts[1:], strict=True)]  # the row lengths of piece j
+        starts = [0, *torch.cumsum(torch.stack([p.sum() for p in self.pieces]), 0).tolist()]
+        self.spans = list(zip(starts[:-1], starts[1:], strict=True))  # piece j's values
+        self.size = max(codec.row_nbytes(p) for p in self.pieces)  # each piece's bytes, padded to this
+        sent = torch.zeros(n * self.size, dtype=torch.uint8, device=values.device)
+        for j, ((a, b), piece) in enumerate(zip(self.spans, self.pieces, strict=True)):
+            code = codec.encode_rows(values[a:b], piece)
+            sent[j * self.size : j * self.size + code.numel()] = code
+            if residual is not None:
+                torch.sub(values[a:b], codec.decode_rows(code, piece, self.dtype), out=residual[a:b])
+        self._sent, self._received = sent, torch.empty_like(sent)
+        self._work = comm.all_to_all_async(self._received, sent)
+
+    def heard(self) -> torch.Tensor:
+        """D(Q(p_i)): what the mean takes of this rank's values."""
+        return torch.cat(
+            [
+                self.codec.decode_rows(self._sent[j * self.size : (j + 1) * self.size], piece, self.dtype)
+                for j, piece in enumerate(self.pieces)
+            ]
+        )
+
+    def finish(self) -> torch.Tensor:
+        """Phase 2: ``values`` becomes D(Q((1/n) sum_i D(Q(p_i)))), row by row, the same on every rank; returned."""
+        self._work.wait()
+        n, size, rank = self.comm.world_size, self.size, self.comm.rank
+        piece = self.pieces[rank]
+        mean = self.codec.decode_rows(self._received[:size], piece, self.dtype)
+        for i in range(1, n):  # in rank order
+            mean += self.codec.decode_rows(self._received[i * size : (i + 1) * size], piece, self.dtype)
+        code = self.codec.encode_rows(mean.div_(n), piece)
+        mine = torch.zeros(size, dtype=torch.uint8, device=self.values.device)
+        mine[: code.numel()] = code
+        gathered = torch.empty(n * size, dtype=torch.uint8, device=self.values.device)
+        self.comm.all_gather(gathered, mine)
+        for j, ((a, b), rows) in enumerate(zip(self.spans, self.pieces, strict=True)):
+            self.values[a:b] = self.codec.decode_rows(gathered[j * size : (j + 1) * size], rows, self.dtype)
+        return self.values

@@ -11,6 +11,7 @@ as BatchNorm statistics, optimizer state).
 from __future__ import annotations
 
 import functools
+import math
 import weakref
 from collections.abc import Sequence
 from typing import Any
@@ -51,6 +52,14 @@ def average_(comm: Communicator, tensors: Sequence[torch.Tensor]) -> None:
         unflatten_(flat, tensors)
 
 
+def row_length(shape: Sequence[int], stride: Sequence[int] | None = None) -> int:
+    """The values of one row of a tensor laid out as ``shape`` and ``stride`` (None: contiguous), as a row-wise code
+    scales them: a slice along dim 0 where it lies in one run of memory (row-major, channels-last), else one value."""
+    numel = math.prod(shape)
+    whole = stride is None or (len(shape) > 1 and stride[0] * shape[0] == numel)
+    return numel // shape[0] if len(shape) > 1 and shape[0] and whole else 1
+
+
 class FlatParameters:
     """``params`` moved into one buffer, ``data``, and given gradients that are views of another, ``grad``.
 
@@ -74,6 +83,7 @@ class FlatParameters:
         self.data = torch.zeros(size, dtype=first.dtype, device=first.device)
         self.grad = torch.zeros_like(self.data)
         self.ranges: list[tuple[int, int]] = []
+        self.rows = [row_length(p.shape, p.stride()) for p in params]  # each parameter's row length (a row-wise code's)
         self.grad_views: list[torch.Tensor | None] = []
         self._addresses: list[int] = []  # where each parameter's view starts: owns() compares
         self.generation = 0  # counts what brings new gradients: zero_grad, replaced gradients, backward (GradientMean)

@@ -38,7 +38,7 @@ from torch.distributed.tensor import empty as distributed_empty
 
 from .comm import Communicator
 from .comm.torch_distributed import TorchDistributed
-from .flat import PER_PARAMETER, FlatParameters, GradientMean, is_per_parameter
+from .flat import PER_PARAMETER, FlatParameters, GradientMean, is_per_parameter, row_length
 
 
 class ShardedReplicas:
@@ -121,6 +121,7 @@ class ShardedParameters(FlatParameters):
         self.grad = self.data.new_empty(0)
         self.grad_views = [None] * len(params)
         self.ranges, self._addresses, self.generation = [], [], 0
+        self.rows = [row_length(fp.padded_sharded_param_size) for fp in self._fsdp]  # (contiguous shards)
         offset = 0
         with torch.no_grad():
             for fp, size in zip(self._fsdp, sizes, strict=True):

@@ -1,7 +1,8 @@
 """SlowMo's outer step, built from parts (:mod:`.parts`): Algorithm 1's update alone in :mod:`.algorithm1`, any torch
-optimizer as the update (:mod:`.torch_update`), the exact, sharded, compressed or eager mean (:mod:`.exact`,
-:mod:`.sharded`, :mod:`.compressed`, :mod:`.eager`), fragments (:mod:`.fragments`), clipping (:mod:`.clip`), the
-presets (:mod:`.presets`) and the optimizer that puts them together (:mod:`.slowmo`). A new part is one module here
+optimizer as the update (:mod:`.torch_update`), the exact, sharded, compressed (a scale per 256 values or per row)
+or eager mean (:mod:`.exact`, :mod:`.sharded`, :mod:`.compressed`, :mod:`.compressed_rows`, :mod:`.eager`),
+fragments (:mod:`.fragments`), clipping (:mod:`.clip`), the presets (:mod:`.presets`) and the optimizer that puts
+them together (:mod:`.slowmo`). A new part is one module here
 plus its YAML file (``configs/slowmo/update/<name>.yaml`` or ``configs/slowmo/mean/<name>.yaml``); a directory on
 ``PYTHONPATH`` holding ``slowmo/outer/<name>.py`` adds one from outside the source tree."""
 
@@ -11,6 +12,7 @@ from . import presets
 from .algorithm1 import SlowMomentum
 from .clip import ClipNorm
 from .compressed import CompressedMean
+from .compressed_rows import RowCompressedMean
 from .eager import EagerMean
 from .exact import ExactMean
 from .fragments import Fragments, layers_of
@@ -28,6 +30,7 @@ __all__ = [
     "CompressedMean",
     "EagerMean",
     "ExactMean",
+    "RowCompressedMean",
     "ShardedMean",
     "Fragments",
     "Parts",

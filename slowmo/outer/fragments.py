@@ -127,6 +127,7 @@ class Flight:
         step: int,
         members: list[int],
         ranges: list[tuple[int, int]],
+        rows: list[int],
         gammas: list[float],
         whole: bool,
         x0: torch.Tensor,
@@ -137,6 +138,7 @@ class Flight:
     ) -> None:
         self.fragment, self.step, self.members, self.gammas = fragment, step, members, gammas
         self.ranges = [ranges[i] for i in members]
+        self.row_lengths = [rows[i] for i in members]  # each member's row (FlatParameters.rows)
         self.length = sum(b - a for a, b in self.ranges)
         self.whole, self.x0, self.data, self.shard, self.comm, self.equal = whole, x0, data, shard, comm, equal
         self.values = torch.empty(0)
@@ -169,6 +171,15 @@ class Flight:
         else:
             self.values = self.data.new_zeros(size)
         self.deltas(self.values[: self.length])
+
+    def rows(self) -> torch.Tensor:
+        """The lengths of the members' rows, one after the other in the packed order (a row-wise code's rows)."""
+        return torch.cat(
+            [
+                torch.full(((b - a) // r,), r, dtype=torch.long, device=self.data.device)
+                for (a, b), r in zip(self.ranges, self.row_lengths, strict=True)
+            ]
+        )
 
     def gather(self, flat: torch.Tensor) -> torch.Tensor:
         """The members' ranges of a flat-layout tensor, packed."""

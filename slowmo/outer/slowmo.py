@@ -162,7 +162,18 @@ class SlowMo(DistributedOptimizer):
         equal = self.algorithm.replicas_equal  # every rank holds the same x (AllReduce): nothing to average
         flat, x0 = self.flat, self.update.x0
         return Flight(
-            fragment, step, members, flat.ranges, gammas, whole, x0, self._staged, self._shard, self.comm, equal
+            fragment,
+            step,
+            members,
+            flat.ranges,
+            flat.rows,
+            gammas,
+            whole,
+            x0,
+            self._staged,
+            self._shard,
+            self.comm,
+            equal,
         )
 
     def _merge(self, flight: Flight) -> None:

@@ -1,6 +1,6 @@
 """The compressed formats of :mod:`slowmo.compress`, in plain NumPy, written from its table and from the formats'
-definitions (fp16 and bf16 casts; int8, float8 e4m3 and FP4 e2m1 codes with a float32 scale per 256 values), and the
-two-phase compressed mean over the ranks."""
+definitions (fp16 and bf16 casts; int8, float8 e4m3 and FP4 e2m1 codes with a float32 scale per 256 values or per
+row), and the two-phase compressed means over the ranks."""
 
 from __future__ import annotations
 
@@ -41,21 +41,25 @@ def _e2m1(values: np.ndarray) -> np.ndarray:
     return out
 
 
-def _roundtrip(values: np.ndarray, compression: str) -> np.ndarray:
-    """D(Q(values)) of one shard, from the definitions in slowmo.compress's docstring."""
+def _roundtrip(values: np.ndarray, compression: str, rows: list[int] | None = None) -> np.ndarray:
+    """D(Q(values)) of one shard, from the definitions in slowmo.compress's docstring: a scale per 256 values, or per
+    row of the lengths ``rows`` (one after the other)."""
     if compression == "fp16":
         return _round_float32(values).astype(np.float16).astype(np.float64)
     if compression == "bf16":
         return _bf16(values)
     top = {"int8": 127.0, "fp8": 448.0, "fp4": 6.0}[compression]
     rounding = {"int8": np.rint, "fp8": _e4m3, "fp4": _e2m1}[compression]
+    bounds = np.cumsum([0, *rows]) if rows is not None else range(0, len(values) + CHUNK, CHUNK)
     out = np.empty_like(values)
-    for start in range(0, len(values), CHUNK):
-        chunk = values[start : start + CHUNK]
+    for start, end in zip(bounds[:-1], bounds[1:], strict=True):
+        chunk = values[start:end]
+        if chunk.size == 0:
+            continue
         scale = float(np.float32(np.abs(chunk).max() / top))
         scaled = chunk / scale if scale > 0 else chunk
         codes = np.clip(rounding(np.clip(scaled, -top, top)), -top, top)
-        out[start : start + CHUNK] = codes * scale
+        out[start:end] = codes * scale
     return out
 
 
@@ -78,3 +82,15 @@ def compressed_mean(sent: np.ndarray, compression: str) -> tuple[np.ndarray, np.
     mean = total / n
     mean = np.concatenate([_roundtrip(mean[j * length : (j + 1) * length], compression) for j in range(n)])
     return mean[:dim], decoded[:, :dim]
+
+
+def compressed_row_mean(sent: np.ndarray, rows: list[int], compression: str) -> tuple[np.ndarray, np.ndarray]:
+    """The compressed mean with a scale per row (``rows``: their lengths, one after the other) over the ranks of
+    ``sent`` (ranks, dim): each rank's rows decoded and added in rank order, the mean re-encoded row by row (where the
+    two phases cut the vector does not enter: they cut between rows); returns (that mean, each rank's decoded
+    vector)."""
+    decoded = np.stack([_roundtrip(row, compression, rows) for row in sent])
+    total = decoded[0].copy()
+    for row in decoded[1:]:
+        total = total + row
+    return _roundtrip(total / len(sent), compression, rows), decoded

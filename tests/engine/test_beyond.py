@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import slowmo
-from slowmo.compress import Codec, compressed_mean_
-from slowmo.reference import algorithm1, beyond
+from slowmo.compress import Codec, RowExchange, compressed_mean_
+from slowmo.reference import algorithm1, beyond, codes
 
 from problems import Setup, make_data, reference, run_engine
 
@@ -218,6 +218,46 @@ def _mean_of_ones(comm, name):
     residual = torch.empty(8, dtype=torch.float64)
     compressed_mean_(comm, values, Codec(name), residual)
     return values.numpy(), residual.numpy(), comm.stats()
+
+
+ROWS = [300, 7, 7, 7, 1, 1, 1, 0, 40, 40, 40, 40, 0, 3]  # a long row, short ones, vectors' rows of one, empty rows
+
+
+def _row_mean(comm, name):
+    rows = torch.tensor(ROWS)
+    g = torch.Generator().manual_seed(comm.rank)
+    values = torch.randn(int(rows.sum()), generator=g, dtype=torch.float64) * torch.linspace(0.1, 3.0, int(rows.sum()))
+    values[-3:] = 0.0  # a row of zeros: scale 0
+    sent, residual = values.clone(), torch.empty_like(values)
+    exchange = RowExchange(comm, values, rows, Codec(name), residual)
+    heard = exchange.heard()
+    exchange.finish()
+    pieces = [p.tolist() for p in exchange.pieces]  # the row lengths of each piece
+    return sent.numpy(), values.numpy(), residual.numpy(), heard.numpy(), comm.stats(), pieces
+
+
+@pytest.mark.parametrize("name", ["int8", "fp8", "fp4"])
+def test_the_compressed_mean_with_a_scale_per_row_equals_the_reference_and_sends_the_formula(name):
+    """4 ranks: every rank ends with the reference's mean (each row's codes, mean and re-encoding written row by row in
+    NumPy, no cut into pieces), error feedback keeps p_i - D(Q(p_i)); each phase sends the largest piece's codes and
+    row scales to each other rank."""
+    results = slowmo.comm.spawn(_row_mean, 4, "simulated", args=(name,))
+    sent = np.stack([r[0] for r in results])
+    mean, decoded = codes.compressed_row_mean(sent, ROWS, name)
+    assert np.abs(mean - sent.mean(axis=0)).max() > 1e-6  # (lossy: the test could tell a cast from the codes)
+    ends = np.cumsum(ROWS)
+    for rank, (_, values, residual, heard, stats, pieces) in enumerate(results):
+        assert np.allclose(values, mean, rtol=0, atol=1e-12), rank
+        assert np.allclose(heard, decoded[rank], rtol=0, atol=1e-12)
+        assert np.allclose(residual, sent[rank] - decoded[rank], rtol=0, atol=1e-12)
+        assert [row for piece in pieces for row in piece] == ROWS  # the pieces cut between rows, in order
+        lengths = [sum(piece) for piece in pieces]
+        for j, end in enumerate(np.cumsum(lengths)[:-1]):  # a cut: past the j+1-th n-th of the values, by < a row
+            target = (j + 1) * ends[-1] // 4
+            assert target <= end < target + max(ROWS), (j, end)
+        code_bytes = {"int8": lambda n: n, "fp8": lambda n: n, "fp4": lambda n: -(-n // 2)}[name]
+        largest = max(code_bytes(sum(piece)) + 4 * len(piece) for piece in pieces)
+        assert stats == {"all_to_all": 3 * largest, "all_gather": 3 * largest, "total": 6 * largest}, rank
 
 
 def test_fp4_rounds_ties_to_the_even_code_and_packs_two_codes_a_byte():

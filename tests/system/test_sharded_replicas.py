@@ -67,6 +67,11 @@ CASES = {  # name -> (base optimizer, SlowMo's keyword arguments[, the base algo
         _sgd,
         {"update": lambda: slowmo.SlowMomentum(beta=0.6), "base_buffers": "reset", "state_device": "cpu"},
     ),
+    # a scale per row: FSDP cuts dim 0, a shard holds whole rows, so the codes are those of the whole model's rows
+    "int8 mean with error feedback, a scale per row": (
+        _sgd,
+        {"update": lambda: slowmo.SlowMomentum(beta=0.6), "mean": lambda: slowmo.RowCompressedMean("int8", True)},
+    ),
     "eager mean": (_sgd, {"update": lambda: slowmo.SlowMomentum(beta=0.5), "mean": lambda: slowmo.EagerMean()}),
     # push-sum is elementwise too: each shard gossips with its own index, every weight the same
     "slowmo over sgp": (_sgd, {"update": lambda: slowmo.SlowMomentum(beta=0.6)}, slowmo.SGP),
