@@ -54,12 +54,12 @@ CASES = {
         momentum=0.9,
         d=40,
     ),
-    "localsgd+slowmo streaming int8, the outer state in host memory": Setup(
+    "localsgd+slowmo streaming int8 (a scale per row), the outer state in host memory": Setup(
         "localsgd",
         outer=dict(
             tau=4,
             update=dict(beta=0.5),
-            mean=dict(name="compressed", codec="int8", error_feedback=True),
+            mean=dict(name="compressed_rows", codec="int8", error_feedback=True),
             fragments=dict(count=2, delay=2),
             state_device="cpu",
         ),
