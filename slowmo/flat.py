@@ -138,10 +138,6 @@ class FlatParameters:
             average_(comm, buffers)
         return buffers
 
-    def whole_model(self, params: list[torch.Tensor], buffers: list[torch.Tensor]) -> list[torch.Tensor] | None:
-        """The parameters and buffers, whole, where this rank holds parts of them; None: they are whole."""
-        return None
-
     def gradient_mean(self, comm: Communicator, bucket_mb: float) -> GradientMean | None:
         """The mean of the gradient buffer over ``comm`` at every step (:class:`GradientMean`)."""
         return GradientMean(comm, self, bucket_mb)

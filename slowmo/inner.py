@@ -178,7 +178,9 @@ class DistributedOptimizer(torch.optim.Optimizer):
     def whole_parameters(self) -> list[torch.Tensor] | None:
         """This rank's parameters and floating-point buffers, whole, where the model holds only a shard of them
         (sharded replicas); None where it holds them whole."""
-        return self.flat.whole_model(self._params, self._buffers)
+        if not self.flat.whole_over:
+            return None
+        return self.flat.whole([local(p).detach() for p in self._params]) + [b.detach().clone() for b in self._buffers]
 
     @torch.no_grad()
     def synchronize(self) -> None:

@@ -216,9 +216,6 @@ class ShardedParameters(FlatParameters):
             for s, p in zip(shards, self.params, strict=True)
         ]
 
-    def whole_model(self, params: list[torch.Tensor], buffers: list[torch.Tensor]) -> list[torch.Tensor]:
-        return self.whole([local(p).detach() for p in params]) + [b.detach().clone() for b in buffers]
-
 
 def _inner_bytes(module: nn.Module, replica: Communicator, across: Communicator) -> list[tuple[Communicator, str, int]]:
     """Bytes one rank sends in one inner step through FSDP2's own collectives, by kind, as slowmo.comm counts its
