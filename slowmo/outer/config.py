@@ -14,6 +14,7 @@ algorithms' are; a key that moved to a part is refused in one line that names it
 
 from __future__ import annotations
 
+import copy
 from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
 
@@ -80,28 +81,32 @@ class OuterConfig:
             raise ConfigError(str(error)) from None
 
     def check_parts(self, elastic: str | None = None, sharded: str | None = None) -> None:
-        """Once the update and mean sections are typed: the parts they make, and whether they combine (``elastic``:
-        the preamble of an elastic run's refusals, whose parts must also run on a changing quorum; ``sharded``: of
-        sharded replicas', whose parts run on a shard of the model)."""
-        self.build(elastic, sharded)
-
-    def build(self, elastic: str | None = None, sharded: str | None = None) -> dict[str, Any]:
-        """SlowMo's arguments after the base optimizer and algorithm: tau, the parts and the base-buffer policy;
-        refused in one line where a part refuses its settings or the others (:meth:`Parts.check`)."""
+        """Once the update and mean sections are typed: the parts they name, built once per run, and refused in one
+        line where a part refuses its settings or the others (:meth:`Parts.check`; ``elastic``: the preamble of an
+        elastic run's refusals, whose parts must also run on a changing quorum; ``sharded``: of sharded replicas',
+        whose parts run on a shard of the model). :meth:`arguments` hands each rank its copy of them."""
         try:
             update = part(UPDATES, self.update)
             mean = part(MEANS, self.mean)
             fragments = Fragments(self.fragments.count, self.fragments.delay, self.fragments.mix)
             clip = ClipNorm(self.clip_norm) if self.clip_norm is not None else None
-            Parts(self.tau, update, mean, fragments, clip, elastic, sharded).check()
+            parts = Parts(self.tau, update, mean, fragments, clip, elastic, sharded)
+            parts.check()
         except ValueError as error:
             raise ConfigError(str(error)) from None
+        self._parts = parts
+
+    def arguments(self) -> dict[str, Any]:
+        """SlowMo's arguments after the base optimizer and algorithm: tau, this rank's copy of the parts that
+        :meth:`check_parts` built (each rank's parts keep their own state), the base-buffer policy and where the outer
+        state lives."""
+        parts: Parts = copy.deepcopy(self._parts)
         return {
-            "tau": self.tau,
-            "update": update,
-            "mean": mean,
-            "fragments": fragments,
-            "clip": clip,
+            "tau": parts.tau,
+            "update": parts.update,
+            "mean": parts.mean,
+            "fragments": parts.fragments,
+            "clip": parts.clip,
             "base_buffers": self.base_buffers,
             "state_device": self.state_device,
         }

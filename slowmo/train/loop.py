@@ -48,7 +48,7 @@ def build_optimizer(cfg: Config, model: torch.nn.Module, comm: Communicator) -> 
     algorithm = ALGORITHMS[cfg.algorithm.name].build.from_config(comm, cfg.algorithm)
     if not cfg.slowmo.enabled:
         return DistributedOptimizer(model, base, algorithm)
-    return SlowMo(model, base, algorithm, **cfg.slowmo.build())
+    return SlowMo(model, base, algorithm, **cfg.slowmo.arguments())
 
 
 def reshardable(state: dict[str, Any], directory: Path, saved_k: int) -> None:

@@ -124,5 +124,5 @@ def test_the_outer_presets_yaml_defaults_are_their_python_functions(world_size):
         ("diloco", slowmo.presets.diloco(), 500, "DiLoCo"),
     ):
         outer = validate(compose([f"slowmo={preset}", f"dist.world_size={world_size}", "run_dir=x"])).slowmo
-        assert repr(outer.build()["update"]) == repr(expected), preset
+        assert repr(outer.arguments()["update"]) == repr(expected), preset
         assert (outer.tau, outer.label) == (tau, label)
