@@ -2,7 +2,8 @@
 
     python scripts/plot.py RUN_DIR [RUN_DIR ...] --out results/my_sweep [--title "CIFAR-10, 8 ranks"]
 
-Writes table.csv, table.md, curves_epoch.png and curves_time.png in --out. Runs that differ only in their seed are one
+Writes table.csv, table.md, curves_epoch.png and curves_time.png in --out (and curves_simulated_time.png where every
+run ran on the simulator's virtual clock, dist/clock=<scenario>). Runs that differ only in their seed are one
 cell (mean line, a band of ± one sample std; mean ± sample std in the table); runs that differ in anything else (lr,
 beta, tau, world size, backend, ...) are cells of their own, named by what differs. The default title names the task
 and what differs. A sweep's directory may be given instead of its runs."""
@@ -45,7 +46,11 @@ def main(argv: list[str] | None = None) -> int:
     print(report.write_table(report.table(runs), args.out))
     report.figure(runs, args.out / "curves_epoch.png", "epoch", args.title)
     report.figure(runs, args.out / "curves_time.png", "wall_time", args.title)
-    print(f"wrote {args.out}/table.csv, table.md, curves_epoch.png, curves_time.png")
+    written = "table.csv, table.md, curves_epoch.png, curves_time.png"
+    if report.on_the_clock(runs):
+        report.figure(runs, args.out / "curves_simulated_time.png", "sim_time", args.title)
+        written += ", curves_simulated_time.png"
+    print(f"wrote {args.out}/{written}")
     return 0
 
 

@@ -273,6 +273,11 @@ def metric_label(key: str) -> str:
     return f"{split} {what}"
 
 
+def on_the_clock(runs: list[dict[str, Any]]) -> bool:
+    """Whether every record of every run carries the virtual clock's time (``sim_time``)."""
+    return all("sim_time" in m for r in runs for m in r["metrics"])
+
+
 def _curve(members: list[dict[str, Any]], x: str, y: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     series = [[(m[x], m[y]) for m in r["metrics"] if y in m] for r in members]
     length = min(len(s) for s in series)
@@ -282,9 +287,10 @@ def _curve(members: list[dict[str, Any]], x: str, y: str) -> tuple[np.ndarray, n
 
 
 def figure(runs: list[dict[str, Any]], path: Path, x: str = "epoch", title_: str | None = None) -> None:
-    """Train loss (log scale) and the validation metric (a marker at each evaluation) against ``x`` (step, epoch or
-    wall_time), a line per cell (mean over its seeds, a band of ± one sample std where it has more than one); the
-    title names the task and what differs unless ``title_`` is given."""
+    """Train loss (log scale) and the validation metric (a marker at each evaluation) against ``x`` (step, epoch,
+    wall_time, or sim_time: the simulator's virtual clock, ``dist/clock=<scenario>``), a line per cell (mean over its
+    seeds, a band of ± one sample std where it has more than one); the title names the task and what differs unless
+    ``title_`` is given."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -301,7 +307,7 @@ def figure(runs: list[dict[str, Any]], path: Path, x: str = "epoch", title_: str
             (line,) = ax.plot(xs, mean, style, marker=marker, markersize=3, label=label, linewidth=1.6)
             if len(members) > 1:
                 ax.fill_between(xs, mean - std, mean + std, color=line.get_color(), alpha=0.2)
-    xlabel = {"epoch": "epoch", "step": "inner step", "wall_time": "wall time (s)"}[x]
+    xlabel = {"epoch": "epoch", "step": "inner step", "wall_time": "wall time (s)", "sim_time": "simulated time (s)"}[x]
     axes[0].set(yscale="log", xlabel=xlabel, ylabel=metric_label("train_loss"))
     axes[1].set(xlabel=xlabel, ylabel=metric_label(metric))
     for ax in axes:

@@ -133,6 +133,12 @@ class Case:
     gloo: bool = True  # attempted on real gloo processes too (not where the case picks its own backend)
 
 
+def _clock(**changes) -> dict:
+    """configs/dist/clock/equal.yaml's keys, some changed."""
+    keys = dict(name="equal", step_ms=100.0, speeds=[1.0], straggle=0.0, slowdown=1.0, latency_ms=0.0, regions=1)
+    return {**keys, "inside_gbps": None, "between_gbps": None, **changes}
+
+
 SHARDED = "dist.replica_size=2 shards each replica's model with FSDP2 over torch.distributed"
 ELASTIC = "dist=torchft runs Local SGD under SlowMo or a preset, the whole model averaged exactly (phase 1); "
 CASES = [
@@ -189,6 +195,24 @@ CASES = [
         "a compressed mean on elastic replicas",
         lambda t: {"dist": {"backend": "torchft"}, "slowmo": {"enabled": True, "mean": {"name": "compressed"}}},
         ELASTIC + "the compressed mean's all-to-all and error-feedback residuals assume a fixed set of ranks",
+        gloo=False,
+    ),
+    Case(
+        "a virtual clock on real processes",
+        lambda t: {"dist": {"backend": "gloo", "clock": _clock()}},
+        "dist/clock=equal is the simulator's virtual time: use dist=simulated (dist=gloo runs in real time)",
+        gloo=False,
+    ),
+    Case(
+        "a virtual clock's regions that do not divide the ranks",
+        lambda t: {"dist": {"clock": _clock(regions=3)}},
+        "dist.clock.regions=3 does not divide the dist.world_size=2 ranks into equal regions",
+        gloo=False,
+    ),
+    Case(
+        "a virtual clock with a bandwidth matrix of another size",
+        lambda t: {"dist": {"clock": _clock(regions=2, between_gbps=[[1.0]])}},
+        "dist.clock.between_gbps must be one number or a 2 x 2 matrix (dist.clock.regions), got [[1.0]]",
         gloo=False,
     ),
     Case(

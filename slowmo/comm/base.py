@@ -212,6 +212,16 @@ class Communicator(ABC):
         cross_groups = [[node * procs_per_node + j for node in range(nodes)] for j in range(procs_per_node)]
         return self._new_group(node_groups, "node/"), self._new_group(cross_groups, "cross/")
 
+    # ----------------------------------------------------------------------------------- time
+    def computed(self) -> None:
+        """An inner step's computation is done: on a virtual clock (:mod:`slowmo.comm.clock`) this rank's time
+        advances by its compute time; nothing where time is real."""
+        return None
+
+    def time(self) -> float | None:
+        """This rank's time on a virtual clock, seconds; None where time is real."""
+        return None
+
     # ----------------------------------------------------------------------------------- membership
     @property
     def seat(self) -> tuple[int, int]:
@@ -246,7 +256,8 @@ class Communicator(ABC):
         return {}
 
     def state_dict(self) -> dict[str, Any]:
-        """What a checkpoint keeps of the group's membership (nothing for a fixed group)."""
+        """What a checkpoint keeps of the group itself: an elastic group's membership, a virtual clock's time (nothing
+        for a fixed group in real time)."""
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

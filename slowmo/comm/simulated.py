@@ -7,7 +7,8 @@ scheduling. Each rank also has its own torch random streams, CPU and (once CUDA 
 restored whenever it gives up the run lock, so dropout behaves as in separate processes.
 
 No sockets: messages are tensors handed over in memory. Bytes are counted as a real network would carry
-them (see :mod:`slowmo.comm.base`).
+them (see :mod:`slowmo.comm.base`). With a :class:`~slowmo.comm.clock.Clock`, every operation that is counted also
+takes the time the clock's link model gives it, and each inner step its compute time (:meth:`Simulated.computed`).
 """
 
 from __future__ import annotations
@@ -20,15 +21,17 @@ from typing import Any
 import torch
 
 from .base import CommError, Communicator, Completed, Work
+from .clock import Clock
 from .launch import threads_per_rank
 
 
 class _Cluster:
     """The state shared by the ranks of one simulated world."""
 
-    def __init__(self, world_size: int, timeout: float) -> None:
+    def __init__(self, world_size: int, timeout: float, clock: Clock | None = None) -> None:
         self.world_size = world_size
         self.timeout = timeout
+        self.clock = clock
         self.cond = threading.Condition(threading.Lock())  # its lock is the run lock
         self.slots: dict[tuple, dict] = {}
         self.mailboxes: dict[tuple, deque] = {}
@@ -74,12 +77,19 @@ class Simulated(Communicator):
             )
 
     # ----------------------------------------------------------------------------------- collectives
-    def _collective(self, kind: str, contribution: Any, combine: Callable[[list], Any]) -> Any:
+    def _collective(
+        self, kind: str, contribution: Any, combine: Callable[[list], Any], nbytes: int = 0, wait: bool = True
+    ) -> tuple[Any, Work]:
+        """The combined contributions, and the operation's completion on the clock (``wait``: this rank waits for it
+        now, as a blocking operation does; else the returned Work waits for it)."""
         key = (self._group_id, self._seq)
         self._seq += 1
         slot = self._cluster.slots.setdefault(
-            key, {"kind": kind, "parts": [None] * self.world_size, "result": None, "taken": 0}
+            key, {"kind": kind, "parts": [None] * self.world_size, "result": None, "taken": 0, "arrivals": {}}
         )
+        clock = self._cluster.clock if self._bytes.counting else None
+        if clock is not None:
+            slot["arrivals"][self.rank] = clock.now[self._global_rank]
         if slot["kind"] != kind:
             raise CommError(
                 f"rank {self._global_rank}: called {kind} while a peer called {slot['kind']} "
@@ -89,6 +99,8 @@ class Simulated(Communicator):
         if all(p is not None for p in slot["parts"]):
             slot["result"] = combine(slot["parts"])
             slot["parts"] = None
+            if slot["arrivals"]:  # the last arrival, plus the transfer
+                slot["done"] = max(slot["arrivals"].values()) + self._cluster.clock.transfer(kind, nbytes, self._ranks)
             self._cluster.cond.notify_all()
         else:
             self._wait(lambda: slot["result"] is not None, f"{kind} #{key[1]}")
@@ -96,34 +108,76 @@ class Simulated(Communicator):
         slot["taken"] += 1
         if slot["taken"] == self.world_size:
             del self._cluster.slots[key]
-        return result
+        if clock is None:
+            return result, Completed()
+        done = _Done(clock, self._global_rank, slot["done"])
+        if wait:
+            done.wait()
+        return result, done
 
     def _all_reduce(self, tensor: torch.Tensor) -> None:
-        tensor.copy_(self._collective("all_reduce", tensor, _sum_in_rank_order))
+        self._all_reduce_async(tensor).wait()
+
+    def _all_reduce_async(self, tensor: torch.Tensor) -> Work:
+        total, done = self._collective("all_reduce", tensor, _sum_in_rank_order, _nbytes(tensor), wait=False)
+        tensor.copy_(total)
+        return done
 
     def _reduce_scatter(self, output: torch.Tensor, input: torch.Tensor) -> None:
-        total = self._collective("reduce_scatter", input, _sum_in_rank_order)
+        total, _ = self._collective("reduce_scatter", input, _sum_in_rank_order, _nbytes(input))
         output.copy_(total.view(self.world_size, -1)[self.rank])
 
     def _all_gather(self, output: torch.Tensor, input: torch.Tensor) -> None:
-        output.copy_(self._collective("all_gather", input, torch.cat))
+        output.copy_(self._collective("all_gather", input, torch.cat, _nbytes(output))[0])
 
     def _all_to_all(self, output: torch.Tensor, input: torch.Tensor) -> None:
-        parts = self._collective("all_to_all", input, lambda parts: [part.clone() for part in parts])
+        self._all_to_all_async(output, input).wait()
+
+    def _all_to_all_async(self, output: torch.Tensor, input: torch.Tensor) -> Work:
+        parts, done = self._collective(
+            "all_to_all", input, lambda parts: [part.clone() for part in parts], _nbytes(input), wait=False
+        )
         output.copy_(torch.cat([part.view(self.world_size, -1)[self.rank] for part in parts]))
+        return done
 
     def _broadcast(self, tensor: torch.Tensor, src: int) -> None:
-        tensor.copy_(self._collective("broadcast", tensor, lambda parts: parts[src].clone()))
+        tensor.copy_(self._collective("broadcast", tensor, lambda parts: parts[src].clone(), _nbytes(tensor))[0])
 
     def _barrier(self) -> None:
         self._collective("barrier", True, lambda parts: True)
+
+    # ----------------------------------------------------------------------------------- the clock
+    def computed(self) -> None:
+        """An inner step's computation is done: this rank's time advances by its compute time."""
+        if self._cluster.clock is not None:
+            self._cluster.clock.compute(self._global_rank)
+
+    def time(self) -> float | None:
+        """This rank's time on the clock, seconds (None: no clock)."""
+        return self._cluster.clock.now[self._global_rank] if self._cluster.clock is not None else None
+
+    def state_dict(self) -> dict[str, Any]:
+        """This rank's time and steps on the clock (a resumed run goes on from them)."""
+        clock, rank = self._cluster.clock, self._global_rank
+        return {} if clock is None else {"clock": {"now": clock.now[rank], "steps": clock.steps[rank]}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        clock, saved = self._cluster.clock, state.get("clock")
+        if clock is not None and saved is not None:
+            clock.now[self._global_rank], clock.steps[self._global_rank] = saved["now"], saved["steps"]
 
     # ----------------------------------------------------------------------------------- point to point
     def _mailbox(self, src: int, dst: int) -> deque:
         return self._cluster.mailboxes.setdefault((self._group_id, src, dst), deque())
 
     def _isend(self, tensor: torch.Tensor, dst: int) -> Work:
-        self._mailbox(self.rank, dst).append(tensor.detach().clone())
+        """(On the clock the message leaves now and arrives a latency and its bytes over the link later; the sender
+        does not wait.)"""
+        clock, arrival = self._cluster.clock if self._bytes.counting else None, None
+        if clock is not None:
+            src = self._global_rank
+            arrival = clock.arrival(src, self._ranks[dst], _nbytes(tensor), clock.now[src])
+        self._mailbox(self.rank, dst).append((tensor.detach().clone(), arrival))
         self._cluster.cond.notify_all()
         return Completed()
 
@@ -147,10 +201,24 @@ class _Receive:
     def wait(self) -> None:
         if self._done:
             return
-        box = self._comm._mailbox(self._src, self._comm.rank)
-        self._comm._wait(lambda: len(box) > 0, f"recv from rank {self._comm._ranks[self._src]}")
-        self._tensor.copy_(box.popleft())
+        comm = self._comm
+        box = comm._mailbox(self._src, comm.rank)
+        comm._wait(lambda: len(box) > 0, f"recv from rank {comm._ranks[self._src]}")
+        message, arrival = box.popleft()
+        self._tensor.copy_(message)
+        if arrival is not None:
+            _Done(comm._cluster.clock, comm._global_rank, arrival).wait()
         self._done = True
+
+
+class _Done:
+    """An operation's completion on the clock: ``wait()`` moves the rank's time to it, if that is later."""
+
+    def __init__(self, clock: Clock, rank: int, at: float) -> None:
+        self.clock, self.rank, self.at = clock, rank, at
+
+    def wait(self) -> None:
+        self.clock.now[self.rank] = max(self.clock.now[self.rank], self.at)
 
 
 def _rng_states() -> tuple[torch.Tensor, list[torch.Tensor] | None]:
@@ -165,6 +233,10 @@ def _set_rng_states(states: tuple[torch.Tensor, list[torch.Tensor] | None]) -> N
         torch.cuda.set_rng_state_all(cuda)
 
 
+def _nbytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
+
+
 def _sum_in_rank_order(parts: list[torch.Tensor]) -> torch.Tensor:
     total = parts[0].clone()
     for part in parts[1:]:
@@ -172,12 +244,12 @@ def _sum_in_rank_order(parts: list[torch.Tensor]) -> torch.Tensor:
     return total
 
 
-def run_simulated(fn: Callable, world_size: int, args: tuple, timeout: float) -> list:
+def run_simulated(fn: Callable, world_size: int, args: tuple, timeout: float, clock: Clock | None = None) -> list:
     """Run ``fn(comm, *args)`` on ``world_size`` simulated ranks (threads); return the results in rank order. Each rank
     computes with the CPU threads a gloo rank of the same world would get (:func:`~slowmo.comm.launch.threads_per_rank`:
     ``OMP_NUM_THREADS``, or the cores shared among the ranks), so that a run gives the same numbers, bit for bit, on
-    both backends (torch's reductions over more threads add in another order)."""
-    cluster = _Cluster(world_size, timeout)
+    both backends (torch's reductions over more threads add in another order). ``clock``: the ranks' virtual time."""
+    cluster = _Cluster(world_size, timeout, clock)
     world = tuple(range(world_size))
     results: list = [None] * world_size
     errors: list[BaseException | None] = [None] * world_size

@@ -41,6 +41,7 @@ from typing import Any
 import torch.multiprocessing as mp  # registers torch's reductions (tensors in ``args``)
 
 from .base import CommError
+from .clock import Clock
 from .simulated import run_simulated
 
 BACKENDS = ("simulated", "gloo", "nccl")
@@ -81,20 +82,23 @@ def spawn(
     args: tuple = (),
     timeout: float = 300.0,
     preload: Sequence[str] = (),
+    clock: Clock | None = None,
 ) -> list[Any]:
     """Run ``fn(comm, *args)`` on ``world_size`` ranks; return the list of per-rank results (rank order).
 
     ``timeout`` bounds every wait for a peer (seconds): a rank that dies or hangs makes the others fail with a
     :class:`~slowmo.comm.CommError` instead of hanging. An exception on any rank is re-raised here. ``preload``: modules
     the fork server imports once for all ranks, besides torch and slowmo (it starts at the first call of a process;
-    later calls cannot add to it).
+    later calls cannot add to it). ``clock``: the simulated ranks' virtual time (:mod:`slowmo.comm.clock`).
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
     if backend == "simulated":
-        return run_simulated(fn, world_size, args, timeout)
+        return run_simulated(fn, world_size, args, timeout, clock)
+    if clock is not None:
+        raise ValueError("a virtual clock runs on the simulator's ranks: backend='simulated'")
     _check_importable(fn, backend)
     outcomes = _run_processes(fn, world_size, backend, args, timeout, preload)
     if outcomes is None:  # a second SIGINT: the ranks were killed

@@ -29,6 +29,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from ..algorithms import ALGORITHMS
 from ..comm import elastic
+from ..comm.clock import ClockConfig
 from ..comm.spawn import BACKENDS
 from ..models import MODELS, models_taking
 from ..outer.config import OuterConfig
@@ -60,6 +61,7 @@ class DistConfig:
     world_size: int = setting(minimum=1)  # ranks to simulate or spawn locally (torchrun/srun: the job's, recorded)
     replica_size: int = setting(minimum=1)  # k ranks per replica, sharding the model with FSDP2 (1: whole copies)
     timeout_s: float = setting(run_control=True, minimum=0.001)  # seconds a rank waits for a peer, then fails
+    clock: ClockConfig | None = None  # dist/clock=<scenario>: the simulator's virtual time (slowmo.comm.clock)
 
 
 @dataclass
@@ -263,6 +265,19 @@ def _check(config: Config) -> None:
         )
     if config.dist.backend == elastic.BACKEND:
         _check_elastic(config)
+    clock = config.dist.clock
+    if clock is not None:
+        clock.check()
+    if clock is not None and config.dist.backend != "simulated":
+        raise ConfigError(
+            f"dist/clock={clock.name} is the simulator's virtual time: use dist=simulated (dist={config.dist.backend} "
+            "runs in real time)"
+        )
+    if clock is not None and config.dist.world_size % clock.regions:
+        raise ConfigError(
+            f"dist.clock.regions={clock.regions} does not divide the dist.world_size={config.dist.world_size} ranks "
+            "into equal regions"
+        )
     if config.dist.backend == "nccl" and config.dist.device == "cpu":
         raise ConfigError(
             "dist.backend=nccl moves only GPU tensors but dist.device=cpu; use dist.device=cuda (or auto), "

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from ..comm import elastic, launch, spawn
+from ..comm.clock import Clock
 from ..registry import ConfigError
 from ..tasks import TASKS
 from . import preemption, rundir
@@ -61,8 +62,9 @@ def run(cfg: Any, run_name: str | None = None, rerun: str | None = None) -> dict
         if env.source == "single":  # simulated ranks, or local processes (the task's heavy imports done once)
             imports = TASKS[config.task.name].extra.get("imports", ())
             dist = config.dist
+            clock = Clock(dist.clock, dist.world_size, config.seed) if dist.clock is not None else None
             ranks = spawn(
-                train_rank, dist.world_size, dist.backend, (config, run_dir, run_name), dist.timeout_s, imports
+                train_rank, dist.world_size, dist.backend, (config, run_dir, run_name), dist.timeout_s, imports, clock
             )
             return ranks[0]
         torch.set_num_threads(launch.threads_per_rank(local_world_size=env.local_world_size))

@@ -365,6 +365,7 @@ class _Trainer:
             group["lr"] = lr * factor
         with self.precision.autocast():
             loss = self.task.loss(self.model, batch)
+        self.comm.computed()  # (a virtual clock: the step's compute time, before its communication)
         self.opt.zero_grad(set_to_none=True)
         self.precision.backward_and_step(loss, self.opt)
         self.losses.add(loss)
@@ -417,6 +418,8 @@ class _Trainer:
             "comm_bytes": self.comm.stats()["total"],
             "wall_time": progress.elapsed + time.time() - self.t0,
         }
+        if self.comm.time() is not None:  # the simulator's virtual clock: rank 0's time
+            record["sim_time"] = self.comm.time()
         if self.precision.scaler is not None:
             record.update(loss_scale=self.precision.scale, skipped_steps=self.precision.skipped)
         return record
