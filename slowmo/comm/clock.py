@@ -16,9 +16,13 @@ collective crosses sets its pace:
     barrier                          (n - 1) latency
     send                             latency + B / bw(src, dst)
 
-A blocking operation moves each participant's time to the completion; one started asynchronously (the eager mean, a
-fragment's mean in flight, OSGP's messages) completes on the clock while the rank computes, and its ``wait()`` moves
-the rank's time to the completion only if that is later. Only training's own operations take time (those the byte
+A group's collectives go over its links one after another (as NCCL runs a communicator's operations in order): one
+starts at its last participant's arrival or when the group's previous one is done, whichever is later; a rank's
+messages leave one after another (its link is busy for the bytes of the previous one). A blocking operation moves
+each participant's time to the completion; one started asynchronously (a bucket of the gradient mean, the eager mean,
+a fragment's mean in flight, OSGP's messages) completes on the clock while the rank computes, and its ``wait()``
+moves the rank's time to the completion only if that is later. Different groups' operations (a node's and the
+cross-node group's) do not share links. Only training's own operations take time (those the byte
 counters count): the harness's bookkeeping (evaluation, the loss records, the stop-signal agreements) runs off the
 clock. The clock changes no number of a synchronous algorithm: equal speeds and no link limits give back the runs
 without it bit for bit.
@@ -90,6 +94,8 @@ class Clock:
         self.cfg, self.world_size, self.seed = cfg, world_size, seed
         self.now = [0.0] * world_size  # each rank's time, seconds
         self.steps = [0] * world_size  # each rank's inner steps so far
+        self.sending = [0.0] * world_size  # when each rank's link is done with the messages it sent
+        self.busy: dict[tuple[int, ...], float] = {}  # when each group is done with its last collective
         self._per_region = world_size // cfg.regions
 
     # ----------------------------------------------------------------------------------- compute
@@ -139,6 +145,16 @@ class Clock:
             return (n - 1) * latency
         raise ValueError(f"the clock has no model of a {kind!r}; it knows {', '.join(ORDER)}")
 
-    def arrival(self, src: int, dst: int, nbytes: int, sent: float) -> float:
-        """When a message of ``nbytes`` sent by world rank ``src`` at time ``sent`` has reached ``dst``."""
-        return sent + self.cfg.latency_ms / 1000.0 + nbytes / self.bandwidth(src, dst)
+    def complete(self, kind: str, nbytes: int, ranks: tuple[int, ...], last_arrival: float) -> float:
+        """When a collective of the group ``ranks`` whose last participant arrived at ``last_arrival`` is done (after
+        the group's previous one)."""
+        done = max(last_arrival, self.busy.get(ranks, 0.0)) + self.transfer(kind, nbytes, ranks)
+        self.busy[ranks] = done
+        return done
+
+    def arrival(self, src: int, dst: int, nbytes: int) -> float:
+        """When a message of ``nbytes`` that world rank ``src`` sends now has reached ``dst`` (it leaves once the
+        sender's link is done with its previous messages)."""
+        start = max(self.now[src], self.sending[src])
+        self.sending[src] = start + nbytes / self.bandwidth(src, dst)
+        return self.sending[src] + self.cfg.latency_ms / 1000.0

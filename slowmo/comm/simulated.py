@@ -99,8 +99,9 @@ class Simulated(Communicator):
         if all(p is not None for p in slot["parts"]):
             slot["result"] = combine(slot["parts"])
             slot["parts"] = None
-            if slot["arrivals"]:  # the last arrival, plus the transfer
-                slot["done"] = max(slot["arrivals"].values()) + self._cluster.clock.transfer(kind, nbytes, self._ranks)
+            if slot["arrivals"]:  # the last arrival (or the group's previous collective), plus the transfer
+                last = max(slot["arrivals"].values())
+                slot["done"] = self._cluster.clock.complete(kind, nbytes, self._ranks, last)
             self._cluster.cond.notify_all()
         else:
             self._wait(lambda: slot["result"] is not None, f"{kind} #{key[1]}")
@@ -159,12 +160,14 @@ class Simulated(Communicator):
     def state_dict(self) -> dict[str, Any]:
         """This rank's time and steps on the clock (a resumed run goes on from them)."""
         clock, rank = self._cluster.clock, self._global_rank
-        return {} if clock is None else {"clock": {"now": clock.now[rank], "steps": clock.steps[rank]}}
+        if clock is None:
+            return {}
+        return {"clock": {"now": clock.now[rank], "steps": clock.steps[rank], "sending": clock.sending[rank]}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        clock, saved = self._cluster.clock, state.get("clock")
+        clock, saved, rank = self._cluster.clock, state.get("clock"), self._global_rank
         if clock is not None and saved is not None:
-            clock.now[self._global_rank], clock.steps[self._global_rank] = saved["now"], saved["steps"]
+            clock.now[rank], clock.steps[rank], clock.sending[rank] = saved["now"], saved["steps"], saved["sending"]
 
     # ----------------------------------------------------------------------------------- point to point
     def _mailbox(self, src: int, dst: int) -> deque:
@@ -175,8 +178,7 @@ class Simulated(Communicator):
         does not wait.)"""
         clock, arrival = self._cluster.clock if self._bytes.counting else None, None
         if clock is not None:
-            src = self._global_rank
-            arrival = clock.arrival(src, self._ranks[dst], _nbytes(tensor), clock.now[src])
+            arrival = clock.arrival(self._global_rank, self._ranks[dst], _nbytes(tensor))
         self._mailbox(self.rank, dst).append((tensor.detach().clone(), arrival))
         self._cluster.cond.notify_all()
         return Completed()

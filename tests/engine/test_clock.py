@@ -79,6 +79,32 @@ def test_an_asynchronous_all_reduce_hides_behind_compute_until_it_takes_longer(i
     assert slowmo.comm.spawn(_overlapped, 3, "simulated", args=(ints,), clock=clock) == pytest.approx([expected] * 3)
 
 
+def _back_to_back(comm):
+    comm.computed()  # 10 ms
+    first, second = comm.all_reduce_async(torch.ones(750)), comm.all_reduce_async(torch.ones(750))  # 3,000 bytes
+    first.wait()
+    after_first = comm.time()
+    second.wait()
+    out = torch.empty(250)
+    if comm.rank == 0:  # two messages of 1,000 bytes: the second leaves once the first has (1 ms of bytes each)
+        comm.isend(torch.ones(250), 1)
+        comm.isend(torch.ones(250), 1)
+    elif comm.rank == 1:
+        comm.irecv(out, 0).wait()
+        comm.irecv(out, 0).wait()
+    return after_first, comm.time()
+
+
+def test_a_groups_collectives_and_a_ranks_messages_go_over_its_links_one_after_another():
+    clock = Clock(_config(between_gbps=0.008), 3)  # 1e6 B/s
+    results = slowmo.comm.spawn(_back_to_back, 3, "simulated", clock=clock)
+    all_reduce = 2 * 2 * (1 * MS + 1_000 / 1e6)  # 8 ms each
+    assert [r[0] for r in results] == pytest.approx([10 * MS + all_reduce] * 3)
+    done = 10 * MS + 2 * all_reduce  # the second all-reduce starts when the first is done
+    # rank 0's messages leave at 26 ms: 1 ms of bytes each, then 1 ms of latency: rank 1 has both at 26 + 2 + 1 ms
+    assert [r[1] for r in results] == pytest.approx([done, done + 3 * MS, done])
+
+
 def test_straggler_steps_are_drawn_per_rank_and_step_and_the_same_in_every_run():
     cfg = _config(straggle=0.3, slowdown=4.0, regions=1)
     draws = [[Clock(cfg, 2, seed=7).step_time(rank, step) for step in range(200)] for rank in range(2)]
