@@ -1,0 +1,124 @@
+"""The paper's Table 2 predicted by the virtual clock: ms per iteration on ImageNet, ResNet-50, 32 nodes, 10 Gbit/s.
+
+The paper (Wang et al., ICLR 2020, Table 2) timed each base algorithm with and without SlowMo on 32 nodes of 8 V100
+GPUs linked by 10 Gbit/s Ethernet. Here each row runs on 32 simulated ranks, one per node, with the simulator's
+virtual clock (``slowmo/comm/clock.py``): the real algorithms (AR-SGD's bucketed gradient mean, Local SGD's averages
+every 12 steps, SGP's one-peer push-sum, OSGP's message mixed one step late, SlowMo's exact average every tau steps),
+the real message sizes, and the clock's link model between the nodes. Its inputs (``configs/benchmark/table2.yaml``):
+
+- **one calibration**: a node's step (the forward and backward passes of its 8 GPUs and their NVLink gradient
+  average) takes c ms, the same for every row; c is set so that the calibration row (AR-SGD) takes the paper's time
+  (c = its time minus its communication on the clock, measured with c = 0). Every other row is a prediction;
+- **the network**: 10 Gbit/s between any two nodes, 0.05 ms per message; a node's messages leave one after another,
+  a group's collectives run one after another (NCCL's order), the ring all-reduce at its slowest link;
+- **the bytes**: ResNet-50's |theta| float32 values in every message and average. The ranks train a small model of
+  P values instead and the links run P / |theta| times slower: every transfer, latency + bytes / bandwidth, takes the
+  time ResNet-50's would (the gradient mean then fits one bucket where DDP's 25 MiB buckets cut ResNet-50's in about 4, three
+  rings' latencies fewer: 9.3 ms of AR-SGD's, absorbed by c).
+
+What the clock does not know: how much of the backward pass the gradient buckets overlap (here none), contention
+between a node's messages and the averages, stragglers and the paper's measurement noise.
+
+Writes ``results/table2/``: ``table2.csv`` and its ``README.md``. Run: ``python benchmarks/table2.py`` (a minute).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from slowmo.comm import spawn
+from slowmo.comm.clock import Clock
+from slowmo.train.config import Config
+
+from common import config, optimizer, suite
+from readme import record
+
+SUITE = suite("table2")  # configs/benchmark/table2.yaml
+STEPS = 96  # timed inner steps: whole rounds of tau = 12 and 48
+SMALL = (128, 128)  # the small model: a linear layer, 16,512 values
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Linear(*SMALL)
+
+
+def measure(comm, cfg: Config) -> float:
+    """Seconds per inner step on the clock, after a first step (the broadcast of x_{0,0}), over STEPS steps; random
+    gradients (the clock's time does not depend on the values)."""
+    model = _model()
+    opt = optimizer(comm, model, cfg)
+    generator = torch.Generator().manual_seed(comm.rank)
+
+    def step() -> None:
+        for p in model.parameters():
+            p.grad = torch.randn(p.shape, generator=generator) * 1e-3
+        comm.computed()
+        opt.step()
+
+    step()
+    start = comm.time()
+    for _ in range(STEPS):
+        step()
+    opt.algorithm.flush()  # (OSGP's last message, so that the time covers what was sent)
+    return (comm.time() - start) / STEPS
+
+
+def per_iteration_ms(cfg: Config, step_ms: float) -> float:
+    """A row's ms per iteration, the mean over the 32 ranks, with a node's step taking ``step_ms``."""
+    small = sum(p.numel() for p in _model().parameters())
+    clock_cfg = dataclasses.replace(
+        cfg.dist.clock,
+        step_ms=step_ms,
+        latency_ms=SUITE["latency_ms"],
+        regions=cfg.dist.world_size,  # a node per region: every message and ring crosses the network
+        between_gbps=SUITE["gbps"] * small / SUITE["parameters"],  # the small model's bytes take ResNet-50's time
+    )
+    clock_cfg.check()
+    clock = Clock(clock_cfg, cfg.dist.world_size, cfg.seed)
+    seconds = spawn(measure, cfg.dist.world_size, "simulated", args=(cfg,), clock=clock)
+    return 1000 * sum(seconds) / len(seconds)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("results/table2"))
+    args = parser.parse_args(argv)
+    cells = {name: config(SUITE["base"].split(), cell) for name, cell in SUITE["cells"].items()}
+    paper, calibration = SUITE["paper_ms"], SUITE["calibration"]
+    communication = per_iteration_ms(cells[calibration], 0.0)
+    step_ms = paper[calibration] - communication
+    print(
+        f"calibration: {calibration} communicates {communication:.1f} ms per iteration: a node's step {step_ms:.1f} ms"
+    )
+    rows = []
+    for name, cfg in cells.items():
+        predicted = per_iteration_ms(cfg, step_ms)
+        rows.append(
+            {
+                "row": name,
+                "paper_ms": paper[name],
+                "predicted_ms": round(predicted, 1),
+                "relative_error_pct": "calibration"
+                if name == calibration
+                else round(100 * (predicted / paper[name] - 1), 1),
+                "communication_ms": round(predicted - step_ms, 1),
+            }
+        )
+        print(rows[-1])
+    args.out.mkdir(parents=True, exist_ok=True)
+    with (args.out / "table2.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    record(args.out, __file__, argv, step_ms=round(step_ms, 1), calibration=calibration)
+
+
+if __name__ == "__main__":
+    main()
