@@ -13,8 +13,8 @@ the real message sizes, and the clock's link model between the nodes. Its inputs
   a group's collectives run one after another (NCCL's order), the ring all-reduce at its slowest link;
 - **the bytes**: ResNet-50's |theta| float32 values in every message and average. The ranks train a small model of
   P values instead and the links run P / |theta| times slower: every transfer, latency + bytes / bandwidth, takes the
-  time ResNet-50's would (the gradient mean then fits one bucket where DDP's 25 MiB buckets cut ResNet-50's in about 4, three
-  rings' latencies fewer: 9.3 ms of AR-SGD's, absorbed by c).
+  time ResNet-50's would (the gradient mean then fits one bucket where DDP's 25 MiB buckets cut ResNet-50's in about
+  4: three rings' latencies fewer, 9.3 ms of AR-SGD's, absorbed by c).
 
 What the clock does not know: how much of the backward pass the gradient buckets overlap (here none), contention
 between a node's messages and the averages, stragglers and the paper's measurement noise.
