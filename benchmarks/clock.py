@@ -81,7 +81,7 @@ def step_times(cell: list[str], workers: str, gbps: float) -> list[float]:
 
 def curve(cell: list[str], seed: int, runs: Path, name: str) -> list[tuple[int, float]]:
     """(step, validation accuracy) at each evaluation of the cell's training run (run, or read where it is done)."""
-    run_dir = runs / f"{name.replace(' ', '_')},seed={seed}"
+    run_dir = runs / f"{name.replace(' ', '_')}_seed{seed}"
     run(compose([*SUITE["base"].split(), *cell, f"seed={seed}", f"run_dir={run_dir}"]))
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return [(r["step"], r["val_acc"]) for r in records if "val_acc" in r]
