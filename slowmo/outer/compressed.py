@@ -50,12 +50,12 @@ class CompressedMean(Mean):
         if flight.equal:  # nothing to average or send: this rank's Delta is the mean
             flight.pack()
             return
-        flight.pack(padded_to=flight.comm.world_size)  # p_i = Delta_i (+ e_i); the padding stays 0
+        flight.pack(padded_to=self._padding(flight))  # p_i = Delta_i (+ e_i); the padding stays 0
         residual = None
         if self.error_feedback:
             residual = torch.empty_like(flight.values)
             flight.values[: flight.length].add_(flight.gather(self.residual))
-        flight.work = Exchange(flight.comm, flight.values, self.codec, residual)
+        flight.work = self._exchange(flight, residual)
         flight.residual = residual
 
     def finish(self, flight) -> None:
@@ -63,10 +63,22 @@ class CompressedMean(Mean):
         if exchange is None:
             return
         flight.work = None
-        gather_mean_(flight.comm, flight.values, exchange.mean_shard(), self.codec)
+        self._mean(flight, exchange)
         if self.error_feedback:
             flight.scatter(flight.residual[: flight.length], self.residual)
         flight.values = flight.values[: flight.length]
+
+    def _padding(self, flight) -> int:
+        """The packed values' length is a multiple of this: n shards of equal length."""
+        return flight.comm.world_size
+
+    def _exchange(self, flight, residual: torch.Tensor | None) -> Any:
+        """Phase 1, started on ``flight.values``."""
+        return Exchange(flight.comm, flight.values, self.codec, residual)
+
+    def _mean(self, flight, exchange: Any) -> None:
+        """Phase 2: ``flight.values`` becomes the mean."""
+        gather_mean_(flight.comm, flight.values, exchange.mean_shard(), self.codec)
 
     def heard(self, flight, out: torch.Tensor) -> None:
         """D(Q(p_i)), shard by shard as the exchange encoded it: p_i less what phase 1 lost."""

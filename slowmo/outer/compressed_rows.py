@@ -46,26 +46,14 @@ class RowCompressedMean(CompressedMean):
             )
         super().__init__(codec, error_feedback)
 
-    def start(self, flight) -> None:
-        if flight.equal:  # nothing to average or send: this rank's Delta is the mean
-            flight.pack()
-            return
-        flight.pack()  # p_i = Delta_i (+ e_i)
-        residual = None
-        if self.error_feedback:
-            residual = torch.empty_like(flight.values)
-            flight.values.add_(flight.gather(self.residual))
-        flight.work = RowExchange(flight.comm, flight.values, flight.rows(), self.codec, residual)
-        flight.residual = residual
+    def _padding(self, flight) -> int:
+        return 1  # (pieces of whole rows, padded as codes)
 
-    def finish(self, flight) -> None:
-        exchange = flight.work
-        if exchange is None:
-            return
-        flight.work = None
+    def _exchange(self, flight, residual: torch.Tensor | None) -> RowExchange:
+        return RowExchange(flight.comm, flight.values, flight.rows(), self.codec, residual)
+
+    def _mean(self, flight, exchange: RowExchange) -> None:
         exchange.finish()
-        if self.error_feedback:
-            flight.scatter(flight.residual, self.residual)
 
     def heard(self, flight, out: torch.Tensor) -> None:
         """D(Q(p_i)), row by row."""

@@ -54,18 +54,6 @@ CASES = {
         momentum=0.9,
         d=40,
     ),
-    "localsgd+slowmo streaming int8 (a scale per row), the outer state in host memory": Setup(
-        "localsgd",
-        outer=dict(
-            tau=4,
-            update=dict(beta=0.5),
-            mean=dict(name="compressed_rows", codec="int8", error_feedback=True),
-            fragments=dict(count=2, delay=2),
-            state_device="cpu",
-        ),
-        momentum=0.9,
-        d=40,
-    ),
     "sgp+slowmo outer nesterov, clipped": Setup(
         "sgp",
         outer=dict(
@@ -74,6 +62,16 @@ CASES = {
         momentum=0.9,
     ),
 }
+
+STREAMED = CASES["osgp+slowmo streaming int8 (a compressed fragment in flight)"]
+CASES["localsgd+slowmo streaming int8 (a scale per row), the outer state in host memory"] = STREAMED.with_(
+    algorithm="localsgd",
+    outer={
+        **STREAMED.outer,
+        "mean": dict(name="compressed_rows", codec="int8", error_feedback=True),
+        "state_device": "cpu",
+    },
+)
 
 
 def _interrupted(comm, s: Setup, stop: int):
