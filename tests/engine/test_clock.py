@@ -135,3 +135,20 @@ def test_a_run_on_the_clock_is_the_run_without_it_bit_for_bit(tmp_path):
     assert report.on_the_clock(runs[1:]) and not report.on_the_clock(runs)
     report.figure(runs[1:], tmp_path / "curves.png", "sim_time")  # the curves against the simulated time
     assert (tmp_path / "curves.png").stat().st_size > 0
+
+
+def test_a_resumed_run_goes_on_from_its_clock(tmp_path):
+    """OSGP + SlowMo on the mixed clock, run to 8 steps (a checkpoint there) and resumed to 16: the records after step 8
+    are the uninterrupted run's, its simulated time included (each rank's time, steps and link are in its
+    checkpoint)."""
+    common = ["algorithm=osgp", "slowmo=on", "slowmo.tau=4", "dist/clock=mixed", "logger.progress=false"]
+    common += ["logger.log_every=4", "train.eval_every=0", "train.checkpoint_every=8"]
+    run(compose([*common, "train.max_steps=16", f"run_dir={tmp_path / 'whole'}"]))
+    for steps in (8, 16):
+        run(compose([*common, f"train.max_steps={steps}", f"run_dir={tmp_path / 'resumed'}"]))
+    records = {}
+    for name in ("whole", "resumed"):
+        lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+        records[name] = [{k: v for k, v in json.loads(line).items() if k != "wall_time"} for line in lines]
+    after = {name: [r for r in rs if r["step"] > 8] for name, rs in records.items()}  # (the 8-step run ended at 8)
+    assert after["whole"] == after["resumed"] and len(after["whole"]) == 2 and after["whole"][-1]["sim_time"] > 1.6
