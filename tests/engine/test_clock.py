@@ -115,10 +115,11 @@ def test_straggler_steps_are_drawn_per_rank_and_step_and_the_same_in_every_run()
         assert set(round(t / MS, 9) for t in times) == {10.0, 40.0} and 40 <= slow <= 80  # about 0.3 x 200
 
 
-def test_a_run_on_the_clock_is_the_run_without_it_bit_for_bit(tmp_path):
-    """SlowMo over SGP on 4 simulated ranks, with and without the mixed-speed clock: the same metrics but the time,
-    which grows with the slowest rank's steps (4 steps of 400 ms before the first record) and the links."""
-    common = ["algorithm=sgp", "slowmo=on", "slowmo.tau=4", "train.max_steps=16", "logger.log_every=4"]
+@pytest.mark.parametrize("algorithm", ["allreduce", "localsgd", "sgp", "osgp"])
+def test_a_run_on_the_clock_is_the_run_without_it_bit_for_bit(tmp_path, algorithm):
+    """SlowMo over each base on 4 simulated ranks, with and without the mixed-speed clock: the same metrics but the
+    time, which grows with the slowest rank's steps (4 steps of 400 ms before the first record) and the links."""
+    common = [f"algorithm={algorithm}", "slowmo=on", "slowmo.tau=4", "train.max_steps=16", "logger.log_every=4"]
     common += ["logger.progress=false", "train.eval_every=8"]
     records = {}
     for name, extra in (("plain", []), ("clock", ["dist/clock=mixed"])):
