@@ -130,7 +130,7 @@ def _table(rows: list[dict], target: float, scenarios: dict) -> str:
     head = " | ".join(f"{w}, {g:g} Gbit/s" for w, g in columns)
     lines = [
         f"Seconds on the virtual clock to {target:g} % validation accuracy, mean ± sample std over the seeds that "
-        "reach it (n/m: n of the m seeds do); the run's full time in the last row.",
+        "reach it (n/m: n of the m seeds do; -: none).",
         "",
         f"| cell | {head} |",
         "|---|" + "---|" * len(columns),
@@ -140,8 +140,9 @@ def _table(rows: list[dict], target: float, scenarios: dict) -> str:
         for w, g in columns:
             mine = [r for r in rows if r["cell"] == cell and r["workers"] == w and r["gbps"] == g]
             got = [r["seconds"] for r in mine if r["seconds"] != ""]
-            text = f"{statistics.mean(got):.0f}" + (f" ± {statistics.stdev(got):.0f}" if len(got) > 1 else "")
-            cells.append((text if got else "-") + ("" if len(got) == len(mine) else f" ({len(got)}/{len(mine)})"))
+            text = f"{statistics.mean(got):.0f}" if got else "-"
+            text += f" ± {statistics.stdev(got):.0f}" if len(got) > 1 else ""
+            cells.append(text + ("" if len(got) == len(mine) else f" ({len(got)}/{len(mine)})"))
         lines.append(f"| {cell} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
