@@ -210,7 +210,8 @@ def _main_metric(run: dict[str, Any]) -> str:
 
 def table(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per cell: seeds, final train loss, final and best validation metric (mean and sample std over the
-    seeds; the std is None for one seed), bytes per rank, wall time."""
+    seeds; the std is None for one seed), bytes per rank, wall time (and simulated time, for runs on the virtual
+    clock)."""
     rows = []
     for name, members in group(runs).items():
         metric = _main_metric(members[0])
@@ -223,6 +224,8 @@ def table(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             row[f"{column}_std"] = float(np.std(values, ddof=1)) if len(values) > 1 else None
         row["mib_sent_per_rank"] = float(np.mean([n["mib_sent_per_rank"] for n in numbers]))
         row["wall_time_s"] = float(np.mean([r["summary"]["wall_time"] for r in members if r["summary"]] or [np.nan]))
+        if on_the_clock(members):  # the simulator's virtual clock: the time at the last record
+            row["sim_time_s"] = float(np.mean([r["metrics"][-1]["sim_time"] for r in members]))
         rows.append(row)
     return rows
 
@@ -243,14 +246,17 @@ def write_table(rows: list[dict[str, Any]], out_dir: Path, source: str | None = 
         std = r[f"{key}_std"]
         return f"{r[key]:.{digits}f}" + ("" if std is None else f" ± {std:.{digits}f}")
 
+    simulated = all("sim_time_s" in r for r in rows)
     lines = [
-        f"| cell | seeds | steps | train loss | final {unit} | best {unit} | MiB sent / rank | time (s) |",
-        "|---|---|---|---|---|---|---|---|",
+        f"| cell | seeds | steps | train loss | final {unit} | best {unit} | MiB sent / rank | time (s) |"
+        + (" simulated time (s) |" if simulated else ""),
+        "|---|---|---|---|---|---|---|---|" + ("---|" if simulated else ""),
     ]
     for r in rows:
         lines.append(
             f"| {r['cell']} | {r['seeds']} | {r['steps']} | {cell(r, 'train_loss', 4)} | {cell(r, metric, 2)} "
             f"| {cell(r, 'best_' + metric, 2)} | {r['mib_sent_per_rank']:.2f} | {r['wall_time_s']:.1f} |"
+            + (f" {r['sim_time_s']:.1f} |" if simulated else "")
         )
     lines = ["Mean ± sample std (ddof 1) over the seeds; a cell of one seed shows its value alone.", ""] + lines
     if source:

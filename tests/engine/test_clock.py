@@ -136,6 +136,7 @@ def test_a_run_on_the_clock_is_the_run_without_it_bit_for_bit(tmp_path, algorith
     assert report.on_the_clock(runs[1:]) and not report.on_the_clock(runs)
     report.figure(runs[1:], tmp_path / "curves.png", "sim_time")  # the curves against the simulated time
     assert (tmp_path / "curves.png").stat().st_size > 0
+    assert report.table(runs[1:])[0]["sim_time_s"] == times[-1] and "sim_time_s" not in report.table(runs[:1])[0]
 
 
 def test_a_resumed_run_goes_on_from_its_clock(tmp_path):
