@@ -21,61 +21,31 @@ from __future__ import annotations
 
 import argparse
 import csv
-import dataclasses
 import json
 import statistics
 from pathlib import Path
 
-import torch
-from torch import nn
-
-from slowmo.comm import spawn
-from slowmo.comm.clock import Clock
 from slowmo.train import compose, run
-from slowmo.train.config import Config
 
-from common import config, optimizer, suite
+from common import clock_times, config, suite
 from readme import record
 
 SUITE = suite("clock")  # configs/benchmark/clock.yaml
-
-
-def _model() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64))  # two layers: two streaming fragments
-
-
-def replay(comm, cfg: Config) -> list[float]:
-    """Rank ``comm``'s time on the clock after each of the run's inner steps, the optimizer of ``cfg`` stepping on
-    random gradients (the clock's time does not depend on the values)."""
-    model = _model()
-    opt = optimizer(comm, model, cfg)
-    generator = torch.Generator().manual_seed(comm.rank)
-    times = []
-    for _ in range(cfg.train.max_steps):
-        for p in model.parameters():
-            p.grad = torch.randn(p.shape, generator=generator) * 1e-3
-        comm.computed()
-        opt.step()
-        times.append(comm.time())
-    return times
 
 
 def step_times(cell: list[str], workers: str, gbps: float) -> list[float]:
     """When every rank is done with each inner step of ``cell`` in the scenario (``workers``: a dist/clock file): the
     latest of the ranks' times (the averaged model an evaluation scores needs them all)."""
     cfg = config(SUITE["base"].split(), cell, [workers])
-    small = sum(p.numel() for p in _model().parameters())
-    clock_cfg = dataclasses.replace(
-        cfg.dist.clock,
+    ranks = clock_times(
+        cfg,
+        SUITE["parameters"],
         step_ms=SUITE["step_ms"],
         latency_ms=SUITE["latency_ms"],
         regions=1,
-        inside_gbps=gbps * small / SUITE["parameters"],  # the small model's bytes take ResNet-50's time
+        inside_gbps=gbps,
         between_gbps=None,
     )
-    clock_cfg.check()
-    ranks = spawn(replay, cfg.dist.world_size, "simulated", args=(cfg,), clock=Clock(clock_cfg, cfg.dist.world_size))
     return [max(times) for times in zip(*ranks, strict=True)]
 
 

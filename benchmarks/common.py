@@ -1,17 +1,22 @@
 """What the benchmarks share: their configurations (``configs/benchmark/<suite>.yaml``), the optimizer of one, built
-by the training stack's own builder, the timed loop, and the GPU benchmarks' command line."""
+by the training stack's own builder, the timed loop, a run's steps on the virtual clock, and the GPU benchmarks'
+command line."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import platform
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 import yaml
 
 from slowmo import report
+from slowmo.comm import spawn
+from slowmo.comm.clock import Clock
 from slowmo.inner import DistributedOptimizer
 from slowmo.train import build_optimizer, compose, validate
 from slowmo.train.config import CONFIG_DIR, Config, cells_of, to_dict
@@ -125,6 +130,47 @@ def timed_steps(
     opt.state_dict()  # completes the communication still in flight (its state is saved complete)
     comm.barrier()
     return start, end
+
+
+def _small_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 64))  # 2 layers: fragments
+
+
+def _replay(comm, cfg: Config) -> list[float]:
+    model = _small_model()
+    opt = optimizer(comm, model, cfg)
+    generator = torch.Generator().manual_seed(comm.rank)
+    times = []
+    for _ in range(cfg.train.max_steps):
+        for p in model.parameters():
+            p.grad = torch.randn(p.shape, generator=generator) * 1e-3
+        comm.computed()
+        opt.step()
+        times.append(comm.time())
+    opt.algorithm.flush()  # (OSGP's last message: the time covers what was sent)
+    times[-1] = comm.time()
+    return times
+
+
+def clock_times(cfg: Config, parameters: int, **changes: Any) -> list[list[float]]:
+    """Each rank's time on the virtual clock (``cfg.dist.clock`` with ``changes``) after each of the run's inner steps
+    of ``cfg``'s optimizer (base algorithm, outer step, fragments) with random gradients, on a small model whose links
+    run slower by its size over ``parameters`` (``inside_gbps``, ``between_gbps`` are the big model's): every transfer,
+    latency + bytes / bandwidth, takes the time the big model's would, and the clock's time does not depend on the
+    values. The last step's time includes OSGP's last message."""
+    small = sum(p.numel() for p in _small_model().parameters())
+
+    def scaled(gbps: Any) -> Any:
+        if isinstance(gbps, list):
+            return [scaled(row) for row in gbps]
+        return None if gbps is None else gbps * small / parameters
+
+    changes = {key: scaled(value) if key.endswith("_gbps") else value for key, value in changes.items()}
+    clock_cfg = dataclasses.replace(cfg.dist.clock, **changes)
+    clock_cfg.check()
+    clock = Clock(clock_cfg, cfg.dist.world_size, cfg.seed)
+    return spawn(_replay, cfg.dist.world_size, "simulated", args=(cfg,), clock=clock)
 
 
 def gpu_arguments(doc: str, out: str, small: str, argv: list[str] | None) -> tuple[argparse.Namespace, str]:

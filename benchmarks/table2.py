@@ -29,61 +29,27 @@ import csv
 import dataclasses
 from pathlib import Path
 
-import torch
-from torch import nn
-
-from slowmo.comm import spawn
-from slowmo.comm.clock import Clock
 from slowmo.train.config import Config
 
-from common import config, optimizer, suite
+from common import clock_times, config, suite
 from readme import record
 
 SUITE = suite("table2")  # configs/benchmark/table2.yaml
-STEPS = 96  # timed inner steps: whole rounds of tau = 12 and 48
-SMALL = (128, 128)  # the small model: a linear layer, 16,512 values
-
-
-def _model() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Linear(*SMALL)
-
-
-def measure(comm, cfg: Config) -> float:
-    """Seconds per inner step on the clock, after a first step (the broadcast of x_{0,0}), over STEPS steps; random
-    gradients (the clock's time does not depend on the values)."""
-    model = _model()
-    opt = optimizer(comm, model, cfg)
-    generator = torch.Generator().manual_seed(comm.rank)
-
-    def step() -> None:
-        for p in model.parameters():
-            p.grad = torch.randn(p.shape, generator=generator) * 1e-3
-        comm.computed()
-        opt.step()
-
-    step()
-    start = comm.time()
-    for _ in range(STEPS):
-        step()
-    opt.algorithm.flush()  # (OSGP's last message, so that the time covers what was sent)
-    return (comm.time() - start) / STEPS
+STEPS = 96  # timed inner steps (after the first: the broadcast of x_{0,0}), whole rounds of tau = 12 and 48
 
 
 def per_iteration_ms(cfg: Config, step_ms: float) -> float:
-    """A row's ms per iteration, the mean over the 32 ranks, with a node's step taking ``step_ms``."""
-    small = sum(p.numel() for p in _model().parameters())
-    clock_cfg = dataclasses.replace(
-        cfg.dist.clock,
+    """A row's ms per iteration on the clock, the mean over the 32 ranks, with a node's step taking ``step_ms``."""
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_steps=STEPS + 1))
+    ranks = clock_times(
+        cfg,
+        SUITE["parameters"],
         step_ms=step_ms,
         latency_ms=SUITE["latency_ms"],
         regions=cfg.dist.world_size,  # a node per region: every message and ring crosses the network
-        between_gbps=SUITE["gbps"] * small / SUITE["parameters"],  # the small model's bytes take ResNet-50's time
+        between_gbps=SUITE["gbps"],
     )
-    clock_cfg.check()
-    clock = Clock(clock_cfg, cfg.dist.world_size, cfg.seed)
-    seconds = spawn(measure, cfg.dist.world_size, "simulated", args=(cfg,), clock=clock)
-    return 1000 * sum(seconds) / len(seconds)
+    return 1000 * sum((times[-1] - times[0]) / STEPS for times in ranks) / len(ranks)
 
 
 def main(argv: list[str] | None = None) -> None:
