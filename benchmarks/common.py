@@ -134,7 +134,8 @@ def timed_steps(
 
 def _small_model() -> torch.nn.Module:
     torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 64))  # 2 layers: fragments
+    layers = [module for _ in range(4) for module in (torch.nn.Linear(64, 64), torch.nn.ReLU())][:-1]
+    return torch.nn.Sequential(*layers)  # 4 equal layers: up to 4 streaming fragments, of equal bytes
 
 
 def _replay(comm, cfg: Config) -> list[float]:
