@@ -287,6 +287,15 @@ class _Trainer:
                 flush=True,
             )
 
+    def _latest_time(self) -> float:
+        """The latest of the ranks' times on the virtual clock: when every rank is done with the step recorded (each
+        rank's own, gathered off the clock)."""
+        times = torch.zeros(self.comm.world_size, dtype=torch.float64)
+        times[self.comm.rank] = self.comm.time()
+        with self.comm.uncounted():
+            self.comm.all_reduce(times)
+        return times.max().item()
+
     def _evaluate(self, averaged: bool = True) -> dict[str, float]:
         """The metrics of the model averaged over the ranks (or of this rank's: after the final average), with the
         best so far updated."""
@@ -418,8 +427,8 @@ class _Trainer:
             "comm_bytes": self.comm.stats()["total"],
             "wall_time": progress.elapsed + time.time() - self.t0,
         }
-        if self.comm.time() is not None:  # the simulator's virtual clock: rank 0's time
-            record["sim_time"] = self.comm.time()
+        if self.comm.time() is not None:  # the simulator's virtual clock
+            record["sim_time"] = self._latest_time()
         if self.precision.scaler is not None:
             record.update(loss_scale=self.precision.scale, skipped_steps=self.precision.skipped)
         return record

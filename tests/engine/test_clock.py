@@ -154,3 +154,13 @@ def test_a_resumed_run_goes_on_from_its_clock(tmp_path):
         records[name] = [{k: v for k, v in json.loads(line).items() if k != "wall_time"} for line in lines]
     after = {name: [r for r in rs if r["step"] > 8] for name, rs in records.items()}  # (the 8-step run ended at 8)
     assert after["whole"] == after["resumed"] and len(after["whole"]) == 2 and after["whole"][-1]["sim_time"] > 1.6
+
+
+def test_a_record_is_timed_when_every_rank_is_done_with_its_step(tmp_path):
+    """Local SGD that does not average within the run, on the mixed clock (speeds 1 to 1/4, 100 ms a step at speed
+    1): the records after steps 4 and 8 read the slowest rank's time, 4 x 400 ms and 8 x 400 ms (rank 0's own would be
+    4 x 100 ms), plus the start's broadcast of a few kB."""
+    common = ["algorithm=localsgd", "algorithm.period=100", "train.max_steps=8", "logger.log_every=4"]
+    run(compose([*common, "dist/clock=mixed", "logger.progress=false", f"run_dir={tmp_path}"]))
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["sim_time"] for r in records] == pytest.approx([1.6, 3.2], abs=0.01)
