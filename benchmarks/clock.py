@@ -20,14 +20,13 @@ benchmarks/clock.py`` (about 25 minutes on 2 cores: 18 training runs, resumed fr
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import statistics
 from pathlib import Path
 
 from slowmo.train import compose, run
 
-from common import clock_times, config, suite
+from common import clock_times, config, suite, write_csv
 from readme import record
 
 SUITE = suite("clock")  # configs/benchmark/clock.yaml
@@ -84,11 +83,7 @@ def main(argv: list[str] | None = None) -> None:
                         }
                     )
                 print(name, workers, gbps, [r["seconds"] for r in rows[-len(seeds) :]])
-    args.out.mkdir(parents=True, exist_ok=True)
-    with (args.out / "time_to_accuracy.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(args.out / "time_to_accuracy.csv", rows)
     (args.out / "time_to_accuracy.md").write_text(_table(rows, target, scenarios))
     _figure(curves, timed, scenarios, args.out / "accuracy_vs_time.png")
     record(args.out, __file__, argv, target=target)

@@ -5,6 +5,7 @@ command line."""
 from __future__ import annotations
 
 import argparse
+import csv
 import dataclasses
 import platform
 import time
@@ -130,6 +131,15 @@ def timed_steps(
     opt.state_dict()  # completes the communication still in flight (its state is saved complete)
     comm.barrier()
     return start, end
+
+
+def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    """``rows`` (dicts with the same keys, in order) as a CSV file with a header, its directory made."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 def _small_model() -> torch.nn.Module:

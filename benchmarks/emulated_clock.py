@@ -31,7 +31,7 @@ import torchvision
 
 from slowmo.train.config import Config
 
-from common import clock_times, config, suite
+from common import clock_times, config, suite, write_csv
 from readme import record
 
 MEASURED = Path("results/emulated_network")
@@ -98,11 +98,7 @@ def main(argv: list[str] | None = None) -> None:
                     }
                 )
                 print(out[-1])
-    args.out.mkdir(parents=True, exist_ok=True)
-    with (args.out / "emulated_clock.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(out[0]))
-        writer.writeheader()
-        writer.writerows(out)
+    write_csv(args.out / "emulated_clock.csv", out)
     record(args.out, __file__, argv)
 
 

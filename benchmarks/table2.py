@@ -25,13 +25,12 @@ Writes ``results/table2/``: ``table2.csv`` and its ``README.md``. Run: ``python 
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 from pathlib import Path
 
 from slowmo.train.config import Config
 
-from common import clock_times, config, suite
+from common import clock_times, config, suite, write_csv
 from readme import record
 
 SUITE = suite("table2")  # configs/benchmark/table2.yaml
@@ -78,11 +77,7 @@ def main(argv: list[str] | None = None) -> None:
             }
         )
         print(rows[-1])
-    args.out.mkdir(parents=True, exist_ok=True)
-    with (args.out / "table2.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(args.out / "table2.csv", rows)
     record(args.out, __file__, argv, step_ms=round(step_ms, 1), calibration=calibration)
 
 
