@@ -71,11 +71,7 @@ class Codec:
 
     def decode(self, data: torch.Tensor, length: int, dtype: torch.dtype) -> torch.Tensor:
         """The ``length`` values that ``data`` encodes, in ``dtype``."""
-        end = self._code_bytes(length)
-        if self.name == "fp4":
-            codes = _e2m1_decode(data[:end], length, dtype)
-        else:
-            codes = data[:end].view(self.code_dtype).to(dtype)
+        codes, end = self._decoded_codes(data, length, dtype)
         if self.name in _CASTS:
             return codes
         scales = data[end:].clone().view(torch.float32).to(dtype)  # (a copy: 4-byte aligned)
@@ -90,8 +86,15 @@ class Codec:
         length = values.numel()
         padded = torch.nn.functional.pad(values, (0, -length % self.chunk)).view(-1, self.chunk)
         scales = (padded.abs().amax(dim=1) / top).to(torch.float32)  # s_c, stored as float32
-        divisor = scales.to(values.dtype).where(scales > 0, torch.ones((), dtype=values.dtype, device=values.device))
-        return self._codes((padded / divisor[:, None]).reshape(-1)[:length]), scales
+        return self._codes((padded / _divisor(scales, values)[:, None]).reshape(-1)[:length]), scales
+
+    def _decoded_codes(self, data: torch.Tensor, length: int, dtype: torch.dtype) -> tuple[torch.Tensor, int]:
+        """The ``length`` codes at the start of ``data``, as values in ``dtype`` (before any scale), and where their
+        bytes end."""
+        end = self._code_bytes(length)
+        if self.name == "fp4":
+            return _e2m1_decode(data[:end], length, dtype), end
+        return data[:end].view(self.code_dtype).to(dtype), end
 
     def _codes(self, scaled: torch.Tensor) -> torch.Tensor:
         top = _SCALED[self.name][1]
@@ -112,20 +115,19 @@ class Codec:
         index = torch.repeat_interleave(torch.arange(rows.numel(), device=values.device), rows)
         peak = values.new_zeros(rows.numel()).scatter_reduce_(0, index, values.abs(), "amax")
         scales = (peak / top).to(torch.float32)
-        divisor = scales.to(values.dtype).where(scales > 0, torch.ones((), dtype=values.dtype, device=values.device))
-        codes = self._codes(values / divisor[index])
+        codes = self._codes(values / _divisor(scales, values)[index])
         return torch.cat([codes.view(torch.uint8), scales.view(torch.uint8)])
 
     def decode_rows(self, data: torch.Tensor, rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """The values that ``data`` (:meth:`encode_rows`' bytes, possibly followed by padding) encodes, in ``dtype``."""
-        length = int(rows.sum())
-        end = self._code_bytes(length)
-        if self.name == "fp4":
-            codes = _e2m1_decode(data[:end], length, dtype)
-        else:
-            codes = data[:end].view(self.code_dtype).to(dtype)
+        codes, end = self._decoded_codes(data, int(rows.sum()), dtype)
         scales = data[end : end + 4 * rows.numel()].clone().view(torch.float32).to(dtype)
         return codes * scales.repeat_interleave(rows)
+
+
+def _divisor(scales: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """The float32 scales in ``like``'s dtype, 1 where a scale is 0 (a chunk or row of zeros encodes as zeros)."""
+    return scales.to(like.dtype).where(scales > 0, torch.ones((), dtype=like.dtype, device=like.device))
 
 
 def _e2m1_encode(values: torch.Tensor) -> torch.Tensor:
@@ -178,6 +180,13 @@ class Exchange:
                 torch.sub(shards[j], decoded, out=residual.view(n, self.length)[j])
         self._sent, self._received = sent, torch.empty_like(sent)
         self._work = comm.all_to_all_async(self._received, sent)
+
+    def heard(self) -> torch.Tensor:
+        """D(Q(p_i)), shard by shard as encoded: what the mean takes of this rank's values."""
+        size = self.codec.nbytes(self.length)
+        return torch.cat(
+            [self.codec.decode(self._sent[j * size : (j + 1) * size], self.length, self.dtype) for j in range(self.n)]
+        )
 
     def mean_shard(self) -> torch.Tensor:
         """Wait for the all-to-all; this rank's shard of the mean: (1/n) sum_i D(Q(p_i[rank])), added in rank order."""

@@ -55,12 +55,5 @@ class RowCompressedMean(CompressedMean):
     def _mean(self, flight, exchange: RowExchange) -> None:
         exchange.finish()
 
-    def heard(self, flight, out: torch.Tensor) -> None:
-        """D(Q(p_i)), row by row."""
-        if flight.work is None:  # nothing sent: this rank's Delta is the mean
-            out.copy_(flight.values)
-        else:
-            out.copy_(flight.work.heard())
-
     def __repr__(self) -> str:
         return f"RowCompressedMean({self.codec.name!r}, error_feedback={self.error_feedback})"
