@@ -55,9 +55,10 @@ def average_(comm: Communicator, tensors: Sequence[torch.Tensor]) -> None:
 def row_length(shape: Sequence[int], stride: Sequence[int] | None = None) -> int:
     """The values of one row of a tensor laid out as ``shape`` and ``stride`` (None: contiguous), as a row-wise code
     scales them: a slice along dim 0 where it lies in one run of memory (row-major, channels-last), else one value."""
-    numel = math.prod(shape)
-    whole = stride is None or (len(shape) > 1 and stride[0] * shape[0] == numel)
-    return numel // shape[0] if len(shape) > 1 and shape[0] and whole else 1
+    if len(shape) < 2 or not shape[0]:
+        return 1
+    row = math.prod(shape) // shape[0]
+    return row if stride is None or stride[0] == row else 1
 
 
 class FlatParameters:
