@@ -178,9 +178,7 @@ def clock_times(cfg: Config, parameters: int, **changes: Any) -> list[list[float
         return None if gbps is None else gbps * small / parameters
 
     changes = {key: scaled(value) if key.endswith("_gbps") else value for key, value in changes.items()}
-    clock_cfg = dataclasses.replace(cfg.dist.clock, **changes)
-    clock_cfg.check()
-    clock = Clock(clock_cfg, cfg.dist.world_size, cfg.seed)
+    clock = Clock(dataclasses.replace(cfg.dist.clock, **changes), cfg.dist.world_size, cfg.seed)  # (checked there)
     return spawn(_replay, cfg.dist.world_size, "simulated", args=(cfg,), clock=clock)
 
 

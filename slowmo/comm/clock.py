@@ -54,7 +54,9 @@ class ClockConfig:
     inside_gbps: float | None  # bandwidth inside a region, Gbit/s; null: no limit
     between_gbps: Any  # between two regions: one number, a regions x regions matrix, or null (no limit)
 
-    def check(self) -> None:
+    def check(self, world_size: int) -> None:
+        """ConfigError (one line) for a setting out of its range, or regions that do not divide the ``world_size``
+        ranks."""
         if not self.step_ms >= 0 or not math.isfinite(self.step_ms):
             raise ConfigError(f"dist.clock.step_ms must be a time >= 0 (ms per inner step), got {self.step_ms}")
         if not self.speeds or any(not s > 0 or not math.isfinite(s) for s in self.speeds):
@@ -81,16 +83,18 @@ class ClockConfig:
         rates = [self.inside_gbps, *(sum(matrix, []) if matrix is not None else [between])]
         if any(rate is not None and not rate > 0 for rate in rates):
             raise ConfigError(f"dist.clock's bandwidths must be > 0 Gbit/s or null (no limit), got {rates}")
+        if world_size % self.regions:
+            raise ConfigError(
+                f"dist.clock.regions={self.regions} does not divide the dist.world_size={world_size} ranks into equal "
+                "regions"
+            )
 
 
 class Clock:
     """The time of each of ``world_size`` ranks, in seconds, advanced as :mod:`slowmo.comm.clock` says."""
 
     def __init__(self, cfg: ClockConfig, world_size: int, seed: int = 0) -> None:
-        if world_size % cfg.regions:
-            raise ConfigError(
-                f"dist.clock.regions={cfg.regions} does not divide the {world_size} ranks into equal regions"
-            )
+        cfg.check(world_size)
         self.cfg, self.world_size, self.seed = cfg, world_size, seed
         self.now = [0.0] * world_size  # each rank's time, seconds
         self.steps = [0] * world_size  # each rank's inner steps so far

@@ -267,16 +267,11 @@ def _check(config: Config) -> None:
         _check_elastic(config)
     clock = config.dist.clock
     if clock is not None:
-        clock.check()
+        clock.check(config.dist.world_size)
     if clock is not None and config.dist.backend != "simulated":
         raise ConfigError(
             f"dist/clock={clock.name} is the simulator's virtual time: use dist=simulated (dist={config.dist.backend} "
             "runs in real time)"
-        )
-    if clock is not None and config.dist.world_size % clock.regions:
-        raise ConfigError(
-            f"dist.clock.regions={clock.regions} does not divide the dist.world_size={config.dist.world_size} ranks "
-            "into equal regions"
         )
     if config.dist.backend == "nccl" and config.dist.device == "cpu":
         raise ConfigError(
