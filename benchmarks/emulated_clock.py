@@ -31,11 +31,11 @@ import torchvision
 
 from slowmo.train.config import Config
 
-from common import clock_times, config, suite, write_csv
+from common import clock_times, config, read, suite, write_csv
 from readme import record
 
 MEASURED = Path("results/emulated_network")
-SUITES = {"emulated_network": "emulated_network.csv", "emulated_network_beyond": "emulated_network_beyond.csv"}
+SPEC = read("emulated_clock")  # configs/benchmark/emulated_clock.yaml: the measured suites and the clock scenario
 STEPS = 48  # timed steps after the first (the broadcast of x_{0,0}): whole rounds of tau = 12
 RANKS = 4
 
@@ -74,12 +74,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     parameters = sum(p.numel() for p in torchvision.models.resnet18(num_classes=10).parameters())
     out = []
-    for name, measured_csv in SUITES.items():
+    for name, measured_csv in SPEC["measured"].items():
         spec = suite(name)
         rows = list(csv.DictReader((MEASURED / measured_csv).open()))
-        cells = {
-            label: config(spec["base"].split(), cell, ["dist/clock=equal"]) for label, cell in spec["cells"].items()
-        }
+        cells = {label: config(spec["base"].split(), cell, [SPEC["clock"]]) for label, cell in spec["cells"].items()}
         for rate in dict.fromkeys(r["rate"] for r in rows):
             compute = measured_of(rows, rate, 0, next(iter(cells)), next(iter(cells.values())))
             for index, (label, cfg) in enumerate(cells.items()):

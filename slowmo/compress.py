@@ -40,6 +40,7 @@ CODECS = ("none", "fp16", "bf16", "int8", "fp8", "fp4")
 CHUNK = 256  # values per scale (int8, fp8, fp4)
 _CASTS = {"fp16": torch.float16, "bf16": torch.bfloat16}
 _SCALED = {"int8": (torch.int8, 127.0), "fp8": (torch.float8_e4m3fn, 448.0), "fp4": (torch.uint8, 6.0)}
+SCALED = tuple(_SCALED)  # the codes with a scale (per 256 values, or per row)
 E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)  # the FP4 magnitudes of codes 0-7
 
 

@@ -17,11 +17,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..compress import CODECS, RowExchange
+from ..compress import SCALED, RowExchange
 from .compressed import CompressedMean
 from .parts import MEANS
-
-SCALED = tuple(name for name in CODECS if name in ("int8", "fp8", "fp4"))
 
 
 @dataclass
